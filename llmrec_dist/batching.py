@@ -1,0 +1,46 @@
+"""Turning rows of item sequences into left-padded tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+PAD = 0
+
+
+def left_pad(rows: Sequence[Sequence[int]], max_len: int) -> np.ndarray:
+    """Keep each row's last ``max_len`` items and left-pad with 0 to the longest kept row."""
+    kept = [np.asarray(r[-max_len:], dtype=np.int64) for r in rows]
+    width = max((len(r) for r in kept), default=0) or 1
+    out = np.zeros((len(kept), width), dtype=np.int64)
+    for i, r in enumerate(kept):
+        if len(r):
+            out[i, width - len(r):] = r
+    return out
+
+
+def next_item_batch(sequences: Sequence[Sequence[int]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training pairs for next-item prediction: inputs = seq[:-1], targets = seq[1:], both left-padded.
+
+    The last ``max_len + 1`` items of each sequence are used; a sequence of one item gives no target
+    (its row is all padding and contributes no loss).
+    """
+    window = [np.asarray(s[-(max_len + 1):], dtype=np.int64) for s in sequences]
+    # Input and target rows have equal lengths, so both pad to the same width.
+    inputs = left_pad([w[:-1] for w in window], max_len)
+    targets = left_pad([w[1:] for w in window], max_len)
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+def eval_batch(histories: Sequence[Sequence[int]], targets: Sequence[int], max_len: int,
+               exclude_seen: bool) -> dict[str, torch.Tensor]:
+    """Model input (last ``max_len`` items), targets, and the full history for masking seen items."""
+    out = {
+        "seq": torch.from_numpy(left_pad(histories, max_len)),
+        "targets": torch.as_tensor(np.asarray(targets, dtype=np.int64)),
+    }
+    if exclude_seen:
+        out["history"] = torch.from_numpy(left_pad(histories, max(len(h) for h in histories) or 1))
+    return out

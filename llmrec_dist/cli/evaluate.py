@@ -1,0 +1,52 @@
+"""`llmrec-dist evaluate`: full-ranking metrics of a saved model on a prepared dataset."""
+
+from __future__ import annotations
+
+import json
+
+from llmrec_dist.config import EvalConfig
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="evaluate a registered model or a checkpoint with full ranking",
+        description="Rank the whole catalogue for every user of a split and report HR/NDCG/MRR@K and "
+                    "coverage. --model takes an MLflow model URI (models:/NAME@ALIAS, models:/NAME/VERSION, "
+                    "runs:/RUN_ID/model) or a local checkpoint / model-package folder.")
+    p.add_argument("--model", required=True, help="MLflow model URI or local checkpoint folder")
+    p.add_argument("--data", required=True, help="prepared dataset folder the model was trained on")
+    p.add_argument("--split", choices=["valid", "test"], default="test", help="split to rank (default test)")
+    p.add_argument("--ks", default="5,10,20", help="comma-separated cut-offs (default 5,10,20)")
+    p.add_argument("--include-seen", action="store_true", help="keep history items in the ranking")
+    p.add_argument("--workers", type=int, default=1,
+                   help="shard users over this many Ray Train workers (default 1: in this process)")
+    p.add_argument("--tracking-uri", default="", help="MLflow tracking URI for models:/ and runs:/ URIs")
+    p.add_argument("--json", action="store_true", help="print metrics as JSON")
+
+
+def run(args) -> int:
+    import sys
+
+    from llmrec_dist.offline_eval import evaluate_saved_model, resolve_model_folder
+
+    try:
+        ks = [int(k) for k in args.ks.split(",") if k.strip()]
+        if not ks or min(ks) <= 0 or args.workers <= 0:
+            raise ValueError
+    except ValueError:
+        print(f"llmrec-dist evaluate: --ks must be positive integers and --workers >= 1; got "
+              f"--ks {args.ks!r} --workers {args.workers}", file=sys.stderr)
+        return 2
+    cfg = EvalConfig(ks=ks, exclude_seen=not args.include_seen, coverage_k=max(ks) if 10 not in ks else 10)
+    try:
+        folder = resolve_model_folder(args.model, args.tracking_uri)
+        metrics = evaluate_saved_model(folder, args.data, args.split, cfg, num_workers=args.workers)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"llmrec-dist evaluate: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:28s} {value:.6f}" if isinstance(value, float) else f"{key:28s} {value}")
+    return 0

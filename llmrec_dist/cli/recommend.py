@@ -1,0 +1,98 @@
+"""`llmrec-dist recommend`: top-K items for one history from a registered model or a package folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+TEXT_WIDTH = 70
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "recommend", help="recommend items for a history with a registered model",
+        description="Load a model (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, "
+                    "models:/MODEL_ID, or a local model-package / MLflow model folder) and print the "
+                    "top-K items for one history of original item ids, most recent last. Unknown ids "
+                    "are skipped with a warning; an empty history gets the most popular items.")
+    p.add_argument("--model", required=True, help="MLflow model URI or local model folder")
+    p.add_argument("--history", required=True,
+                   help="comma-separated original item ids, most recent last (may be empty: '')")
+    p.add_argument("-k", type=int, default=10, help="number of items to recommend (default 10)")
+    p.add_argument("--tracking-uri", default="",
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--json", action="store_true", help="print the recommendations as JSON")
+    p.set_defaults(func=run)
+
+
+def parse_history(text: str) -> list[str]:
+    """``"a, b,,c"`` → ``["a", "b", "c"]``."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def load(model: str, tracking_uri: str):
+    """``(predict_frame, text_of)`` for a model URI or a local folder.
+
+    A model-package folder is loaded directly; anything else goes through ``mlflow.pyfunc.load_model``
+    with ``tracking_uri`` (used for ``models:/`` and ``runs:/`` URIs).
+    """
+    from llmrec_dist.registry.recommender import RECOMMENDER_FILE, Recommender
+
+    folder = Path(model)
+    if "://" not in model and ":/" not in model and folder.is_dir() and (folder / RECOMMENDER_FILE).is_file():
+        rec = Recommender.from_folder(folder)
+        return rec.predict_frame, rec.text_of
+
+    import mlflow
+
+    from llmrec_dist.registry.pyfunc import RecommenderPyfunc, use_tracking_uri
+
+    with use_tracking_uri(tracking_uri):
+        loaded = mlflow.pyfunc.load_model(model)
+    inner = loaded.unwrap_python_model() if hasattr(loaded, "unwrap_python_model") else None
+    text_of = inner.recommender.text_of if isinstance(inner, RecommenderPyfunc) else (lambda _id: "")
+    return loaded.predict, text_of
+
+
+def _clip(text: str, width: int = TEXT_WIDTH) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_table(rows: list[dict]) -> str:
+    id_width = max([len("item id")] + [len(r["item_id"]) for r in rows])
+    lines = [f"{'rank':>4}  {'item id':<{id_width}}  {'score':>10}  text"]
+    for r in rows:
+        lines.append(f"{r['rank']:>4}  {r['item_id']:<{id_width}}  {r['score']:>10.4f}  {_clip(r['text'])}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    import pandas as pd
+
+    from llmrec_dist.tracking import resolve_tracking_uri
+
+    history = parse_history(args.history)
+    try:
+        from mlflow.exceptions import MlflowException
+
+        errors: tuple[type[BaseException], ...] = (ValueError, OSError, MlflowException)
+        if args.k <= 0:
+            raise ValueError(f"-k must be a positive integer, got {args.k}")
+        predict, text_of = load(args.model, resolve_tracking_uri(args.tracking_uri))
+        out = predict(pd.DataFrame({"history": [history], "k": [args.k]}))
+    except errors as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"llmrec-dist recommend: {message}", file=sys.stderr)
+        return 2
+
+    item_ids, scores = list(out["item_ids"].iloc[0]), list(out["scores"].iloc[0])
+    rows = [{"rank": rank, "item_id": str(item_id), "score": float(score), "text": text_of(str(item_id))}
+            for rank, (item_id, score) in enumerate(zip(item_ids, scores), start=1)]
+    if args.json:
+        print(json.dumps({"model": args.model, "history": history, "k": args.k, "recommendations": rows},
+                         indent=2, ensure_ascii=False))
+    else:
+        print(format_table(rows))
+    return 0

@@ -1,0 +1,59 @@
+"""`llmrec-dist train`: one distributed training run described by a YAML config plus overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from llmrec_dist.config import describe, load_config
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train, evaluate, log to MLflow and register a model",
+        description="Train a recommender with Ray Train (DDP over scaling.num_workers workers), evaluate it "
+                    "with full ranking, log the run to MLflow and register the model when "
+                    "mlflow.registered_model is set. Works on a local Ray, or on a cluster when RAY_ADDRESS "
+                    "is set.",
+        epilog="Config keys (set in YAML or as section.key=value overrides):\n" + describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="dotted overrides, e.g. train.lr=3e-4 scaling.num_workers=2")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    from llmrec_dist.train.launcher import train
+
+    outcome = train(cfg)
+    print_outcome(outcome, as_json=args.json)
+    return 0
+
+
+def print_outcome(outcome, as_json: bool = False) -> None:
+    summary = {"run_id": outcome.run_id, "tracking_uri": outcome.tracking_uri, "model_uri": outcome.model_uri,
+               "registration": outcome.registration, "seconds": round(outcome.seconds, 1),
+               "metrics": outcome.metrics}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    m = outcome.metrics
+    print(f"\nrun {outcome.run_id}: best epoch {m.get('best_epoch')} of {m.get('epochs_run')}, "
+          f"{outcome.seconds:.0f} s")
+    for split in ("valid", "test"):
+        cells = [f"{name}@{k}={m[f'{split}_{name}_at_{k}']:.4f}"
+                 for name in ("hr", "ndcg", "mrr") for k in (10,) if f"{split}_{name}_at_{k}" in m]
+        print(f"  {split}: " + "  ".join(cells))
+    print(f"  model: {outcome.model_uri}")
+    reg = outcome.registration
+    if reg:
+        moved = "moved to it" if reg.get("promoted") else "not moved"
+        print(f"  registered {reg['name']} version {reg['version']}; alias {moved} ({reg.get('reason', '')})")

@@ -1,0 +1,341 @@
+"""Typed run configuration: one YAML file (plus dotted CLI overrides) fully describes a run.
+
+Every section is a dataclass whose fields carry a docstring in ``metadata["doc"]``. Loading validates
+the whole tree at once and raises :class:`ConfigError` listing *every* problem, each named by its dotted
+key (``train.lr: expected a number > 0, got 'fast'``). Unknown keys are errors, with a suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+def _f(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None, check: Any = None):
+    """A dataclass field with a docstring and an optional value check ``check(value) -> error | None``."""
+    meta = {"doc": doc, "check": check}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _fraction(v):
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("", "Prepared dataset folder (written by `llmrec-dist prepare`) or a URI to one.")
+    materialize: bool = _f(True, "Materialise the training split in the Ray object store once, instead "
+                                 "of re-reading the Parquet shards every epoch (good for datasets that fit).")
+    shuffle_buffer: int = _f(2048, "Rows in each worker's local shuffle buffer (0 = no shuffling).",
+                             check=_non_negative)
+    verify_hash: bool = _f(True, "Recompute the dataset's content hash on the driver and refuse a mismatch.")
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["causal"] = _f("causal", "Sequence encoder: `causal` = SASRec-style next-item "
+                                               "Transformer (a Hugging Face GPT-2 stack fed inputs_embeds).")
+    item_repr: Literal["id"] = _f("id", "Item representation: `id` = learned ID embedding, tied between "
+                                        "input and output.")
+    hidden_size: int = _f(64, "Width of item embeddings and of the Transformer.", check=_positive)
+    num_layers: int = _f(2, "Transformer blocks.", check=_positive)
+    num_heads: int = _f(2, "Attention heads (must divide hidden_size).", check=_positive)
+    max_len: int = _f(50, "Most recent items a sequence keeps (older ones are cut).", check=_positive)
+    dropout: float = _f(0.2, "Dropout on embeddings, attention and residuals.", check=_fraction)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = _f(1e-3, "Peak learning rate of AdamW.", check=_positive)
+    epochs: int = _f(20, "Most epochs to train (early stopping may end sooner).", check=_positive)
+    batch_size: int = _f(128, "Global batch size (sequences per optimiser step, over all workers).",
+                         check=_positive)
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases, norms, embeddings).",
+                             check=_non_negative)
+    warmup_ratio: float = _f(0.05, "Fraction of all steps spent in linear warm-up before cosine decay.",
+                             check=_fraction)
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this value (0 = off).", check=_non_negative)
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.", check=_positive)
+    patience: int = _f(5, "Stop after this many epochs without a better validation metric (0 = never).",
+                       check=_non_negative)
+    seed: int = _f(0, "Seed for model init, shuffling and dropout.")
+    storage_path: str = _f("llmrec_runs", "Where Ray Train keeps checkpoints: a local folder, a shared "
+                                          "filesystem path or an object-store URI.")
+    keep_checkpoints: int = _f(2, "Checkpoints kept (the best by the validation metric and the latest).",
+                               check=_positive)
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = _f(factory=lambda: [5, 10, 20], doc="Cut-offs K for HR/NDCG/MRR@K.")
+    exclude_seen: bool = _f(True, "Exclude items already in the user's history from the ranking "
+                                  "(the target itself always stays rankable).")
+    coverage_k: int = _f(10, "K for catalogue coverage@K.", check=_positive)
+    metric: str = _f("ndcg_at_10", "Validation metric used for early stopping, checkpoint selection "
+                                   "and champion gating (`{metric}_at_{k}` with k in eval.ks).")
+    batch_size: int = _f(256, "Users scored per evaluation batch on each worker.", check=_positive)
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = _f(2, "Ray Train workers (DDP processes).", check=_positive)
+    use_gpu: bool = _f(False, "One GPU per worker, NCCL and bf16 autocast.")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker. When llmrec_dist starts a local Ray it "
+                                     "advertises enough logical CPUs that Ray Data keeps one free.",
+                                check=_positive)
+
+
+@dataclass
+class MLflowConfig:
+    experiment: str = _f("llmrec", "MLflow experiment name.")
+    tracking_uri: str = _f("", "Tracking URI; empty = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in "
+                               "the working directory.")
+    registered_model: str = _f("", "Register the trained model under this name (empty = do not register).")
+    alias: str = _f("champion", "Alias that moves to a new version only if it beats the current holder.")
+    run_name: str = _f("", "MLflow run name (empty = generated).")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+    # Derived values are methods, not fields.
+    def per_worker_batch_size(self) -> int:
+        return self.train.batch_size // (self.scaling.num_workers * self.train.grad_accum)
+
+    def selection_metric(self) -> str:
+        return f"valid_{self.eval.metric}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 0.001, ...}`` — the form logged as MLflow params."""
+        out = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute (Ray workers run in other directories); URIs unchanged."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+class ConfigError(ValueError):
+    """All problems of a config, each prefixed with its dotted key."""
+
+    def __init__(self, problems: list[str], source: str = ""):
+        self.problems = problems
+        where = f" in {source}" if source else ""
+        super().__init__(f"invalid config{where}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# --------------------------------------------------------------------------------------------- checks
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp) -> tuple[Any, str | None]:
+    """Return (value converted to ``tp``, None) or (None, problem)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value, None
+        return None, f"expected one of {', '.join(repr(a) for a in allowed)}; got {value!r}"
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return None, f"expected {_type_name(tp)}; got {value!r}"
+        (inner,) = typing.get_args(tp)
+        out = []
+        for i, v in enumerate(value):
+            c, err = _coerce(v, inner)
+            if err:
+                return None, f"item {i}: {err}"
+            out.append(c)
+        return out, None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value, None
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        # PyYAML reads "3e-4" (no dot) as a string; accept plain numeric spellings.
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value), None
+    elif tp is str:
+        if isinstance(value, str):
+            return value, None
+    return None, f"expected {_type_name(tp)}; got {value!r}"
+
+
+def _unknown(key: str, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    return f"{prefix}{key}: unknown key{hint}; valid keys: {', '.join(valid)}"
+
+
+def _build_section(cls, values: Any, name: str, problems: list[str]):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        problems.append(f"{name}: expected a mapping of keys; got {values!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            problems.append(_unknown(str(key), list(fields), f"{name}."))
+            continue
+        converted, err = _coerce(value, hints[key])
+        if err:
+            problems.append(f"{name}.{key}: {err}")
+            continue
+        check = fields[key].metadata.get("check")
+        err = check(converted) if check else None
+        if err:
+            problems.append(f"{name}.{key}: {err}; got {value!r}")
+            continue
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    problems = []
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        problems.append(f"model.num_heads: must divide model.hidden_size ({cfg.model.hidden_size}); "
+                        f"got {cfg.model.num_heads}")
+    if not cfg.eval.ks or any(k <= 0 for k in cfg.eval.ks):
+        problems.append(f"eval.ks: expected a non-empty list of positive integers; got {cfg.eval.ks!r}")
+    metric_names = {f"{m}_at_{k}" for m in ("hr", "ndcg", "mrr") for k in cfg.eval.ks}
+    if cfg.eval.metric not in metric_names:
+        problems.append(f"eval.metric: expected one of {', '.join(sorted(metric_names))}; "
+                        f"got {cfg.eval.metric!r}")
+    per_step = cfg.scaling.num_workers * cfg.train.grad_accum
+    if cfg.train.batch_size % per_step:
+        problems.append(f"train.batch_size: must be a multiple of scaling.num_workers x train.grad_accum "
+                        f"({per_step}); got {cfg.train.batch_size}")
+    return problems
+
+
+def config_from_dict(raw: Any, source: str = "", require_data_path: bool = True) -> Config:
+    """Validate a nested mapping into a :class:`Config`, reporting all problems at once."""
+    problems: list[str] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"<root>: expected a mapping of sections; got {type(raw).__name__}"], source)
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+    built = {}
+    for key, value in raw.items():
+        if key not in sections:
+            problems.append(_unknown(str(key), list(sections), ""))
+    for name, factory in sections.items():
+        built[name] = _build_section(type(factory()), raw.get(name), name, problems)
+    cfg = Config(**built)
+    if not problems:
+        problems.extend(_cross_checks(cfg))
+    if require_data_path and not cfg.data.path:
+        problems.append("data.path: required (a folder written by `llmrec-dist prepare`)")
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` → (["train", "lr"], 0.0003). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError([f"{text}: an override must look like section.key=value"])
+    key, _, value = text.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError([f"{key}: an override key must be section.key (e.g. train.lr=3e-4)"])
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{key}: cannot parse value {value!r}: {exc}"]) from None
+    # YAML reads "3e-4" as a string (no dot); numbers are what users mean there.
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed) if any(c in parsed for c in "eE.") else int(parsed)
+        except ValueError:
+            pass
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError([f"{section}: expected a mapping of keys; got {target!r}"])
+        target[key] = value
+    return raw
+
+
+def load_raw_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file not found: {path}"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+    return raw or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                require_data_path: bool = True) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    raw = load_raw_yaml(path) if path else {}
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, str(path or "<defaults>"), require_data_path=require_data_path)
+
+
+def describe() -> str:
+    """Every key with its default and docstring (for `--help`)."""
+    lines = []
+    for f in dataclasses.fields(Config):
+        cls = type(f.default_factory())  # type: ignore[misc]
+        hints = typing.get_type_hints(cls)
+        for sub in dataclasses.fields(cls):
+            default = sub.default if sub.default is not dataclasses.MISSING else sub.default_factory()
+            lines.append(f"  {f.name}.{sub.name} ({_type_name(hints[sub.name])}, default {default!r}): "
+                         f"{sub.metadata['doc']}")
+    return "\n".join(lines)

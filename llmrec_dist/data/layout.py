@@ -1,0 +1,332 @@
+"""The on-disk contract of a prepared dataset: written by ``prepare``, read by everything else.
+
+::
+
+    <dataset>/
+      manifest.json         format_version, source, counts, split protocol, shards, content_hash, ...
+      items.parquet         item_idx int32 (1..N; 0 is padding), item_id string, text string, popularity int64
+      train/part-*.parquet  user_idx int32, user_key string, items list<int32>
+      valid/part-*.parquet  user_idx int32, user_key string, items list<int32> (history), target int32
+      test/part-*.parquet   user_idx int32, user_key string, items list<int32> (history), target int32
+
+Rows of every split are sorted by ``user_idx`` and the users are cut into the same contiguous
+ranges for all three splits, so part ``k`` of train, valid and test holds the same users.
+
+A dataset location is a local folder or, for readers, a URI that ``pyarrow.fs`` understands
+(``s3://bucket/ds``, ``gs://...``); writing is local only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+MANIFEST_FILE = "manifest.json"
+ITEMS_FILE = "items.parquet"
+PADDING_IDX = 0
+
+# Parquet settings: small row groups so Ray Data can stream a shard without reading it whole.
+ROW_GROUP_SIZE = 4096
+COMPRESSION = "zstd"
+
+ITEMS_SCHEMA = pa.schema(
+    [
+        pa.field("item_idx", pa.int32(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("popularity", pa.int64(), nullable=False),
+    ]
+)
+TRAIN_SCHEMA = pa.schema(
+    [
+        pa.field("user_idx", pa.int32(), nullable=False),
+        pa.field("user_key", pa.string(), nullable=False),
+        pa.field("items", pa.list_(pa.int32()), nullable=False),
+    ]
+)
+EVAL_SCHEMA = TRAIN_SCHEMA.append(pa.field("target", pa.int32(), nullable=False))
+SPLIT_SCHEMAS = {"train": TRAIN_SCHEMA, "valid": EVAL_SCHEMA, "test": EVAL_SCHEMA}
+
+_CONTENT_HASH_TAG = b"llmrec_dist dataset content v1\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_uri(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def _join(root: str | os.PathLike, relative: str) -> str:
+    """``root/relative`` as an absolute local path, or a URI when ``root`` is a URI."""
+    if _is_uri(root):
+        return str(root).rstrip("/") + "/" + relative
+    return str(Path(root).absolute() / relative)
+
+
+def shard_relpath(split: str, index: int) -> str:
+    """Relative path of part file ``index`` of ``split``, e.g. ``train/part-00000.parquet``."""
+    return f"{split}/part-{index:05d}.parquet"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_text(location: str) -> str:
+    if _is_uri(location):
+        import pyarrow.fs
+
+        fs, inner = pyarrow.fs.FileSystem.from_uri(location)
+        with fs.open_input_stream(inner) as stream:
+            return stream.read().decode("utf-8")
+    return Path(location).read_text(encoding="utf-8")
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Load and check ``<path>/manifest.json`` of a prepared dataset.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or holds no ``manifest.json``.
+        ValueError: the manifest is not valid JSON, lacks required keys, or has a
+            ``format_version`` this code does not read.
+    """
+    location = _join(path, MANIFEST_FILE)
+    if not _is_uri(path):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"dataset folder {str(path)!r} does not exist")
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{str(path)!r} is not a dataset folder (it is a file)")
+        if not Path(location).is_file():
+            raise FileNotFoundError(
+                f"{str(path)!r} is not a prepared dataset folder: it has no {MANIFEST_FILE} "
+                "(create one with `llmrec-dist prepare`)"
+            )
+    try:
+        manifest = json.loads(_read_text(location))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{location}: not valid JSON ({err})") from err
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{location}: expected a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{location}: unsupported format_version {version!r}; this llmrec_dist reads "
+            f"format_version {FORMAT_VERSION} (re-run `llmrec-dist prepare`)"
+        )
+    missing = [key for key in ("counts", "shards", "content_hash") if key not in manifest]
+    missing += [f"shards.{s}" for s in SPLITS if s not in manifest.get("shards", {})]
+    if missing:
+        raise ValueError(f"{location}: manifest lacks {', '.join(missing)}")
+    return manifest
+
+
+def write_manifest(folder: str | os.PathLike, manifest: Mapping) -> Path:
+    """Write ``manifest.json`` (pretty, key order kept) into ``folder``; returns its path."""
+    target = Path(folder) / MANIFEST_FILE
+    target.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return target
+
+
+def split_files(path: str | os.PathLike, split: str) -> list[str]:
+    """Absolute paths (or URIs) of the part files of ``split``, in user order, from the manifest."""
+    _check_split(split)
+    manifest = read_manifest(path)
+    return [_join(path, relative) for relative in manifest["shards"][split]]
+
+
+def num_items(manifest: Mapping) -> int:
+    """Number of real items N; item indices run 1..N and 0 is padding (embedding size N + 1)."""
+    return int(manifest["counts"]["items"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write one Parquet file with the layout's compression and row-group size."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, str(path), row_group_size=ROW_GROUP_SIZE, compression=COMPRESSION)
+
+
+def read_items(path: str | os.PathLike) -> pa.Table:
+    """The items table (``item_idx``, ``item_id``, ``text``, ``popularity``), sorted by item_idx."""
+    return pq.read_table(_join(path, ITEMS_FILE)).sort_by("item_idx")
+
+
+def read_split(path: str | os.PathLike, split: str) -> pa.Table:
+    """All part files of ``split`` concatenated in one table (small data, tests, evaluation)."""
+    schema = SPLIT_SCHEMAS[split]
+    tables = []
+    for file in split_files(path, split):
+        table = pq.read_table(file)
+        try:
+            tables.append(table.select(schema.names).cast(schema))
+        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as err:
+            raise ValueError(f"{file}: does not have the {split} schema of the layout ({err})") from err
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+# ---------------------------------------------------------------------------------------------
+# Content hash
+# ---------------------------------------------------------------------------------------------
+
+
+def _hash_ints(digest, values) -> None:
+    digest.update(np.asarray(values, dtype="<i8").tobytes())
+
+
+def _hash_strings(digest, column) -> None:
+    values = column.to_pylist()
+    encoded = [b"" if s is None else s.encode("utf-8") for s in values]
+    _hash_ints(digest, [-1 if s is None else len(e) for s, e in zip(values, encoded)])
+    digest.update(b"".join(encoded))
+
+
+def compute_content_hash(items_table: pa.Table, split_tables: Mapping[str, pa.Table]) -> str:
+    """``"sha256:<hex>"`` over the dataset's content, independent of how it is stored.
+
+    Canonical serialisation, fed to SHA-256 in this order:
+
+    1. the tag ``b"llmrec_dist dataset content v1\\n"``;
+    2. ``b"items\\n"``, then, with items sorted by ``item_idx``: ``item_idx`` as little-endian
+       int64, then for ``item_id`` and for ``text`` the UTF-8 byte lengths (int64) followed by
+       the concatenated UTF-8 bytes;
+    3. for each split in ``SPLITS`` order: ``b"<split>\\n"``, then, with rows sorted by
+       ``user_idx``: ``user_idx`` (int64), the list lengths of ``items`` (int64), all
+       ``items`` values flattened (int64), and ``target`` (int64) for valid and test.
+
+    ``user_key``, ``popularity`` (derived from train), shard boundaries, Parquet encoding and
+    the manifest's ``created_at`` are deliberately left out, so the same input and filters give
+    the same hash whatever the user-hash key or shard count.
+    """
+    digest = hashlib.sha256(_CONTENT_HASH_TAG)
+    items = items_table.sort_by("item_idx")
+    digest.update(b"items\n")
+    _hash_ints(digest, items.column("item_idx").to_numpy())
+    _hash_strings(digest, items.column("item_id"))
+    _hash_strings(digest, items.column("text"))
+    for split in SPLITS:
+        table = split_tables[split].sort_by("user_idx")
+        digest.update(split.encode() + b"\n")
+        _hash_ints(digest, table.column("user_idx").to_numpy())
+        lists = table.column("items").combine_chunks()
+        _hash_ints(digest, pc.list_value_length(lists).fill_null(-1).to_numpy())
+        _hash_ints(digest, lists.flatten().to_numpy(zero_copy_only=False))
+        if split != "train":
+            _hash_ints(digest, table.column("target").to_numpy())
+    return "sha256:" + digest.hexdigest()
+
+
+def verify_dataset(path: str | os.PathLike) -> dict:
+    """Recompute the content hash from the files and compare it with the manifest's.
+
+    Returns the manifest. Raises ``ValueError`` naming both hashes when they differ (a shard
+    was changed, replaced or lost after ``prepare``), and the errors of ``read_manifest``.
+    """
+    manifest = read_manifest(path)
+    actual = compute_content_hash(read_items(path), {s: read_split(path, s) for s in SPLITS})
+    if actual != manifest["content_hash"]:
+        raise ValueError(
+            f"dataset {str(path)!r} does not match its manifest: manifest content_hash "
+            f"{manifest['content_hash']}, files hash to {actual} (files were modified after "
+            "prepare; re-run `llmrec-dist prepare --overwrite`)"
+        )
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic output folder
+# ---------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_output_free(output: str | os.PathLike, overwrite: bool) -> None:
+    """Fail early, before any work, when ``output`` may not be (re)written.
+
+    Without ``overwrite`` any existing path is refused. With it, only a prepared dataset (a
+    folder holding ``manifest.json``) or an empty folder is replaced, so a mistyped path can
+    never delete unrelated files.
+    """
+    output = Path(output)
+    if not output.exists() and not output.is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"output {str(output)!r} already exists; pass --overwrite (overwrite=True) to replace it"
+        )
+    is_dataset = output.is_dir() and (output / MANIFEST_FILE).is_file()
+    is_empty_dir = output.is_dir() and not output.is_symlink() and not any(output.iterdir())
+    if not (is_dataset or is_empty_dir):
+        raise FileExistsError(
+            f"output {str(output)!r} exists and is not a prepared dataset (no {MANIFEST_FILE}); "
+            "refusing to replace it even with --overwrite; choose another path or remove it"
+        )
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``output`` only if the ``with`` body succeeds.
+
+    The temporary folder ``.<name>.tmp-<random>`` sits next to ``output`` (same filesystem,
+    so the final ``os.rename`` is atomic). On any exception it is removed and ``output`` is
+    left as it was. With ``overwrite`` an existing dataset is renamed aside, the new one is
+    renamed into place, and only then is the old one deleted.
+    """
+    output = Path(output).absolute()
+    check_output_free(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temp = output.parent / f".{output.name}.tmp-{secrets.token_hex(6)}"
+    temp.mkdir()
+    try:
+        yield temp
+        # The output may have appeared while we worked; check again just before the swap.
+        check_output_free(output, overwrite)
+        if output.exists():
+            old = output.parent / f".{output.name}.old-{secrets.token_hex(6)}"
+            os.rename(output, old)
+            try:
+                os.rename(temp, output)
+            except BaseException:
+                os.rename(old, output)
+                raise
+            if old.is_symlink():
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(temp, output)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise

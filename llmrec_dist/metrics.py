@@ -1,0 +1,91 @@
+"""Full-ranking metrics: HR@K, NDCG@K, MRR@K and catalogue coverage@K.
+
+Protocol (DESIGN.md): every item of the catalogue is ranked (no sampled negatives); items already in
+the user's history are excluded when ``exclude_seen`` (the target itself always stays rankable); the
+padding item 0 is never ranked. Ties count against the target (pessimistic rank), so a model that
+scores everything equally gets nothing.
+
+:class:`RankingAccumulator` keeps *sums* (float64) and counts, so shards evaluated on different workers
+combine exactly by summation — a distributed evaluation equals a single-process one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAD = 0
+METRICS = ("hr", "ndcg", "mrr")
+
+
+def mask_seen(scores: torch.Tensor, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Set the scores of history items (except each row's target) to -inf; returns a new tensor."""
+    scores = scores.clone()
+    target_scores = scores.gather(1, targets[:, None])
+    scores.scatter_(1, history, float("-inf"))
+    scores.scatter_(1, targets[:, None], target_scores)
+    scores[:, PAD] = float("-inf")
+    return scores
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based pessimistic rank of each target: items scoring higher, plus other items scoring equal."""
+    target_scores = scores.gather(1, targets[:, None])
+    higher = (scores > target_scores).sum(1)
+    ties = (scores == target_scores).sum(1) - 1
+    return higher + ties
+
+
+class RankingAccumulator:
+    """Accumulates ranking metrics over batches; ``state()`` is a flat tensor that sums across workers."""
+
+    def __init__(self, ks: list[int], num_items: int, coverage_k: int, device: torch.device | str = "cpu"):
+        self.ks = sorted(set(ks))
+        self.coverage_k = coverage_k
+        self.sums = torch.zeros(len(METRICS) * len(self.ks) + 1, dtype=torch.float64, device=device)
+        self.recommended = torch.zeros(num_items + 1, dtype=torch.float64, device=device)
+
+    def update(self, scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None) -> None:
+        """``scores`` [B, N+1]; ``targets`` [B]; ``history`` [B, L] padded with 0, or None to keep seen items."""
+        if history is not None:
+            scores = mask_seen(scores, history, targets)
+        else:
+            scores = scores.clone()
+            scores[:, PAD] = float("-inf")
+        ranks = target_ranks(scores, targets).to(torch.float64)
+        i = 0
+        for metric in METRICS:
+            for k in self.ks:
+                hit = ranks < k
+                if metric == "hr":
+                    value = hit.to(torch.float64)
+                elif metric == "ndcg":
+                    value = torch.where(hit, 1.0 / torch.log2(ranks + 2.0), 0.0)
+                else:
+                    value = torch.where(hit, 1.0 / (ranks + 1.0), 0.0)
+                self.sums[i] += value.sum()
+                i += 1
+        self.sums[-1] += len(targets)
+        top = scores.topk(self.coverage_k, dim=1).indices
+        self.recommended.index_fill_(0, top.flatten(), 1.0)
+
+    def state(self) -> torch.Tensor:
+        """One tensor to all-reduce with SUM (coverage entries are clamped back to 0/1 afterwards)."""
+        return torch.cat([self.sums, self.recommended])
+
+    def result(self, state: torch.Tensor | None = None, prefix: str = "") -> dict[str, float]:
+        """Metric means from a (possibly all-reduced) state: ``{prefix}{metric}_at_{k}``."""
+        state = self.state() if state is None else state
+        sums, recommended = state[: len(self.sums)], state[len(self.sums):]
+        count = sums[-1].item()
+        if count == 0:
+            raise ValueError("no users were evaluated")
+        out = {}
+        i = 0
+        for metric in METRICS:
+            for k in self.ks:
+                out[f"{prefix}{metric}_at_{k}"] = sums[i].item() / count
+                i += 1
+        num_items = len(recommended) - 1
+        out[f"{prefix}coverage_at_{self.coverage_k}"] = (recommended[1:] > 0).sum().item() / num_items
+        out[f"{prefix}users"] = count
+        return out

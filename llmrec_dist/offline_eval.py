@@ -1,0 +1,92 @@
+"""Evaluating a saved model (checkpoint folder, model package or MLflow model URI) on a prepared dataset,
+in this process or sharded over Ray Train workers (same numbers either way)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llmrec_dist.config import EvalConfig, ModelConfig, absolute
+from llmrec_dist.data.layout import num_items as manifest_num_items
+from llmrec_dist.data.layout import read_manifest
+from llmrec_dist.evaluation import evaluate, load_eval_rows
+from llmrec_dist.model import SequenceRecommender, build_model
+from llmrec_dist.train import checkpoint as ckpt
+
+
+def resolve_model_folder(model: str, tracking_uri: str = "") -> Path:
+    """A local folder holding ``model.safetensors`` + ``model.json``, downloading an MLflow model if needed."""
+    path = Path(model)
+    if path.is_dir():
+        found = next((p.parent for p in sorted(path.rglob(ckpt.MODEL_META))), None)
+        if found is None or not (found / ckpt.MODEL_FILE).is_file():
+            raise FileNotFoundError(f"{model}: no {ckpt.MODEL_META} + {ckpt.MODEL_FILE} found in this folder")
+        return found
+    if "://" not in model and not model.startswith("models:/"):
+        raise FileNotFoundError(f"{model}: not a folder and not an MLflow model URI (models:/NAME@ALIAS, runs:/…)")
+    import mlflow
+
+    from llmrec_dist.tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+    return resolve_model_folder(str(local))
+
+
+def load_model(folder: Path) -> tuple[SequenceRecommender, dict]:
+    meta = ckpt.read_meta(folder)
+    model = build_model(ModelConfig(**meta["model"]), meta["num_items"])
+    ckpt.load_weights(model, folder / ckpt.MODEL_FILE)
+    return model.eval(), meta
+
+
+def _check_dataset(meta: dict, manifest: dict, data_path: str) -> None:
+    if meta.get("dataset_hash") != manifest["content_hash"]:
+        raise ValueError(f"the model was trained on dataset {meta.get('dataset_hash')} but {data_path} is "
+                         f"{manifest['content_hash']}: item indices would not match")
+
+
+def evaluate_here(folder: Path, data_path: str, split: str, cfg: EvalConfig, rank: int = 0,
+                  world: int = 1, device: torch.device | str = "cpu") -> dict[str, float]:
+    model, meta = load_model(folder)
+    manifest = read_manifest(data_path)
+    _check_dataset(meta, manifest, data_path)
+    rows = load_eval_rows(data_path, split, rank, world)
+    return evaluate(model.to(device), rows, manifest_num_items(manifest), cfg, meta["model"]["max_len"],
+                    device, prefix=f"{split}_")
+
+
+def _eval_loop_per_worker(config: dict) -> dict:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    return evaluate_here(Path(config["folder"]), config["data_path"], config["split"],
+                         EvalConfig(**config["eval"]), ctx.get_world_rank(), ctx.get_world_size(),
+                         ray.train.torch.get_device())
+
+
+def evaluate_saved_model(folder: Path, data_path: str, split: str, cfg: EvalConfig,
+                         num_workers: int = 1, cpus_per_worker: float = 1.0) -> dict[str, float]:
+    """Metrics of a saved model; ``num_workers > 1`` shards users over Ray Train workers."""
+    if num_workers <= 1:
+        return evaluate_here(folder, data_path, split, cfg)
+    import dataclasses
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from llmrec_dist.ray_setup import init_ray
+
+    init_ray(num_workers, cpus_per_worker)
+    with tempfile.TemporaryDirectory(prefix="llmrec-eval-") as storage:
+        trainer = TorchTrainer(
+            _eval_loop_per_worker,
+            train_loop_config={"folder": str(Path(folder).resolve()), "data_path": absolute(data_path),
+                               "split": split, "eval": dataclasses.asdict(cfg)},
+            scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": cpus_per_worker}),
+            run_config=RunConfig(storage_path=storage),
+        )
+        return trainer.fit().return_value

@@ -1,0 +1,105 @@
+"""Assemble a self-contained model package from a checkpoint and its dataset.
+
+The package is what the registry stores (as the pyfunc's ``package`` artifact) and what
+:class:`llmrec_dist.registry.recommender.Recommender` loads; its layout is documented there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import torch
+
+from llmrec_dist.config import EvalConfig, config_from_dict
+from llmrec_dist.data.layout import read_items, read_manifest, write_manifest, write_parquet
+from llmrec_dist.model import build_model
+from llmrec_dist.registry.recommender import (
+    ITEMS_FILE,
+    MODEL_META_FILE,
+    PACKAGE_FORMAT_VERSION,
+    RECOMMENDER_FILE,
+    WEIGHTS_FILE,
+)
+from llmrec_dist.train.checkpoint import MODEL_FILE, read_meta, read_weights
+
+DEFAULT_K = 10
+
+
+def build_model_package(checkpoint_dir: str | Path, dataset_path: str | os.PathLike,
+                        out_dir: str | Path, eval_cfg: EvalConfig | None = None) -> Path:
+    """Write a model package folder to ``out_dir`` and return its path.
+
+    ``checkpoint_dir`` is the FINAL checkpoint of a run (its ``model.safetensors`` holds the best
+    weights). Refuses (ValueError) a checkpoint trained on another dataset than ``dataset_path``,
+    weights that do not fit the checkpoint's model config, and an items table that does not match
+    ``num_items``. ``out_dir`` must not exist or be empty; it appears only when complete.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    out_dir = Path(out_dir).absolute()
+    eval_cfg = eval_cfg or EvalConfig()
+
+    meta = read_meta(checkpoint_dir)
+    missing = [key for key in ("model", "num_items", "dataset_hash") if key not in meta]
+    if missing:
+        raise ValueError(f"{checkpoint_dir / MODEL_META_FILE}: lacks {', '.join(missing)}")
+    manifest = read_manifest(dataset_path)
+    if meta["dataset_hash"] != manifest["content_hash"]:
+        raise ValueError(
+            f"checkpoint {str(checkpoint_dir)!r} was trained on dataset {meta['dataset_hash']}, but "
+            f"{str(dataset_path)!r} has content_hash {manifest['content_hash']}; package the "
+            "checkpoint with the dataset it was trained on")
+
+    num_items = int(meta["num_items"])
+    items = read_items(dataset_path)
+    if items.num_rows != num_items:
+        raise ValueError(f"checkpoint has num_items={num_items} but {dataset_path}/{ITEMS_FILE} "
+                         f"has {items.num_rows} items")
+
+    # Fail here, not at serving time, if the weights do not fit the recorded model config.
+    weights = read_weights(checkpoint_dir / MODEL_FILE)
+    model_cfg = config_from_dict({"model": meta["model"]}, str(checkpoint_dir / MODEL_META_FILE),
+                                 require_data_path=False).model
+    with torch.device("meta"):
+        skeleton = build_model(model_cfg, num_items)
+    try:
+        skeleton.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint_dir / MODEL_FILE} does not fit the model in "
+                         f"{MODEL_META_FILE}: {err}") from None
+    del skeleton, weights
+
+    settings = {
+        "format_version": PACKAGE_FORMAT_VERSION,
+        "exclude_seen": eval_cfg.exclude_seen,
+        "default_k": DEFAULT_K,
+        "dataset_hash": manifest["content_hash"],
+        "num_items": num_items,
+    }
+    _check_free(out_dir)
+    temp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(6)}"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    temp.mkdir()
+    try:
+        shutil.copyfile(checkpoint_dir / MODEL_FILE, temp / WEIGHTS_FILE)
+        (temp / MODEL_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_parquet(items, temp / ITEMS_FILE)  # read + write also works for s3:// datasets
+        write_manifest(temp, manifest)
+        (temp / RECOMMENDER_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        _check_free(out_dir)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        os.rename(temp, out_dir)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_free(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"package output {str(out_dir)!r} already exists and is not an empty "
+                              "folder; choose another path or remove it")

@@ -1,0 +1,139 @@
+"""The MLflow pyfunc wrapper of a model package, and logging it into an existing run.
+
+The logged model holds the package folder as the artifact ``package`` and a pickled
+:class:`RecommenderPyfunc` that has no state of its own: weights and items are loaded in
+``load_context``, so no torch model is ever pickled. The class is pickled *by reference*, so whoever
+loads the model needs ``llmrec_dist`` importable (``pip install llmrec_dist``; it brings torch,
+safetensors, pandas and pyarrow), exactly like any library-backed MLflow flavour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import Array, ColSpec, Schema
+
+import llmrec_dist
+
+_TRACKING_ENV = "MLFLOW_TRACKING_URI"
+
+
+def model_signature() -> ModelSignature:
+    """Input: ``history`` (list of item id strings) + optional ``k``; output: ``item_ids``, ``scores``."""
+    return ModelSignature(
+        inputs=Schema([ColSpec(Array("string"), "history"), ColSpec("long", "k", required=False)]),
+        outputs=Schema([ColSpec(Array("string"), "item_ids"), ColSpec(Array("double"), "scores")]),
+    )
+
+
+def pip_requirements() -> list[str]:
+    """What a consumer environment needs: llmrec_dist pulls torch, safetensors, pandas, pyarrow."""
+    import torch
+
+    return [
+        f"mlflow=={mlflow.__version__}",
+        f"llmrec_dist=={llmrec_dist.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        "safetensors",
+        "pandas",
+        "pyarrow",
+    ]
+
+
+class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
+    """``predict(DataFrame[history, k?]) -> DataFrame[item_ids, scores]`` over a model package.
+
+    Holds nothing until ``load_context``; the pickle MLflow writes is only a class reference.
+    """
+
+    def __init__(self):
+        self.recommender = None
+
+    def __getstate__(self):
+        return {}  # never pickle a loaded model, even if someone logs a loaded instance
+
+    def __setstate__(self, state):
+        self.recommender = None
+
+    def load_context(self, context) -> None:
+        from llmrec_dist.registry.recommender import Recommender
+
+        self.recommender = Recommender.from_folder(context.artifacts["package"])
+
+    # pd.DataFrame is a hint MLflow infers no schema from (the explicit signature stays in charge);
+    # as_frame still accepts the list-of-dicts / dict conveniences when called directly.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        if self.recommender is None:
+            raise RuntimeError("RecommenderPyfunc.predict called before load_context")
+        return self.recommender.predict_frame(as_frame(model_input))
+
+
+def as_frame(model_input) -> pd.DataFrame:
+    """Accept a DataFrame, a list of ``{"history": [...], "k": ...}`` dicts, or one such dict."""
+    if isinstance(model_input, pd.DataFrame):
+        return model_input
+    if isinstance(model_input, dict):
+        model_input = [model_input]
+    if isinstance(model_input, list) and all(isinstance(row, dict) for row in model_input):
+        return pd.DataFrame.from_records(model_input) if model_input else pd.DataFrame({"history": []})
+    raise ValueError("input must be a DataFrame with a 'history' column, a list of "
+                     f"{{'history': [...], 'k': ...}} dicts, or one such dict; got {type(model_input).__name__}")
+
+
+@contextlib.contextmanager
+def use_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for the ``with`` body, then restore the previous state.
+
+    ``mlflow.set_tracking_uri`` also writes $MLFLOW_TRACKING_URI; both are put back afterwards, so
+    library calls do not leak a global setting into the caller's process.
+    """
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous_uri = getattr(tracking_utils, "_tracking_uri", None)
+    previous_env = os.environ.get(_TRACKING_ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop(_TRACKING_ENV, None)
+        else:
+            os.environ[_TRACKING_ENV] = previous_env
+
+
+def log_model_package(package_dir: str | Path, tracking_uri: str, run_id: str, name: str = "model") -> str:
+    """Log ``package_dir`` as a pyfunc model into the EXISTING run ``run_id``; returns the model URI.
+
+    The run's status is left alone (no fluent ``start_run``/``end_run``): the driver that created
+    the run ends it. The returned URI is the logged model's ``models:/<model_id>``, which
+    :func:`llmrec_dist.registry.promotion.register_and_promote` and ``mlflow.pyfunc.load_model``
+    accept.
+    """
+    from llmrec_dist.registry.recommender import PACKAGE_FILES
+
+    package_dir = Path(package_dir)
+    missing = [f for f in PACKAGE_FILES if not (package_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{str(package_dir)!r} is not a model package: it lacks {', '.join(missing)}")
+    with use_tracking_uri(tracking_uri):
+        # mlflow.pyfunc.log_model(name=...) is a thin wrapper over Model.log(flavor=mlflow.pyfunc);
+        # only Model.log takes an explicit run_id, which logs into an existing run without
+        # start_run/end_run (end_run would mark the driver's still-running run FINISHED).
+        info = mlflow.models.Model.log(
+            name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=RecommenderPyfunc(),
+            artifacts={"package": str(package_dir)},
+            signature=model_signature(),  # explicit: otherwise MLflow runs predict to infer one
+            pip_requirements=pip_requirements(),
+            flavor_name="pyfunc.CustomPythonModel",  # what mlflow.pyfunc.log_model records
+        )
+    return info.model_uri

@@ -1,0 +1,260 @@
+"""Top-K recommendations from a model package, in plain Python (no MLflow needed).
+
+A *model package* is the folder written by :func:`llmrec_dist.registry.package.build_model_package`::
+
+    model.safetensors   weights (loaded with safetensors only, never pickle)
+    model.json          {"model": ModelConfig fields, "num_items": N, "dataset_hash": ...}
+    items.parquet       item_idx (1..N), item_id (original id), text, popularity
+    manifest.json       the dataset's manifest
+    recommender.json    {"format_version": 1, "exclude_seen": true, "default_k": 10, ...}
+
+The contract (DESIGN.md, "Registry contract"): a history is a list of ORIGINAL item ids, most recent
+last. Unknown ids are skipped with one warning per call; a history with no known item gets the
+popularity fallback; items already in the history are never recommended when ``exclude_seen``; only
+the last ``max_len`` known items feed the model, but every seen item is excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file
+
+from llmrec_dist.batching import left_pad
+from llmrec_dist.config import config_from_dict
+from llmrec_dist.model import SequenceRecommender, build_model
+
+PACKAGE_FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+MODEL_META_FILE = "model.json"
+ITEMS_FILE = "items.parquet"
+MANIFEST_FILE = "manifest.json"
+RECOMMENDER_FILE = "recommender.json"
+PACKAGE_FILES = (WEIGHTS_FILE, MODEL_META_FILE, ITEMS_FILE, MANIFEST_FILE, RECOMMENDER_FILE)
+
+_MAX_NAMED_UNKNOWN = 5
+_MAX_REPORTED_PROBLEMS = 10
+
+
+class UnknownItemWarning(UserWarning):
+    """Some history item ids are not in the model's catalogue and were skipped."""
+
+
+class Recommender:
+    """A loaded model package: ``recommend(histories, k)`` → top-K original item ids with scores."""
+
+    def __init__(self, model: SequenceRecommender, item_ids: Sequence[str], texts: Sequence[str],
+                 popularity: np.ndarray, *, exclude_seen: bool = True, default_k: int = 10,
+                 dataset_hash: str = "", batch_size: int = 256):
+        """``item_ids[i]``, ``texts[i]``, ``popularity[i]`` describe item_idx ``i + 1`` (0 is padding)."""
+        if len(item_ids) != len(texts) or len(item_ids) != len(popularity):
+            raise ValueError("item_ids, texts and popularity must have one entry per item")
+        self.model = model.eval().to("cpu")
+        self.item_ids = [str(i) for i in item_ids]
+        self.texts = [str(t) for t in texts]
+        self.index = {item_id: idx for idx, item_id in enumerate(self.item_ids, start=1)}
+        if len(self.index) != len(self.item_ids):
+            raise ValueError("item ids in the catalogue are not unique")
+        self.popularity = np.asarray(popularity, dtype=np.int64)
+        # Most popular first; ties broken by item_idx so the fallback is deterministic.
+        self._popular_order = np.lexsort((np.arange(len(self.popularity)), -self.popularity)) + 1
+        self.exclude_seen = bool(exclude_seen)
+        self.default_k = int(default_k)
+        self.dataset_hash = dataset_hash
+        self.batch_size = batch_size
+        self.max_len = model.max_len
+
+    # ------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_folder(cls, path: str | Path) -> Recommender:
+        """Load a model package folder (weights via safetensors, on CPU, model in eval mode)."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model package {str(folder)!r} does not exist or is not a folder")
+        missing = [name for name in PACKAGE_FILES if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{str(folder)!r} is not a model package: it lacks {', '.join(missing)}")
+        settings = json.loads((folder / RECOMMENDER_FILE).read_text())
+        version = settings.get("format_version")
+        if version != PACKAGE_FORMAT_VERSION:
+            raise ValueError(f"{folder / RECOMMENDER_FILE}: unsupported format_version {version!r}; "
+                             f"this llmrec_dist reads format_version {PACKAGE_FORMAT_VERSION}")
+        meta = json.loads((folder / MODEL_META_FILE).read_text())
+        model_cfg = config_from_dict({"model": meta["model"]}, str(folder / MODEL_META_FILE),
+                                     require_data_path=False).model
+        num_items = int(meta["num_items"])
+
+        items = pq.read_table(folder / ITEMS_FILE).sort_by("item_idx")
+        idx = items.column("item_idx").to_numpy()
+        if len(idx) != num_items or not np.array_equal(idx, np.arange(1, num_items + 1)):
+            raise ValueError(f"{folder / ITEMS_FILE}: item_idx must run 1..{num_items} "
+                             f"(model.json num_items), got {len(idx)} rows")
+
+        model = build_model(model_cfg, num_items)
+        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device="cpu"))
+        return cls(model, items.column("item_id").to_pylist(), items.column("text").to_pylist(),
+                   items.column("popularity").to_numpy(),
+                   exclude_seen=settings.get("exclude_seen", True),
+                   default_k=settings.get("default_k", 10), dataset_hash=meta.get("dataset_hash", ""))
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def text_of(self, item_id: str) -> str:
+        """The text of an item id of the catalogue ('' for an unknown id)."""
+        idx = self.index.get(item_id)
+        return self.texts[idx - 1] if idx else ""
+
+    # ---------------------------------------------------------------------------------- recommend
+    def check_k(self, k: Any, where: str = "k") -> int:
+        """``k`` as an int in 1..num_items, else ValueError naming ``where``."""
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
+            if isinstance(k, numbers.Real) and not isinstance(k, (bool, np.bool_)) and float(k).is_integer():
+                k = int(k)  # pandas turns an int column holding a missing value into floats
+            else:
+                raise ValueError(f"{where} must be a positive integer, got {type(k).__name__} ({k!r})")
+        k = int(k)
+        if not 1 <= k <= self.num_items:
+            raise ValueError(f"{where} must be between 1 and the catalogue size ({self.num_items}), got {k}")
+        return k
+
+    def recommend(self, histories: list[list[str]], k: int | list[int] | None = None) -> list[dict]:
+        """Top-K recommendations for each history (original item ids, most recent last).
+
+        ``k``: one int for all users, a list with one int per user, or None for the package's
+        ``default_k``. Returns one dict per history: ``item_ids`` (list[str]), ``scores``
+        (list[float], descending), ``texts`` (list[str]). With ``exclude_seen`` a user may get fewer
+        than k items when the history covers nearly the whole catalogue.
+        """
+        if isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence):
+            raise ValueError("histories must be a list of histories (each a list of item id strings)")
+        ks = self._per_user_k(k, len(histories))
+        for i, history in enumerate(histories):
+            _, problem = _as_history(history)
+            if problem:
+                raise ValueError(f"histories[{i}]: {problem}")
+        known, unknown = self._to_indices(histories)
+        if unknown:
+            named = ", ".join(repr(u) for u in list(dict.fromkeys(unknown))[:_MAX_NAMED_UNKNOWN])
+            more = len(set(unknown)) - min(len(set(unknown)), _MAX_NAMED_UNKNOWN)
+            warnings.warn(f"skipped {len(unknown)} unknown item id(s) not in the model's catalogue: "
+                          f"{named}{f' and {more} more' if more else ''}", UnknownItemWarning, stacklevel=2)
+
+        results: list[dict | None] = [None] * len(histories)
+        to_score = [i for i, rows in enumerate(known) if rows]
+        for i, rows in enumerate(known):
+            if not rows:
+                results[i] = self._popular(ks[i])
+        for start in range(0, len(to_score), self.batch_size):
+            chunk = to_score[start:start + self.batch_size]
+            for i, result in zip(chunk, self._score([known[i] for i in chunk], [ks[i] for i in chunk])):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _per_user_k(self, k: Any, n: int) -> list[int]:
+        if k is None:
+            return [self.default_k] * n
+        if isinstance(k, (list, tuple, np.ndarray)):
+            if len(k) != n:
+                raise ValueError(f"k has {len(k)} values for {n} histories; give one k or one per history")
+            return [self.check_k(v, f"k[{i}]") for i, v in enumerate(k)]
+        return [self.check_k(k)] * n
+
+    def _to_indices(self, histories) -> tuple[list[list[int]], list[str]]:
+        known, unknown = [], []
+        for h in histories:
+            rows = []
+            for item_id in h:
+                idx = self.index.get(item_id)
+                if idx is None:
+                    unknown.append(item_id)
+                else:
+                    rows.append(idx)
+            known.append(rows)
+        return known, unknown
+
+    def _popular(self, k: int) -> dict:
+        top = self._popular_order[:k]
+        return self._result(top, self.popularity[top - 1].astype(np.float64))
+
+    def _result(self, idx: np.ndarray, scores: np.ndarray) -> dict:
+        return {"item_ids": [self.item_ids[i - 1] for i in idx],
+                "scores": [float(s) for s in scores],
+                "texts": [self.texts[i - 1] for i in idx]}
+
+    def _score(self, rows: list[list[int]], ks: list[int]) -> list[dict]:
+        """One forward pass for a batch of non-empty histories (item_idx lists)."""
+        seq = torch.from_numpy(left_pad(rows, self.max_len))  # only the last max_len items
+        with torch.inference_mode():
+            scores = self.model.score_next(seq).float()
+            if self.exclude_seen:  # every seen item, not only the last max_len
+                user = torch.tensor([u for u, r in enumerate(rows) for _ in r], dtype=torch.long)
+                item = torch.tensor([i for r in rows for i in r], dtype=torch.long)
+                scores[user, item] = float("-inf")
+            top_scores, top_idx = scores.topk(max(ks), dim=1)
+        out = []
+        for u, k in enumerate(ks):
+            s, i = top_scores[u, :k].numpy(), top_idx[u, :k].numpy()
+            finite = np.isfinite(s)  # excluded items and padding score -inf
+            out.append(self._result(i[finite], s[finite]))
+        return out
+
+    # ------------------------------------------------------------------------- DataFrame contract
+    def predict_frame(self, df: pd.DataFrame) -> pd.DataFrame:
+        """The registry's DataFrame contract.
+
+        Input: a ``history`` column (each value a list/array of item id strings, most recent last)
+        and an optional ``k`` column (positive ints; missing = the package's default). Output: one row
+        per input row (same index) with ``item_ids`` (list[str]) and ``scores`` (list[float]).
+        Invalid rows raise one ValueError listing the problems, each naming its row (0-based position).
+        """
+        if not isinstance(df, pd.DataFrame):
+            raise ValueError(f"expected a pandas DataFrame with a 'history' column, got {type(df).__name__}")
+        if "history" not in df.columns:
+            raise ValueError(f"input must have a 'history' column (lists of item id strings); "
+                             f"got columns {list(map(str, df.columns))}")
+        histories, ks, problems = [], [], []
+        k_values = df["k"].tolist() if "k" in df.columns else [None] * len(df)
+        for row, (history, k) in enumerate(zip(df["history"].tolist(), k_values)):
+            items, problem = _as_history(history)
+            if problem:
+                problems.append(f"row {row}: {problem}")
+            histories.append(items)
+            if k is None or (isinstance(k, float) and math.isnan(k)):
+                ks.append(self.default_k)
+                continue
+            try:
+                ks.append(self.check_k(k))
+            except ValueError as err:
+                problems.append(f"row {row}: {err}")
+        if problems:
+            shown = problems[:_MAX_REPORTED_PROBLEMS]
+            if len(problems) > len(shown):
+                shown.append(f"... and {len(problems) - len(shown)} more problems")
+            raise ValueError("invalid input: " + "; ".join(shown))
+        results = self.recommend(histories, ks)
+        return pd.DataFrame({"item_ids": [r["item_ids"] for r in results],
+                             "scores": [r["scores"] for r in results]}, index=df.index)
+
+
+def _as_history(value: Any) -> tuple[list[str], str | None]:
+    """A history value as a list of strings, or a description of what is wrong with it."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        return [], f"history must be a list of item id strings, got {type(value).__name__}"
+    for pos, item in enumerate(value):
+        if not isinstance(item, str):
+            return [], f"history[{pos}] must be an item id string, got {type(item).__name__} ({item!r})"
+    return list(value), None

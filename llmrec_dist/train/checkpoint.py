@@ -1,0 +1,58 @@
+"""Checkpoint folders: what a training run saves each epoch and what a model package is built from.
+
+Layout of one checkpoint folder:
+  model.safetensors       weights of this epoch (unwrapped module)
+  best_model.safetensors  best weights so far by the validation metric (what gets evaluated/registered)
+  model.json              {"model": ModelConfig fields, "num_items": N, "dataset_hash": ...}
+  state.pt                optimiser, scheduler, epoch, best metric, history, RNG (tensors and plain types
+                          only: loaded with torch.load(weights_only=True))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+MODEL_FILE = "model.safetensors"
+BEST_FILE = "best_model.safetensors"
+MODEL_META = "model.json"
+STATE_FILE = "state.pt"
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(state, str(path))
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    model.load_state_dict(read_weights(path))
+
+
+def write_checkpoint(folder: Path, *, weights: dict, best_weights: dict, meta: dict,
+                     state: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(weights, folder / MODEL_FILE)
+    save_weights(best_weights, folder / BEST_FILE)
+    (folder / MODEL_META).write_text(json.dumps(meta, indent=2))
+    torch.save(state, folder / STATE_FILE)
+    return folder
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def read_meta(folder: Path) -> dict:
+    return json.loads((Path(folder) / MODEL_META).read_text())

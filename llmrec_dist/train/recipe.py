@@ -1,0 +1,213 @@
+"""The per-worker training recipe: setup → epochs (train, validate, checkpoint + report) → test → cleanup.
+
+Runs inside every Ray Train worker. The distributed boundary is this file: rank and world size from
+``ray.train.get_context()``, DDP via ``ray.train.torch.prepare_model``, the data shard via
+``ray.train.get_dataset_shard``, metric all-reduces inside :func:`llmrec_dist.evaluation.evaluate`, and
+``ray.train.report`` once per epoch on every rank. Only rank 0 writes checkpoint files or talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from llmrec_dist.batching import next_item_batch
+from llmrec_dist.config import Config, config_from_dict
+from llmrec_dist.data.layout import num_items as manifest_num_items
+from llmrec_dist.data.layout import read_manifest
+from llmrec_dist.evaluation import evaluate, load_eval_rows
+from llmrec_dist.model import build_model, count_parameters
+from llmrec_dist.tracking import RunLogger
+from llmrec_dist.train import checkpoint as ckpt
+from llmrec_dist.train.optim import build_optimizer, build_scheduler
+
+
+class NextItemCollate(NumpyBatchCollateFn):
+    """Ray Data collate: rows of the train split → left-padded (inputs, targets) tensors."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+
+    def __call__(self, batch):
+        return next_item_batch(batch["items"], self.max_len)
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)  # sync point: every rank passes here once per epoch
+    return t.tolist()
+
+
+def _steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
+    rows_per_worker = train_users // world_size  # Ray Data's equal split drops the remainder
+    micro_batches = math.ceil(rows_per_worker / cfg.per_worker_batch_size())
+    return max(1, math.ceil(micro_batches / cfg.train.grad_accum))
+
+
+def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, amp) -> dict[str, float]:
+    """One pass over this worker's shard; returns summed loss/positions/sequences for all-reduce."""
+    model.train()
+    loss_sum = positions = sequences = 0.0
+    micro = 0
+    optimizer.zero_grad(set_to_none=True)
+    for seq, targets in batches:
+        seq, targets = seq.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        micro += 1
+        step_now = micro % cfg.train.grad_accum == 0
+        # Gradients are all-reduced only on the micro-batch that steps the optimiser.
+        sync = nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
+        with sync, amp():
+            out = model(seq, targets)
+            (out["loss"] / cfg.train.grad_accum).backward()
+        if step_now:
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        n = out["positions"].item()
+        loss_sum += out["loss"].item() * n
+        positions += n
+        sequences += len(seq)
+    if micro % cfg.train.grad_accum:  # a last, partial accumulation still updates the model
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"loss_sum": loss_sum, "positions": positions, "sequences": sequences}
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    # ---------------------------------------------------------------- setup
+    cfg = config_from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    use_amp = cfg.scaling.use_gpu and device.type == "cuda"
+    amp = partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=use_amp)
+    log = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
+
+    manifest = read_manifest(cfg.data.path)
+    n_items = manifest_num_items(manifest)
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+    random.seed(cfg.train.seed)
+    model = build_model(cfg.model, n_items)
+    meta = {"model": cfg.to_dict()["model"], "num_items": n_items, "dataset_hash": manifest["content_hash"]}
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    core = model.module if hasattr(model, "module") else model
+    optimizer = build_optimizer(core, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, _steps_per_epoch(cfg, manifest["counts"]["users"], world))
+
+    valid_rows = load_eval_rows(cfg.data.path, "valid", rank, world)
+    test_rows = load_eval_rows(cfg.data.path, "test", rank, world)
+    train_shard = ray.train.get_dataset_shard("train")
+    selection = cfg.selection_metric()
+
+    # ---------------------------------------------------------------- resume
+    start_epoch, best_value, best_epoch, stale = 0, -math.inf, -1, 0
+    best_weights, history = ckpt.cpu_state_dict(core), []
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as folder:
+            folder = Path(folder)
+            state = ckpt.read_state(folder)
+            ckpt.load_weights(core, folder / ckpt.MODEL_FILE)
+            best_weights = ckpt.read_weights(folder / ckpt.BEST_FILE)
+        if state.get("finished"):
+            return state["result"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best_value, best_epoch = state["epoch"] + 1, state["best_value"], state["best_epoch"]
+        stale, history = state["stale"], state["history"]
+        # Epochs reported before a failure but not yet in MLflow are logged now, none twice.
+        logged = log.logged_steps(selection)
+        for row in history:
+            if row["epoch"] not in logged:
+                log.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+    elif rank == 0:
+        log.params({**cfg.flat(), **count_parameters(core), "dataset.content_hash": manifest["content_hash"]})
+        log.yaml(cfg.to_dict(), "config.yaml")
+        log.yaml(manifest, "dataset_manifest.yaml")
+
+    # ---------------------------------------------------------------- epochs
+    for epoch in range(start_epoch, cfg.train.epochs):
+        t0 = time.perf_counter()
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.per_worker_batch_size(),
+            collate_fn=NextItemCollate(cfg.model.max_len),
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.train.seed * 1000 + epoch * world + rank if cfg.data.shuffle_buffer else None,
+        )
+        stats = train_one_epoch(model, batches, optimizer, scheduler, cfg, device, amp)
+        train_seconds = time.perf_counter() - t0
+        loss_sum, positions, sequences = _all_reduce_sum(
+            [stats["loss_sum"], stats["positions"], stats["sequences"]], device)
+
+        valid = evaluate(core, valid_rows, n_items, cfg.eval, cfg.model.max_len, device, prefix="valid_")
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(positions, 1),
+            "sequences_per_s": sequences / train_seconds,
+            "epoch_seconds": time.perf_counter() - t0,
+            "train_seconds": train_seconds,
+            "lr": scheduler.get_last_lr()[0],
+            **valid,
+        }
+        if metrics[selection] > best_value:
+            best_value, best_epoch, stale = metrics[selection], epoch, 0
+            best_weights = ckpt.cpu_state_dict(core)
+        else:
+            stale += 1
+        history.append(metrics)
+        stop = cfg.train.patience > 0 and stale >= cfg.train.patience
+
+        # Checkpoint + report: every rank reports (a barrier); only rank 0 attaches files.
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                ckpt.write_checkpoint(Path(tmp), weights=ckpt.cpu_state_dict(core), best_weights=best_weights,
+                                      meta=meta, state={
+                                          "epoch": epoch, "best_value": best_value, "best_epoch": best_epoch,
+                                          "stale": stale, "history": history,
+                                          "optimizer": optimizer.state_dict(),
+                                          "scheduler": scheduler.state_dict(),
+                                          "torch_rng": torch.get_rng_state()})
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({**metrics, "best_epoch": best_epoch}, checkpoint=checkpoint)
+        log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if stop:
+            break
+
+    # ---------------------------------------------------------------- test on the best weights
+    core.load_state_dict(best_weights)
+    best_row = next(row for row in history if row["epoch"] == best_epoch)
+    best_valid = {k: v for k, v in best_row.items() if k.startswith("valid_")}
+    test = evaluate(core, test_rows, n_items, cfg.eval, cfg.model.max_len, device, prefix="test_")
+    result = {**best_valid, **test, "best_epoch": best_epoch, "epochs_run": len(history)}
+    log.metrics({f"best_{k}": v for k, v in best_valid.items()} | test, step=best_epoch)
+
+    # The final checkpoint holds the best weights as its model and marks the run finished, so a
+    # restarted worker group returns at once instead of training again.
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            ckpt.write_checkpoint(Path(tmp), weights=best_weights, best_weights=best_weights, meta=meta,
+                                  state={"finished": True, "result": result, "history": history})
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({**result, "final": 1}, checkpoint=checkpoint)
+    return result

@@ -1,0 +1,106 @@
+"""Config validation, overrides, and every shipped config."""
+
+from pathlib import Path
+
+import pytest
+
+from llmrec_dist.config import ConfigError, config_from_dict, describe, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    text = path.read_text()
+    assert text.startswith("#") and "llmrec-dist" in text.splitlines()[0] + text.splitlines()[1], \
+        "each config starts with a comment showing the command that runs it"
+    cfg = load_config(path, ["data.path=/some/dataset"])
+    assert cfg.data.path == "/some/dataset"
+
+
+def test_shipped_configs_exist():
+    assert any(p.name == "quickstart.yaml" for p in SHIPPED)
+
+
+def test_all_problems_reported_at_once_with_dotted_keys():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"train": {"lr": "fast", "epochz": 3}, "model": {"backbone": "rnn"},
+                          "scaling": {"num_workers": 0}, "evaluation": {}})
+    problems = err.value.problems
+    assert "train.lr: expected a number; got 'fast'" in problems
+    assert any(p.startswith("train.epochz: unknown key (did you mean train.epochs?)") for p in problems)
+    assert any(p.startswith("model.backbone: expected one of 'causal'; got 'rnn'") for p in problems)
+    assert "scaling.num_workers: must be > 0; got 0" in problems
+    assert any(p.startswith("evaluation: unknown key (did you mean eval?)") for p in problems)
+    assert "data.path: required (a folder written by `llmrec-dist prepare`)" in problems
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"data": {"path": "x"}, "model": {"hidden_size": 10, "num_heads": 3},
+                          "train": {"batch_size": 5}, "eval": {"metric": "ndcg_at_50"}})
+    text = str(err.value)
+    assert "model.num_heads: must divide model.hidden_size (10); got 3" in text
+    assert "train.batch_size: must be a multiple of scaling.num_workers x train.grad_accum (2); got 5" in text
+    assert "eval.metric: expected one of" in text and "got 'ndcg_at_50'" in text
+
+
+def test_types_are_strict():
+    with pytest.raises(ConfigError, match=r"train.epochs: expected an integer; got 2.5"):
+        config_from_dict({"data": {"path": "x"}, "train": {"epochs": 2.5}})
+    with pytest.raises(ConfigError, match=r"eval.exclude_seen: expected true/false; got 'yes please'"):
+        config_from_dict({"data": {"path": "x"}, "eval": {"exclude_seen": "yes please"}})
+    with pytest.raises(ConfigError, match=r"train: expected a mapping"):
+        config_from_dict({"data": {"path": "x"}, "train": [1, 2]})
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("train.lr=3e-4", (["train", "lr"], 3e-4)),
+    ("scaling.num_workers=2", (["scaling", "num_workers"], 2)),
+    ("eval.ks=[1,5]", (["eval", "ks"], [1, 5])),
+    ("eval.exclude_seen=false", (["eval", "exclude_seen"], False)),
+    ("mlflow.registered_model=", (["mlflow", "registered_model"], "")),
+    ("data.path=/a=b", (["data", "path"], "/a=b")),
+])
+def test_parse_override(text, expected):
+    assert parse_override(text) == expected
+
+
+@pytest.mark.parametrize("text", ["train.lr", "lr=3", "a.b.c=1"])
+def test_bad_overrides(text):
+    with pytest.raises(ConfigError):
+        parse_override(text)
+
+
+def test_overrides_win_and_are_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("# llmrec-dist train --config c.yaml\ndata:\n  path: d\ntrain:\n  lr: 1.0e-3\n")
+    cfg = load_config(path, ["train.lr=5e-4", "scaling.num_workers=1", "train.batch_size=3"])
+    assert (cfg.train.lr, cfg.scaling.num_workers, cfg.per_worker_batch_size()) == (5e-4, 1, 3)
+    with pytest.raises(ConfigError, match="train.lrr: unknown key"):
+        load_config(path, ["train.lrr=1"])
+
+
+def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {path: d}\ntrain: {lr: 3e-4}\n")
+    assert load_config(path).train.lr == 3e-4
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_flat_params_and_describe():
+    cfg = config_from_dict({"data": {"path": "d"}})
+    flat = cfg.flat()
+    assert flat["train.lr"] == cfg.train.lr and flat["eval.ks"] == [5, 10, 20]
+    text = describe()
+    for key in ("data.path", "model.max_len", "train.lr", "scaling.num_workers", "mlflow.registered_model"):
+        assert key in text
