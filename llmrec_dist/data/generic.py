@@ -26,6 +26,8 @@ from llmrec_dist.data.layout import sha256_file
 
 CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+# Column added to raw tables with the row number used in messages (named to avoid clashes with data).
+ROW = "__row__"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,10 +44,10 @@ def read_delimited(
     encoding: str = "utf-8",
     quoted: bool = True,
 ) -> pd.DataFrame:
-    """Parse delimited text into string columns, keeping a ``row`` column for error messages.
+    """Parse delimited text into string columns, keeping a ``ROW`` column for error messages.
 
-    With ``names`` the text has no header and ``row`` is the line number; without, the first
-    line is the header and ``row`` is the 1-based data row. Blank lines are skipped (but still
+    With ``names`` the text has no header and ``ROW`` is the line number; without, the first
+    line is the header and ``ROW`` is the 1-based data row. Blank lines are skipped (but still
     counted). A line with too many fields raises ``PrepareError`` at that line; missing fields
     come back as empty strings, for the caller's column checks to report.
     """
@@ -83,9 +85,9 @@ def read_delimited(
         raise PrepareError(display, None, f"cannot parse: {err}") from err
     except pd.errors.EmptyDataError as err:
         raise PrepareError(display, None, "file is empty") from err
-    frame["row"] = np.arange(1, len(frame) + 1, dtype=np.int64)
+    frame[ROW] = np.arange(1, len(frame) + 1, dtype=np.int64)
     if len(frame.columns) > 1:
-        blank = (frame.drop(columns="row") == "").all(axis=1)
+        blank = (frame.drop(columns=ROW) == "").all(axis=1)
         if blank.any():
             frame = frame[~blank.to_numpy()].reset_index(drop=True)
     return frame
@@ -95,7 +97,7 @@ def require_columns(frame: pd.DataFrame, display: str, columns: Sequence[str]) -
     """``PrepareError`` naming the file, every missing column and the columns that exist."""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        found = [c for c in frame.columns if c != "row"]
+        found = [c for c in frame.columns if c != ROW]
         raise PrepareError(
             display,
             None,
@@ -115,7 +117,7 @@ def normalise_ids(frame: pd.DataFrame, column: str, display: str, what: str) -> 
         raise PrepareError(display, None, f"column {column!r} holds booleans, not {what} ids")
     null = values.isna().to_numpy()
     if null.any():
-        raise PrepareError(display, _first_bad(null, frame["row"]), f"empty {what} id in column {column!r}")
+        raise PrepareError(display, _first_bad(null, frame[ROW]), f"empty {what} id in column {column!r}")
     if pd.api.types.is_float_dtype(values.dtype):
         as_int = values.astype(np.int64)
         integral = (as_int == values).to_numpy()
@@ -128,7 +130,7 @@ def normalise_ids(frame: pd.DataFrame, column: str, display: str, what: str) -> 
         values = values.astype(str).str.strip()
     empty = (values == "").to_numpy()
     if empty.any():
-        raise PrepareError(display, _first_bad(empty, frame["row"]), f"empty {what} id in column {column!r}")
+        raise PrepareError(display, _first_bad(empty, frame[ROW]), f"empty {what} id in column {column!r}")
     return values.astype(object)
 
 
@@ -141,7 +143,7 @@ def parse_order_key(frame: pd.DataFrame, column: str, display: str) -> np.ndarra
     the row, the column and the value.
     """
     values = frame[column]
-    rows = frame["row"]
+    rows = frame[ROW]
     if pd.api.types.is_datetime64_any_dtype(values.dtype):
         bad = values.isna().to_numpy()
         if bad.any():
@@ -236,7 +238,7 @@ def _read_table_file(path: Path, columns: Sequence[str]) -> pd.DataFrame:
         require_columns(frame, display, columns)
         table = pq.read_table(path, columns=list(dict.fromkeys(columns)))
         frame = table.to_pandas(types_mapper=None)
-        frame["row"] = np.arange(1, len(frame) + 1, dtype=np.int64)
+        frame[ROW] = np.arange(1, len(frame) + 1, dtype=np.int64)
         return frame
     if suffix in CSV_SUFFIXES:
         frame = read_delimited(path.read_bytes(), display, sep="\t" if suffix == ".tsv" else ",")
@@ -290,7 +292,7 @@ def read_generic(
                 if time_col
                 else np.arange(len(raw), dtype=np.int64)
             ),
-            "row": raw["row"].to_numpy(),
+            "row": raw[ROW].to_numpy(),
         }
     )
 
@@ -300,7 +302,7 @@ def read_generic(
         {
             "item_id": normalise_ids(raw_items, item_id_col, items_display, "item"),
             "text": build_text(raw_items, text_cols),
-            "row": raw_items["row"].to_numpy(),
+            "row": raw_items[ROW].to_numpy(),
         }
     )
     check_unique_items(items_frame, items_display, item_id_col)

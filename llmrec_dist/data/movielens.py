@@ -31,6 +31,7 @@ import pandas as pd
 from llmrec_dist.data.errors import PrepareError
 from llmrec_dist.data.layout import sha256_file
 from llmrec_dist.data.generic import (
+    ROW,
     check_items_known,
     check_unique_items,
     normalise_ids,
@@ -151,7 +152,7 @@ def _interactions(raw: pd.DataFrame, display: str, user: str, item: str, time: s
             "user_id": normalise_ids(raw, user, display, "user"),
             "item_id": normalise_ids(raw, item, display, "item"),
             "order_key": parse_order_key(raw, time, display) if time else np.arange(len(raw), dtype=np.int64),
-            "row": raw["row"].to_numpy(),
+            "row": raw[ROW].to_numpy(),
         }
     )
 
@@ -188,7 +189,7 @@ def _movies_dat(reader: _Reader) -> pd.DataFrame:
     )
     ids = normalise_ids(raw, "MovieID", display, "movie")
     texts = [movie_text(t, g) for t, g in zip(raw["Title"], _split_genres(raw["Genres"]))]
-    return _items(ids, texts, raw["row"].to_numpy(), display, "MovieID")
+    return _items(ids, texts, raw[ROW].to_numpy(), display, "MovieID")
 
 
 def _read_ml1m(reader: _Reader) -> tuple[pd.DataFrame, pd.DataFrame, str]:
@@ -238,7 +239,7 @@ def _read_ml100k(reader: _Reader) -> tuple[pd.DataFrame, pd.DataFrame, str]:
         for title, row in zip(raw_items["movie title"], flags)
     ]
     ids = normalise_ids(raw_items, "movie id", item_display, "movie")
-    return interactions, _items(ids, texts, raw_items["row"].to_numpy(), item_display, "movie id"), display
+    return interactions, _items(ids, texts, raw_items[ROW].to_numpy(), item_display, "movie id"), display
 
 
 def _top_tags(reader: _Reader) -> dict[str, list[str]]:
@@ -279,7 +280,7 @@ def _read_ml_latest(reader: _Reader) -> tuple[pd.DataFrame, pd.DataFrame, str]:
         movie_text(title, genres, tags.get(movie))
         for movie, title, genres in zip(ids, movies["title"], _split_genres(movies["genres"]))
     ]
-    return interactions, _items(ids, texts, movies["row"].to_numpy(), movie_display, "movieId"), display
+    return interactions, _items(ids, texts, movies[ROW].to_numpy(), movie_display, "movieId"), display
 
 
 _READERS = {

@@ -127,6 +127,7 @@ def log_model_package(package_dir: str | Path, tracking_uri: str, run_id: str, n
         # only Model.log takes an explicit run_id, which logs into an existing run without
         # start_run/end_run (end_run would mark the driver's still-running run FINISHED).
         info = mlflow.models.Model.log(
+            artifact_path=None,  # deprecated in favour of name, but still positional in Model.log
             name=name,
             flavor=mlflow.pyfunc,
             run_id=run_id,
