@@ -204,11 +204,11 @@ def test_batch_equals_one_by_one(rec):
     histories = [ids(*rng.integers(1, NUM_ITEMS + 1, size=n)) for n in (1, 3, 7, 20, 24, 2, 11, 5)]
     histories += [[], ["nope", item_id(4)]]
     ks = [int(k) for k in rng.integers(1, 12, size=len(histories))]
-    rec.batch_size = 3  # several forward passes, differently padded
+    default_batch, rec.batch_size = rec.batch_size, 3  # several forward passes, differently padded
     try:
         batched = recommend_quietly(rec, histories, ks)
     finally:
-        rec.batch_size = 256
+        rec.batch_size = default_batch
     single = [recommend_quietly(rec, [h], k)[0] for h, k in zip(histories, ks)]
     for b, s in zip(batched, single):
         assert b["item_ids"] == s["item_ids"]

@@ -73,16 +73,15 @@ def run(args) -> int:
 
     from llmrec_dist.tracking import resolve_tracking_uri
 
+    from mlflow.exceptions import MlflowException
+
     history = parse_history(args.history)
     try:
-        from mlflow.exceptions import MlflowException
-
-        errors: tuple[type[BaseException], ...] = (ValueError, OSError, MlflowException)
         if args.k <= 0:
             raise ValueError(f"-k must be a positive integer, got {args.k}")
         predict, text_of = load(args.model, resolve_tracking_uri(args.tracking_uri))
         out = predict(pd.DataFrame({"history": [history], "k": [args.k]}))
-    except errors as err:
+    except (ValueError, OSError, MlflowException) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"llmrec-dist recommend: {message}", file=sys.stderr)
         return 2

@@ -1,16 +1,19 @@
 """The MLflow pyfunc wrapper of a model package, and logging it into an existing run.
 
-The logged model holds the package folder as the artifact ``package`` and a pickled
-:class:`RecommenderPyfunc` that has no state of its own: weights and items are loaded in
-``load_context``, so no torch model is ever pickled. The class is pickled *by reference*, so whoever
-loads the model needs ``llmrec_dist`` importable (``pip install llmrec_dist``; it brings torch,
-safetensors, pandas and pyarrow), exactly like any library-backed MLflow flavour.
+The logged model holds the package folder as the artifact ``package`` and, instead of a pickle, a
+three-line "models from code" script that builds a :class:`RecommenderPyfunc` (no state of its own:
+weights and items are loaded in ``load_context``). Nothing is unpickled at load time, and no torch
+model can end up pickled. Whoever loads the model needs ``llmrec_dist`` importable
+(``pip install llmrec_dist``; it brings torch, safetensors, pandas and pyarrow), exactly like any
+library-backed MLflow flavour.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,7 +52,8 @@ def pip_requirements() -> list[str]:
 class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
     """``predict(DataFrame[history, k?]) -> DataFrame[item_ids, scores]`` over a model package.
 
-    Holds nothing until ``load_context``; the pickle MLflow writes is only a class reference.
+    Holds nothing until ``load_context`` (and pickles to nothing even after it), so logging it can
+    never store a torch model.
     """
 
     def __init__(self):
@@ -108,21 +112,47 @@ def use_tracking_uri(uri: str) -> Iterator[None]:
             os.environ[_TRACKING_ENV] = previous_env
 
 
+# MLflow "models from code": this file is stored with the model and executed at load time, so
+# nothing is unpickled (the PythonModel is built by importing llmrec_dist, which must be installed).
+_MODEL_CODE = """\
+# Entry point of an llmrec_dist recommender logged with MLflow "models from code".
+# Needs `pip install llmrec_dist`; the weights and items are in the artifact "package".
+import mlflow
+
+from llmrec_dist.registry.pyfunc import RecommenderPyfunc
+
+mlflow.models.set_model(RecommenderPyfunc())
+"""
+MODEL_CODE_FILE = "llmrec_recommender.py"
+
+
 def log_model_package(package_dir: str | Path, tracking_uri: str, run_id: str, name: str = "model") -> str:
     """Log ``package_dir`` as a pyfunc model into the EXISTING run ``run_id``; returns the model URI.
 
-    The run's status is left alone (no fluent ``start_run``/``end_run``): the driver that created
-    the run ends it. The returned URI is the logged model's ``models:/<model_id>``, which
-    :func:`llmrec_dist.registry.promotion.register_and_promote` and ``mlflow.pyfunc.load_model``
-    accept.
+    The logged model belongs to the run's experiment and is linked to the run (``runs:/<run_id>/<name>``
+    resolves to it); it carries the run's params. The run's status is left alone (no fluent
+    ``start_run``/``end_run``): the driver that created the run ends it. The returned URI is the
+    logged model's ``models:/<model_id>``, which :func:`llmrec_dist.registry.promotion.register_and_promote`
+    and ``mlflow.pyfunc.load_model`` accept.
     """
     from llmrec_dist.registry.recommender import PACKAGE_FILES
+    from llmrec_dist.tracking import client
 
     package_dir = Path(package_dir)
     missing = [f for f in PACKAGE_FILES if not (package_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{str(package_dir)!r} is not a model package: it lacks {', '.join(missing)}")
-    with use_tracking_uri(tracking_uri):
+    c = client(tracking_uri)
+    run = c.get_run(run_id)
+    # Created here because MLflow would otherwise file it under the *active* (default) experiment
+    # rather than the run's, and `runs:/<run_id>/<name>` would not find it.
+    logged = c.create_logged_model(experiment_id=run.info.experiment_id, name=name, source_run_id=run_id,
+                                   params={k: str(v) for k, v in run.data.params.items()})
+    with tempfile.TemporaryDirectory() as tmp, use_tracking_uri(tracking_uri), warnings.catch_warnings():
+        code = Path(tmp) / MODEL_CODE_FILE
+        code.write_text(_MODEL_CODE)
+        # The signature is explicit; an input example would make MLflow load and run the model.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
         # mlflow.pyfunc.log_model(name=...) is a thin wrapper over Model.log(flavor=mlflow.pyfunc);
         # only Model.log takes an explicit run_id, which logs into an existing run without
         # start_run/end_run (end_run would mark the driver's still-running run FINISHED).
@@ -131,10 +161,11 @@ def log_model_package(package_dir: str | Path, tracking_uri: str, run_id: str, n
             name=name,
             flavor=mlflow.pyfunc,
             run_id=run_id,
-            python_model=RecommenderPyfunc(),
+            model_id=logged.model_id,
+            python_model=str(code),
             artifacts={"package": str(package_dir)},
             signature=model_signature(),  # explicit: otherwise MLflow runs predict to infer one
             pip_requirements=pip_requirements(),
-            flavor_name="pyfunc.CustomPythonModel",  # what mlflow.pyfunc.log_model records
+            flavor_name="pyfunc.ModelFromCode",  # what mlflow.pyfunc.log_model records
         )
     return info.model_uri

@@ -44,6 +44,7 @@ PACKAGE_FILES = (WEIGHTS_FILE, MODEL_META_FILE, ITEMS_FILE, MANIFEST_FILE, RECOM
 
 _MAX_NAMED_UNKNOWN = 5
 _MAX_REPORTED_PROBLEMS = 10
+_SCORE_BUDGET = 1 << 26  # float32 scores held at once (256 MB)
 
 
 class UnknownItemWarning(UserWarning):
@@ -55,8 +56,12 @@ class Recommender:
 
     def __init__(self, model: SequenceRecommender, item_ids: Sequence[str], texts: Sequence[str],
                  popularity: np.ndarray, *, exclude_seen: bool = True, default_k: int = 10,
-                 dataset_hash: str = "", batch_size: int = 256):
-        """``item_ids[i]``, ``texts[i]``, ``popularity[i]`` describe item_idx ``i + 1`` (0 is padding)."""
+                 dataset_hash: str = "", batch_size: int | None = None):
+        """``item_ids[i]``, ``texts[i]``, ``popularity[i]`` describe item_idx ``i + 1`` (0 is padding).
+
+        ``batch_size``: users per forward pass; default keeps the [users, catalogue] score matrix
+        near 256 MB (256 users for catalogues up to ~260k items).
+        """
         if len(item_ids) != len(texts) or len(item_ids) != len(popularity):
             raise ValueError("item_ids, texts and popularity must have one entry per item")
         self.model = model.eval().to("cpu")
@@ -71,7 +76,7 @@ class Recommender:
         self.exclude_seen = bool(exclude_seen)
         self.default_k = int(default_k)
         self.dataset_hash = dataset_hash
-        self.batch_size = batch_size
+        self.batch_size = batch_size or max(1, min(256, _SCORE_BUDGET // (len(self.item_ids) + 1)))
         self.max_len = model.max_len
 
     # ------------------------------------------------------------------------------------ loading
@@ -137,6 +142,9 @@ class Recommender:
         (list[float], descending), ``texts`` (list[str]). With ``exclude_seen`` a user may get fewer
         than k items when the history covers nearly the whole catalogue.
         """
+        return self._recommend(histories, k, warn_stacklevel=3)
+
+    def _recommend(self, histories, k, warn_stacklevel: int) -> list[dict]:
         if isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence):
             raise ValueError("histories must be a list of histories (each a list of item id strings)")
         ks = self._per_user_k(k, len(histories))
@@ -149,7 +157,8 @@ class Recommender:
             named = ", ".join(repr(u) for u in list(dict.fromkeys(unknown))[:_MAX_NAMED_UNKNOWN])
             more = len(set(unknown)) - min(len(set(unknown)), _MAX_NAMED_UNKNOWN)
             warnings.warn(f"skipped {len(unknown)} unknown item id(s) not in the model's catalogue: "
-                          f"{named}{f' and {more} more' if more else ''}", UnknownItemWarning, stacklevel=2)
+                          f"{named}{f' and {more} more' if more else ''}", UnknownItemWarning,
+                          stacklevel=warn_stacklevel)
 
         results: list[dict | None] = [None] * len(histories)
         to_score = [i for i, rows in enumerate(known) if rows]
@@ -243,7 +252,7 @@ class Recommender:
             if len(problems) > len(shown):
                 shown.append(f"... and {len(problems) - len(shown)} more problems")
             raise ValueError("invalid input: " + "; ".join(shown))
-        results = self.recommend(histories, ks)
+        results = self._recommend(histories, ks, warn_stacklevel=3)
         return pd.DataFrame({"item_ids": [r["item_ids"] for r in results],
                              "scores": [r["scores"] for r in results]}, index=df.index)
 

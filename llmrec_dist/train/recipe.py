@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import resource
 import tempfile
 import time
 from contextlib import nullcontext
@@ -49,6 +50,14 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)  # sync point: every rank passes here once per epoch
     return t.tolist()
+
+
+def _peak_rss_mb_max(device) -> float:
+    """The largest peak resident memory of any worker process so far, in MiB."""
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item()
 
 
 def _steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
@@ -166,6 +175,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             "epoch_seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
             "lr": scheduler.get_last_lr()[0],
+            "peak_rss_mb": _peak_rss_mb_max(device),
             **valid,
         }
         if metrics[selection] > best_value:
