@@ -68,7 +68,7 @@ class SequenceRecommender(nn.Module):
         self.input_scale = math.sqrt(hidden)
         config = GPT2Config(
             vocab_size=1, n_positions=max_len, n_embd=hidden, n_layer=num_layers, n_head=num_heads,
-            n_inner=4 * hidden, activation_function="gelu_new", resid_pdrop=dropout, embd_pdrop=dropout,
+            n_inner=4 * hidden, activation_function="gelu", resid_pdrop=dropout, embd_pdrop=dropout,
             attn_pdrop=dropout, bos_token_id=None, eos_token_id=None, pad_token_id=None,
         )
         self.encoder = GPT2Model(config)

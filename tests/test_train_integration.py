@@ -69,7 +69,7 @@ def test_checkpoints_hold_resumable_state(trained):
         assert (final / name).is_file(), name
     state = ckpt.read_state(final)
     assert state["finished"] and [row["epoch"] for row in state["history"]] == [0, 1]
-    per_epoch = [p for p in final.parent.glob("checkpoint_*") if p != final]
+    per_epoch = [p for p in final.parent.glob("checkpoint_*") if p.is_dir() and p != final]
     assert per_epoch, "per-epoch checkpoints were kept"
     epoch_state = ckpt.read_state(sorted(per_epoch)[-1])
     assert {"optimizer", "scheduler", "torch_rng", "epoch"} <= set(epoch_state)
