@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,3 +44,20 @@ def eval_batch(histories: Sequence[Sequence[int]], targets: Sequence[int], max_l
     if exclude_seen:
         out["history"] = torch.from_numpy(left_pad(histories, max(len(h) for h in histories) or 1))
     return out
+
+
+def length_bucketed(chunks: Iterable[Sequence[Sequence[int]]], batch_size: int, max_len: int,
+                    rng: np.random.Generator) -> Iterator[list]:
+    """Cut each chunk of rows into batches of rows with similar (truncated) lengths, in random order.
+
+    A chunk of ``k * batch_size`` shuffled rows becomes ``k`` batches, so padding is set by rows of
+    similar length instead of by the longest row of a random batch. Every row is used exactly once and
+    the number of batches per chunk is ``ceil(len(chunk) / batch_size)``, so DDP workers with equal
+    shards take equal numbers of steps.
+    """
+    for chunk in chunks:
+        lengths = np.fromiter((min(len(r), max_len + 1) for r in chunk), dtype=np.int64, count=len(chunk))
+        order = np.argsort(lengths, kind="stable")
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        for j in rng.permutation(len(batches)):
+            yield [chunk[i] for i in batches[j]]

@@ -45,6 +45,9 @@ class DataConfig:
                                  "of re-reading the Parquet shards every epoch (good for datasets that fit).")
     shuffle_buffer: int = _f(2048, "Rows in each worker's local shuffle buffer (0 = no shuffling).",
                              check=_non_negative)
+    length_buckets: int = _f(8, "Draw this many batches at a time, sort them by sequence length and "
+                                "cut them into batches of similar lengths (less padding); the batch order "
+                                "is shuffled again. 1 = off.", check=_positive)
     verify_hash: bool = _f(True, "Recompute the dataset's content hash on the driver and refuse a mismatch.")
 
 

@@ -2,10 +2,11 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
-from llmrec_dist.batching import eval_batch, left_pad, next_item_batch
+from llmrec_dist.batching import eval_batch, left_pad, length_bucketed, next_item_batch
 from llmrec_dist.config import ModelConfig
 from llmrec_dist.model import build_model, count_parameters
 
@@ -31,6 +32,20 @@ def test_eval_batch_masks_the_full_history_but_feeds_max_len():
     b = eval_batch([[1, 2, 3, 4]], [5], max_len=2, exclude_seen=True)
     assert b["seq"].tolist() == [[3, 4]] and b["history"].tolist() == [[1, 2, 3, 4]]
     assert "history" not in eval_batch([[1]], [2], 2, exclude_seen=False)
+
+
+def test_length_buckets_use_every_row_once_and_cut_padding():
+    rng = np.random.default_rng(0)
+    rows = [list(range(1, 2 + n)) for n in rng.integers(1, 60, size=100)]
+    chunks = [rows[:64], rows[64:]]  # a chunk of 4 batches of 16 and a last, short chunk of 36 rows
+    batches = list(length_bucketed(chunks, batch_size=16, max_len=60, rng=np.random.default_rng(1)))
+    assert [len(b) for b in batches].count(16) == 6 and sorted(len(b) for b in batches)[0] == 4
+    assert sorted(map(tuple, (r for b in batches for r in b))) == sorted(map(tuple, rows))
+
+    def padded_cells(bs):
+        return sum(next_item_batch(b, 60)[0].numel() for b in bs)
+    plain = [rows[i:i + 16] for i in range(0, 100, 16)]
+    assert padded_cells(batches) < 0.8 * padded_cells(plain)
 
 
 def test_golden_loss_and_parameter_count():

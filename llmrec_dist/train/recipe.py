@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -24,7 +25,7 @@ import torch.distributed as dist
 
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from llmrec_dist.batching import next_item_batch
+from llmrec_dist.batching import length_bucketed, next_item_batch
 from llmrec_dist.config import Config, config_from_dict
 from llmrec_dist.data.layout import num_items as manifest_num_items
 from llmrec_dist.data.layout import read_manifest
@@ -64,6 +65,20 @@ def _steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
     rows_per_worker = train_users // world_size  # Ray Data's equal split drops the remainder
     micro_batches = math.ceil(rows_per_worker / cfg.per_worker_batch_size())
     return max(1, math.ceil(micro_batches / cfg.train.grad_accum))
+
+
+def epoch_batches(shard, cfg: Config, seed: int):
+    """This worker's (inputs, targets) batches for one epoch, streamed from its Ray Data shard."""
+    per_worker, shuffle = cfg.per_worker_batch_size(), cfg.data.shuffle_buffer or None
+    shuffle_seed = seed if shuffle else None
+    if cfg.data.length_buckets == 1:
+        return shard.iter_torch_batches(batch_size=per_worker, collate_fn=NextItemCollate(cfg.model.max_len),
+                                        local_shuffle_buffer_size=shuffle, local_shuffle_seed=shuffle_seed)
+    chunks = (batch["items"] for batch in shard.iter_batches(
+        batch_size=per_worker * cfg.data.length_buckets, batch_format="numpy",
+        local_shuffle_buffer_size=shuffle, local_shuffle_seed=shuffle_seed))
+    rows = length_bucketed(chunks, per_worker, cfg.model.max_len, np.random.default_rng(seed))
+    return (next_item_batch(batch, cfg.model.max_len) for batch in rows)
 
 
 def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, amp) -> dict[str, float]:
@@ -156,12 +171,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     # ---------------------------------------------------------------- epochs
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.per_worker_batch_size(),
-            collate_fn=NextItemCollate(cfg.model.max_len),
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.train.seed * 1000 + epoch * world + rank if cfg.data.shuffle_buffer else None,
-        )
+        batches = epoch_batches(train_shard, cfg, seed=cfg.train.seed * 1000 + epoch * world + rank)
         stats = train_one_epoch(model, batches, optimizer, scheduler, cfg, device, amp)
         train_seconds = time.perf_counter() - t0
         loss_sum, positions, sequences = _all_reduce_sum(
