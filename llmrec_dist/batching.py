@@ -61,3 +61,19 @@ def length_bucketed(chunks: Iterable[Sequence[Sequence[int]]], batch_size: int, 
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         for j in rng.permutation(len(batches)):
             yield [chunk[i] for i in batches[j]]
+
+
+def cloze_batch(sequences: Sequence[Sequence[int]], max_len: int, mask_ratio: float, mask_id: int,
+                rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT4Rec training pairs: the last ``max_len`` items with a ``mask_ratio`` share replaced by
+    ``mask_id`` (at least one per non-empty row); targets hold the original item at masked positions
+    and PAD elsewhere. Both are left-padded to the longest row."""
+    inputs = left_pad([np.asarray(s, dtype=np.int64) for s in sequences], max_len)
+    real = inputs != PAD
+    masked = real & (rng.random(inputs.shape) < mask_ratio)
+    # Rows where nothing was drawn mask their most recent item (the inference-time position).
+    empty = real.any(1) & ~masked.any(1)
+    masked[empty, -1] = True
+    targets = np.where(masked, inputs, PAD)
+    inputs = np.where(masked, mask_id, inputs)
+    return torch.from_numpy(inputs), torch.from_numpy(targets)

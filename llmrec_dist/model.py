@@ -1,8 +1,15 @@
 """Recommendation Transformers.
 
-``SequenceRecommender`` = an item representation (anything implementing :class:`ItemEncoder`) + a Hugging
-Face Transformer stack fed with ``inputs_embeds``. Scores are dot products between the sequence state and
-every item's vector; the input and output item vectors are the same (tied).
+``SequenceRecommender`` = an item representation (anything implementing :class:`ItemEncoder`: ID
+embeddings, or the language-model tower of :mod:`llmrec_dist.text_tower`) + a Hugging Face Transformer
+stack fed with ``inputs_embeds``: ``causal`` (SASRec: GPT-2 blocks, next-item targets at every position) or
+``bidirectional`` (BERT4Rec: BERT blocks, cloze targets at masked positions, a mask token appended at
+inference). Scores are dot products between the sequence state and item vectors; input and output item
+vectors are the same (tied).
+
+Losses: full softmax over the catalogue, or — when the item tower is a trainable LM and scoring the
+catalogue every step would be too costly — sampled softmax over the step's target items plus uniform
+negatives, with logQ correction; each distinct item of a step is represented once.
 
 Sequences are LEFT-padded with item 0 and positions are anchored at the most recent item (it always sits
 at position ``max_len - 1``), so a batch can be padded to its own longest row without changing outputs.
@@ -15,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2Config, GPT2Model
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 from llmrec_dist.config import ModelConfig
 
@@ -26,11 +33,18 @@ class ItemEncoder(nn.Module):
     """The item-representation interface the recommender depends on.
 
     ``lookup(ids)`` gives vectors for the items of a batch (any shape of ids, PAD included);
+    ``represent(ids)`` the vectors of distinct 1-D ids (what sampled softmax asks for);
     ``all_items()`` gives the ``[num_items + 1, hidden]`` table used to score the whole catalogue
-    (row 0 = padding, never recommended). A text tower implements the same two methods.
+    (row 0 = padding, never recommended). The LM tower (:mod:`llmrec_dist.text_tower`) implements the
+    same methods, so the training loop does not know which one it trains.
     """
 
     hidden_size: int
+    num_items: int
+
+    def represent(self, ids: torch.Tensor) -> torch.Tensor:
+        """Vectors [U, H] for 1-D ids; the default looks each id up."""
+        return self.lookup(ids)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -45,6 +59,7 @@ class IdItemEncoder(ItemEncoder):
     def __init__(self, num_items: int, hidden_size: int):
         super().__init__()
         self.hidden_size = hidden_size
+        self.num_items = num_items
         self.embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=PAD)
         nn.init.normal_(self.embedding.weight, std=hidden_size ** -0.5)
         with torch.no_grad():
@@ -57,71 +72,177 @@ class IdItemEncoder(ItemEncoder):
         return self.embedding.weight
 
 
-class SequenceRecommender(nn.Module):
-    """SASRec-style next-item model over a GPT-2 (causal, pre-LayerNorm) Transformer stack."""
-
-    def __init__(self, items: ItemEncoder, num_layers: int, num_heads: int, max_len: int, dropout: float):
-        super().__init__()
-        self.items = items
-        self.max_len = max_len
-        hidden = items.hidden_size
-        self.input_scale = math.sqrt(hidden)
+def build_backbone(kind: str, hidden: int, num_layers: int, num_heads: int, max_len: int,
+                   dropout: float) -> nn.Module:
+    """A Hugging Face Transformer stack used through ``inputs_embeds`` (its token table removed)."""
+    if kind == "causal":
         config = GPT2Config(
             vocab_size=1, n_positions=max_len, n_embd=hidden, n_layer=num_layers, n_head=num_heads,
             n_inner=4 * hidden, activation_function="gelu", resid_pdrop=dropout, embd_pdrop=dropout,
             attn_pdrop=dropout, bos_token_id=None, eos_token_id=None, pad_token_id=None,
         )
-        self.encoder = GPT2Model(config)
+        backbone = GPT2Model(config)
         # The token table is never used (we pass inputs_embeds). Dropping it keeps DDP from waiting
         # for gradients that never come, so find_unused_parameters can stay off.
-        self.encoder.wte = nn.Identity()
+        backbone.wte = nn.Identity()
+        return backbone
+    if kind == "bidirectional":
+        config = BertConfig(
+            vocab_size=1, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            intermediate_size=4 * hidden, hidden_act="gelu", hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout, max_position_embeddings=max_len, type_vocab_size=1,
+            pad_token_id=0,
+        )
+        backbone = BertModel(config, add_pooling_layer=False)
+        backbone.embeddings.word_embeddings = nn.Identity()
+        return backbone
+    raise ValueError(f"model.backbone: unknown {kind!r}; valid: causal, bidirectional")
 
-    def encode(self, seq: torch.Tensor) -> torch.Tensor:
-        """``seq`` [B, L] left-padded item ids → hidden states [B, L, H] (causal)."""
+
+class SequenceRecommender(nn.Module):
+    """Next-item recommender: item tower + causal (SASRec) or bidirectional (BERT4Rec) Transformer."""
+
+    def __init__(self, items: ItemEncoder, num_layers: int, num_heads: int, max_len: int, dropout: float,
+                 backbone: str = "causal", num_negatives: int = 0):
+        super().__init__()
+        self.items = items
+        self.max_len = max_len
+        self.backbone = backbone
+        self.num_negatives = num_negatives
+        hidden = items.hidden_size
+        self.input_scale = math.sqrt(hidden)
+        self.encoder = build_backbone(backbone, hidden, num_layers, num_heads, max_len, dropout)
+        if backbone == "bidirectional":
+            self.mask_embedding = nn.Parameter(torch.randn(hidden) * hidden ** -0.5)
+
+    @property
+    def mask_id(self) -> int:
+        """The cloze mask token's id in input sequences: one past the catalogue."""
+        return self.items.num_items + 1
+
+    def encode(self, seq: torch.Tensor, vectors: torch.Tensor | None = None,
+               index: torch.Tensor | None = None) -> torch.Tensor:
+        """``seq`` [B, L] left-padded item ids (mask id allowed) → hidden states [B, L, H].
+
+        Item vectors come from ``vectors[index]`` when given (the step's items, represented once),
+        else from the item tower.
+        """
         length = seq.shape[1]
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds model.max_len={self.max_len}")
         positions = torch.arange(self.max_len - length, self.max_len, device=seq.device).expand_as(seq)
+        is_mask = seq == self.mask_id
+        embeds = vectors[index] if vectors is not None else self.items.lookup(torch.where(is_mask, PAD, seq))
+        if self.backbone == "bidirectional":
+            embeds = torch.where(is_mask.unsqueeze(-1), self.mask_embedding.to(embeds.dtype), embeds)
+        embeds = embeds * self.input_scale
         mask = (seq != PAD).long()
-        embeds = self.items.lookup(seq) * self.input_scale
         return self.encoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
 
-    def catalogue_logits(self, states: torch.Tensor) -> torch.Tensor:
+    def catalogue_logits(self, states: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """States [..., H] → scores over the catalogue [..., N + 1]; the padding item scores -inf."""
-        logits = states @ self.items.all_items().T
+        table = self.items.all_items() if table is None else table
+        logits = states @ table.T
         logits[..., PAD] = float("-inf")
         return logits
 
     def forward(self, seq: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training step: full-softmax cross-entropy of the next item at every non-padding position.
+        """Training step: cross-entropy of the target item at every position whose target is not PAD.
 
-        The loss lives inside ``forward`` so DDP sees every parameter used in one call.
+        Causal: targets = the next items. Bidirectional: targets at masked positions. The loss lives
+        inside ``forward`` so DDP sees every parameter used in one call.
         """
-        states = self.encode(seq)
         keep = targets != PAD
-        logits = self.catalogue_logits(states[keep])
+        wanted = targets[keep]
+        inputs = torch.where(seq == self.mask_id, PAD, seq)
+        if self.num_negatives > 0:
+            states, logits, labels = self._sampled_logits(seq, inputs, wanted, keep)
+        else:
+            table = self.items.all_items()
+            states = self.encode(seq, table, inputs)
+            logits, labels = self.catalogue_logits(states[keep], table), wanted
         positions = keep.sum()
         # sum / count rather than mean: a batch whose sequences are all single items has no target.
-        loss = F.cross_entropy(logits, targets[keep], reduction="sum") / positions.clamp(min=1)
+        loss = F.cross_entropy(logits, labels, reduction="sum") / positions.clamp(min=1)
         return {"loss": loss, "positions": positions}
 
+    def _sampled_logits(self, seq, inputs, wanted, keep):
+        """Sampled softmax: candidates = the step's distinct targets ∪ uniform negatives, logQ-corrected.
+
+        Each candidate's sampling probability is that of a mixture of the batch's target distribution
+        and the uniform one, q(c) = (count_c + M / N) / (T + M) for T targets and M negatives over N
+        items; its log is subtracted from every logit (so frequent in-batch items are not over-penalised).
+        """
+        n = self.items.num_items
+        negatives = torch.randint(1, n + 1, (self.num_negatives,), device=seq.device)
+        ids, inverse = torch.unique(torch.cat([inputs.reshape(-1), wanted, negatives]), return_inverse=True)
+        vectors = self.items.represent(ids)
+        n_in = inputs.numel()
+        states = self.encode(seq, vectors, inverse[:n_in].view_as(inputs))
+        target_pos = inverse[n_in:n_in + len(wanted)]
+        candidate = torch.zeros(len(ids), dtype=torch.bool, device=seq.device)
+        candidate[target_pos] = True
+        candidate[inverse[n_in + len(wanted):]] = True
+        candidate[ids == PAD] = False
+        cand_idx = candidate.nonzero().squeeze(1)
+        counts = torch.bincount(target_pos, minlength=len(ids)).to(states.dtype)
+        log_q = torch.log((counts[cand_idx] + self.num_negatives / n) / (len(wanted) + self.num_negatives))
+        logits = states[keep] @ vectors[cand_idx].T - log_q
+        # label = the target's column among the candidates
+        column = torch.full((len(ids),), -1, dtype=torch.long, device=seq.device)
+        column[cand_idx] = torch.arange(len(cand_idx), device=seq.device)
+        return states, logits, column[target_pos]
+
+    def inference_input(self, seq: torch.Tensor) -> torch.Tensor:
+        """Bidirectional models read the history followed by a mask token; causal ones the history."""
+        if self.backbone != "bidirectional":
+            return seq
+        tail = seq[:, -(self.max_len - 1):] if self.max_len > 1 else seq[:, :0]
+        return torch.cat([tail, torch.full_like(seq[:, :1], self.mask_id)], dim=1)
+
     @torch.no_grad()
-    def score_next(self, seq: torch.Tensor) -> torch.Tensor:
-        """Scores [B, N + 1] for the item following each left-padded history."""
-        return self.catalogue_logits(self.encode(seq)[:, -1])
+    def score_next(self, seq: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [B, N + 1] for the item following each left-padded history.
+
+        ``table`` = precomputed ``items.all_items()`` (evaluation computes it once, not per batch).
+        """
+        table = self.items.all_items() if table is None else table
+        seq = self.inference_input(seq)
+        states = self.encode(seq, table, torch.where(seq == self.mask_id, PAD, seq))[:, -1]
+        return self.catalogue_logits(states, table)
 
 
-def build_model(cfg: ModelConfig, num_items: int) -> SequenceRecommender:
-    """Build the recommender described by ``cfg`` for a catalogue of ``num_items`` items."""
-    builders = {"id": lambda: IdItemEncoder(num_items, cfg.hidden_size)}
-    if cfg.item_repr not in builders:
-        raise ValueError(f"model.item_repr: unknown {cfg.item_repr!r}; valid: {', '.join(builders)}")
-    if cfg.backbone != "causal":
-        raise ValueError(f"model.backbone: unknown {cfg.backbone!r}; valid: causal")
-    return SequenceRecommender(builders[cfg.item_repr](), cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.dropout)
+def uses_sampled_softmax(model_cfg: ModelConfig, loss: str) -> bool:
+    """``train.loss=auto``: sampled softmax exactly when an LM in the item tower trains."""
+    if loss == "auto":
+        return model_cfg.item_repr != "id" and model_cfg.freeze != "frozen"
+    return loss == "sampled"
+
+
+def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int = 0) -> SequenceRecommender:
+    """Build the recommender described by ``cfg`` for a catalogue of ``num_items`` items.
+
+    ``text``: the :class:`llmrec_dist.text_tower.TextFeatures` of the catalogue, required when
+    ``cfg.item_repr`` uses text. ``num_negatives`` > 0 trains with sampled softmax.
+    """
+    if cfg.item_repr == "id":
+        items: ItemEncoder = IdItemEncoder(num_items, cfg.hidden_size)
+    elif cfg.item_repr in ("text", "id+text"):
+        from llmrec_dist.text_tower import TextItemEncoder
+
+        if text is None:
+            raise ValueError(f"model.item_repr={cfg.item_repr!r} needs the item texts' features")
+        items = TextItemEncoder(text, num_items, cfg.hidden_size, use_id=cfg.item_repr == "id+text",
+                                fusion=cfg.fusion, pooling=cfg.text_pooling, freeze_k=cfg.freeze_k, lora_cfg=cfg)
+    else:
+        raise ValueError(f"model.item_repr: unknown {cfg.item_repr!r}; valid: id, text, id+text")
+    return SequenceRecommender(items, cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.dropout,
+                               backbone=cfg.backbone, num_negatives=num_negatives)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
+    """Total (including a frozen LM whose outputs are cached rather than held) and trainable counts."""
+    items = getattr(model, "items", None)
+    total = sum(p.numel() for p in model.parameters()) + getattr(items, "external_params", 0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"params_total": total, "params_trainable": trainable}

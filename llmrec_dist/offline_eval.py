@@ -8,11 +8,13 @@ from pathlib import Path
 
 import torch
 
-from llmrec_dist.config import EvalConfig, ModelConfig, absolute
+from llmrec_dist.config import EvalConfig, absolute
 from llmrec_dist.data.layout import num_items as manifest_num_items
-from llmrec_dist.data.layout import read_manifest
+from llmrec_dist.data.layout import read_items, read_manifest
 from llmrec_dist.evaluation import evaluate, load_eval_rows
-from llmrec_dist.model import SequenceRecommender, build_model
+from llmrec_dist.model import SequenceRecommender
+from llmrec_dist.model_io import TEXT_CACHE_DIR, TEXT_ENCODER_DIR, build_for_weights, load_weights_strict, model_config, serving_config
+from llmrec_dist.text_tower import text_cache_dir
 from llmrec_dist.train import checkpoint as ckpt
 
 
@@ -35,10 +37,22 @@ def resolve_model_folder(model: str, tracking_uri: str = "") -> Path:
     return resolve_model_folder(str(local))
 
 
-def load_model(folder: Path) -> tuple[SequenceRecommender, dict]:
+def load_model(folder: Path, data_path: str | None = None) -> tuple[SequenceRecommender, dict]:
+    """The model saved in a checkpoint or package folder. A text model built from a checkpoint reads
+    its item texts from the dataset at ``data_path`` (a package carries its own items and encoder)."""
+    folder = Path(folder)
     meta = ckpt.read_meta(folder)
-    model = build_model(ModelConfig(**meta["model"]), meta["num_items"])
-    ckpt.load_weights(model, folder / ckpt.MODEL_FILE)
+    cfg = serving_config(model_config(meta, str(folder / ckpt.MODEL_META)), folder)
+    is_package = (folder / TEXT_ENCODER_DIR).is_dir()
+    texts, cache = None, None
+    if cfg.item_repr != "id":
+        source = folder if is_package else data_path
+        if source is None:
+            raise ValueError(f"{folder}: a text model's checkpoint needs its dataset for the item texts")
+        texts = [str(t) for t in read_items(source).sort_by("item_idx").column("text").to_pylist()]
+        cache = folder / TEXT_CACHE_DIR if is_package else text_cache_dir(str(data_path))
+    model = build_for_weights(cfg, meta["num_items"], texts, cache)
+    load_weights_strict(model, ckpt.read_weights(folder / ckpt.MODEL_FILE), str(folder / ckpt.MODEL_FILE))
     return model.eval(), meta
 
 
@@ -50,7 +64,7 @@ def _check_dataset(meta: dict, manifest: dict, data_path: str) -> None:
 
 def evaluate_here(folder: Path, data_path: str, split: str, cfg: EvalConfig, rank: int = 0,
                   world: int = 1, device: torch.device | str = "cpu") -> dict[str, float]:
-    model, meta = load_model(folder)
+    model, meta = load_model(folder, data_path)
     manifest = read_manifest(data_path)
     _check_dataset(meta, manifest, data_path)
     rows = load_eval_rows(data_path, split, rank, world)

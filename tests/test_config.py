@@ -30,7 +30,7 @@ def test_all_problems_reported_at_once_with_dotted_keys():
     problems = err.value.problems
     assert "train.lr: expected a number; got 'fast'" in problems
     assert any(p.startswith("train.epochz: unknown key (did you mean train.epochs?)") for p in problems)
-    assert any(p.startswith("model.backbone: expected one of 'causal'; got 'rnn'") for p in problems)
+    assert any(p.startswith("model.backbone: expected one of 'causal', 'bidirectional'; got 'rnn'") for p in problems)
     assert "scaling.num_workers: must be > 0; got 0" in problems
     assert any(p.startswith("evaluation: unknown key (did you mean eval?)") for p in problems)
     assert "data.path: required (a folder written by `llmrec-dist prepare`)" in problems

@@ -104,5 +104,9 @@ def test_all_single_item_batch_has_zero_loss_not_nan():
 
 
 def test_unknown_builder_names_fail_loudly():
-    with pytest.raises(ValueError, match="valid: id"):
+    with pytest.raises(ValueError, match="valid: id, text, id\\+text"):
+        build_model(dataclasses.replace(TINY, item_repr="graph"), 5)
+    with pytest.raises(ValueError, match="valid: causal, bidirectional"):
+        build_model(dataclasses.replace(TINY, backbone="rnn"), 5)
+    with pytest.raises(ValueError, match="needs the item texts"):
         build_model(dataclasses.replace(TINY, item_repr="text"), 5)

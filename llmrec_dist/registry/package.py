@@ -6,6 +6,7 @@ The package is what the registry stores (as the pyfunc's ``package`` artifact) a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -13,10 +14,20 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from llmrec_dist.config import EvalConfig, config_from_dict
+from llmrec_dist.config import EvalConfig
 from llmrec_dist.data.layout import read_items, read_manifest, write_manifest, write_parquet
 from llmrec_dist.model import build_model
+from llmrec_dist.model_io import (
+    LM_PREFIXES,
+    TEXT_CACHE_DIR,
+    TEXT_ENCODER_DIR,
+    build_for_weights,
+    load_weights_strict,
+    model_config,
+    serving_config,
+)
 from llmrec_dist.registry.recommender import (
     ITEMS_FILE,
     MODEL_META_FILE,
@@ -59,19 +70,9 @@ def build_model_package(checkpoint_dir: str | Path, dataset_path: str | os.PathL
         raise ValueError(f"checkpoint has num_items={num_items} but {dataset_path}/{ITEMS_FILE} "
                          f"has {items.num_rows} items")
 
-    # Fail here, not at serving time, if the weights do not fit the recorded model config.
+    model_cfg = model_config(meta, str(checkpoint_dir / MODEL_META_FILE))
     weights = read_weights(checkpoint_dir / MODEL_FILE)
-    model_cfg = config_from_dict({"model": meta["model"]}, str(checkpoint_dir / MODEL_META_FILE),
-                                 require_data_path=False).model
-    with torch.device("meta"):
-        skeleton = build_model(model_cfg, num_items)
-    try:
-        skeleton.load_state_dict(weights, strict=True, assign=True)
-    except RuntimeError as err:
-        raise ValueError(f"{checkpoint_dir / MODEL_FILE} does not fit the model in "
-                         f"{MODEL_META_FILE}: {err}") from None
-    del skeleton, weights
-
+    texts = [str(t) for t in items.sort_by("item_idx").column("text").to_pylist()]
     settings = {
         "format_version": PACKAGE_FORMAT_VERSION,
         "exclude_seen": eval_cfg.exclude_seen,
@@ -84,7 +85,20 @@ def build_model_package(checkpoint_dir: str | Path, dataset_path: str | os.PathL
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temp.mkdir()
     try:
-        shutil.copyfile(checkpoint_dir / MODEL_FILE, temp / WEIGHTS_FILE)
+        if model_cfg.item_repr == "id":
+            # Fail here, not at serving time, if the weights do not fit the recorded model config.
+            with torch.device("meta"):
+                skeleton = build_model(model_cfg, num_items)
+            try:
+                skeleton.load_state_dict(weights, strict=True, assign=True)
+            except RuntimeError as err:
+                raise ValueError(f"{checkpoint_dir / MODEL_FILE} does not fit the model in "
+                                 f"{MODEL_META_FILE}: {err}") from None
+            shutil.copyfile(checkpoint_dir / MODEL_FILE, temp / WEIGHTS_FILE)
+        else:
+            meta = {**meta, "trained_freeze": model_cfg.freeze,
+                    "model": _export_text_model(model_cfg, weights, num_items, texts, dataset_path,
+                                                checkpoint_dir, temp)}
         (temp / MODEL_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         write_parquet(items, temp / ITEMS_FILE)  # read + write also works for s3:// datasets
         write_manifest(temp, manifest)
@@ -97,6 +111,38 @@ def build_model_package(checkpoint_dir: str | Path, dataset_path: str | os.PathL
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _export_text_model(cfg, weights: dict, num_items: int, texts: list[str], dataset_path, checkpoint_dir: Path,
+                       temp: Path) -> dict:
+    """Write the LM-tower model in serving form; returns the ``model`` section of its model.json.
+
+    Whatever the training strategy, the package holds the trained LM as one plain Hugging Face
+    encoder in ``text_encoder/`` (top layers put back, LoRA merged), the other weights in
+    ``model.safetensors``, and the item-text embeddings in ``text_cache/``; serving runs it ``frozen``.
+    """
+    from llmrec_dist.text_tower import load_text_encoder, text_cache_dir
+
+    trained = build_for_weights(cfg, num_items, texts, text_cache_dir(str(dataset_path)))
+    load_weights_strict(trained, weights, str(checkpoint_dir / MODEL_FILE))
+    base_lm, tokenizer = load_text_encoder(cfg.text_encoder, cfg.trust_remote_code)
+    encoder = trained.items.export_encoder(base_lm)
+    encoder.save_pretrained(temp / TEXT_ENCODER_DIR)
+    tokenizer.save_pretrained(temp / TEXT_ENCODER_DIR)
+    save_file({k: v.contiguous() for k, v in weights.items() if not k.startswith(LM_PREFIXES)},
+              str(temp / WEIGHTS_FILE))
+    serving = dataclasses.replace(cfg, freeze="frozen", text_encoder=TEXT_ENCODER_DIR)
+    # Rebuild from what was written (this also fills text_cache/) and check it scores like the
+    # trained model did: the package must serve exactly what was evaluated.
+    served = build_for_weights(serving_config(serving, temp), num_items, texts, temp / TEXT_CACHE_DIR)
+    load_weights_strict(served, load_file(str(temp / WEIGHTS_FILE)), str(temp / WEIGHTS_FILE))
+    probe = torch.arange(1, min(num_items, 8) + 1).unsqueeze(0)
+    with torch.no_grad():
+        expected, got = trained.eval().score_next(probe), served.eval().score_next(probe)
+    if not torch.allclose(expected, got, rtol=1e-4, atol=1e-4):
+        raise ValueError("exported text tower does not reproduce the trained model's scores "
+                         f"(max difference {(expected - got).abs().max().item():.3g})")
+    return dataclasses.asdict(serving)
 
 
 def _check_free(out_dir: Path) -> None:

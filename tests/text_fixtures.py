@@ -1,0 +1,25 @@
+"""A tiny random BERT text encoder written to a local folder (config, weights, WordPiece vocab),
+so text-tower tests run offline and fast. Its vocabulary is built from the texts it will read."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_tiny_encoder(folder: Path, texts: list[str], hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    words = sorted({w for t in texts for w in re.findall(r"[a-z0-9]+", str(t).lower())})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(SPECIAL + words) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(SPECIAL) + len(words), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
