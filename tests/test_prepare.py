@@ -88,7 +88,7 @@ def test_leave_one_out_exact_rows(tmp_path):
 def test_written_schema_and_layout(tmp_path):
     manifest, ds = prepare_generic(tmp_path, HAND_BUILT, min_interactions=3)
     assert layout.read_manifest(ds)["content_hash"] == manifest["content_hash"]
-    assert pq.read_schema(ds / "items.parquet").remove_metadata() == layout.ITEMS_SCHEMA
+    assert pq.read_schema(ds / "items.parquet").remove_metadata() == layout.ITEMS_FILE_SCHEMA
     for split in layout.SPLITS:
         files = layout.split_files(ds, split)
         assert len(files) == 2 and all(f.startswith(str(ds.absolute())) for f in files)

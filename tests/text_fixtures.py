@@ -15,8 +15,9 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def make_tiny_encoder(folder: Path, texts: list[str], hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
     words = sorted({w for t in texts for w in re.findall(r"[a-z0-9]+", str(t).lower())})
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(SPECIAL + words) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    vocab = {token: i for i, token in enumerate(SPECIAL + words)}
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    assert tokenizer.convert_tokens_to_ids(words[:1]) == [len(SPECIAL)], "tokenizer ignored the vocabulary"
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(SPECIAL) + len(words), hidden_size=hidden, num_hidden_layers=layers,

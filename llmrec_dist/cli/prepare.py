@@ -12,8 +12,9 @@ from llmrec_dist.data.prepare import SOURCES, USER_HASH_ENV, prepare_dataset
 DESCRIPTION = """\
 Read interactions from a source, drop users with too few interactions (optionally a k-core on
 items too), split each user's history leave-one-out by time (last item -> test, second-last ->
-valid, the rest -> train), replace user ids with keyed hashes, and write a dataset folder:
-manifest.json, items.parquet, train/ valid/ test/ part-*.parquet.
+valid, the rest -> train), optionally hold a fraction of items out as cold items (--cold-items),
+replace user ids with keyed hashes, and write a dataset folder: manifest.json, items.parquet,
+train/ valid/ test/ part-*.parquet.
 
 The output is written to a temporary folder next to --output and renamed into place only
 when complete; an existing dataset is replaced only with --overwrite.
@@ -30,6 +31,7 @@ EPILOG = f"""\
 examples:
   llmrec-dist prepare --source synthetic --output data/synthetic
   llmrec-dist prepare --source movielens --input ml-1m.zip --output data/ml-1m
+  llmrec-dist prepare --source movielens --input ml-1m.zip --cold-items 0.1 --seed 1 --output data/ml-1m-cold
   llmrec-dist prepare --source generic --interactions events.parquet --items items.csv \\
       --user-col customer --item-col sku --time-col ts --item-id-col sku \\
       --text-cols title,description --output data/shop
@@ -51,6 +53,17 @@ def _at_least(minimum: int):
         return value
 
     return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number with 0 <= value < 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:  # also false for nan
+        raise argparse.ArgumentTypeError(f"must be a fraction with 0 <= FRACTION < 1, got {text}")
+    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -81,6 +94,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "with the user filter until stable (default: %(default)s = off)",
     )
     split.add_argument(
+        "--cold-items", type=_fraction, default=0.0, metavar="FRACTION",
+        help="make round(FRACTION x items) items cold, 0 <= FRACTION < 1: chosen at random (--seed) "
+        "among the valid/test targets, they are removed from every train sequence and valid/test "
+        "history and remain only as targets; the valid/test rows with a cold target (column 'cold') "
+        "form the cold-start subset, reported separately by evaluation; train rows left empty are "
+        "dropped (default: %(default)s = none)",
+    )
+    split.add_argument(
+        "--seed", type=_at_least(0), default=0,
+        help="seed of the cold-item choice and of the synthetic generator (default: %(default)s)",
+    )
+    split.add_argument(
         "--shards", type=_at_least(1), default=None, metavar="N",
         help="part files per split (default: max(2, ceil(users / 20000)), at most one per user)",
     )
@@ -94,7 +119,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     movielens.add_argument("--input", metavar="PATH", help="MovieLens folder or .zip")
 
     synthetic = parser.add_argument_group("source synthetic")
-    synthetic.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
     synthetic.add_argument(
         "--synthetic-users", type=_at_least(1), default=1000, metavar="N",
         help="number of users (default: %(default)s)",
@@ -128,7 +152,7 @@ _GENERIC_FLAGS = {
     "interactions": None, "items": None, "user_col": "user_id", "item_col": "item_id",
     "time_col": "timestamp", "item_id_col": "item_id", "text_cols": "text",
 }
-_SYNTHETIC_FLAGS = {"synthetic_users": 1000, "synthetic_items": 400, "seed": 0}
+_SYNTHETIC_FLAGS = {"synthetic_users": 1000, "synthetic_items": 400}
 
 
 def _flag(dest: str) -> str:
@@ -160,6 +184,8 @@ def _problems(args: argparse.Namespace) -> list[str]:
             for d, default in _SYNTHETIC_FLAGS.items()
             if getattr(args, d) != default
         ]
+        if args.seed != 0 and args.cold_items == 0:
+            problems.append("--seed is only used with --source synthetic or --cold-items")
     return problems
 
 
@@ -199,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             synthetic=synthetic,
             generic=generic,
+            cold_items=args.cold_items,
         )
     except (PrepareError, FileExistsError) as err:
         print(f"llmrec-dist prepare: error: {err}", file=sys.stderr)
@@ -211,4 +238,12 @@ def run(args: argparse.Namespace) -> int:
         f"interactions ({counts['train_interactions']:,} train; {counts['raw_interactions']:,} read), "
         f"{len(manifest['shards']['train'])} shards per split, {manifest['content_hash']}"
     )
+    cold = manifest["cold_items"]
+    if cold["items"]:
+        print(
+            f"cold items: {cold['items']:,} ({cold['fraction']:g} of the items, seed {cold['seed']}), "
+            f"cold targets: {cold['valid_targets']:,} valid, {cold['test_targets']:,} test; "
+            f"{cold['train_interactions_removed']:,} train interactions removed, "
+            f"{cold['train_rows_dropped']:,} train rows left empty and dropped"
+        )
     return 0

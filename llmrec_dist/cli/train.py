@@ -48,10 +48,11 @@ def print_outcome(outcome, as_json: bool = False) -> None:
     m = outcome.metrics
     print(f"\nrun {outcome.run_id}: best epoch {m.get('best_epoch')} of {m.get('epochs_run')}, "
           f"{outcome.seconds:.0f} s")
-    for split in ("valid", "test"):
+    for split in ("valid", "test", "test_cold"):
         cells = [f"{name}@{k}={m[f'{split}_{name}_at_{k}']:.4f}"
                  for name in ("hr", "ndcg", "mrr") for k in (10,) if f"{split}_{name}_at_{k}" in m]
-        print(f"  {split}: " + "  ".join(cells))
+        if cells:
+            print(f"  {split}: " + "  ".join(cells))
     print(f"  model: {outcome.model_uri}")
     reg = outcome.registration
     if reg:

@@ -4,13 +4,19 @@
 
     <dataset>/
       manifest.json         format_version, source, counts, split protocol, shards, content_hash, ...
-      items.parquet         item_idx int32 (1..N; 0 is padding), item_id string, text string, popularity int64
+      items.parquet         item_idx int32 (1..N; 0 is padding), item_id string, text string, popularity int64,
+                            cold bool
       train/part-*.parquet  user_idx int32, user_key string, items list<int32>
-      valid/part-*.parquet  user_idx int32, user_key string, items list<int32> (history), target int32
-      test/part-*.parquet   user_idx int32, user_key string, items list<int32> (history), target int32
+      valid/part-*.parquet  user_idx int32, user_key string, items list<int32> (history), target int32, cold bool
+      test/part-*.parquet   user_idx int32, user_key string, items list<int32> (history), target int32, cold bool
 
 Rows of every split are sorted by ``user_idx`` and the users are cut into the same contiguous
 ranges for all three splits, so part ``k`` of train, valid and test holds the same users.
+
+Cold items (``prepare --cold-items``): items with ``cold`` true appear in no ``items`` list of
+any split, only as valid/test ``target`` (whose row then has ``cold`` true), and have popularity
+0. A user whose train sequence held only cold items has no train row (valid and test keep one
+row per user). Datasets prepared before the ``cold`` columns existed read as all-false.
 
 A dataset location is a local folder or, for readers, a URI that ``pyarrow.fs`` understands
 (``s3://bucket/ds``, ``gs://...``); writing is local only.
@@ -42,6 +48,7 @@ PADDING_IDX = 0
 ROW_GROUP_SIZE = 4096
 COMPRESSION = "zstd"
 
+# The columns every items table has (also tables built by hand, e.g. in registry packages).
 ITEMS_SCHEMA = pa.schema(
     [
         pa.field("item_idx", pa.int32(), nullable=False),
@@ -50,6 +57,10 @@ ITEMS_SCHEMA = pa.schema(
         pa.field("popularity", pa.int64(), nullable=False),
     ]
 )
+# ``cold``: the item is held out of every input sequence (see ``prepare --cold-items``).
+COLD_FIELD = pa.field("cold", pa.bool_(), nullable=False)
+# What ``prepare`` writes to items.parquet; ``read_items`` adds an all-false ``cold`` to older files.
+ITEMS_FILE_SCHEMA = ITEMS_SCHEMA.append(COLD_FIELD)
 TRAIN_SCHEMA = pa.schema(
     [
         pa.field("user_idx", pa.int32(), nullable=False),
@@ -57,7 +68,8 @@ TRAIN_SCHEMA = pa.schema(
         pa.field("items", pa.list_(pa.int32()), nullable=False),
     ]
 )
-EVAL_SCHEMA = TRAIN_SCHEMA.append(pa.field("target", pa.int32(), nullable=False))
+# ``cold`` on valid/test rows: the target is a cold item.
+EVAL_SCHEMA = TRAIN_SCHEMA.append(pa.field("target", pa.int32(), nullable=False)).append(COLD_FIELD)
 SPLIT_SCHEMAS = {"train": TRAIN_SCHEMA, "valid": EVAL_SCHEMA, "test": EVAL_SCHEMA}
 
 _CONTENT_HASH_TAG = b"llmrec_dist dataset content v1\n"
@@ -161,6 +173,12 @@ def num_items(manifest: Mapping) -> int:
     return int(manifest["counts"]["items"])
 
 
+def num_train_rows(manifest: Mapping) -> int:
+    """Rows of the train split: one per user, less the users whose train sequence held only cold items."""
+    dropped = (manifest.get("cold_items") or {}).get("train_rows_dropped", 0)
+    return int(manifest["counts"]["users"]) - int(dropped)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------
@@ -172,9 +190,16 @@ def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
     pq.write_table(table, str(path), row_group_size=ROW_GROUP_SIZE, compression=COMPRESSION)
 
 
+def with_cold_column(table: pa.Table) -> pa.Table:
+    """``table`` with an all-false ``cold`` column appended if it has none (files from before it existed)."""
+    if COLD_FIELD.name in table.column_names:
+        return table
+    return table.append_column(COLD_FIELD, pa.array(np.zeros(table.num_rows, dtype=bool)))
+
+
 def read_items(path: str | os.PathLike) -> pa.Table:
-    """The items table (``item_idx``, ``item_id``, ``text``, ``popularity``), sorted by item_idx."""
-    return pq.read_table(_join(path, ITEMS_FILE)).sort_by("item_idx")
+    """The items table (``item_idx``, ``item_id``, ``text``, ``popularity``, ``cold``), sorted by item_idx."""
+    return with_cold_column(pq.read_table(_join(path, ITEMS_FILE))).sort_by("item_idx")
 
 
 def read_split(path: str | os.PathLike, split: str) -> pa.Table:
@@ -183,6 +208,8 @@ def read_split(path: str | os.PathLike, split: str) -> pa.Table:
     tables = []
     for file in split_files(path, split):
         table = pq.read_table(file)
+        if COLD_FIELD.name in schema.names:
+            table = with_cold_column(table)
         try:
             tables.append(table.select(schema.names).cast(schema))
         except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as err:
@@ -217,11 +244,15 @@ def compute_content_hash(items_table: pa.Table, split_tables: Mapping[str, pa.Ta
        the concatenated UTF-8 bytes;
     3. for each split in ``SPLITS`` order: ``b"<split>\\n"``, then, with rows sorted by
        ``user_idx``: ``user_idx`` (int64), the list lengths of ``items`` (int64), all
-       ``items`` values flattened (int64), and ``target`` (int64) for valid and test.
+       ``items`` values flattened (int64), and ``target`` (int64) for valid and test;
+    4. only if some ``cold`` flag is true: ``b"cold\\n"``, then the ``cold`` flags (int64 0/1) of
+       the items (sorted by ``item_idx``), of valid and of test (rows sorted by ``user_idx``).
 
     ``user_key``, ``popularity`` (derived from train), shard boundaries, Parquet encoding and
     the manifest's ``created_at`` are deliberately left out, so the same input and filters give
-    the same hash whatever the user-hash key or shard count.
+    the same hash whatever the user-hash key or shard count. A missing ``cold`` column counts as
+    all-false, and all-false flags add nothing, so datasets without cold items keep the hash
+    they had before the ``cold`` columns existed; any true flag changes the hash.
     """
     digest = hashlib.sha256(_CONTENT_HASH_TAG)
     items = items_table.sort_by("item_idx")
@@ -238,7 +269,19 @@ def compute_content_hash(items_table: pa.Table, split_tables: Mapping[str, pa.Ta
         _hash_ints(digest, lists.flatten().to_numpy(zero_copy_only=False))
         if split != "train":
             _hash_ints(digest, table.column("target").to_numpy())
+    cold = [_cold_flags(items)] + [_cold_flags(split_tables[s].sort_by("user_idx")) for s in ("valid", "test")]
+    if any(flags.any() for flags in cold):
+        digest.update(b"cold\n")
+        for flags in cold:
+            _hash_ints(digest, flags)
     return "sha256:" + digest.hexdigest()
+
+
+def _cold_flags(table: pa.Table) -> np.ndarray:
+    """The ``cold`` column as a bool array; all false when the table has none."""
+    if COLD_FIELD.name not in table.column_names:
+        return np.zeros(table.num_rows, dtype=bool)
+    return table.column(COLD_FIELD.name).to_numpy().astype(bool)
 
 
 def verify_dataset(path: str | os.PathLike) -> dict:

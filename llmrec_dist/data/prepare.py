@@ -1,8 +1,9 @@
 """``prepare``: raw interactions → filtered, indexed, leave-one-out split, sharded Parquet dataset.
 
 Steps (see ``prepare_dataset``): read a source → k-core / minimum-interaction filters → map
-ids to dense indices → leave-one-out split by time → keyed user hashing → write Parquet shards
-and a manifest into a temporary folder that is renamed into place only when complete.
+ids to dense indices → leave-one-out split by time → keyed user hashing → optional cold items
+(``llmrec_dist.data.cold``) → write Parquet shards and a manifest into a temporary folder that is
+renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pyarrow as pa
 
 import llmrec_dist
 from llmrec_dist.data import layout
+from llmrec_dist.data.cold import apply_cold_items, check_fraction
 from llmrec_dist.data.errors import PrepareError
 from llmrec_dist.data.generic import read_generic
 from llmrec_dist.data.movielens import read_movielens
@@ -224,17 +226,23 @@ def default_num_shards(num_users: int) -> int:
 def write_dataset(
     folder: Path, items: pa.Table, splits: Mapping[str, pa.Table], num_shards: int
 ) -> dict[str, list[str]]:
-    """Write ``items.parquet`` and each split as ``num_shards`` contiguous part files."""
+    """Write ``items.parquet`` and each split as ``num_shards`` part files of contiguous user ranges.
+
+    The users 1..U (one valid row each) are cut into ``num_shards`` equal ranges, the same for
+    every split; a train split that lacks some users (cold items) gets fewer rows in a part.
+    """
     layout.write_parquet(items, folder / layout.ITEMS_FILE)
-    num_users = splits["train"].num_rows
+    num_users = splits["valid"].num_rows
     bounds = np.linspace(0, num_users, num_shards + 1).round().astype(int)
     shards: dict[str, list[str]] = {}
     for split in layout.SPLITS:
         table = splits[split].select(layout.SPLIT_SCHEMAS[split].names).cast(layout.SPLIT_SCHEMAS[split])
+        # Row positions of the user range starts (user_idx = bound + 1); rows are sorted by user_idx.
+        rows = np.searchsorted(table.column("user_idx").to_numpy(), bounds + 1, side="left")
         shards[split] = []
         for index in range(num_shards):
             relative = layout.shard_relpath(split, index)
-            part = table.slice(bounds[index], bounds[index + 1] - bounds[index])
+            part = table.slice(rows[index], rows[index + 1] - rows[index])
             layout.write_parquet(part, folder / relative)
             shards[split].append(relative)
     return shards
@@ -253,6 +261,7 @@ def prepare_dataset(
     seed: int = 0,
     synthetic: dict | None = None,
     generic: dict | None = None,
+    cold_items: float = 0.0,
 ) -> dict:
     """Prepare a dataset folder (see ``llmrec_dist.data.layout``); returns its manifest.
 
@@ -269,14 +278,20 @@ def prepare_dataset(
             random key that is not stored.
         num_shards: Part files per split; default ``max(2, ceil(users / 20000))``, capped at
             the number of users.
-        seed: Seed of the synthetic generator (other sources are deterministic anyway).
+        seed: Seed of the synthetic generator and of the cold-item choice (other sources
+            are deterministic anyway); >= 0.
         synthetic: Options of ``generate_synthetic`` (``n_users``, ``n_items``, ...).
         generic: Options of ``read_generic`` (``interactions``, ``items``, ``user_col``, ...).
+        cold_items: Fraction in [0, 1) of the items to make cold (``llmrec_dist.data.cold``):
+            ``round(cold_items · N)`` items, chosen with ``seed`` among the valid/test targets,
+            are removed from every train sequence and valid/test history and stay only as
+            targets, flagged by the ``cold`` column of items, valid and test. 0 = none.
 
     Raises:
         ValueError: bad arguments (unknown source, ``min_interactions < 3``, ...).
         FileExistsError: ``output`` exists and ``overwrite`` is false.
-        PrepareError: malformed input, or nothing left after filtering.
+        PrepareError: malformed input, nothing left after filtering, or a ``cold_items``
+            fraction that gives no cold item, more cold items than targets, or no train data.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
@@ -289,6 +304,9 @@ def prepare_dataset(
         raise ValueError(f"item_min_interactions must be >= 0, got {item_min_interactions}")
     if num_shards is not None and num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    cold_items = check_fraction(cold_items)
+    if cold_items > 0 and seed < 0:
+        raise ValueError(f"seed must be >= 0 (it seeds the cold-item choice), got {seed}")
     layout.check_output_free(output, overwrite)  # fail before the (possibly long) read
     hash_key, user_ids_info = resolve_user_hash_key(user_hash_key)
 
@@ -317,6 +335,7 @@ def prepare_dataset(
     splits = leave_one_out(user_codes + 1, item_codes + 1, kept["order_key"].to_numpy())
     keys = pa.array(user_keys(raw_users, hash_key), pa.string())
     splits = {name: table.add_column(1, "user_key", keys) for name, table in splits.items()}
+    splits, cold, cold_info = apply_cold_items(splits, len(item_ids), cold_items, seed, input_display)
     del raw_users  # raw user ids go no further
 
     text_of = items.drop_duplicates("item_id").set_index("item_id")["text"]
@@ -331,8 +350,9 @@ def prepare_dataset(
             "item_id": pa.array(item_ids.tolist(), pa.string()),
             "text": pa.array(text_of.to_numpy()[position].tolist(), pa.string()),
             "popularity": pa.array(np.bincount(train_values, minlength=len(item_ids) + 1)[1:].astype(np.int64)),
+            "cold": pa.array(cold[1:]),
         },
-        schema=layout.ITEMS_SCHEMA,
+        schema=layout.ITEMS_FILE_SCHEMA,
     )
 
     num_users = len(keys)
@@ -354,6 +374,7 @@ def prepare_dataset(
             "item_min_interactions": item_min_interactions,
             "time_order": time_order,
         },
+        "cold_items": cold_info,
         "user_ids": user_ids_info,
         "shards": {},
         "content_hash": layout.compute_content_hash(items_table, splits),

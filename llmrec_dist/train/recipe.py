@@ -28,7 +28,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from llmrec_dist.batching import cloze_batch, length_bucketed, next_item_batch
 from llmrec_dist.config import Config, config_from_dict
 from llmrec_dist.data.layout import num_items as manifest_num_items
-from llmrec_dist.data.layout import read_manifest
+from llmrec_dist.data.layout import num_train_rows, read_manifest
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import build_model, count_parameters, uses_sampled_softmax
 from llmrec_dist.text_tower import load_text_features
@@ -152,7 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
     core = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(core, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, _steps_per_epoch(cfg, manifest["counts"]["users"], world))
+    scheduler = build_scheduler(optimizer, cfg.train, _steps_per_epoch(cfg, num_train_rows(manifest), world))
 
     valid_rows = load_eval_rows(cfg.data.path, "valid", rank, world)
     test_rows = load_eval_rows(cfg.data.path, "test", rank, world)
