@@ -18,6 +18,7 @@ from llmrec_dist.data import layout
 from llmrec_dist.data.errors import PrepareError
 from llmrec_dist.data.prepare import prepare_dataset
 from llmrec_dist.evaluation import EvalRows, evaluate, load_eval_rows
+from test_prepare import HAND_BUILT
 
 SMALL = {"n_users": 150, "n_items": 60}
 
@@ -41,21 +42,6 @@ user_id,item_id,timestamp
 """
 
 # test_prepare.HAND_BUILT prepared with min_interactions=3 by the code before cold items existed.
-HAND_BUILT = """\
-user_id,item_id,timestamp
-7,30,300
-7,10,100
-7,20,200
-7,40,400
-7,50,500
-2,20,10
-2,10,10
-2,40,30
-2,30,20
-2,50,40
-9,10,5
-9,20,6
-"""
 HAND_BUILT_HASH = "sha256:48d89488cfbf0592979cdc833afbbef7c4d02134d869b8461bf75f6f0e6e86ca"
 
 

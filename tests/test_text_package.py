@@ -93,3 +93,26 @@ def test_id_model_refuses_a_new_catalogue(tmp_path):
     rec = Recommender.from_folder(make_package(tmp_path))
     with pytest.raises(ValueError, match="text item tower"):
         rec.with_catalogue(pd.DataFrame({"item_id": ["x"], "text": ["y"]}))
+
+
+def test_recommend_cli_takes_an_updated_catalogue(world, tmp_path, capsys):
+    from llmrec_dist.cli import main
+
+    root, manifest, encoder = world
+    _, ckpt = trained_checkpoint(root, manifest, encoder, "frozen", item_repr="text", fusion="sum")
+    package = build_model_package(ckpt, root / "dataset", tmp_path / "pkg")
+    catalogue = tmp_path / "catalogue.csv"
+    pd.DataFrame({"item_id": [item_id(i) for i in range(1, NUM_ITEMS + 1)] + ["0042"],
+                  "text": [item_text(i) for i in range(1, NUM_ITEMS + 1)] + [item_text(5)]}).to_csv(catalogue, index=False)
+    code = main(["recommend", "--model", str(package), "--history", f"{item_id(9)},{item_id(3)}",
+                 "-k", str(NUM_ITEMS - 2), "--catalogue", str(catalogue), "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    ids = [r["item_id"] for r in out["recommendations"]]
+    assert "0042" in ids  # the new id, read as a string (leading zeros kept)
+    assert next(r["text"] for r in out["recommendations"] if r["item_id"] == "0042") == item_text(5)
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,title\n1,x\n")
+    assert main(["recommend", "--model", str(package), "--history", "", "--catalogue", str(bad)]) == 2
+    assert "lacks column(s) item_id, text" in capsys.readouterr().err

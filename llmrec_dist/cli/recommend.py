@@ -22,6 +22,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("-k", type=int, default=10, help="number of items to recommend (default 10)")
     p.add_argument("--tracking-uri", default="",
                    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--catalogue", default="",
+                   help="CSV or Parquet file with item_id and text columns (optional popularity): the "
+                        "catalogue as it is now. Text models then also recommend items added after training "
+                        "(from their text alone) and never recommend items missing from the file; "
+                        "ID-only models refuse it")
     p.add_argument("--json", action="store_true", help="print the recommendations as JSON")
     p.set_defaults(func=run)
 
@@ -31,17 +36,41 @@ def parse_history(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def load(model: str, tracking_uri: str):
+def read_catalogue(path: str):
+    """The ``--catalogue`` file as a DataFrame (CSV or Parquet), item ids as strings."""
+    import pandas as pd
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--catalogue {path}: no such file")
+    try:
+        frame = pd.read_parquet(file) if file.suffix.lower() in (".parquet", ".pq") else \
+            pd.read_csv(file, dtype={"item_id": str}, keep_default_na=False)
+    except Exception as err:  # pandas/pyarrow raise many kinds on a bad file
+        raise ValueError(f"--catalogue {path}: cannot read it as {'Parquet' if file.suffix else 'CSV'}: {err}") \
+            from None
+    missing = {"item_id", "text"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"--catalogue {path}: lacks column(s) {', '.join(sorted(missing))} "
+                         f"(has {', '.join(map(str, frame.columns))})")
+    frame["item_id"] = frame["item_id"].astype(str)
+    return frame
+
+
+def load(model: str, tracking_uri: str, catalogue: str = ""):
     """``(predict_frame, text_of)`` for a model URI or a local folder.
 
     A model-package folder is loaded directly; anything else goes through ``mlflow.pyfunc.load_model``
-    with ``tracking_uri`` (used for ``models:/`` and ``runs:/`` URIs).
+    with ``tracking_uri`` (used for ``models:/`` and ``runs:/`` URIs). With ``catalogue``, the model
+    is moved onto that catalogue first (:meth:`Recommender.with_catalogue`).
     """
     from llmrec_dist.registry.recommender import RECOMMENDER_FILE, Recommender
 
     folder = Path(model)
     if "://" not in model and ":/" not in model and folder.is_dir() and (folder / RECOMMENDER_FILE).is_file():
         rec = Recommender.from_folder(folder)
+        if catalogue:
+            rec = rec.with_catalogue(read_catalogue(catalogue))
         return rec.predict_frame, rec.text_of
 
     import mlflow
@@ -51,8 +80,15 @@ def load(model: str, tracking_uri: str):
     with use_tracking_uri(tracking_uri):
         loaded = mlflow.pyfunc.load_model(model)
     inner = loaded.unwrap_python_model() if hasattr(loaded, "unwrap_python_model") else None
-    text_of = inner.recommender.text_of if isinstance(inner, RecommenderPyfunc) else (lambda _id: "")
-    return loaded.predict, text_of
+    if not isinstance(inner, RecommenderPyfunc):
+        if catalogue:
+            raise ValueError(f"{model} is not an llmrec_dist model; --catalogue needs one")
+        return loaded.predict, lambda _id: ""
+    rec = inner.recommender
+    if catalogue:
+        rec = rec.with_catalogue(read_catalogue(catalogue))
+        return rec.predict_frame, rec.text_of
+    return loaded.predict, rec.text_of
 
 
 def _clip(text: str, width: int = TEXT_WIDTH) -> str:
@@ -79,7 +115,7 @@ def run(args) -> int:
     try:
         if args.k <= 0:
             raise ValueError(f"-k must be a positive integer, got {args.k}")
-        predict, text_of = load(args.model, resolve_tracking_uri(args.tracking_uri))
+        predict, text_of = load(args.model, resolve_tracking_uri(args.tracking_uri), args.catalogue)
         out = predict(pd.DataFrame({"history": [history], "k": [args.k]}))
     except (ValueError, OSError, MlflowException) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
