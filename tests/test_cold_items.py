@@ -22,8 +22,10 @@ from test_prepare import HAND_BUILT
 
 SMALL = {"n_users": 150, "n_items": 60}
 
-# Items 1..5 (ids 10..50). The valid/test targets are only items 4 and 5, so cold_items=0.4
-# (round(0.4 * 5) = 2) makes exactly those two cold, whatever the seed. User 9 trains on 50 only.
+# Items 1..5 (ids 10..50); users 2, 7, 9 -> user_idx 1, 2, 3. The valid/test targets are only items
+# 4 and 5. Before cold items: user 1 trains on [2, 1, 3], valid -> 5, test -> 4 (history [2, 1, 3, 5]);
+# user 2 trains on [1, 2, 3], valid -> 4, test -> 5; user 3 trains on [5], valid -> 4, test -> 5.
+# cold_items=0.4 makes round(0.4 * 5) = 2 items cold: the first two of the seed's permutation of 1..5.
 TARGETS_45 = """\
 user_id,item_id,timestamp
 7,10,1
@@ -67,23 +69,29 @@ def cold_set(dataset) -> set[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_exact_rows_when_every_target_is_cold(tmp_path):
-    manifest, ds = generic(tmp_path, TARGETS_45, cold_items=0.4, num_shards=2, seed=7)
+def test_exact_rows_by_hand(tmp_path):
+    # the rule: seed 1 permutes items 1..5 as [5, 1, 2, 3, 4], so items 5 (a target) and 1 (not a
+    # target, but in both train sequences of users 1 and 2) are cold
+    assert np.random.default_rng(1).permutation(np.arange(1, 6)).tolist() == [5, 1, 2, 3, 4]
+    manifest, ds = generic(tmp_path, TARGETS_45, cold_items=0.4, num_shards=2, seed=1)
     items = layout.read_items(ds).to_pylist()
-    assert [r["cold"] for r in items] == [False, False, False, True, True]
-    assert [r["popularity"] for r in items] == [2, 2, 2, 0, 0]  # train without item 5 of user 9
-    # user 9's train sequence [5] held only a cold item: its train row is gone, valid/test stay
-    assert [(r["user_idx"], r["items"]) for r in rows(ds, "train")] == [(1, [2, 1, 3]), (2, [1, 2, 3])]
+    assert [r["cold"] for r in items] == [True, False, False, False, True]
+    assert [r["popularity"] for r in items] == [0, 2, 2, 0, 0]  # train: [2, 3] twice
+    # user 3's train sequence [5] held only a cold item: its train row is gone, valid/test stay
+    assert [(r["user_idx"], r["items"]) for r in rows(ds, "train")] == [(1, [2, 3]), (2, [2, 3])]
     assert [(r["user_idx"], r["items"], r["target"], r["cold"]) for r in rows(ds, "valid")] == [
-        (1, [2, 1, 3], 5, True), (2, [1, 2, 3], 4, True), (3, [], 4, True)]
-    # test histories lose the (cold) valid item as well
+        (1, [2, 3], 5, True), (2, [2, 3], 4, False), (3, [], 4, False)]
+    # test histories lose a cold valid item (user 1's 5, user 3's first 5) but keep a warm one (4)
     assert [(r["user_idx"], r["items"], r["target"], r["cold"]) for r in rows(ds, "test")] == [
-        (1, [2, 1, 3], 4, True), (2, [1, 2, 3], 5, True), (3, [], 5, True)]
+        (1, [2, 3], 4, False), (2, [2, 3, 4], 5, True), (3, [4], 5, True)]
+    # item 1, cold but no target, appears nowhere in the splits
+    assert all(1 not in r["items"] and r.get("target") != 1 for s in layout.SPLITS for r in rows(ds, s))
     assert manifest["cold_items"] == {
-        "fraction": 0.4, "seed": 7, "chosen_from": "valid and test targets", "items": 2,
-        "valid_targets": 3, "test_targets": 3, "train_interactions_removed": 1, "train_rows_dropped": 1,
+        "fraction": 0.4, "seed": 1, "chosen_from": "all items", "items": 2,
+        "valid_targets": 1, "test_targets": 2, "train_interactions_removed": 3, "train_rows_dropped": 1,
     }
-    assert manifest["counts"]["train_interactions"] == 6 and manifest["counts"]["users"] == 3
+    assert manifest["counts"]["train_interactions"] == 4 and manifest["counts"]["users"] == 3
+    assert manifest["counts"]["items"] == 5
     assert layout.num_train_rows(manifest) == 2
     # shards cut users 1-2 | 3 for every split; train's second part is empty but readable
     parts = {s: [pq.read_table(f).column("user_idx").to_pylist() for f in layout.split_files(ds, s)]
@@ -107,10 +115,14 @@ def test_cold_items_only_remain_as_targets(cold_pair):
     n = manifest["counts"]["items"]
     cold = cold_set(ds)
     assert len(cold) == manifest["cold_items"]["items"] == math.floor(0.1 * n + 0.5) > 0
+    # drawn from all items 1..n: the first ones of the seed's permutation
+    assert cold == set(np.random.default_rng(1).permutation(np.arange(1, n + 1))[: len(cold)].tolist())
     in_sequences = {i for s in layout.SPLITS for r in rows(ds, s) for i in r["items"]}
     assert not cold & in_sequences
     targets = {r["target"] for s in ("valid", "test") for r in rows(ds, s)}
-    assert cold <= targets
+    assert cold & targets  # the cold-start subset is not empty
+    # a cold item that is no target appears nowhere in any split
+    assert not (cold - targets) & (in_sequences | targets)
     for split in ("valid", "test"):
         flags = [(r["cold"], r["target"] in cold) for r in rows(ds, split)]
         assert all(a == b for a, b in flags)
@@ -160,7 +172,7 @@ def test_choice_is_seeded_deterministic_and_nested(cold_pair, tmp_path):
 def test_no_cold_items_is_unchanged(cold_pair, tmp_path):
     (plain, plain_ds), _ = cold_pair
     assert plain["cold_items"] == {
-        "fraction": 0.0, "seed": None, "chosen_from": "valid and test targets", "items": 0,
+        "fraction": 0.0, "seed": None, "chosen_from": "all items", "items": 0,
         "valid_targets": 0, "test_targets": 0, "train_interactions_removed": 0, "train_rows_dropped": 0,
     }
     assert not any(layout.read_items(plain_ds).column("cold").to_pylist())
@@ -212,16 +224,31 @@ def test_bad_fraction_is_refused_before_any_work(tmp_path, fraction):
     assert not (tmp_path / "ds").exists()
 
 
-def test_fraction_that_gives_no_or_too_many_cold_items(tmp_path):
+def test_fraction_that_gives_no_cold_items(tmp_path):
     with pytest.raises(PrepareError, match=r"cold_items=0\.05 of 5 items rounds to 0 cold items"):
         generic(tmp_path, TARGETS_45, cold_items=0.05)
-    with pytest.raises(PrepareError, match=r"asks for 3 cold items, but only 2 of the 5 items are a valid or test"):
-        generic(tmp_path, TARGETS_45, cold_items=0.6)
     assert not (tmp_path / "ds").exists()
 
 
+def test_empty_cold_subset_is_an_error(tmp_path):
+    # seed 7 permutes items 1..5 as [3, 1, 5, 2, 4]: 0.4 makes items 3 and 1 cold, neither of them
+    # a valid/test target (only 4 and 5 are), so no valid/test row would have a cold target
+    assert np.random.default_rng(7).permutation(np.arange(1, 6)).tolist() == [3, 1, 5, 2, 4]
+    with pytest.raises(PrepareError, match=r"cold_items=0\.4 with seed 7: none of the 2 cold items \(of 5\) "
+                       r"is a valid or test target.*larger fraction or another --seed"):
+        generic(tmp_path, TARGETS_45, cold_items=0.4, seed=7)
+    assert not (tmp_path / "ds").exists()
+    # a larger fraction with the same seed adds item 5 (a superset), which is a target
+    manifest, ds = generic(tmp_path, TARGETS_45, cold_items=0.6, seed=7)
+    assert cold_set(ds) == {1, 3, 5}
+    assert (manifest["cold_items"]["valid_targets"], manifest["cold_items"]["test_targets"]) == (1, 2)
+    # so does another seed with the same fraction: seed 5 permutes them as [5, 4, 2, 3, 1]
+    assert np.random.default_rng(5).permutation(np.arange(1, 6)).tolist()[:2] == [5, 4]
+    assert cold_set(generic(tmp_path, TARGETS_45, name="s5", cold_items=0.4, seed=5)[1]) == {4, 5}
+
+
 def test_no_train_data_left_is_an_error(tmp_path):
-    # both users train on item 50 only, which is also a target (of user 2's test) and so may be cold
+    # both users train on item 50 only; 0.9 of the 3 items rounds to 3, so every item is cold
     data = "user_id,item_id,timestamp\n1,50,1\n1,40,2\n1,30,3\n2,50,1\n2,30,2\n2,50,3\n"
     with pytest.raises(PrepareError, match="every train interaction is of a cold item"):
         generic(tmp_path, data, cold_items=0.9, seed=0)

@@ -96,10 +96,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     split.add_argument(
         "--cold-items", type=_fraction, default=0.0, metavar="FRACTION",
         help="make round(FRACTION x items) items cold, 0 <= FRACTION < 1: chosen at random (--seed) "
-        "among the valid/test targets, they are removed from every train sequence and valid/test "
-        "history and remain only as targets; the valid/test rows with a cold target (column 'cold') "
-        "form the cold-start subset, reported separately by evaluation; train rows left empty are "
-        "dropped (default: %(default)s = none)",
+        "among all items, they are removed from every train sequence and valid/test history, so "
+        "only their text can represent them, and remain only as valid/test targets; the valid/test "
+        "rows with a cold target (column 'cold') form the cold-start subset, reported separately by "
+        "evaluation (an error if it is empty); train rows left empty are dropped "
+        "(default: %(default)s = none)",
     )
     split.add_argument(
         "--seed", type=_at_least(0), default=0,

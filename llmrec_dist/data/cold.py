@@ -1,11 +1,12 @@
 """The cold-item split (``prepare --cold-items FRACTION``): items only text can represent.
 
-A seeded random ``round(FRACTION · N)`` of the items that are some user's valid or test target
-become *cold*: they are removed from every input sequence (train sequences, and the histories of
-valid and test rows), so a model never sees their ids in training or as context, and stay only as
-valid/test targets. The valid/test rows whose target is cold form the cold-start subset that
-evaluation reports separately. Train rows left empty are dropped; valid and test keep one row per
-user. The choice is nested: with the same seed and data, a larger fraction holds a superset.
+A seeded random ``round(FRACTION · N)`` of all ``N`` items become *cold*: they are removed from
+every input sequence (train sequences, and the histories of valid and test rows), so a model never
+sees their ids in training or as context. A cold item that is some user's valid or test target stays
+only as that target; one that is not appears nowhere in the splits (only in ``items.parquet``). The
+valid/test rows whose target is cold form the cold-start subset that evaluation reports separately;
+it must not be empty. Train rows left empty are dropped; valid and test keep one row per user. The
+choice is nested: with the same seed and data, a larger fraction holds a superset.
 """
 
 from __future__ import annotations
@@ -35,29 +36,32 @@ def choose_cold_items(targets: np.ndarray, num_items: int, fraction: float, seed
                       source: str = "input") -> np.ndarray:
     """Bool mask over item_idx ``0..num_items``: ``round(fraction · num_items)`` cold items (half up).
 
-    They are drawn without replacement, by a ``numpy`` generator seeded with ``seed``, from the
-    distinct ``targets`` (the valid and test targets), so the cold subset is never empty.
+    They are drawn uniformly without replacement from all items ``1..num_items``: the first ones of
+    ``np.random.default_rng(seed).permutation`` of them, so a larger fraction with the same seed
+    gives a superset. ``targets`` (the valid and test targets) only serve to check that the
+    cold-start subset is not empty.
 
     Raises:
-        PrepareError: the fraction rounds to 0 items, or asks for more items than are targets.
+        PrepareError: the fraction rounds to 0 items, or none of the cold items is a valid or test
+            target (an empty cold-start subset).
     """
     mask = np.zeros(num_items + 1, dtype=bool)
     if fraction == 0:
         return mask
     wanted = math.floor(fraction * num_items + 0.5)
-    candidates = np.unique(np.asarray(targets, dtype=np.int64))
     if wanted == 0:
         raise PrepareError(
             source, None,
             f"cold_items={fraction} of {num_items} items rounds to 0 cold items; use at least "
             f"{0.5 / num_items:.3g} (or 0 for no cold items)")
-    if wanted > len(candidates):
+    chosen = np.random.default_rng(seed).permutation(np.arange(1, num_items + 1))[:wanted]
+    mask[chosen] = True
+    if not mask[np.asarray(targets, dtype=np.int64)].any():
         raise PrepareError(
             source, None,
-            f"cold_items={fraction} asks for {wanted} cold items, but only {len(candidates)} of the "
-            f"{num_items} items are a valid or test target (cold items are chosen among those)")
-    chosen = np.random.default_rng(seed).permutation(candidates)[:wanted]
-    mask[chosen] = True
+            f"cold_items={fraction} with seed {seed}: none of the {wanted} cold items (of {num_items}) "
+            f"is a valid or test target, so the cold-start subset would be empty; use a larger "
+            f"fraction or another --seed")
     return mask
 
 
@@ -118,7 +122,7 @@ def apply_cold_items(splits: dict[str, pa.Table], num_items: int, fraction: floa
     section = {
         "fraction": fraction,
         "seed": seed if fraction > 0 else None,
-        "chosen_from": "valid and test targets",
+        "chosen_from": "all items",
         "items": int(cold.sum()),
         "valid_targets": int(pc.sum(out["valid"].column("cold")).as_py() or 0),
         "test_targets": int(pc.sum(out["test"].column("cold")).as_py() or 0),

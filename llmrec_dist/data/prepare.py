@@ -283,15 +283,16 @@ def prepare_dataset(
         synthetic: Options of ``generate_synthetic`` (``n_users``, ``n_items``, ...).
         generic: Options of ``read_generic`` (``interactions``, ``items``, ``user_col``, ...).
         cold_items: Fraction in [0, 1) of the items to make cold (``llmrec_dist.data.cold``):
-            ``round(cold_items · N)`` items, chosen with ``seed`` among the valid/test targets,
-            are removed from every train sequence and valid/test history and stay only as
-            targets, flagged by the ``cold`` column of items, valid and test. 0 = none.
+            ``round(cold_items · N)`` items, chosen with ``seed`` among all N items, are
+            removed from every train sequence and valid/test history and stay only as
+            valid/test targets (the cold-start subset), flagged by the ``cold`` column of
+            items, valid and test. 0 = none.
 
     Raises:
         ValueError: bad arguments (unknown source, ``min_interactions < 3``, ...).
         FileExistsError: ``output`` exists and ``overwrite`` is false.
         PrepareError: malformed input, nothing left after filtering, or a ``cold_items``
-            fraction that gives no cold item, more cold items than targets, or no train data.
+            fraction that gives no cold item, no cold valid/test target, or no train data.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
