@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -119,9 +118,3 @@ class RunLogger:
             return
         self._client.log_artifact(self.run_id, str(path), artifact_path)
 
-
-def log_json_artifact(tracking_uri: str, run_id: str, data: dict, name: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_text(json.dumps(data, indent=2))
-        client(tracking_uri).log_artifact(run_id, str(path))
