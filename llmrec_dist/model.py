@@ -79,7 +79,7 @@ def build_backbone(kind: str, hidden: int, num_layers: int, num_heads: int, max_
         config = GPT2Config(
             vocab_size=1, n_positions=max_len, n_embd=hidden, n_layer=num_layers, n_head=num_heads,
             n_inner=4 * hidden, activation_function="gelu", resid_pdrop=dropout, embd_pdrop=dropout,
-            attn_pdrop=dropout, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+            attn_pdrop=dropout, bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=False,
         )
         backbone = GPT2Model(config)
         # The token table is never used (we pass inputs_embeds). Dropping it keeps DDP from waiting
