@@ -30,10 +30,11 @@ def resolve_model_folder(model: str, tracking_uri: str = "") -> Path:
         raise FileNotFoundError(f"{model}: not a folder and not an MLflow model URI (models:/NAME@ALIAS, runs:/…)")
     import mlflow
 
+    from llmrec_dist.registry.pyfunc import use_tracking_uri
     from llmrec_dist.tracking import resolve_tracking_uri
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+    with use_tracking_uri(resolve_tracking_uri(tracking_uri)):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
     return resolve_model_folder(str(local))
 
 

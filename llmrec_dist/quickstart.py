@@ -76,8 +76,10 @@ def run_quickstart(workdir: str | Path = "llmrec-quickstart", overrides: list[st
     import mlflow.pyfunc
     import pandas as pd
 
-    mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pyfunc.load_model(alias_uri)
+    from llmrec_dist.registry.pyfunc import use_tracking_uri
+
+    with use_tracking_uri(tracking_uri):  # no global MLflow setting leaks to the caller
+        model = mlflow.pyfunc.load_model(alias_uri)
     history = sample_history(str(data))
     top = model.predict(pd.DataFrame({"history": [history], "k": [5]})).iloc[0]
     items = read_items(str(data)).to_pydict()

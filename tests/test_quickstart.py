@@ -34,5 +34,8 @@ def test_quickstart_end_to_end(ray_cluster, tmp_path, monkeypatch):
     assert out["model_uri"] == "models:/llmrec-quickstart@champion"
     assert len(out["recommendations"]) == 5
     assert 0 < out["metrics"]["test_ndcg_at_10"] <= 1
+    import mlflow
+
+    assert mlflow.get_tracking_uri() != out["tracking_uri"], "the quickstart leaked its MLflow tracking URI"
     text = "\n".join(lines)
     assert "[4/4] top 5 from models:/llmrec-quickstart@champion" in text and "mlflow ui --backend-store-uri" in text

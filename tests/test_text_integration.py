@@ -113,8 +113,10 @@ def test_registered_lora_model_serves_like_the_evaluated_one(runs, cold_world):
     offline = evaluate_here(folder, str(data), "test", EvalConfig())
     assert offline["test_ndcg_at_10"] == pytest.approx(outcome.metrics["test_ndcg_at_10"], abs=1e-6)
     assert offline["test_cold_ndcg_at_10"] == pytest.approx(outcome.metrics["test_cold_ndcg_at_10"], abs=1e-6)
-    mlflow.set_tracking_uri(outcome.tracking_uri)
-    model = mlflow.pyfunc.load_model(outcome.model_uri)
+    from llmrec_dist.registry.pyfunc import use_tracking_uri
+
+    with use_tracking_uri(outcome.tracking_uri):
+        model = mlflow.pyfunc.load_model(outcome.model_uri)
     items = read_items(str(data)).column("item_id").to_pylist()
     out = model.predict(pd.DataFrame({"history": [items[:5]], "k": [7]}))
     assert len(out.iloc[0]["item_ids"]) == 7
