@@ -219,11 +219,14 @@ def uses_sampled_softmax(model_cfg: ModelConfig, loss: str) -> bool:
     return loss == "sampled"
 
 
-def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int = 0) -> SequenceRecommender:
+def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int = 0,
+                id_seen=None) -> SequenceRecommender:
     """Build the recommender described by ``cfg`` for a catalogue of ``num_items`` items.
 
     ``text``: the :class:`llmrec_dist.text_tower.TextFeatures` of the catalogue, required when
-    ``cfg.item_repr`` uses text. ``num_negatives`` > 0 trains with sampled softmax.
+    ``cfg.item_repr`` uses text. ``num_negatives`` > 0 trains with sampled softmax. ``id_seen``
+    (``id+text`` only): ``num_items + 1`` flags, false for items that never occur in a training
+    sequence; their ID vector is masked so that text alone represents them (default: all seen).
     """
     if cfg.item_repr == "id":
         items: ItemEncoder = IdItemEncoder(num_items, cfg.hidden_size)
@@ -233,7 +236,8 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
         if text is None:
             raise ValueError(f"model.item_repr={cfg.item_repr!r} needs the item texts' features")
         items = TextItemEncoder(text, num_items, cfg.hidden_size, use_id=cfg.item_repr == "id+text",
-                                fusion=cfg.fusion, pooling=cfg.text_pooling, freeze_k=cfg.freeze_k, lora_cfg=cfg)
+                                fusion=cfg.fusion, pooling=cfg.text_pooling, freeze_k=cfg.freeze_k, lora_cfg=cfg,
+                                id_seen=id_seen)
     else:
         raise ValueError(f"model.item_repr: unknown {cfg.item_repr!r}; valid: id, text, id+text")
     return SequenceRecommender(items, cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.dropout,

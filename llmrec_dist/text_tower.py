@@ -310,11 +310,16 @@ class TextItemEncoder(ItemEncoder):
 
     ``represent(ids)`` runs the tower only for the given items, so a trainable LM costs one pass over
     the items of a step, not over the catalogue. Items beyond the ID table (added to the catalogue
-    after training) get a zero ID vector, i.e. are represented by their text alone.
+    after training) get a zero ID vector, i.e. are represented by their text alone. So do items whose
+    ID was never trained (``id_seen`` false: no occurrence in a training sequence, e.g. the cold items
+    of ``prepare --cold-items``): under a full softmax their ID rows would only ever be pushed down as
+    negatives and would drown the text vector, so they are masked out (and receive no gradient).
+    ``id_seen`` is a persistent buffer, so checkpoints and registry packages carry it.
     """
 
     def __init__(self, features: TextFeatures, num_items: int, hidden_size: int, use_id: bool, fusion: str,
-                 pooling: str, freeze_k: int = 1, lora_cfg=None, chunk: int = 512):
+                 pooling: str, freeze_k: int = 1, lora_cfg=None, chunk: int = 512,
+                 id_seen: torch.Tensor | None = None):
         super().__init__()
         self.hidden_size = hidden_size
         self.strategy = features.strategy
@@ -349,6 +354,10 @@ class TextItemEncoder(ItemEncoder):
             with torch.no_grad():
                 self.id_embedding.weight[0].zero_()
             self.fusion = Fusion(fusion, hidden_size)
+            seen = torch.ones(num_items + 1, dtype=torch.bool) if id_seen is None else torch.as_tensor(id_seen)
+            if seen.shape != (num_items + 1,):
+                raise ValueError(f"id_seen must have num_items + 1 = {num_items + 1} flags, got {tuple(seen.shape)}")
+            self.register_buffer("id_seen", seen.to(torch.bool).clone())
 
     @property
     def trainable_lm(self) -> bool:
@@ -382,7 +391,8 @@ class TextItemEncoder(ItemEncoder):
             text = self.text_proj(self.text_norm(self._text(part).float()))
             if self.id_embedding is not None:
                 known = part <= self.num_id_items
-                id_vec = self.id_embedding(torch.where(known, part, 0)) * known.unsqueeze(-1)
+                rows = torch.where(known, part, 0)
+                id_vec = self.id_embedding(rows) * (known & self.id_seen[rows]).unsqueeze(-1)
                 text = self.fusion(id_vec, text)
             parts.append(text)
         return torch.cat(parts) if parts else self.text_proj.weight.new_zeros((0, self.hidden_size))

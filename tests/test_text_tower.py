@@ -207,10 +207,13 @@ def test_top_k_larger_than_the_encoder_is_refused(encoder):
         prepare_text_features(cfg_for(encoder, freeze="top_k", freeze_k=3), TEXTS)
 
 
-@pytest.mark.parametrize("item_repr", ["id", "text"])
-def test_a_cold_item_is_reachable_only_through_its_text(tmp_path, item_repr):
+@pytest.mark.parametrize("item_repr,mask_unseen", [("id", False), ("text", False), ("id+text", True),
+                                                   ("id+text", False)])
+def test_a_cold_item_is_reachable_only_through_its_text(tmp_path, item_repr, mask_unseen):
     """Item 20 never occurs in training but has the same text as item 5, which always follows item 4.
-    A text tower scores it like item 5; an ID model has learned nothing about it."""
+    A text tower scores it like item 5; an ID model has learned nothing about it. ``id+text`` reaches
+    it only because the never-trained ID row is masked (``id_seen``); left in, that row is pushed down
+    as a negative at every step and drowns the text."""
     words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa " \
             "quebec romeo sierra".split()
     texts = [f"{w} {w} {w}" for w in words] + ["echo echo echo"]
@@ -218,7 +221,10 @@ def test_a_cold_item_is_reachable_only_through_its_text(tmp_path, item_repr):
     cfg = ModelConfig(item_repr=item_repr, text_encoder=str(encoder), hidden_size=16, num_heads=2, num_layers=1,
                       max_len=8, dropout=0.0)
     torch.manual_seed(0)
-    model = build_model(cfg, 20, text=prepare_text_features(cfg, texts) if item_repr == "text" else None)
+    seen = np.array([False] + [True] * 19 + [not mask_unseen])
+    model = build_model(cfg, 20, text=prepare_text_features(cfg, texts) if item_repr != "id" else None,
+                        id_seen=torch.from_numpy(seen))
+    unseen_row = model.items.id_embedding.weight[20].detach().clone() if item_repr == "id+text" else None
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     rows = [[(s + i) % 19 + 1 for i in range(6)] for s in range(19)]  # cycles over items 1..19 only
     for _ in range(200):
@@ -232,5 +238,9 @@ def test_a_cold_item_is_reachable_only_through_its_text(tmp_path, item_repr):
     order = (scores[1:].argsort(descending=True) + 1).tolist()
     if item_repr == "text":  # the twins tie at the top
         assert set(order[:2]) == {5, 20} and scores[20].item() == pytest.approx(scores[5].item(), rel=1e-5)
+    elif mask_unseen:
+        assert order[:2] == [5, 20]
+        assert torch.equal(model.items.id_embedding.weight[20], unseen_row)  # masked: no gradient reached it
+        assert model.state_dict()["items.id_seen"].tolist() == seen.tolist()  # checkpoints carry the flags
     else:
         assert order[0] == 5 and order.index(20) > 1  # only ever a negative: nothing says 20 is like 5

@@ -202,6 +202,13 @@ def read_items(path: str | os.PathLike) -> pa.Table:
     return with_cold_column(pq.read_table(_join(path, ITEMS_FILE))).sort_by("item_idx")
 
 
+def items_seen_in_training(path: str | os.PathLike) -> np.ndarray:
+    """Bool flags over item_idx ``0..N``: the item occurs in some train sequence (popularity > 0).
+    Index 0 (padding) is false."""
+    popularity = pq.read_table(_join(path, ITEMS_FILE), columns=["item_idx", "popularity"]).sort_by("item_idx")
+    return np.concatenate([[False], popularity.column("popularity").to_numpy() > 0])
+
+
 def read_split(path: str | os.PathLike, split: str) -> pa.Table:
     """All part files of ``split`` concatenated in one table (small data, tests, evaluation)."""
     schema = SPLIT_SCHEMAS[split]

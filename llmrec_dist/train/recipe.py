@@ -28,7 +28,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from llmrec_dist.batching import cloze_batch, length_bucketed, next_item_batch
 from llmrec_dist.config import Config, config_from_dict
 from llmrec_dist.data.layout import num_items as manifest_num_items
-from llmrec_dist.data.layout import num_train_rows, read_manifest
+from llmrec_dist.data.layout import items_seen_in_training, num_train_rows, read_manifest
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import build_model, count_parameters, uses_sampled_softmax
 from llmrec_dist.text_tower import load_text_features
@@ -147,7 +147,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     random.seed(cfg.train.seed)
     text = load_text_features(cfg, manifest)
     num_negatives = cfg.train.num_negatives if uses_sampled_softmax(cfg.model, cfg.train.loss) else 0
-    model = build_model(cfg.model, n_items, text=text, num_negatives=num_negatives)
+    model = build_model(cfg.model, n_items, text=text, num_negatives=num_negatives,
+                        id_seen=items_seen_in_training(cfg.data.path))
     meta = {"model": cfg.to_dict()["model"], "num_items": n_items, "dataset_hash": manifest["content_hash"]}
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
     core = model.module if hasattr(model, "module") else model
