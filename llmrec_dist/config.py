@@ -133,7 +133,9 @@ class EvalConfig:
 @dataclass
 class ScalingConfig:
     num_workers: int = _f(2, "Ray Train workers (DDP processes).", check=_positive)
-    use_gpu: bool = _f(False, "One GPU per worker, NCCL and bf16 autocast.")
+    use_gpu: bool = _f(False, "Train on GPUs (scaling.gpus_per_worker each), NCCL and bf16 autocast.")
+    gpus_per_worker: float = _f(1.0, "GPUs reserved per worker when scaling.use_gpu (a fraction lets small "
+                                     "sweep trials share a GPU).", check=_positive)
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker. When llmrec_dist starts a local Ray it "
                                      "advertises enough logical CPUs that Ray Data keeps one free.",
                                 check=_positive)

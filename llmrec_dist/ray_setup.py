@@ -24,7 +24,10 @@ def local_cpus_needed(num_workers: int, cpus_per_worker: float) -> int:
     return max(os.cpu_count() or 1, math.ceil(num_workers * cpus_per_worker) + 1)
 
 
-def init_ray(num_workers: int, cpus_per_worker: float, use_gpu: bool = False) -> None:
+def init_ray(num_workers: int, cpus_per_worker: float, use_gpu: bool = False,
+             local_cpus: int | None = None) -> None:
+    """Connect to ``RAY_ADDRESS`` or start a local Ray advertising ``local_cpus`` logical CPUs
+    (default: enough for one run of ``num_workers`` workers, see :func:`local_cpus_needed`)."""
     import ray
 
     for key, value in WORKER_ENV.items():
@@ -36,7 +39,7 @@ def init_ray(num_workers: int, cpus_per_worker: float, use_gpu: bool = False) ->
         return
     # The dashboard (+2-3 s) serves the State API that Ray Train's placement-group cleaner polls;
     # without it the logs fill with "Failed to query Ray Train Controller actor state".
-    kwargs = {"num_cpus": local_cpus_needed(num_workers, cpus_per_worker),
+    kwargs = {"num_cpus": local_cpus or local_cpus_needed(num_workers, cpus_per_worker),
               "runtime_env": {"env_vars": dict(WORKER_ENV)}, "log_to_driver": True}
     if not use_gpu:
         kwargs["num_gpus"] = 0

@@ -3,28 +3,71 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from llmrec_dist.ray_setup import WORKER_ENV
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
     """One local Ray for the whole session (start-up dominates small tests).
 
     4 logical CPUs on a 2-core machine: two 1-CPU training workers plus room for Ray Data, as
-    llmrec_dist's own local start-up does.
+    llmrec_dist's own local start-up does. Started with `ray start` on a known port so that every Ray
+    process gets RAY_ADDRESS: Ray Train's placement-group cleaner (which frees the resources of a sweep
+    trial that ASHA killed) finds its cluster through the State API, and without RAY_ADDRESS it gives
+    up when another Ray instance runs on the same machine.
     """
     import ray
 
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=4, num_gpus=0,
-             runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    address = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "RAY_ADDRESS": address}
+    log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")
+    # Every port chosen free, so that another Ray on the machine (a benchmark, say) does not collide.
+    ports = [f"--{name}-port={_free_port()}" for name in (
+        "dashboard", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export",
+        "ray-client-server")]
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--node-ip-address=127.0.0.1",
+         f"--port={address.split(':')[1]}", *ports, "--num-cpus=4", "--num-gpus=0", "--disable-usage-stats",
+         "--block"],
+        env={**env, "RAY_AUTH_MODE": "disabled"}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                ray.init(address=address, runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": address}},
+                         log_to_driver=False)
+                break
+            except ConnectionError:
+                if time.time() > deadline or head.poll() is not None:
+                    raise
+                time.sleep(1)
+        yield ray
+    finally:
+        ray.shutdown()
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
 
 
 @pytest.fixture(scope="session")

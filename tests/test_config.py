@@ -15,6 +15,12 @@ def test_every_shipped_config_is_valid(path):
     text = path.read_text()
     assert text.startswith("#") and "llmrec-dist" in text.splitlines()[0] + text.splitlines()[1], \
         "each config starts with a comment showing the command that runs it"
+    if "\nsearch:" in text:  # a sweep file: a training config plus a `search` section
+        from llmrec_dist.sweep.search import load_sweep
+
+        sweep = load_sweep(str(path), ["data.path=/some/dataset"])
+        assert sweep.base.data.path == "/some/dataset" and sweep.search.num_trials() >= 4
+        return
     cfg = load_config(path, ["data.path=/some/dataset"])
     assert cfg.data.path == "/some/dataset"
 

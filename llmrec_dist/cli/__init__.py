@@ -7,11 +7,11 @@ import logging
 import sys
 
 from llmrec_dist import __version__
-from llmrec_dist.cli import evaluate, prepare, quickstart, recommend, train
+from llmrec_dist.cli import evaluate, prepare, quickstart, recommend, train, tune
 from llmrec_dist.config import ConfigError
 
 VERBS = {"prepare": prepare, "train": train, "evaluate": evaluate, "recommend": recommend,
-         "quickstart": quickstart}
+         "tune": tune, "quickstart": quickstart}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,8 +32,9 @@ class TrainOutcome:
     seconds: float = 0.0
 
 
-def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str):
-    """The TorchTrainer for ``cfg``: train split streamed through Ray Data, evaluation splits read per rank."""
+def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, callbacks: list | None = None):
+    """The TorchTrainer for ``cfg``: train split streamed through Ray Data, evaluation splits read per rank.
+    ``callbacks``: Ray Train callbacks (a sweep passes Tune's report callback)."""
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -46,7 +47,7 @@ def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str):
         train_ds = train_ds.materialize()
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = cfg.scaling.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri},
@@ -61,6 +62,7 @@ def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str):
                                                checkpoint_score_attribute=cfg.selection_metric(),
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=1),
+            callbacks=callbacks,
         ),
     )
 
@@ -76,7 +78,7 @@ def train(cfg: Config) -> TrainOutcome:
                        tags={"llmrec.dataset_hash": manifest["content_hash"],
                              "llmrec.source": str(manifest["source"].get("type", ""))})
     try:
-        _build_text_cache(cfg)
+        build_text_cache(cfg)
         init_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
         trainer = build_trainer(cfg, run_id, tracking_uri, run_name=f"train-{run_id[:12]}")
         result = trainer.fit()
@@ -94,7 +96,7 @@ def train(cfg: Config) -> TrainOutcome:
     return outcome
 
 
-def _build_text_cache(cfg: Config) -> None:
+def build_text_cache(cfg: Config) -> None:
     """Compute the frozen LM's item embeddings (or lower-layer outputs for top_k) once, on the driver,
     so that the workers load them instead of each running the LM over the catalogue."""
     if cfg.model.item_repr == "id" or cfg.model.freeze not in ("frozen", "top_k"):

@@ -228,7 +228,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                                           "scheduler": scheduler.state_dict(),
                                           "torch_rng": torch.get_rng_state()})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "best_epoch": best_epoch}, checkpoint=checkpoint)
+            # epochs_done (1-based) is the time axis of a sweep's ASHA scheduler (llmrec_dist.sweep).
+            ray.train.report({**metrics, "best_epoch": best_epoch, "epochs_done": epoch + 1}, checkpoint=checkpoint)
         log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if stop:
             break

@@ -1,0 +1,438 @@
+"""Driver side of a sweep: size the trials to the cluster, run Ray Tune, then report and register.
+
+    check resources → parent MLflow run → Tuner(run_trial × search space, ASHA).fit()
+      → tag each child run (completed / early_stopped / failed) → results table + plots on the parent
+      → best trial: test metrics, pyfunc in its child run, register, gate the alias → parent FINISHED
+
+Sweep folder (``search.storage_path/<name>``)::
+
+    sweep.json     parent run id, tracking URI, the validated sweep config: what --resume needs
+    tune/          Ray Tune's experiment state
+    trials/<id>/   each trial's Ray Train run (checkpoints)
+
+Resuming (``--resume <folder>``) restores Tune's state: finished trials are not run again, trials that
+were running restart from their last Train checkpoint into the same child run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmrec_dist.config import ConfigError, absolute
+from llmrec_dist.sweep.search import SweepConfig, sweep_from_dict
+from llmrec_dist.sweep.trial import TAG_STATUS, TAG_SWEEP, find_child_run, run_trial
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "sweep.json"
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot run as asked (resources, an existing or missing sweep folder)."""
+
+
+# ----------------------------------------------------------------------------------------- resources
+@dataclass
+class ResourcePlan:
+    concurrency: int
+    trial_cpus: float                # driver + workers
+    trial_gpus: float
+    local_cpus: int | None = None    # logical CPUs for a local Ray we start (None: joining a cluster)
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_resources(sweep: SweepConfig, capacity: dict) -> ResourcePlan:
+    """How many trials run at once on ``capacity`` ({"CPU", "GPU", "node_CPU", "node_GPU", "local"}).
+
+    Refuses (SweepError) a trial larger than the cluster or a worker larger than any node. On an
+    existing cluster one CPU is left to Ray Data's read tasks when the cluster has it (without it the
+    read starves: ../shared/STACK-NOTES.md); a local Ray is started with enough logical CPUs for the
+    trials plus one.
+    """
+    s, search = sweep.base.scaling, sweep.search
+    worker_cpus = s.num_workers * s.cpus_per_worker
+    trial_cpus = worker_cpus + search.trial_driver_cpus
+    trial_gpus = s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0
+    ask = (f"a trial asks for {s.num_workers} worker(s) x {s.cpus_per_worker:g} CPU"
+           + (f" + {s.gpus_per_worker:g} GPU" if s.use_gpu else "")
+           + f" + {search.trial_driver_cpus:g} CPU for its driver")
+    hint = "; lower scaling.num_workers / scaling.cpus_per_worker or use a bigger cluster"
+    if capacity.get("local"):
+        cpus_limit = capacity["CPU"]
+        if worker_cpus > cpus_limit:
+            raise SweepError(f"{ask}, but this machine has {cpus_limit:g} CPUs{hint}")
+    else:
+        if trial_cpus > capacity["CPU"]:
+            raise SweepError(f"{ask}, but the cluster has {capacity['CPU']:g} CPUs{hint}")
+        if s.cpus_per_worker > capacity.get("node_CPU", capacity["CPU"]):
+            raise SweepError(f"{ask}, but no node has more than {capacity['node_CPU']:g} CPUs{hint}")
+    if trial_gpus > capacity.get("GPU", 0):
+        raise SweepError(f"{ask}, but the cluster has {capacity.get('GPU', 0):g} GPUs; set scaling.use_gpu=false "
+                         "or add GPU nodes")
+    if s.use_gpu and s.gpus_per_worker > capacity.get("node_GPU", capacity.get("GPU", 0)):
+        raise SweepError(f"{ask}, but no node has {s.gpus_per_worker:g} GPUs")
+
+    notes = []
+    if capacity.get("local"):
+        fits = max(1, math.floor(capacity["CPU"] / worker_cpus))
+    else:
+        spare = capacity["CPU"] - trial_cpus
+        reserve = 1.0 if spare >= 1.0 else 0.0
+        if reserve == 0:
+            notes.append("no CPU is left for Ray Data beside one trial; its read may be slow")
+        fits = max(1, math.floor((capacity["CPU"] - reserve) / trial_cpus))
+    if trial_gpus:
+        fits = min(fits, max(1, math.floor(capacity["GPU"] / trial_gpus)))
+    wanted = search.max_concurrent_trials or fits
+    concurrency = max(1, min(wanted, fits, search.num_trials()))
+    if search.max_concurrent_trials > fits:
+        notes.append(f"search.max_concurrent_trials={search.max_concurrent_trials} does not fit; "
+                     f"running {concurrency} at once")
+    local_cpus = math.ceil(concurrency * trial_cpus) + 1 if capacity.get("local") else None
+    return ResourcePlan(concurrency, trial_cpus, trial_gpus, local_cpus, notes)
+
+
+def cluster_capacity() -> dict:
+    """What trials can use: the running Ray cluster's resources, or this machine for a local Ray."""
+    import ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        if not ray.is_initialized():
+            from llmrec_dist.ray_setup import init_ray
+
+            init_ray(1, 1)
+        total = ray.cluster_resources()
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        return {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0),
+                "node_CPU": max((n.get("CPU", 0.0) for n in nodes), default=0.0),
+                "node_GPU": max((n.get("GPU", 0.0) for n in nodes), default=0.0), "local": False}
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count()), "local": True}
+
+
+# ----------------------------------------------------------------------------------------- state
+def _write_state(folder: str, state: dict) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{STATE_FILE}") as out:
+        out.write(json.dumps(state, indent=2).encode())
+
+
+def read_state(folder: str) -> dict:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+    try:
+        with fs.open_input_stream(f"{path}/{STATE_FILE}") as src:
+            return json.loads(src.read().decode())
+    except (FileNotFoundError, OSError):
+        raise SweepError(f"{folder}: no {STATE_FILE} here; --resume takes the sweep folder that a "
+                         "previous `llmrec-dist tune` printed") from None
+
+
+def _exists(folder: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+# ----------------------------------------------------------------------------------------- Tune
+def param_space(sweep: SweepConfig) -> dict:
+    """The search space as Tune distributions, nested by config section."""
+    from ray import tune
+
+    makers = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint,
+              "choice": lambda *v: tune.choice(list(v)), "grid": lambda *v: tune.grid_search(list(v))}
+    space: dict = {}
+    for dotted, spec in sweep.search.space.items():
+        (kind, args), = spec.items()
+        section, key = dotted.split(".", 1)
+        space.setdefault(section, {})[key] = makers[kind](*args)
+    return space
+
+
+def _trainable(context: dict, driver_cpus: float):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(run_trial, sweep=context), {"cpu": driver_cpus})
+
+
+def _tuner(sweep: SweepConfig, context: dict, plan: ResourcePlan, folder: str, resume: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    trainable = _trainable(context, sweep.search.trial_driver_cpus)
+    tune_path = f"{folder}/{TUNE_DIR}"
+    if resume:
+        if not tune.Tuner.can_restore(tune_path):
+            raise SweepError(f"{folder}: the sweep stopped before Ray Tune saved any state; start it again "
+                             "without --resume")
+        return tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
+    search = sweep.search
+    scheduler = None
+    if search.scheduler == "asha":
+        # epochs_done is 1-based and reported every epoch (not by the final test report). Rungs stop
+        # short of the last epoch (max_t = epochs - 1, stop_last_trials=False), so a trial that reaches
+        # its last epoch always finishes with its test evaluation and final checkpoint.
+        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=sweep.base.train.epochs - 1,
+                                  grace_period=search.grace_period, reduction_factor=search.reduction_factor,
+                                  stop_last_trials=False)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(sweep),
+        tune_config=tune.TuneConfig(metric=search.metric, mode="max", scheduler=scheduler,
+                                    num_samples=search.num_samples,
+                                    # Tune ignores max_concurrent_trials when given a search_alg.
+                                    search_alg=BasicVariantGenerator(random_state=search.seed,
+                                                                     max_concurrent=plan.concurrency)),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=folder, verbose=1),
+    )
+
+
+# ----------------------------------------------------------------------------------------- results
+@dataclass
+class TrialRow:
+    trial_id: str
+    run_id: str | None
+    status: str                      # completed | early_stopped | failed | incomplete
+    params: dict
+    best_value: float
+    epochs: int
+    history: list[tuple[int, float]]  # (epochs_done, metric)
+    metrics: dict
+    checkpoint_path: str | None
+
+
+def trial_rows(results, sweep: SweepConfig, parent_run_id: str, tracking_uri: str, experiment_id: str) -> list[TrialRow]:
+    from llmrec_dist.sweep.trial import flatten
+
+    metric = sweep.search.metric
+    rows = []
+    for result in results:
+        metrics = dict(result.metrics or {})
+        frame = result.metrics_dataframe
+        trial_id = metrics.get("trial_id") or (str(frame["trial_id"].iloc[-1]) if frame is not None and
+                                               "trial_id" in frame and len(frame) else "")
+        history, checkpoint = [], None
+        if frame is not None and len(frame):
+            if "epochs_done" in frame and metric in frame:
+                per_epoch = frame[frame["epochs_done"].notna()]
+                history = [(int(e), float(v)) for e, v in zip(per_epoch["epochs_done"], per_epoch[metric])]
+            if "checkpoint_path" in frame:
+                paths = frame["checkpoint_path"].dropna()
+                checkpoint = str(paths.iloc[-1]) if len(paths) else None
+        if result.error is not None:
+            status = "failed"
+        elif metrics.get("final"):
+            status = "completed"
+        elif history:
+            status = "early_stopped" if history[-1][0] < sweep.base.train.epochs else "incomplete"
+        else:
+            status = "incomplete"
+        values = [v for _, v in history] + ([metrics[metric]] if status == "completed" and metric in metrics else [])
+        params = {k: v for k, v in flatten(result.config or {}).items() if k in sweep.search.space}
+        run_id = find_child_run(tracking_uri, experiment_id, parent_run_id, trial_id) if trial_id else None
+        rows.append(TrialRow(trial_id, run_id, status, params, max(values) if values else float("nan"),
+                             len(history), history, metrics, checkpoint))
+    rows.sort(key=lambda r: (math.isnan(r.best_value), -r.best_value if not math.isnan(r.best_value) else 0))
+    return rows
+
+
+def _close_child_runs(rows: list[TrialRow], tracking_uri: str) -> None:
+    """Every child run ends with the status Tune saw (a trial killed by ASHA cannot do it itself)."""
+    from llmrec_dist.tracking import client
+
+    c = client(tracking_uri)
+    for row in rows:
+        if not row.run_id:
+            continue
+        c.set_tag(row.run_id, TAG_STATUS, row.status)
+        status = {"failed": "FAILED", "incomplete": "KILLED"}.get(row.status, "FINISHED")
+        c.set_terminated(row.run_id, status)
+
+
+# ----------------------------------------------------------------------------------------- run
+@dataclass
+class SweepOutcome:
+    folder: str
+    parent_run_id: str
+    tracking_uri: str
+    rows: list[TrialRow]
+    best: TrialRow | None
+    test_metrics: dict = field(default_factory=dict)
+    model_uri: str = ""
+    registration: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    plan: ResourcePlan | None = None
+
+
+def _absolute_paths(raw: dict) -> dict:
+    raw = json.loads(json.dumps(raw))
+    data = raw.setdefault("data", {})
+    if data.get("path"):
+        data["path"] = absolute(str(data["path"]))
+    return raw
+
+
+def run_sweep(sweep: SweepConfig | None = None, resume: str | None = None) -> SweepOutcome:
+    """Run a new sweep (``sweep``) or continue an interrupted one (``resume``: its folder)."""
+    from llmrec_dist.data.layout import read_manifest, verify_dataset
+    from llmrec_dist.ray_setup import init_ray
+    from llmrec_dist.tracking import client, end_run, ensure_experiment, resolve_tracking_uri, start_run
+
+    started = time.perf_counter()
+    if resume:
+        folder = absolute(resume.rstrip("/"))
+        state = read_state(folder)
+        sweep = sweep_from_dict(state["config"], state.get("source", folder))
+        tracking_uri, parent_run_id = state["tracking_uri"], state["parent_run_id"]
+    else:
+        if sweep is None:
+            raise ValueError("run_sweep needs a sweep config or a folder to resume")
+        raw = _absolute_paths(sweep.to_dict())
+        sweep = sweep_from_dict(raw, sweep.source)
+        name = sweep.search.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+        folder = f"{absolute(sweep.search.storage_path)}/{name}"
+        if _exists(folder):
+            raise SweepError(f"{folder} already exists: continue it with --resume {folder}, or set "
+                             "search.name to start a new sweep")
+        tracking_uri = resolve_tracking_uri(sweep.base.mlflow.tracking_uri)
+        parent_run_id = ""
+    cfg = sweep.base
+    manifest = verify_dataset(cfg.data.path) if cfg.data.verify_hash else read_manifest(cfg.data.path)
+
+    plan = plan_resources(sweep, cluster_capacity())
+    for note in plan.notes:
+        log.warning("%s", note)
+    init_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, local_cpus=plan.local_cpus)
+
+    experiment_id = ensure_experiment(tracking_uri, cfg.mlflow.experiment)
+    if not resume:
+        parent_run_id = start_run(tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name or name,
+                                  tags={TAG_SWEEP: name, "llmrec.dataset_hash": manifest["content_hash"],
+                                        "llmrec.sweep_folder": folder})
+        _write_state(folder, {"parent_run_id": parent_run_id, "tracking_uri": tracking_uri, "name": name,
+                              "experiment": cfg.mlflow.experiment, "config": sweep.to_dict(),
+                              "source": sweep.source})
+        _log_parent_setup(tracking_uri, parent_run_id, sweep, plan)
+    else:
+        name = state["name"]
+        client(tracking_uri).set_terminated(parent_run_id, "RUNNING")
+    log.info("sweep %s: %d trial(s), %d at once, each %g CPU%s; folder %s", name, sweep.search.num_trials(),
+             plan.concurrency, plan.trial_cpus, f" + {plan.trial_gpus:g} GPU" if plan.trial_gpus else "", folder)
+    context = {"config": sweep.to_dict(), "source": sweep.source, "tracking_uri": tracking_uri,
+               "experiment": cfg.mlflow.experiment, "parent_run_id": parent_run_id, "name": name,
+               "trials_path": f"{folder}/{TRIALS_DIR}"}
+    try:
+        results = _tuner(sweep, context, plan, folder, resume=bool(resume)).fit()
+        rows = trial_rows(results, sweep, parent_run_id, tracking_uri, experiment_id)
+        _close_child_runs(rows, tracking_uri)
+        outcome = SweepOutcome(folder, parent_run_id, tracking_uri, rows, None, plan=plan)
+        _report(outcome, sweep)
+        _publish_best(outcome, sweep, manifest)
+    except BaseException:
+        end_run(tracking_uri, parent_run_id, "FAILED")
+        raise
+    outcome.seconds = time.perf_counter() - started
+    client(tracking_uri).log_metric(parent_run_id, "sweep_seconds", outcome.seconds)
+    end_run(tracking_uri, parent_run_id, "FINISHED")
+    return outcome
+
+
+def _log_parent_setup(tracking_uri: str, run_id: str, sweep: SweepConfig, plan: ResourcePlan) -> None:
+    from llmrec_dist.tracking import RunLogger
+
+    logger = RunLogger(tracking_uri, run_id)
+    s = sweep.search
+    logger.params({"search.space": json.dumps(s.space), "search.num_samples": s.num_samples,
+                   "search.metric": s.metric, "search.scheduler": s.scheduler,
+                   "search.grace_period": s.grace_period, "search.reduction_factor": s.reduction_factor,
+                   "search.max_concurrent_trials": s.max_concurrent_trials, "search.seed": s.seed,
+                   "sweep.num_trials": s.num_trials(), "sweep.concurrency": plan.concurrency,
+                   "sweep.trial_cpus": plan.trial_cpus, "sweep.trial_gpus": plan.trial_gpus,
+                   **{k: v for k, v in sweep.base.flat().items() if k not in s.space}})
+    logger.yaml(sweep.to_dict(), "sweep.yaml")
+
+
+def _report(outcome: SweepOutcome, sweep: SweepConfig) -> None:
+    from llmrec_dist.sweep.report import results_csv, results_markdown, write_plots
+    from llmrec_dist.tracking import RunLogger
+
+    logger = RunLogger(outcome.tracking_uri, outcome.parent_run_id)
+    rows, metric = outcome.rows, sweep.search.metric
+    logger.text(results_csv(rows, sweep), "results.csv")
+    logger.text(results_markdown(rows, sweep), "results.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in write_plots(rows, sweep, Path(tmp)):
+            logger.file(path)
+    counts = {status: sum(r.status == status for r in rows)
+              for status in ("completed", "early_stopped", "failed", "incomplete")}
+    logger.metrics({f"trials_{k}": v for k, v in counts.items()}, step=0)
+    scored = [r for r in rows if not math.isnan(r.best_value) and r.checkpoint_path]
+    outcome.best = scored[0] if scored else None
+    if outcome.best is None:
+        raise SweepError(f"no trial reported {metric} with a checkpoint; see the trials' errors above")
+
+
+def _best_folder(row: TrialRow, tmp: Path) -> Path:
+    """A final-style checkpoint folder of the best trial (``model.safetensors`` = its best weights)."""
+    import shutil
+
+    from ray.train import Checkpoint
+
+    from llmrec_dist.train import checkpoint as ckpt
+
+    local = tmp / "checkpoint"
+    Checkpoint(row.checkpoint_path).to_directory(str(local))
+    if row.status != "completed":  # stopped early: the last epoch's checkpoint holds the best so far apart
+        shutil.copyfile(local / ckpt.BEST_FILE, local / ckpt.MODEL_FILE)
+    return local
+
+
+def _publish_best(outcome: SweepOutcome, sweep: SweepConfig, manifest: dict) -> None:
+    """Test metrics of the best trial, its pyfunc in its child run, registration behind the alias gate."""
+    from llmrec_dist.offline_eval import evaluate_here
+    from llmrec_dist.registry.package import build_model_package
+    from llmrec_dist.registry.promotion import register_and_promote
+    from llmrec_dist.registry.pyfunc import log_model_package
+    from llmrec_dist.tracking import RunLogger, client
+
+    best, cfg, metric = outcome.best, sweep.base, sweep.search.metric
+    parent = RunLogger(outcome.tracking_uri, outcome.parent_run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _best_folder(best, Path(tmp))
+        test = {k: v for k, v in best.metrics.items() if k.startswith("test_")}
+        if not test:
+            test = evaluate_here(folder, cfg.data.path, "test", cfg.eval)
+            RunLogger(outcome.tracking_uri, best.run_id).metrics(test, step=0)
+        outcome.test_metrics = test
+        package = build_model_package(folder, cfg.data.path, Path(tmp) / "package", cfg.eval)
+        outcome.model_uri = log_model_package(package, outcome.tracking_uri, best.run_id)
+    parent.metrics({f"best_{metric}": best.best_value, **{f"best_{k}": v for k, v in test.items()}}, step=0)
+    c = client(outcome.tracking_uri)
+    for key, value in {"llmrec.best_trial_id": best.trial_id, "llmrec.best_run_id": best.run_id,
+                       "llmrec.best_params": json.dumps(best.params), "llmrec.best_model_uri": outcome.model_uri}.items():
+        c.set_tag(outcome.parent_run_id, key, value)
+    if cfg.mlflow.registered_model:
+        reg = register_and_promote(outcome.tracking_uri, best.run_id, outcome.model_uri, cfg.mlflow.registered_model,
+                                   cfg.mlflow.alias, metric, best.best_value, manifest["content_hash"])
+        outcome.registration = reg
+        c.set_tag(outcome.parent_run_id, "llmrec.registered_version", str(reg["version"]))
+        c.set_tag(outcome.parent_run_id, "llmrec.promoted", str(reg["promoted"]).lower())
+
+
+__all__ = ["ConfigError", "SweepError", "SweepOutcome", "plan_resources", "run_sweep", "read_state"]

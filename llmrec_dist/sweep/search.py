@@ -1,0 +1,275 @@
+"""The ``search`` section of a sweep file: what to vary, how to schedule, where to keep the sweep.
+
+A sweep file is a training config (see :mod:`llmrec_dist.config`) plus a ``search`` section::
+
+    search:
+      space:                      # dotted config key -> one distribution
+        train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+        model.freeze: {grid: [frozen, lora]}
+        model.lora_r: {choice: [4, 8, 16]}
+      num_samples: 2              # samples of the random keys per grid point
+      metric: valid_ndcg_at_10    # maximised; also the champion gate's metric
+      scheduler: asha             # or none
+      grace_period: 1
+      max_concurrent_trials: 2
+
+Distributions: ``loguniform: [lo, hi]`` and ``uniform: [lo, hi]`` (floats), ``randint: [lo, hi]``
+(integers lo..hi-1), ``choice: [v, ...]`` (sampled) and ``grid: [v, ...]`` (every value, times
+num_samples). Every value a distribution can produce is checked against the training config's types
+and ranges before anything starts, and errors name the dotted key (``search.space.train.lr: ...``).
+Each trial's resources are the config's ``scaling`` section, so ``scaling.*`` cannot be searched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmrec_dist.config import (
+    Config,
+    ConfigError,
+    _unknown,
+    apply_overrides,
+    config_from_dict,
+    load_raw_yaml,
+)
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+# Fixed for a whole sweep: resources are sized once, and every trial must log to the sweep's experiment.
+NOT_SEARCHABLE = ("scaling.", "mlflow.", "data.path", "train.storage_path")
+
+
+@dataclass
+class SearchConfig:
+    space: dict[str, dict[str, list]] = field(default_factory=dict)
+    num_samples: int = 1
+    metric: str = ""                 # "" = the training config's selection metric (valid_<eval.metric>)
+    scheduler: str = "asha"          # asha | none
+    grace_period: int = 1            # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: float = 2.0    # ASHA: keep the top 1/reduction_factor at each rung
+    max_concurrent_trials: int = 0   # 0 = as many as the cluster fits
+    trial_driver_cpus: float = 0.1   # CPU of each trial's driver (the Tune function); workers are extra
+    storage_path: str = "llmrec_sweeps"
+    name: str = ""                   # sweep folder under storage_path; "" = sweep-<time>
+    seed: int = 0                    # seeds the sampling of the random distributions
+
+    def grid_size(self) -> int:
+        return math.prod(len(spec["grid"]) for spec in self.space.values() if "grid" in spec) or 1
+
+    def num_trials(self) -> int:
+        return self.grid_size() * self.num_samples
+
+
+_DOCS = {
+    "space": "dotted config key -> {loguniform|uniform|randint: [lo, hi]} or {choice|grid: [values]}",
+    "num_samples": "samples of the random distributions per grid point (trials = grid points x num_samples)",
+    "metric": "validation metric maximised by the sweep and by the champion gate (default valid_<eval.metric>)",
+    "scheduler": "'asha' (stop weak trials early) or 'none'",
+    "grace_period": "ASHA: epochs a trial runs before it can be stopped",
+    "reduction_factor": "ASHA: at each rung only the top 1/reduction_factor continue",
+    "max_concurrent_trials": "trials at once (0 = as many as the cluster fits)",
+    "trial_driver_cpus": "CPUs held by each trial's driver process (> 0; workers hold scaling.cpus_per_worker)",
+    "storage_path": "folder or URI under which the sweep keeps its state, trials and checkpoints",
+    "name": "the sweep's folder name under storage_path ('' = sweep-<date>-<time>)",
+    "seed": "seed of the random sampling",
+}
+
+
+def describe_search() -> str:
+    return "\n".join(f"  search.{k}: {v}" for k, v in _DOCS.items())
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _check_spec(key: str, spec: Any, problems: list[str]) -> dict[str, list] | None:
+    where = f"search.space.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        problems.append(f"{where}: expected one distribution, e.g. {{loguniform: [1.0e-4, 1.0e-2]}} or "
+                        f"{{choice: [a, b]}}; got {spec!r}")
+        return None
+    (kind, args), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        problems.append(f"{where}: unknown distribution {kind!r}; valid: {', '.join(DISTRIBUTIONS)}")
+        return None
+    if not isinstance(args, list) or not args:
+        problems.append(f"{where}.{kind}: expected a non-empty list; got {args!r}")
+        return None
+    if kind in ("choice", "grid"):
+        return {kind: list(args)}
+    if len(args) != 2:
+        problems.append(f"{where}.{kind}: expected [low, high]; got {args!r}")
+        return None
+    lo, hi = (_number(a) for a in args)
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        problems.append(f"{where}.{kind}: low and high must be numbers; got {args!r}")
+        return None
+    if not lo < hi:
+        problems.append(f"{where}.{kind}: low must be < high; got {args!r}")
+        return None
+    if kind == "loguniform" and lo <= 0:
+        problems.append(f"{where}.loguniform: low must be > 0; got {args!r}")
+        return None
+    if kind == "randint":
+        if not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
+            problems.append(f"{where}.randint: low and high must be integers; got {args!r}")
+            return None
+        return {kind: [int(lo), int(hi)]}
+    return {kind: [lo, hi]}
+
+
+def candidate_values(spec: dict[str, list]) -> list:
+    """Values to check a distribution with: every listed value, or both ends of a range."""
+    (kind, args), = spec.items()
+    if kind == "randint":
+        return [args[0], args[1] - 1]
+    return list(args)
+
+
+def _set(raw: dict, dotted: str, value: Any) -> dict:
+    out = copy.deepcopy(raw)
+    section, key = dotted.split(".", 1)
+    out.setdefault(section, {})[key] = value
+    return out
+
+
+def parse_search(raw: Any, train_raw: dict, source: str = "") -> SearchConfig:
+    """Validate the ``search`` mapping against the training config it extends (all problems at once)."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError([f"search: expected a mapping (space, num_samples, metric, ...); got {raw!r}"], source)
+    fields = {f.name for f in dataclasses.fields(SearchConfig)}
+    for key in raw:
+        if key not in fields:
+            problems.append(_unknown(str(key), sorted(fields), "search."))
+    kwargs: dict[str, Any] = {}
+    scalar_types = {"num_samples": int, "grace_period": int, "max_concurrent_trials": int, "seed": int,
+                    "reduction_factor": float, "trial_driver_cpus": float,
+                    "metric": str, "scheduler": str, "storage_path": str, "name": str}
+    for key, tp in scalar_types.items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        ok = (isinstance(value, tp) and not isinstance(value, bool)) or (tp is float and _number(value) is not None)
+        if not ok:
+            kind = {int: "an integer", float: "a number", str: "a string"}[tp]
+            problems.append(f"search.{key}: expected {kind}; got {value!r}")
+            continue
+        kwargs[key] = float(value) if tp is float else value
+    search = SearchConfig(**{k: v for k, v in kwargs.items()})
+    if search.num_samples < 1:
+        problems.append(f"search.num_samples: must be >= 1; got {search.num_samples}")
+    if search.grace_period < 1:
+        problems.append(f"search.grace_period: must be >= 1; got {search.grace_period}")
+    if search.reduction_factor <= 1:
+        problems.append(f"search.reduction_factor: must be > 1; got {search.reduction_factor}")
+    if search.max_concurrent_trials < 0:
+        problems.append(f"search.max_concurrent_trials: must be >= 0 (0 = as many as fit); "
+                        f"got {search.max_concurrent_trials}")
+    if search.trial_driver_cpus <= 0:
+        problems.append(f"search.trial_driver_cpus: must be > 0 (Ray refuses 0 for a trial); "
+                        f"got {search.trial_driver_cpus}")
+    if search.scheduler not in ("asha", "none"):
+        problems.append(f"search.scheduler: expected 'asha' or 'none'; got {search.scheduler!r}")
+    if search.name and ("/" in search.name or search.name.startswith(".")):
+        problems.append(f"search.name: a plain folder name (no '/', not starting with '.'); got {search.name!r}")
+
+    # The base config must be valid by itself (its errors keep their own dotted keys).
+    try:
+        base = config_from_dict(train_raw, source)
+    except ConfigError as err:
+        problems.extend(err.problems)
+        raise ConfigError(problems, source) from None
+    if search.scheduler == "asha" and search.grace_period >= base.train.epochs:
+        problems.append(f"search.grace_period: must be < train.epochs ({base.train.epochs}) for ASHA to stop a "
+                        f"trial before its last epoch; got {search.grace_period} (or set search.scheduler=none)")
+    if not search.metric:
+        search.metric = base.selection_metric()
+    names = {f"valid_{m}_at_{k}" for m in ("hr", "ndcg", "mrr") for k in base.eval.ks}
+    if search.metric not in names:
+        problems.append(f"search.metric: expected one of {', '.join(sorted(names))}; got {search.metric!r}")
+
+    space = raw.get("space")
+    if not isinstance(space, dict) or not space:
+        problems.append("search.space: expected a mapping of dotted config keys to distributions, "
+                        "e.g. {train.lr: {loguniform: [1.0e-4, 1.0e-2]}}")
+        space = {}
+    valid_keys = [f"{s}.{k}" for s, values in base.to_dict().items() for k in values]
+    for key, spec in space.items():
+        key = str(key)
+        if key not in valid_keys:
+            problems.append(_unknown(key, valid_keys, "search.space."))
+            continue
+        if key.startswith(NOT_SEARCHABLE):
+            problems.append(f"search.space.{key}: cannot be searched (resources, tracking and data are fixed "
+                            f"for a sweep; set it in the config instead)")
+            continue
+        checked = _check_spec(key, spec, problems)
+        if checked is None:
+            continue
+        for value in candidate_values(checked):
+            try:
+                config_from_dict(_set(train_raw, key, value), source)
+            except ConfigError as err:
+                for p in err.problems:
+                    problems.append(f"search.space.{key}: value {value!r}: {p.split(': ', 1)[-1]}")
+                break
+        search.space[key] = checked
+    if "model.freeze" in search.space and base.model.item_repr == "id" and "model.item_repr" not in search.space:
+        problems.append("search.space.model.freeze: has no effect with model.item_repr=id (set model.item_repr "
+                        "to text or id+text)")
+    if problems:
+        raise ConfigError(problems, source)
+    return search
+
+
+@dataclass
+class SweepConfig:
+    """A validated sweep: the base training config (raw + typed) and its search section."""
+
+    train_raw: dict
+    base: Config
+    search: SearchConfig
+    source: str = ""
+
+    def trial_config(self, params: dict[str, Any]) -> Config:
+        """The training config of one trial: the base with the sampled ``{dotted key: value}`` applied."""
+        raw = self.train_raw
+        for key, value in params.items():
+            raw = _set(raw, key, value)
+        return config_from_dict(raw, f"{self.source} (trial {params})")
+
+    def to_dict(self) -> dict:
+        return {**copy.deepcopy(self.train_raw), "search": dataclasses.asdict(self.search)}
+
+
+def sweep_from_dict(raw: Any, source: str = "") -> SweepConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError([f"<root>: expected a mapping of sections; got {type(raw).__name__}"], source)
+    if "search" not in raw:
+        raise ConfigError(["search: required in a sweep file (space, num_samples, metric, scheduler, ...)"],
+                          source)
+    train_raw = {k: v for k, v in raw.items() if k != "search"}
+    search = parse_search(raw["search"], train_raw, source)
+    # Trials select their best epoch by the sweep's metric, so the two cannot disagree.
+    train_raw = _set(train_raw, "eval.metric", search.metric[len("valid_"):])
+    return SweepConfig(train_raw, config_from_dict(train_raw, source), search, source)
+
+
+def load_sweep(path: str, overrides: list[str] | None = None) -> SweepConfig:
+    """Read a sweep file and apply dotted overrides (``search.*`` ones go to the search section)."""
+    raw = load_raw_yaml(path)
+    search_overrides = [o for o in overrides or [] if o.split("=", 1)[0].strip().startswith("search.")]
+    other = [o for o in overrides or [] if o not in search_overrides]
+    raw = apply_overrides(raw, other)
+    if search_overrides:
+        search_raw = dict(raw.get("search") or {})
+        nested = apply_overrides({"search": search_raw}, search_overrides)
+        raw = {**raw, "search": nested["search"]}
+    return sweep_from_dict(raw, str(path))

@@ -1,0 +1,85 @@
+"""One sweep trial: a Tune function trainable that runs a whole distributed training run.
+
+The Ray Train V2 pattern: the trial (a light Tune actor, ``search.trial_driver_cpus``) builds and fits a
+``TorchTrainer``; ``TuneReportCallback`` forwards rank 0's per-epoch reports to Tune, so ASHA sees
+``valid_*`` metrics each epoch and can stop the trial (Tune then kills the trial and, with it, the
+trainer it owns). The trial logs into its own MLflow child run of the sweep's parent run; the Train
+run keeps its checkpoints under ``<sweep>/trials/<trial id>``, so a trial restarted by ``--resume``
+continues from its last checkpoint and the same child run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+TAG_PARENT = "mlflow.parentRunId"
+TAG_SWEEP = "llmrec.sweep"
+TAG_TRIAL = "llmrec.trial_id"
+TAG_STATUS = "llmrec.trial_status"
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` → ``{"train.lr": 0.1}`` (Tune hands the trainable nested params)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def find_child_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
+    from llmrec_dist.tracking import client
+
+    runs = client(tracking_uri).search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and tags.`{TAG_TRIAL}` = '{trial_id}'",
+        max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def child_run(sweep: dict, trial_id: str, trial_name: str, params: dict[str, Any]) -> str:
+    """The trial's MLflow run under the sweep's parent: the existing one when a trial is resumed."""
+    from llmrec_dist.tracking import client, ensure_experiment
+
+    uri = sweep["tracking_uri"]
+    experiment_id = ensure_experiment(uri, sweep["experiment"])
+    found = find_child_run(uri, experiment_id, sweep["parent_run_id"], trial_id)
+    if found:
+        client(uri).set_terminated(found, "RUNNING")
+        return found
+    tags = {TAG_PARENT: sweep["parent_run_id"], TAG_SWEEP: sweep["name"], TAG_TRIAL: trial_id,
+            TAG_STATUS: "running", **{f"llmrec.search.{k}": str(v) for k, v in params.items()}}
+    return client(uri).create_run(experiment_id, run_name=trial_name, tags=tags).info.run_id
+
+
+def run_trial(params: dict, sweep: dict) -> None:
+    """The Tune trainable (bound to the sweep's context with ``tune.with_parameters``)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from llmrec_dist.sweep.search import sweep_from_dict
+    from llmrec_dist.tracking import client, end_run
+    from llmrec_dist.train.launcher import build_text_cache, build_trainer
+
+    ctx = ray.tune.get_context()
+    trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
+    flat = flatten(params)
+    cfg = sweep_from_dict(sweep["config"], sweep["source"]).trial_config(flat)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=sweep["trials_path"]))
+    run_id = child_run(sweep, trial_id, trial_name, flat)
+    try:
+        build_text_cache(cfg)
+        trainer = build_trainer(cfg, run_id, sweep["tracking_uri"], run_name=trial_id,
+                                callbacks=[TuneReportCallback()])
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except Exception:  # a trial stopped by the scheduler is killed, not raised into; the driver tags it
+        client(sweep["tracking_uri"]).set_tag(run_id, TAG_STATUS, "failed")
+        end_run(sweep["tracking_uri"], run_id, "FAILED")
+        raise
+    client(sweep["tracking_uri"]).set_tag(run_id, TAG_STATUS, "completed")
+    end_run(sweep["tracking_uri"], run_id, "FINISHED")
