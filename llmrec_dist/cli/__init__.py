@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args) or 0
-    except ConfigError as exc:
+    except (ConfigError, FileNotFoundError) as exc:
         print(f"llmrec-dist {args.verb}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -127,7 +127,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
     location = _join(path, MANIFEST_FILE)
     if not _is_uri(path):
         if not Path(path).exists():
-            raise FileNotFoundError(f"dataset folder {str(path)!r} does not exist")
+            raise FileNotFoundError(f"dataset folder {str(path)!r} does not exist (write one with "
+                                "`llmrec-dist prepare --source ... --output DIR`)")
         if not Path(path).is_dir():
             raise FileNotFoundError(f"{str(path)!r} is not a dataset folder (it is a file)")
         if not Path(location).is_file():
