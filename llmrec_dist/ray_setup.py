@@ -39,7 +39,9 @@ def init_ray(num_workers: int, cpus_per_worker: float, use_gpu: bool = False,
         return
     # The dashboard (+2-3 s) serves the State API that Ray Train's placement-group cleaner polls;
     # without it the logs fill with "Failed to query Ray Train Controller actor state".
-    kwargs = {"num_cpus": local_cpus or local_cpus_needed(num_workers, cpus_per_worker),
+    # address="local": always a new local Ray. Without it ray.init() would join any cluster that
+    # `ray start` left on this machine (/tmp/ray/ray_current_cluster) and then refuse num_cpus.
+    kwargs = {"address": "local", "num_cpus": local_cpus or local_cpus_needed(num_workers, cpus_per_worker),
               "runtime_env": {"env_vars": dict(WORKER_ENV)}, "log_to_driver": True}
     if not use_gpu:
         kwargs["num_gpus"] = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,8 +44,13 @@ def ray_cluster(tmp_path_factory):
     ports = [f"--{name}-port={_free_port()}" for name in (
         "dashboard", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export",
         "ray-client-server")]
+    # Its own temp dir: `ray start` records its address in <temp dir>/ray_current_cluster, and in the
+    # default /tmp/ray any ray.init() on the machine would join this cluster (and other clusters' Ray
+    # Train processes would query its State API about their own actors).
+    temp_dir = f"/tmp/ray-tests-{address.split(':')[1]}"
     head = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--node-ip-address=127.0.0.1",
+         f"--temp-dir={temp_dir}",
          f"--port={address.split(':')[1]}", *ports, "--num-cpus=4", "--num-gpus=0", "--disable-usage-stats",
          "--block"],
         env={**env, "RAY_AUTH_MODE": "disabled"}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -68,6 +74,7 @@ def ray_cluster(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -121,19 +121,22 @@ def cluster_capacity() -> dict:
 
 
 # ----------------------------------------------------------------------------------------- state
-def _write_state(folder: str, state: dict) -> None:
+def _filesystem(folder: str):
+    """(pyarrow filesystem, path in it) for a local folder or a storage URI (s3://, gs://, ...)."""
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+    return pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+
+
+def _write_state(folder: str, state: dict) -> None:
+    fs, path = _filesystem(folder)
     fs.create_dir(path, recursive=True)
     with fs.open_output_stream(f"{path}/{STATE_FILE}") as out:
         out.write(json.dumps(state, indent=2).encode())
 
 
 def read_state(folder: str) -> dict:
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+    fs, path = _filesystem(folder)
     try:
         with fs.open_input_stream(f"{path}/{STATE_FILE}") as src:
             return json.loads(src.read().decode())
@@ -145,7 +148,7 @@ def read_state(folder: str) -> dict:
 def _exists(folder: str) -> bool:
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+    fs, path = _filesystem(folder)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
