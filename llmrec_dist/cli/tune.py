@@ -66,7 +66,8 @@ def run(args) -> int:
 def print_outcome(outcome, as_json: bool = False) -> None:
     rows = [{"trial_id": r.trial_id, "status": r.status, "params": r.params,
              "best_value": None if math.isnan(r.best_value) else r.best_value, "epochs": r.epochs,
-             "run_id": r.run_id} for r in outcome.rows]
+             "seconds": None if math.isnan(r.seconds) else round(r.seconds, 1), "run_id": r.run_id}
+            for r in outcome.rows]
     summary = {"folder": outcome.folder, "parent_run_id": outcome.parent_run_id,
                "tracking_uri": outcome.tracking_uri, "seconds": round(outcome.seconds, 1), "trials": rows,
                "best_trial": outcome.best.trial_id if outcome.best else None,
@@ -79,7 +80,8 @@ def print_outcome(outcome, as_json: bool = False) -> None:
           f"(MLflow parent run {outcome.parent_run_id})")
     for r in rows:
         value = "-" if r["best_value"] is None else f"{r['best_value']:.4f}"
-        print(f"  {r['trial_id']:<14} {r['status']:<13} {value:>8}  epochs {r['epochs']}  {r['params']}")
+        secs = "-" if r["seconds"] is None else f"{r['seconds']:.0f} s"
+        print(f"  {r['trial_id']:<14} {r['status']:<13} {value:>8}  epochs {r['epochs']}  {secs:>6}  {r['params']}")
     if outcome.best:
         test = "  ".join(f"{k}={v:.4f}" for k, v in outcome.test_metrics.items() if k.endswith("_at_10"))
         print(f"  best: {outcome.best.trial_id} {outcome.best.params}\n  test: {test}\n  model: {outcome.model_uri}")

@@ -218,6 +218,7 @@ class TrialRow:
     history: list[tuple[int, float]]  # (epochs_done, metric)
     metrics: dict
     checkpoint_path: str | None
+    seconds: float = float("nan")     # the trial's wall time as Tune measured it (until it ended or was stopped)
 
 
 def trial_rows(results, sweep: SweepConfig, parent_run_id: str, tracking_uri: str, experiment_id: str) -> list[TrialRow]:
@@ -230,8 +231,10 @@ def trial_rows(results, sweep: SweepConfig, parent_run_id: str, tracking_uri: st
         frame = result.metrics_dataframe
         trial_id = metrics.get("trial_id") or (str(frame["trial_id"].iloc[-1]) if frame is not None and
                                                "trial_id" in frame and len(frame) else "")
-        history, checkpoint = [], None
+        history, checkpoint, seconds = [], None, float("nan")
         if frame is not None and len(frame):
+            if "time_total_s" in frame:
+                seconds = float(frame["time_total_s"].dropna().iloc[-1])
             if "epochs_done" in frame and metric in frame:
                 per_epoch = frame[frame["epochs_done"].notna()]
                 history = [(int(e), float(v)) for e, v in zip(per_epoch["epochs_done"], per_epoch[metric])]
@@ -250,7 +253,7 @@ def trial_rows(results, sweep: SweepConfig, parent_run_id: str, tracking_uri: st
         params = {k: v for k, v in flatten(result.config or {}).items() if k in sweep.search.space}
         run_id = find_child_run(tracking_uri, experiment_id, parent_run_id, trial_id) if trial_id else None
         rows.append(TrialRow(trial_id, run_id, status, params, max(values) if values else float("nan"),
-                             len(history), history, metrics, checkpoint))
+                             len(history), history, metrics, checkpoint, seconds))
     rows.sort(key=lambda r: (math.isnan(r.best_value), -r.best_value if not math.isnan(r.best_value) else 0))
     return rows
 

@@ -24,13 +24,14 @@ def results_csv(rows, sweep) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["rank", "trial_id", "status", *_columns(sweep), f"best_{metric}", "epochs",
-                     "test_ndcg_at_10", "test_hr_at_10", "run_id"])
+                     "test_ndcg_at_10", "test_hr_at_10", "seconds", "run_id"])
     for rank, row in enumerate(rows, 1):
         test = _test_cells(row)
         writer.writerow([rank, row.trial_id, row.status, *(row.params.get(k, "") for k in _columns(sweep)),
                          "" if math.isnan(row.best_value) else f"{row.best_value:.6f}", row.epochs,
                          f"{test['test_ndcg_at_10']:.6f}" if "test_ndcg_at_10" in test else "",
-                         f"{test['test_hr_at_10']:.6f}" if "test_hr_at_10" in test else "", row.run_id or ""])
+                         f"{test['test_hr_at_10']:.6f}" if "test_hr_at_10" in test else "",
+                         "" if math.isnan(row.seconds) else f"{row.seconds:.1f}", row.run_id or ""])
     return out.getvalue()
 
 
@@ -40,14 +41,15 @@ def _fmt(value) -> str:
 
 def results_markdown(rows, sweep) -> str:
     metric, keys = sweep.search.metric, _columns(sweep)
-    lines = [f"| # | trial | status | {' | '.join(keys)} | {metric} | epochs | test NDCG@10 |",
-             "|" + "---|" * (len(keys) + 6)]
+    lines = [f"| # | trial | status | {' | '.join(keys)} | {metric} | epochs | test NDCG@10 | seconds |",
+             "|" + "---|" * (len(keys) + 7)]
     for rank, row in enumerate(rows, 1):
         value = "" if math.isnan(row.best_value) else f"{row.best_value:.4f}"
         test = row.metrics.get("test_ndcg_at_10")
         lines.append(f"| {rank} | {row.trial_id} | {row.status} | "
                      + " | ".join(_fmt(row.params.get(k, "")) for k in keys)
-                     + f" | {value} | {row.epochs} | {'' if test is None else f'{test:.4f}'} |")
+                     + f" | {value} | {row.epochs} | {'' if test is None else f'{test:.4f}'} | "
+                     + ("" if math.isnan(row.seconds) else f"{row.seconds:.0f}") + " |")
     return "\n".join(lines) + "\n"
 
 
