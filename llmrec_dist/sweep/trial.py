@@ -11,6 +11,7 @@ continues from its last checkpoint and the same child run.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 TAG_PARENT = "mlflow.parentRunId"
@@ -55,6 +56,26 @@ def child_run(sweep: dict, trial_id: str, trial_name: str, params: dict[str, Any
     return client(uri).create_run(experiment_id, run_name=trial_name, tags=tags).info.run_id
 
 
+def pin_cluster_address() -> None:
+    """Give the trial's Ray Train controller (and its placement-group cleaner) this cluster's address.
+
+    When ASHA stops a trial, Tune kills it and its Train controller; a detached cleaner then frees the
+    worker group's placement group, finding the controller through the State API. Without RAY_ADDRESS
+    it looks the cluster up from the machine, and with several Ray instances on one machine it gives up:
+    the placement group leaks and the next trials wait for CPUs forever. Ray Train propagates a fixed
+    set of variables to the controller; RAY_ADDRESS is added to it (when this Ray version has the set).
+    """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    try:
+        from ray.train.v2._internal import constants
+
+        constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
+    except (ImportError, AttributeError):  # another Ray version: the cleaner keeps its own lookup
+        pass
+
+
 def run_trial(params: dict, sweep: dict) -> None:
     """The Tune trainable (bound to the sweep's context with ``tune.with_parameters``)."""
     import ray.tune
@@ -70,6 +91,7 @@ def run_trial(params: dict, sweep: dict) -> None:
     cfg = sweep_from_dict(sweep["config"], sweep["source"]).trial_config(flat)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=sweep["trials_path"]))
     run_id = child_run(sweep, trial_id, trial_name, flat)
+    pin_cluster_address()
     try:
         build_text_cache(cfg)
         trainer = build_trainer(cfg, run_id, sweep["tracking_uri"], run_name=trial_id,
