@@ -274,6 +274,11 @@ def _build_section(cls, values: Any, name: str, problems: list[str]):
     return cls(**kwargs)
 
 
+def metric_names(ks: list[int]) -> set[str]:
+    """The ranking metrics evaluation reports for cut-offs ``ks`` (``ndcg_at_10``, ...)."""
+    return {f"{m}_at_{k}" for m in ("hr", "ndcg", "mrr") for k in ks}
+
+
 def _cross_checks(cfg: Config) -> list[str]:
     problems = []
     if cfg.model.hidden_size % cfg.model.num_heads:
@@ -281,9 +286,9 @@ def _cross_checks(cfg: Config) -> list[str]:
                         f"got {cfg.model.num_heads}")
     if not cfg.eval.ks or any(k <= 0 for k in cfg.eval.ks):
         problems.append(f"eval.ks: expected a non-empty list of positive integers; got {cfg.eval.ks!r}")
-    metric_names = {f"{m}_at_{k}" for m in ("hr", "ndcg", "mrr") for k in cfg.eval.ks}
-    if cfg.eval.metric not in metric_names:
-        problems.append(f"eval.metric: expected one of {', '.join(sorted(metric_names))}; "
+    names = metric_names(cfg.eval.ks)
+    if cfg.eval.metric not in names:
+        problems.append(f"eval.metric: expected one of {', '.join(sorted(names))}; "
                         f"got {cfg.eval.metric!r}")
     if not cfg.model.text_encoder.strip():
         problems.append("model.text_encoder: must not be empty")

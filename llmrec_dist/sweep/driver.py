@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmrec_dist.config import ConfigError, absolute
+from llmrec_dist.config import absolute
 from llmrec_dist.sweep.search import SweepConfig, sweep_from_dict
-from llmrec_dist.sweep.trial import TAG_STATUS, TAG_SWEEP, find_child_run, run_trial
+from llmrec_dist.sweep.trial import TAG_STATUS, TAG_SWEEP, child_runs, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,7 @@ def trial_rows(results, sweep: SweepConfig, parent_run_id: str, tracking_uri: st
     from llmrec_dist.sweep.trial import flatten
 
     metric = sweep.search.metric
+    run_of_trial = child_runs(tracking_uri, experiment_id, parent_run_id)
     rows = []
     for result in results:
         metrics = dict(result.metrics or {})
@@ -251,11 +252,15 @@ def trial_rows(results, sweep: SweepConfig, parent_run_id: str, tracking_uri: st
             status = "incomplete"
         values = [v for _, v in history] + ([metrics[metric]] if status == "completed" and metric in metrics else [])
         params = {k: v for k, v in flatten(result.config or {}).items() if k in sweep.search.space}
-        run_id = find_child_run(tracking_uri, experiment_id, parent_run_id, trial_id) if trial_id else None
-        rows.append(TrialRow(trial_id, run_id, status, params, max(values) if values else float("nan"),
+        rows.append(TrialRow(trial_id, run_of_trial.get(trial_id), status, params, max(values) if values else float("nan"),
                              len(history), history, metrics, checkpoint, seconds))
     rows.sort(key=lambda r: (math.isnan(r.best_value), -r.best_value if not math.isnan(r.best_value) else 0))
     return rows
+
+
+def best_row(rows: list[TrialRow]) -> TrialRow | None:
+    """The best trial with a checkpoint (``rows`` are sorted best first), or None."""
+    return next((r for r in rows if not math.isnan(r.best_value) and r.checkpoint_path), None)
 
 
 def _close_child_runs(rows: list[TrialRow], tracking_uri: str) -> None:
@@ -340,15 +345,18 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | None = None) -> Sw
         client(tracking_uri).set_terminated(parent_run_id, "RUNNING")
     log.info("sweep %s: %d trial(s), %d at once, each %g CPU%s; folder %s", name, sweep.search.num_trials(),
              plan.concurrency, plan.trial_cpus, f" + {plan.trial_gpus:g} GPU" if plan.trial_gpus else "", folder)
-    context = {"config": sweep.to_dict(), "source": sweep.source, "tracking_uri": tracking_uri,
-               "experiment": cfg.mlflow.experiment, "parent_run_id": parent_run_id, "name": name,
+    context = {"train_raw": sweep.train_raw, "source": sweep.source, "tracking_uri": tracking_uri,
+               "experiment_id": experiment_id, "parent_run_id": parent_run_id, "name": name,
                "trials_path": f"{folder}/{TRIALS_DIR}"}
     try:
         results = _tuner(sweep, context, plan, folder, resume=bool(resume)).fit()
         rows = trial_rows(results, sweep, parent_run_id, tracking_uri, experiment_id)
         _close_child_runs(rows, tracking_uri)
-        outcome = SweepOutcome(folder, parent_run_id, tracking_uri, rows, None, plan=plan)
+        outcome = SweepOutcome(folder, parent_run_id, tracking_uri, rows, best_row(rows), plan=plan)
         _report(outcome, sweep)
+        if outcome.best is None:
+            raise SweepError(f"no trial reported {sweep.search.metric} with a checkpoint; see the trials' "
+                             "errors above")
         _publish_best(outcome, sweep, manifest)
     except BaseException:
         end_run(tracking_uri, parent_run_id, "FAILED")
@@ -379,7 +387,7 @@ def _report(outcome: SweepOutcome, sweep: SweepConfig) -> None:
     from llmrec_dist.tracking import RunLogger
 
     logger = RunLogger(outcome.tracking_uri, outcome.parent_run_id)
-    rows, metric = outcome.rows, sweep.search.metric
+    rows = outcome.rows
     logger.text(results_csv(rows, sweep), "results.csv")
     logger.text(results_markdown(rows, sweep), "results.md")
     with tempfile.TemporaryDirectory() as tmp:
@@ -388,10 +396,6 @@ def _report(outcome: SweepOutcome, sweep: SweepConfig) -> None:
     counts = {status: sum(r.status == status for r in rows)
               for status in ("completed", "early_stopped", "failed", "incomplete")}
     logger.metrics({f"trials_{k}": v for k, v in counts.items()}, step=0)
-    scored = [r for r in rows if not math.isnan(r.best_value) and r.checkpoint_path]
-    outcome.best = scored[0] if scored else None
-    if outcome.best is None:
-        raise SweepError(f"no trial reported {metric} with a checkpoint; see the trials' errors above")
 
 
 def _best_folder(row: TrialRow, tmp: Path) -> Path:
@@ -440,5 +444,3 @@ def _publish_best(outcome: SweepOutcome, sweep: SweepConfig, manifest: dict) -> 
         c.set_tag(outcome.parent_run_id, "llmrec.registered_version", str(reg["version"]))
         c.set_tag(outcome.parent_run_id, "llmrec.promoted", str(reg["promoted"]).lower())
 
-
-__all__ = ["ConfigError", "SweepError", "SweepOutcome", "plan_resources", "run_sweep", "read_state"]

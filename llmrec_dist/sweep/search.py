@@ -35,6 +35,7 @@ from llmrec_dist.config import (
     apply_overrides,
     config_from_dict,
     load_raw_yaml,
+    metric_names,
 )
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -162,7 +163,7 @@ def parse_search(raw: Any, train_raw: dict, source: str = "") -> SearchConfig:
             problems.append(f"search.{key}: expected {kind}; got {value!r}")
             continue
         kwargs[key] = float(value) if tp is float else value
-    search = SearchConfig(**{k: v for k, v in kwargs.items()})
+    search = SearchConfig(**kwargs)
     if search.num_samples < 1:
         problems.append(f"search.num_samples: must be >= 1; got {search.num_samples}")
     if search.grace_period < 1:
@@ -191,7 +192,7 @@ def parse_search(raw: Any, train_raw: dict, source: str = "") -> SearchConfig:
                         f"trial before its last epoch; got {search.grace_period} (or set search.scheduler=none)")
     if not search.metric:
         search.metric = base.selection_metric()
-    names = {f"valid_{m}_at_{k}" for m in ("hr", "ndcg", "mrr") for k in base.eval.ks}
+    names = {f"valid_{name}" for name in metric_names(base.eval.ks)}
     if search.metric not in names:
         problems.append(f"search.metric: expected one of {', '.join(sorted(names))}; got {search.metric!r}")
 
@@ -229,6 +230,13 @@ def parse_search(raw: Any, train_raw: dict, source: str = "") -> SearchConfig:
     return search
 
 
+def apply_params(train_raw: dict, params: dict[str, Any], source: str = "") -> Config:
+    """The training config of one trial: ``train_raw`` with the sampled ``{dotted key: value}`` applied."""
+    for key, value in params.items():
+        train_raw = _set(train_raw, key, value)
+    return config_from_dict(train_raw, f"{source} (trial {params})")
+
+
 @dataclass
 class SweepConfig:
     """A validated sweep: the base training config (raw + typed) and its search section."""
@@ -239,11 +247,7 @@ class SweepConfig:
     source: str = ""
 
     def trial_config(self, params: dict[str, Any]) -> Config:
-        """The training config of one trial: the base with the sampled ``{dotted key: value}`` applied."""
-        raw = self.train_raw
-        for key, value in params.items():
-            raw = _set(raw, key, value)
-        return config_from_dict(raw, f"{self.source} (trial {params})")
+        return apply_params(self.train_raw, params, self.source)
 
     def to_dict(self) -> dict:
         return {**copy.deepcopy(self.train_raw), "search": dataclasses.asdict(self.search)}
@@ -263,13 +267,5 @@ def sweep_from_dict(raw: Any, source: str = "") -> SweepConfig:
 
 
 def load_sweep(path: str, overrides: list[str] | None = None) -> SweepConfig:
-    """Read a sweep file and apply dotted overrides (``search.*`` ones go to the search section)."""
-    raw = load_raw_yaml(path)
-    search_overrides = [o for o in overrides or [] if o.split("=", 1)[0].strip().startswith("search.")]
-    other = [o for o in overrides or [] if o not in search_overrides]
-    raw = apply_overrides(raw, other)
-    if search_overrides:
-        search_raw = dict(raw.get("search") or {})
-        nested = apply_overrides({"search": search_raw}, search_overrides)
-        raw = {**raw, "search": nested["search"]}
-    return sweep_from_dict(raw, str(path))
+    """Read a sweep file and apply dotted overrides (``search.num_samples=4`` reaches the search section)."""
+    return sweep_from_dict(apply_overrides(load_raw_yaml(path), overrides or []), str(path))

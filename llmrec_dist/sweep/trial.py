@@ -32,28 +32,26 @@ def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def find_child_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
+def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """``{trial id: MLflow run id}`` of the sweep's child runs."""
     from llmrec_dist.tracking import client
 
-    runs = client(tracking_uri).search_runs(
-        [experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and tags.`{TAG_TRIAL}` = '{trial_id}'",
-        max_results=1)
-    return runs[0].info.run_id if runs else None
+    runs = client(tracking_uri).search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'")
+    return {r.data.tags[TAG_TRIAL]: r.info.run_id for r in runs if TAG_TRIAL in r.data.tags}
 
 
 def child_run(sweep: dict, trial_id: str, trial_name: str, params: dict[str, Any]) -> str:
     """The trial's MLflow run under the sweep's parent: the existing one when a trial is resumed."""
-    from llmrec_dist.tracking import client, ensure_experiment
+    from llmrec_dist.tracking import client
 
     uri = sweep["tracking_uri"]
-    experiment_id = ensure_experiment(uri, sweep["experiment"])
-    found = find_child_run(uri, experiment_id, sweep["parent_run_id"], trial_id)
+    found = child_runs(uri, sweep["experiment_id"], sweep["parent_run_id"]).get(trial_id)
     if found:
         client(uri).set_terminated(found, "RUNNING")
         return found
     tags = {TAG_PARENT: sweep["parent_run_id"], TAG_SWEEP: sweep["name"], TAG_TRIAL: trial_id,
             TAG_STATUS: "running", **{f"llmrec.search.{k}": str(v) for k, v in params.items()}}
-    return client(uri).create_run(experiment_id, run_name=trial_name, tags=tags).info.run_id
+    return client(uri).create_run(sweep["experiment_id"], run_name=trial_name, tags=tags).info.run_id
 
 
 def pin_cluster_address() -> None:
@@ -81,14 +79,14 @@ def run_trial(params: dict, sweep: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from llmrec_dist.sweep.search import sweep_from_dict
+    from llmrec_dist.sweep.search import apply_params
     from llmrec_dist.tracking import client, end_run
     from llmrec_dist.train.launcher import build_text_cache, build_trainer
 
     ctx = ray.tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
     flat = flatten(params)
-    cfg = sweep_from_dict(sweep["config"], sweep["source"]).trial_config(flat)
+    cfg = apply_params(sweep["train_raw"], flat, sweep["source"])
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=sweep["trials_path"]))
     run_id = child_run(sweep, trial_id, trial_name, flat)
     pin_cluster_address()

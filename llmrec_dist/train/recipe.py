@@ -147,8 +147,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     random.seed(cfg.train.seed)
     text = load_text_features(cfg, manifest)
     num_negatives = cfg.train.num_negatives if uses_sampled_softmax(cfg.model, cfg.train.loss) else 0
-    model = build_model(cfg.model, n_items, text=text, num_negatives=num_negatives,
-                        id_seen=items_seen_in_training(cfg.data.path))
+    id_seen = items_seen_in_training(cfg.data.path) if cfg.model.item_repr == "id+text" else None
+    model = build_model(cfg.model, n_items, text=text, num_negatives=num_negatives, id_seen=id_seen)
     meta = {"model": cfg.to_dict()["model"], "num_items": n_items, "dataset_hash": manifest["content_hash"]}
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
     core = model.module if hasattr(model, "module") else model
