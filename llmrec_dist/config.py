@@ -38,6 +38,42 @@ def _fraction(v):
     return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
+# ------------------------------------------------------------------ names (they reach logs, registries, paths)
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_ALIAS = re.compile(r"[\w-]+")  # what MLflow accepts for a registered-model alias
+
+
+def one_line_name_problem(v: str) -> str | None:
+    """A name shown in logs and UIs: one line of at most 250 characters, no control characters."""
+    if _CONTROL_CHARS.search(v):
+        return "must not contain control characters (newlines, tabs, NUL, ...)"
+    return None if len(v) <= 250 else f"must be at most 250 characters, got {len(v)}"
+
+
+def plain_name_problem(v: str) -> str | None:
+    """A name that becomes one folder or registry entry: no '/', '\\' or ':', not '.' or '..', no
+    surrounding spaces, so it can never point elsewhere (``../../x``, ``C:x``)."""
+    if problem := one_line_name_problem(v):
+        return problem
+    if v != v.strip() or not v:
+        return "must be a non-empty name without surrounding spaces"
+    if v in (".", "..") or any(c in v for c in "/\\:"):
+        return "must be a plain name: no '/', '\\' or ':', and not '.' or '..'"
+    return None
+
+
+def _registered_model(v: str) -> str | None:
+    return plain_name_problem(v) if v else None  # empty = do not register
+
+
+def _alias(v: str) -> str | None:
+    if not _ALIAS.fullmatch(v) or len(v) > 255:
+        return "must be 1-255 letters, digits, '_' or '-'"
+    if v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v):
+        return "is reserved by MLflow ('latest' and v<number> name versions)"
+    return None
+
+
 @dataclass
 class DataConfig:
     path: str = _f("", "Prepared dataset folder (written by `llmrec-dist prepare`) or a URI to one.")
@@ -49,6 +85,10 @@ class DataConfig:
                                 "cut them into batches of similar lengths (less padding); the batch order "
                                 "is shuffled again. 1 = off.", check=_positive)
     verify_hash: bool = _f(True, "Recompute the dataset's content hash on the driver and refuse a mismatch.")
+    deterministic: bool = _f(True, "Feed every worker the same rows in the same order on every run (Ray "
+                                   "Data keeps block order; shards are not assigned by locality), so a run "
+                                   "restarted from a checkpoint matches an uninterrupted one. false = "
+                                   "locality-aware sharding, less cross-node traffic on big clusters.")
 
 
 @dataclass
@@ -117,6 +157,9 @@ class TrainConfig:
                                           "filesystem path or an object-store URI.")
     keep_checkpoints: int = _f(2, "Checkpoints kept (the best by the validation metric and the latest).",
                                check=_positive)
+    max_failures: int = _f(2, "Worker-group failures survived per run: the workers restart from the "
+                              "latest checkpoint (epoch granularity); -1 = unlimited.",
+                           check=lambda v: None if v >= -1 else "must be >= -1")
 
 
 @dataclass
@@ -146,9 +189,11 @@ class MLflowConfig:
     experiment: str = _f("llmrec", "MLflow experiment name.")
     tracking_uri: str = _f("", "Tracking URI; empty = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in "
                                "the working directory.")
-    registered_model: str = _f("", "Register the trained model under this name (empty = do not register).")
-    alias: str = _f("champion", "Alias that moves to a new version only if it beats the current holder.")
-    run_name: str = _f("", "MLflow run name (empty = generated).")
+    registered_model: str = _f("", "Register the trained model under this name (empty = do not register); "
+                                   "a plain name: no '/', '\\' or ':'.", check=_registered_model)
+    alias: str = _f("champion", "Alias that moves to a new version only if it beats the current holder.",
+                    check=_alias)
+    run_name: str = _f("", "MLflow run name (empty = generated).", check=one_line_name_problem)
 
 
 @dataclass

@@ -3,6 +3,7 @@ in this process or sharded over Ray Train workers (same numbers either way)."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -10,10 +11,11 @@ import torch
 
 from llmrec_dist.config import EvalConfig, absolute
 from llmrec_dist.data.layout import num_items as manifest_num_items
-from llmrec_dist.data.layout import read_items, read_manifest
+from llmrec_dist.data.layout import check_files, read_items, read_manifest, verify_dataset
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import SequenceRecommender
 from llmrec_dist.model_io import TEXT_CACHE_DIR, TEXT_ENCODER_DIR, build_for_weights, load_weights_strict, model_config, serving_config
+from llmrec_dist.registry.recommender import check_remote_code, read_safetensors
 from llmrec_dist.text_tower import text_cache_dir
 from llmrec_dist.train import checkpoint as ckpt
 
@@ -38,12 +40,49 @@ def resolve_model_folder(model: str, tracking_uri: str = "") -> Path:
     return resolve_model_folder(str(local))
 
 
-def load_model(folder: Path, data_path: str | None = None) -> tuple[SequenceRecommender, dict]:
+def _read_meta(folder: Path) -> dict:
+    """``model.json`` of a checkpoint or package, checked enough to build the model from."""
+    try:
+        meta = ckpt.read_meta(folder)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{folder / ckpt.MODEL_META}: not valid UTF-8 JSON ({err})") from None
+    if not isinstance(meta, dict) or not {"model", "num_items"} <= set(meta):
+        raise ValueError(f"{folder / ckpt.MODEL_META}: expected a JSON object with model and num_items")
+    if isinstance(meta["num_items"], bool) or not isinstance(meta["num_items"], int) or meta["num_items"] < 1:
+        raise ValueError(f"{folder / ckpt.MODEL_META}: num_items must be a positive integer, "
+                         f"got {meta['num_items']!r}")
+    return meta
+
+
+def _check_saved_model(folder: Path, trust_remote_code: bool) -> dict:
+    """The cheap part of :func:`load_model`: ``model.json`` valid, remote code allowed if asked for, and
+    the weights file a safetensors file (its header only is read). Returns the meta."""
+    from safetensors import SafetensorError, safe_open
+
+    meta = _read_meta(folder)
+    cfg = model_config(meta, str(folder / ckpt.MODEL_META))
+    check_remote_code(cfg.trust_remote_code, trust_remote_code, folder / ckpt.MODEL_META)
+    try:
+        with safe_open(str(folder / ckpt.MODEL_FILE), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{folder / ckpt.MODEL_FILE}: not a safetensors weights file ({err}); weights are "
+                         "loaded only from safetensors, never unpickled") from None
+    return meta
+
+
+def load_model(folder: Path, data_path: str | None = None,
+               trust_remote_code: bool = False) -> tuple[SequenceRecommender, dict]:
     """The model saved in a checkpoint or package folder. A text model built from a checkpoint reads
-    its item texts from the dataset at ``data_path`` (a package carries its own items and encoder)."""
+    its item texts from the dataset at ``data_path`` (a package carries its own items and encoder).
+
+    Weights load only from safetensors. A saved model whose text encoder needs its own Python code
+    (``model.trust_remote_code`` in its ``model.json``) is refused unless ``trust_remote_code``.
+    """
     folder = Path(folder)
-    meta = ckpt.read_meta(folder)
+    meta = _read_meta(folder)
     cfg = serving_config(model_config(meta, str(folder / ckpt.MODEL_META)), folder)
+    check_remote_code(cfg.trust_remote_code, trust_remote_code, folder / ckpt.MODEL_META)
     is_package = (folder / TEXT_ENCODER_DIR).is_dir()
     texts, cache = None, None
     if cfg.item_repr != "id":
@@ -53,7 +92,7 @@ def load_model(folder: Path, data_path: str | None = None) -> tuple[SequenceReco
         texts = [str(t) for t in read_items(source).sort_by("item_idx").column("text").to_pylist()]
         cache = folder / TEXT_CACHE_DIR if is_package else text_cache_dir(str(data_path))
     model = build_for_weights(cfg, meta["num_items"], texts, cache)
-    load_weights_strict(model, ckpt.read_weights(folder / ckpt.MODEL_FILE), str(folder / ckpt.MODEL_FILE))
+    load_weights_strict(model, read_safetensors(folder / ckpt.MODEL_FILE), str(folder / ckpt.MODEL_FILE))
     return model.eval(), meta
 
 
@@ -64,8 +103,9 @@ def _check_dataset(meta: dict, manifest: dict, data_path: str) -> None:
 
 
 def evaluate_here(folder: Path, data_path: str, split: str, cfg: EvalConfig, rank: int = 0,
-                  world: int = 1, device: torch.device | str = "cpu") -> dict[str, float]:
-    model, meta = load_model(folder, data_path)
+                  world: int = 1, device: torch.device | str = "cpu",
+                  trust_remote_code: bool = False) -> dict[str, float]:
+    model, meta = load_model(folder, data_path, trust_remote_code)
     manifest = read_manifest(data_path)
     _check_dataset(meta, manifest, data_path)
     rows = load_eval_rows(data_path, split, rank, world)
@@ -80,14 +120,26 @@ def _eval_loop_per_worker(config: dict) -> dict:
     ctx = ray.train.get_context()
     return evaluate_here(Path(config["folder"]), config["data_path"], config["split"],
                          EvalConfig(**config["eval"]), ctx.get_world_rank(), ctx.get_world_size(),
-                         ray.train.torch.get_device())
+                         ray.train.torch.get_device(), config["trust_remote_code"])
 
 
 def evaluate_saved_model(folder: Path, data_path: str, split: str, cfg: EvalConfig,
-                         num_workers: int = 1, cpus_per_worker: float = 1.0) -> dict[str, float]:
-    """Metrics of a saved model; ``num_workers > 1`` shards users over Ray Train workers."""
+                         num_workers: int = 1, cpus_per_worker: float = 1.0, verify: bool = True,
+                         trust_remote_code: bool = False) -> dict[str, float]:
+    """Metrics of a saved model; ``num_workers > 1`` shards users over Ray Train workers.
+
+    What can be refused is refused here, on the driver, before any worker starts: the dataset's files
+    are checked against its manifest's content hash (``verify``; a damaged, missing or modified shard is
+    named), and the saved model's ``model.json`` and weights header are checked (``ValueError`` for a
+    damaged one, or one that needs remote code without ``trust_remote_code``).
+    """
+    if verify:
+        verify_dataset(data_path)
+    else:
+        check_files(data_path)
     if num_workers <= 1:
-        return evaluate_here(folder, data_path, split, cfg)
+        return evaluate_here(folder, data_path, split, cfg, trust_remote_code=trust_remote_code)
+    _check_dataset(_check_saved_model(Path(folder), trust_remote_code), read_manifest(data_path), data_path)
     import dataclasses
 
     from ray.train import RunConfig, ScalingConfig
@@ -100,7 +152,8 @@ def evaluate_saved_model(folder: Path, data_path: str, split: str, cfg: EvalConf
         trainer = TorchTrainer(
             _eval_loop_per_worker,
             train_loop_config={"folder": str(Path(folder).resolve()), "data_path": absolute(data_path),
-                               "split": split, "eval": dataclasses.asdict(cfg)},
+                               "split": split, "eval": dataclasses.asdict(cfg),
+                               "trust_remote_code": trust_remote_code},
             scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": cpus_per_worker}),
             run_config=RunConfig(storage_path=storage),
         )

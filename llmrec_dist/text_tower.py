@@ -21,14 +21,15 @@ import importlib.util
 import json
 import logging
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from llmrec_dist import storage
 from llmrec_dist.model import ItemEncoder
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,17 @@ def resolve_text_encoder(name: str) -> str:
     return name
 
 
+def _as_load_error(name: str, source: str, err: Exception, trust_remote_code: bool) -> Exception:
+    """One line saying why an encoder did not load; errors that are not about loading pass through."""
+    if not isinstance(err, (OSError, ValueError)):
+        return err
+    if "trust_remote_code" in str(err) and not trust_remote_code:
+        return ValueError(f"model.text_encoder={name!r}: {source!r} needs its own Python code; set "
+                          "model.trust_remote_code=true only if you trust it")
+    return FileNotFoundError(f"model.text_encoder={name!r}: cannot load a Hugging Face encoder from "
+                             f"{source!r}: {' '.join(str(err).split())}")
+
+
 def load_text_encoder(name: str, trust_remote_code: bool = False):
     """(AutoModel, AutoTokenizer) for a Hugging Face name or local folder; no hub access for folders.
 
@@ -83,9 +95,11 @@ def load_text_encoder(name: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModel.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"model.text_encoder={name!r}: cannot load a Hugging Face encoder from "
-                                f"{source!r}: {err}") from None
+    except Exception as err:
+        if type(err).__name__ != "UnpicklingError":  # transformers reads .bin with weights_only=True
+            raise _as_load_error(name, source, err, trust_remote_code) from None
+        raise ValueError(f"model.text_encoder={name!r}: refused the weights in {source!r}: they are a pickle "
+                         f"holding more than tensors ({str(err).splitlines()[0]}); use safetensors") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
@@ -197,26 +211,23 @@ def cache_key(encoder_fingerprint: str, texts: list[str], *, kind: str, pooling:
     return digest.hexdigest()[:32]
 
 
-def _read_cache(path: Path) -> torch.Tensor | None:
-    if not path.is_file():
-        return None
+def _read_cache(location: str) -> torch.Tensor | None:
+    """A cached tensor from a local path or a URI; None when absent. Safetensors only, never pickle."""
     try:
-        return load_file(str(path))["features"]
+        if not storage.exists(location):
+            return None
+        return safetensors_load(storage.read_bytes(location))["features"]
     except Exception as err:  # a corrupt cache file is rebuilt, never trusted
-        log.warning("ignoring unreadable text cache %s: %s", path, err)
+        log.warning("ignoring unreadable text cache %s: %s", location, err)
         return None
 
 
-def _write_cache(path: Path, features: torch.Tensor) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+def _write_cache(location: str, features: torch.Tensor) -> None:
+    """Write whole (temp name + rename locally), so concurrent builders never expose half a file."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"features": features.contiguous()}, str(temp))
-        os.replace(temp, path)  # atomic: concurrent builders both write whole files
+        storage.write_bytes(location, safetensors_save({"features": features.contiguous()}))
     except OSError as err:  # a read-only dataset folder costs speed, not correctness
-        log.warning("could not write text cache %s: %s", path, err)
-    finally:
-        temp.unlink(missing_ok=True)
+        log.warning("could not write text cache %s: %s", location, err)
 
 
 # --------------------------------------------------------------------------------------------- features
@@ -252,7 +263,7 @@ def prepare_text_features(model_cfg, texts: list[str], cache_dir: str | os.PathL
         if cache_dir is not None:
             key = cache_key(fingerprint_encoder(resolve_text_encoder(model_cfg.text_encoder)), texts, kind=kind,
                             pooling=model_cfg.text_pooling, max_len=model_cfg.text_max_len)
-            path = Path(cache_dir) / f"{kind}-{key}.safetensors"
+            path = storage.join(cache_dir, f"{kind}-{key}.safetensors")
         cached = _read_cache(path) if path else None
         features.cache_hit = cached is not None
         if cached is None:
@@ -426,9 +437,10 @@ class TextItemEncoder(ItemEncoder):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
 
 
-def text_cache_dir(dataset_path: str) -> Path | None:
-    """Text caches live next to the dataset (``<dataset>/cache/text``) when it is a local folder."""
-    return None if "://" in str(dataset_path) else Path(dataset_path) / "cache" / "text"
+def text_cache_dir(dataset_path: str) -> str:
+    """Text caches live next to the dataset (``<dataset>/cache/text``), a local folder or a URI: the
+    driver builds them once and every worker on every node reads the same file."""
+    return storage.join(dataset_path, "cache", "text")
 
 
 def load_text_features(cfg, manifest: dict | None = None) -> TextFeatures | None:

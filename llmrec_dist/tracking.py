@@ -99,6 +99,13 @@ class RunLogger:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._client.log_batch(self.run_id, metrics=items)
 
+    def tags(self, tags: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
     def logged_steps(self, key: str) -> set[int]:
         """Steps already logged for ``key`` (used on resume so no epoch is logged twice)."""
         if not self.enabled:

@@ -82,6 +82,22 @@ def test_frozen_cache_hits_and_invalidates(encoder, tmp_path):
     assert len(list(tmp_path.glob("pooled-*.safetensors"))) == 4
 
 
+def test_cache_next_to_a_uri_dataset_is_shared(encoder, tmp_path):
+    """A dataset given as a URI (object store / shared storage) keeps its cache there too: built once,
+    read back by any process on any node, with no local temp file in between."""
+    from llmrec_dist.text_tower import text_cache_dir
+
+    cfg = cfg_for(encoder)
+    uri = (tmp_path / "dataset").as_uri()
+    assert text_cache_dir(uri) == f"{uri}/cache/text"
+    first = prepare_text_features(cfg, TEXTS, cache_dir=text_cache_dir(uri))
+    again = prepare_text_features(cfg, TEXTS, cache_dir=text_cache_dir(uri))
+    assert not first.cache_hit and again.cache_hit
+    torch.testing.assert_close(first.pooled, again.pooled, rtol=0, atol=0)
+    files = list((tmp_path / "dataset" / "cache" / "text").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("pooled-")  # no temp file left behind
+
+
 def test_corrupt_cache_is_rebuilt(encoder, tmp_path):
     cfg = cfg_for(encoder)
     good = prepare_text_features(cfg, TEXTS, cache_dir=tmp_path)
@@ -244,3 +260,24 @@ def test_a_cold_item_is_reachable_only_through_its_text(tmp_path, item_repr, mas
         assert model.state_dict()["items.id_seen"].tolist() == seen.tolist()  # checkpoints carry the flags
     else:
         assert order[0] == 5 and order.index(20) > 1  # only ever a negative: nothing says 20 is like 5
+
+
+@pytest.mark.parametrize("backbone", ["causal", "bidirectional"])
+@pytest.mark.parametrize("item_repr,freeze,fusion", [
+    ("id", "frozen", "sum"), ("text", "frozen", "sum"), ("id+text", "frozen", "gate"),
+    ("id+text", "top_k", "concat"), ("text", "full", "sum"), ("id+text", "lora", "sum")])
+def test_every_trainable_parameter_gets_a_gradient(encoder, backbone, item_repr, freeze, fusion):
+    """Why DDP runs with find_unused_parameters=False (llmrec_dist.train.recipe.ddp_kwargs): one training
+    step reaches every trainable parameter, for each backbone, item representation, fusion and strategy."""
+    cfg = cfg_for(encoder, backbone=backbone, item_repr=item_repr, freeze=freeze, fusion=fusion, freeze_k=1)
+    features = None if item_repr == "id" else prepare_text_features(cfg, TEXTS)
+    torch.manual_seed(0)
+    model = build_model(cfg, N, text=features, num_negatives=0 if freeze == "frozen" else 8)
+    model.train()
+    if backbone == "bidirectional":
+        seq, targets = cloze_batch(SEQS, cfg.max_len, 0.4, model.mask_id, np.random.default_rng(0))
+    else:
+        seq, targets = next_item_batch(SEQS, cfg.max_len)
+    model(seq, targets)["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing

@@ -51,6 +51,12 @@ def test_training_logs_every_epoch_and_registers(trained):
     for key in ("train_loss", "valid_ndcg_at_10", "sequences_per_s", "epoch_seconds"):
         assert [h.step for h in client.get_metric_history(outcome.run_id, key)] == [0, 1], key
     assert run.data.metrics["test_ndcg_at_10"] == pytest.approx(m["test_ndcg_at_10"])
+    for key in ("checkpoint_mb", "checkpoint_write_seconds", "checkpoint_report_seconds"):
+        assert [h.step for h in client.get_metric_history(outcome.run_id, key)] == [0, 1], key
+    assert run.data.tags["llmrec.num_nodes"] == "1" and len(run.data.tags["llmrec.worker_nodes"].split(",")) == 2
+    assert run.data.tags["llmrec.device"] == "cpu"
+    run_file = Path(cfg.train.storage_path).resolve() / f"train-{outcome.run_id[:12]}" / "run.json"
+    assert json.loads(run_file.read_text())["run_id"] == outcome.run_id  # what --resume reads
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "dataset_manifest.yaml"} <= artifacts
 
@@ -72,7 +78,7 @@ def test_checkpoints_hold_resumable_state(trained):
     per_epoch = [p for p in final.parent.glob("checkpoint_*") if p.is_dir() and p != final]
     assert per_epoch, "per-epoch checkpoints were kept"
     epoch_state = ckpt.read_state(sorted(per_epoch)[-1])
-    assert {"optimizer", "scheduler", "torch_rng", "epoch"} <= set(epoch_state)
+    assert {"optimizer", "scheduler", "epoch", "history"} <= set(epoch_state)
 
 
 def test_distributed_evaluation_equals_single_process(trained, synthetic_dataset):
@@ -103,6 +109,21 @@ def test_cli_train_on_an_existing_cluster_via_ray_address(ray_cluster, synthetic
     assert summary["metrics"]["epochs_run"] == 1
     assert summary["model_uri"] and not summary["registration"]
     assert f"Connecting to existing Ray cluster at address: {address}" in proc.stderr
+
+
+def test_cli_resume_refuses_what_it_cannot_continue(tmp_path):
+    def train(*args):
+        return subprocess.run([sys.executable, "-m", "llmrec_dist.cli", "train", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    proc = train("--resume", str(tmp_path))
+    assert proc.returncode == 2 and "no readable run.json here" in proc.stderr, proc.stderr
+    proc = train("--resume", str(tmp_path), "train.lr=1")
+    assert proc.returncode == 2 and "overrides are not allowed" in proc.stderr, proc.stderr
+    proc = train("--resume", str(tmp_path), "--config", str(QUICKSTART))
+    assert proc.returncode == 2 and "either --config FILE" in proc.stderr, proc.stderr
+    proc = train()
+    assert proc.returncode == 2 and "either --config FILE" in proc.stderr, proc.stderr
 
 
 def test_cli_rejects_bad_config_with_dotted_keys(tmp_path):

@@ -9,6 +9,7 @@ import sys
 from llmrec_dist import __version__
 from llmrec_dist.cli import evaluate, prepare, quickstart, recommend, train, tune
 from llmrec_dist.config import ConfigError
+from llmrec_dist.data.layout import DatasetError
 
 VERBS = {"prepare": prepare, "train": train, "evaluate": evaluate, "recommend": recommend,
          "tune": tune, "quickstart": quickstart}
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetError, FileNotFoundError) as exc:
         print(f"llmrec-dist {args.verb}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,6 +21,12 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="shard users over this many Ray Train workers (default 1: in this process)")
     p.add_argument("--tracking-uri", default="", help="MLflow tracking URI for models:/ and runs:/ URIs")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip recomputing the dataset's content hash (its files are still checked to exist and "
+                        "be readable Parquet)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model whose text encoder runs its own Python code (model.trust_remote_code); "
+                        "refused by default")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
 
 
@@ -38,11 +44,15 @@ def run(args) -> int:
               f"--ks {args.ks!r} --workers {args.workers}", file=sys.stderr)
         return 2
     cfg = EvalConfig(ks=ks, exclude_seen=not args.include_seen, coverage_k=max(ks) if 10 not in ks else 10)
+    from mlflow.exceptions import MlflowException
+
     try:
         folder = resolve_model_folder(args.model, args.tracking_uri)
-        metrics = evaluate_saved_model(folder, args.data, args.split, cfg, num_workers=args.workers)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"llmrec-dist evaluate: {exc}", file=sys.stderr)
+        metrics = evaluate_saved_model(folder, args.data, args.split, cfg, num_workers=args.workers,
+                                       verify=not args.no_verify, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, MlflowException) as exc:  # bad model, dataset or URI: one line, exit 2
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"llmrec-dist evaluate: {message}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(metrics, indent=2))

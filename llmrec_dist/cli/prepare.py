@@ -145,13 +145,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--text-cols", default="text", metavar="C1,C2",
         help="comma-separated columns of --items joined with '. ' into the item text (default: %(default)s)",
     )
+    generic.add_argument(
+        "--encoding", default="utf-8", metavar="NAME",
+        help="text encoding of CSV/TSV files, e.g. latin-1 or cp1252 (Parquet text is always UTF-8); a byte "
+        "that is not valid in it stops prepare with its file, row and byte offset (default: %(default)s)",
+    )
     parser.set_defaults(func=run)
     return parser
 
 
 _GENERIC_FLAGS = {
     "interactions": None, "items": None, "user_col": "user_id", "item_col": "item_id",
-    "time_col": "timestamp", "item_id_col": "item_id", "text_cols": "text",
+    "time_col": "timestamp", "item_id_col": "item_id", "text_cols": "text", "encoding": "utf-8",
 }
 _SYNTHETIC_FLAGS = {"synthetic_users": 1000, "synthetic_items": 400}
 
@@ -190,6 +195,11 @@ def _problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``prepare`` for parsed arguments; print a summary; return the exit code."""
     problems = _problems(args)
@@ -207,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
             "time_col": args.time_col or None,
             "item_id_col": args.item_id_col,
             "text_cols": [c.strip() for c in args.text_cols.split(",") if c.strip()],
+            "encoding": args.encoding,
         }
     synthetic = None
     if args.source == "synthetic":
@@ -228,8 +239,11 @@ def run(args: argparse.Namespace) -> int:
             generic=generic,
             cold_items=args.cold_items,
         )
-    except (PrepareError, FileExistsError) as err:
-        print(f"llmrec-dist prepare: error: {err}", file=sys.stderr)
+    except (PrepareError, ValueError, OSError) as err:
+        # Bad input, bad option values (e.g. an unknown --encoding), an output that may not be written
+        # (FileExistsError) or cannot be (permissions, a file in the way): one line, exit 2. Nothing is
+        # left behind: the output is written to a temporary folder that is removed on any error.
+        print(f"llmrec-dist prepare: error: {_one_line(err)}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - started
     counts = manifest["counts"]

@@ -28,6 +28,9 @@ def add_parser(subparsers) -> None:
                         "(from their text alone) and never recommend items missing from the file; "
                         "ID-only models refuse it")
     p.add_argument("--json", action="store_true", help="print the recommendations as JSON")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model whose text encoder runs its own Python code (model.trust_remote_code); "
+                        "refused by default")
     p.set_defaults(func=run)
 
 
@@ -43,11 +46,15 @@ def read_catalogue(path: str):
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--catalogue {path}: no such file")
+    is_parquet = file.suffix.lower() in (".parquet", ".pq")
+    if not is_parquet:
+        _check_utf8(file, path)
     try:
-        frame = pd.read_parquet(file) if file.suffix.lower() in (".parquet", ".pq") else \
+        frame = pd.read_parquet(file) if is_parquet else \
             pd.read_csv(file, dtype={"item_id": str}, keep_default_na=False)
     except Exception as err:  # pandas/pyarrow raise many kinds on a bad file
-        raise ValueError(f"--catalogue {path}: cannot read it as {'Parquet' if file.suffix else 'CSV'}: {err}") \
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"--catalogue {path}: cannot read it as {'Parquet' if is_parquet else 'CSV'}: {reason}") \
             from None
     missing = {"item_id", "text"} - set(frame.columns)
     if missing:
@@ -57,18 +64,34 @@ def read_catalogue(path: str):
     return frame
 
 
-def load(model: str, tracking_uri: str, catalogue: str = ""):
+def _check_utf8(file: Path, path: str) -> None:
+    """A CSV catalogue must be UTF-8; name the first bad byte (pandas reports offsets within a chunk)."""
+    data = file.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ValueError(f"--catalogue {path}: not valid UTF-8 at byte offset {err.start} (line {line}, "
+                         f"{err.reason}); re-save it as UTF-8, or pass a Parquet file") from None
+
+
+def load(model: str, tracking_uri: str, catalogue: str = "", trust_remote_code: bool = False):
     """``(predict_frame, text_of)`` for a model URI or a local folder.
 
     A model-package folder is loaded directly; anything else goes through ``mlflow.pyfunc.load_model``
     with ``tracking_uri`` (used for ``models:/`` and ``runs:/`` URIs). With ``catalogue``, the model
-    is moved onto that catalogue first (:meth:`Recommender.with_catalogue`).
+    is moved onto that catalogue first (:meth:`Recommender.with_catalogue`). ``trust_remote_code``
+    allows a model whose text encoder runs its own Python code (refused otherwise).
     """
     from llmrec_dist.registry.recommender import RECOMMENDER_FILE, Recommender
 
     folder = Path(model)
-    if "://" not in model and ":/" not in model and folder.is_dir() and (folder / RECOMMENDER_FILE).is_file():
-        rec = Recommender.from_folder(folder)
+    is_uri = "://" in model or ":/" in model
+    if not is_uri and not folder.exists():
+        raise FileNotFoundError(f"--model {model}: no such folder, and not an MLflow model URI "
+                                "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model)")
+    if not is_uri and folder.is_dir() and (folder / RECOMMENDER_FILE).is_file():
+        rec = Recommender.from_folder(folder, trust_remote_code=trust_remote_code)
         if catalogue:
             rec = rec.with_catalogue(read_catalogue(catalogue))
         return rec.predict_frame, rec.text_of
@@ -78,7 +101,9 @@ def load(model: str, tracking_uri: str, catalogue: str = ""):
     from llmrec_dist.registry.pyfunc import RecommenderPyfunc, use_tracking_uri
 
     with use_tracking_uri(tracking_uri):
-        loaded = mlflow.pyfunc.load_model(model)
+        # model_config reaches RecommenderPyfunc.load_context; it is passed only when the user opted in.
+        options = {"model_config": {"trust_remote_code": trust_remote_code}} if trust_remote_code else {}
+        loaded = mlflow.pyfunc.load_model(model, **options)
     inner = loaded.unwrap_python_model() if hasattr(loaded, "unwrap_python_model") else None
     if not isinstance(inner, RecommenderPyfunc):
         if catalogue:
@@ -115,10 +140,11 @@ def run(args) -> int:
     try:
         if args.k <= 0:
             raise ValueError(f"-k must be a positive integer, got {args.k}")
-        predict, text_of = load(args.model, resolve_tracking_uri(args.tracking_uri), args.catalogue)
+        predict, text_of = load(args.model, resolve_tracking_uri(args.tracking_uri), args.catalogue,
+                                args.trust_remote_code)
         out = predict(pd.DataFrame({"history": [history], "k": [args.k]}))
     except (ValueError, OSError, MlflowException) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the source
         print(f"llmrec-dist recommend: {message}", file=sys.stderr)
         return 2
 

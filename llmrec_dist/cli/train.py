@@ -17,7 +17,10 @@ def add_parser(sub) -> None:
                     "is set.",
         epilog="Config keys (set in YAML or as section.key=value overrides):\n" + describe(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    p.add_argument("--config", help="YAML run config (see configs/)")
+    p.add_argument("--resume", metavar="FOLDER",
+                   help="continue an interrupted run from its latest checkpoint, in the same MLflow run: "
+                        "FOLDER is <train.storage_path>/train-<run id>, printed when the run started")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides, e.g. train.lr=3e-4 scaling.num_workers=2")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -25,15 +28,31 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    if args.print_config:
-        import yaml
+    import sys
 
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        return 0
-    from llmrec_dist.train.launcher import train
+    if bool(args.config) == bool(args.resume):
+        print("llmrec-dist train: give either --config FILE (a new run) or --resume FOLDER (continue one)",
+              file=sys.stderr)
+        return 2
+    if args.resume and args.overrides:
+        print("llmrec-dist train: --resume continues a run with its saved config; overrides are not allowed",
+              file=sys.stderr)
+        return 2
+    from llmrec_dist.data.layout import DatasetError
+    from llmrec_dist.train.launcher import TrainError, read_run_state, train
 
-    outcome = train(cfg)
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    try:
+        if args.print_config:
+            import yaml
+
+            raw = cfg.to_dict() if cfg else read_run_state(args.resume)["config"]
+            print(yaml.safe_dump(raw, sort_keys=False))
+            return 0
+        outcome = train(cfg, resume=args.resume)
+    except (TrainError, DatasetError) as err:
+        print(f"llmrec-dist train: {err}", file=sys.stderr)
+        return 2
     print_outcome(outcome, as_json=args.json)
     return 0
 

@@ -9,6 +9,7 @@ Row numbers in errors: for files with a header (CSV) and Parquet, the 1-based *d
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import os
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmrec_dist.data.errors import PrepareError
-from llmrec_dist.data.layout import sha256_file
+from llmrec_dist.data.layout import arrow_error_reason, sha256_file
 
 CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -43,13 +44,16 @@ def read_delimited(
     names: Sequence[str] | None = None,
     encoding: str = "utf-8",
     quoted: bool = True,
+    encoding_hint: str = "",
 ) -> pd.DataFrame:
     """Parse delimited text into string columns, keeping a ``ROW`` column for error messages.
 
     With ``names`` the text has no header and ``ROW`` is the line number; without, the first
     line is the header and ``ROW`` is the 1-based data row. Blank lines are skipped (but still
     counted). A line with too many fields raises ``PrepareError`` at that line; missing fields
-    come back as empty strings, for the caller's column checks to report.
+    come back as empty strings, for the caller's column checks to report. Bytes that are not
+    valid ``encoding`` raise ``PrepareError`` at their row with their byte offset in the file,
+    followed by ``encoding_hint`` (what the user can do about it).
     """
     parser_sep = sep
     if len(sep) > 1:  # the C parser takes one-character separators only ('::' in .dat files)
@@ -71,9 +75,8 @@ def read_delimited(
             skip_blank_lines=False,
             engine="c",
         )
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1 if isinstance(err.object, bytes) else None
-        raise PrepareError(display, line, f"not valid {encoding} text ({err.reason})") from err
+    except UnicodeDecodeError:
+        raise _encoding_error(data, display, encoding, header=names is None, hint=encoding_hint) from None
     except pd.errors.ParserError as err:
         match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(err))
         if match:
@@ -91,6 +94,25 @@ def read_delimited(
         if blank.any():
             frame = frame[~blank.to_numpy()].reset_index(drop=True)
     return frame
+
+
+def _encoding_error(data: bytes, display: str, encoding: str, *, header: bool, hint: str) -> PrepareError:
+    """The error for the first byte of ``data`` that is not valid ``encoding``.
+
+    pandas decodes in chunks, so the offset in its exception is relative to a chunk; the bytes are
+    decoded again here to find the offset in the file and the row it falls in.
+    """
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError as err:
+        offset, reason = err.start, err.reason
+    else:  # pandas failed where Python does not (e.g. a BOM in the middle); report the file as a whole
+        return PrepareError(display, None, f"cannot decode the file as {encoding} text{hint}")
+    line = data[:offset].count(b"\n") + 1
+    row = (line - 1 or None) if header else line  # header files count data rows; the header is row None
+    where = " (in the header)" if header and row is None else ""
+    return PrepareError(display, row, f"not valid {encoding} text at byte offset {offset}{where}: "
+                                      f"{data[offset:offset + 1]!r} ({reason}){hint}")
 
 
 def require_columns(frame: pd.DataFrame, display: str, columns: Sequence[str]) -> None:
@@ -224,24 +246,59 @@ def build_text(frame: pd.DataFrame, columns: Sequence[str]) -> pd.Series:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_table_file(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+def _is_scalar_text_or_number(tp: pa.DataType) -> bool:
+    if pa.types.is_dictionary(tp):
+        tp = tp.value_type
+    return pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_integer(tp) \
+        or pa.types.is_floating(tp)
+
+
+def _check_parquet_types(schema: pa.Schema, display: str, id_columns: Sequence[str], columns: Sequence[str]) -> None:
+    """``PrepareError`` for a requested column of a type the reader cannot turn into ids / text / times.
+
+    Ids must be strings or numbers; no column may be nested (list, struct, map): a list is never an
+    id, and its string form would silently become one.
+    """
+    for column in dict.fromkeys(columns):
+        tp = schema.field(column).type
+        if pa.types.is_nested(tp) or pa.types.is_binary(tp) or pa.types.is_large_binary(tp):
+            raise PrepareError(display, None, f"column {column!r} has Parquet type {tp}; expected strings, "
+                                              "numbers (or, for the time column, timestamps)")
+        if column in id_columns and not _is_scalar_text_or_number(tp):
+            raise PrepareError(display, None, f"column {column!r} has Parquet type {tp}; ids must be "
+                                              "strings or integers")
+
+
+def _read_parquet(path: Path, columns: Sequence[str], id_columns: Sequence[str]) -> pd.DataFrame:
+    display = str(path)
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        raise PrepareError(display, None, f"cannot read Parquet file: {arrow_error_reason(err)}") from None
+    require_columns(pd.DataFrame(columns=schema.names), display, columns)
+    _check_parquet_types(schema, display, id_columns, columns)
+    try:
+        table = pq.read_table(path, columns=list(dict.fromkeys(columns)))
+    except (pa.ArrowException, OSError) as err:  # a readable footer over damaged data pages
+        raise PrepareError(display, None, f"cannot read Parquet file: {arrow_error_reason(err)}") from None
+    frame = table.to_pandas(types_mapper=None)
+    frame[ROW] = np.arange(1, len(frame) + 1, dtype=np.int64)
+    return frame
+
+
+def _read_table_file(path: Path, columns: Sequence[str], id_columns: Sequence[str], encoding: str) -> pd.DataFrame:
+    """A CSV/TSV (decoded with ``encoding``) or Parquet file's ``columns`` with a ``ROW`` column."""
     display = str(path)
     if not path.is_file():
         raise PrepareError(display, None, "file not found" if not path.exists() else "not a file")
     suffix = path.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
-        try:
-            schema = pq.read_schema(path)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise PrepareError(display, None, f"cannot read Parquet file: {err}") from err
-        frame = pd.DataFrame(columns=schema.names)
-        require_columns(frame, display, columns)
-        table = pq.read_table(path, columns=list(dict.fromkeys(columns)))
-        frame = table.to_pandas(types_mapper=None)
-        frame[ROW] = np.arange(1, len(frame) + 1, dtype=np.int64)
-        return frame
+        return _read_parquet(path, columns, id_columns)
     if suffix in CSV_SUFFIXES:
-        frame = read_delimited(path.read_bytes(), display, sep="\t" if suffix == ".tsv" else ",")
+        hint = (f"; if the file is not {encoding}, name its encoding with --encoding (e.g. --encoding latin-1 "
+                "or cp1252), or re-save it as UTF-8")
+        frame = read_delimited(path.read_bytes(), display, sep="\t" if suffix == ".tsv" else ",",
+                               encoding=encoding, encoding_hint=hint)
         require_columns(frame, display, columns)
         return frame
     raise PrepareError(
@@ -249,6 +306,14 @@ def _read_table_file(path: Path, columns: Sequence[str]) -> pd.DataFrame:
         None,
         f"unsupported file type {suffix!r}; expected one of {', '.join(CSV_SUFFIXES + PARQUET_SUFFIXES)}",
     )
+
+
+def check_encoding(encoding: str) -> str:
+    """The canonical name of a Python text encoding, or ``ValueError`` naming it."""
+    try:
+        return codecs.lookup(encoding).name
+    except (LookupError, TypeError):
+        raise ValueError(f"unknown text encoding {encoding!r} (examples: utf-8, latin-1, cp1252)") from None
 
 
 def read_generic(
@@ -260,6 +325,7 @@ def read_generic(
     time_col: str | None = "timestamp",
     item_id_col: str = "item_id",
     text_cols: Sequence[str] = ("text",),
+    encoding: str = "utf-8",
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Read an interactions table and an items table (CSV or Parquet, chosen by extension).
 
@@ -272,7 +338,14 @@ def read_generic(
             or ``""``: no time column, the file order is the chronological order.
         item_id_col: Column of ``items`` holding item ids.
         text_cols: Columns of ``items`` joined with ``". "`` into the item text.
+        encoding: Text encoding of CSV/TSV files (Parquet strings are always UTF-8). Bytes that
+            are not valid in it are a ``PrepareError`` naming the file, the row and the byte
+            offset; nothing is replaced or guessed.
+
+    Ids are read as strings: integer ids (``42``, ``42.0`` in a float column) become ``"42"``.
+    Parquet id columns must hold strings or numbers; nested columns (lists, structs) are refused.
     """
+    encoding = check_encoding(encoding)
     if isinstance(text_cols, str):
         text_cols = [c.strip() for c in text_cols.split(",") if c.strip()]
     if not text_cols:
@@ -281,7 +354,7 @@ def read_generic(
     interactions_path, items_path = Path(interactions), Path(items)
 
     columns = [user_col, item_col] + ([time_col] if time_col else [])
-    raw = _read_table_file(interactions_path, columns)
+    raw = _read_table_file(interactions_path, columns, [user_col, item_col], encoding)
     display = str(interactions_path)
     frame = pd.DataFrame(
         {
@@ -296,7 +369,7 @@ def read_generic(
         }
     )
 
-    raw_items = _read_table_file(items_path, [item_id_col, *text_cols])
+    raw_items = _read_table_file(items_path, [item_id_col, *text_cols], [item_id_col], encoding)
     items_display = str(items_path)
     items_frame = pd.DataFrame(
         {
@@ -321,6 +394,7 @@ def read_generic(
             "time_col": time_col,
             "item_id_col": item_id_col,
             "text_cols": list(text_cols),
+            "encoding": encoding,
         },
         "time_order": "timestamp" if time_col else "file_order",
     }

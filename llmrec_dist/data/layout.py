@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator, Mapping
@@ -37,6 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from llmrec_dist import storage
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -80,13 +83,9 @@ _CONTENT_HASH_TAG = b"llmrec_dist dataset content v1\n"
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_uri(path: str | os.PathLike) -> bool:
-    return "://" in str(path)
-
-
 def _join(root: str | os.PathLike, relative: str) -> str:
     """``root/relative`` as an absolute local path, or a URI when ``root`` is a URI."""
-    if _is_uri(root):
+    if storage.is_uri(root):
         return str(root).rstrip("/") + "/" + relative
     return str(Path(root).absolute() / relative)
 
@@ -101,19 +100,76 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
 
 
+class DatasetError(ValueError):
+    """A prepared dataset that cannot be used as it is: a manifest that is not what ``prepare`` writes, a
+    file that is not readable Parquet or lacks the layout's columns, or content that does not match the
+    manifest's hash. The message names the file and says what to do. (A missing folder, manifest or
+    listed file is a ``FileNotFoundError`` instead.)"""
+
+
+_REPREPARE = "the dataset is damaged or incomplete: re-run `llmrec-dist prepare --overwrite`"
+
+
 # ---------------------------------------------------------------------------------------------
 # Manifest
 # ---------------------------------------------------------------------------------------------
 
 
 def _read_text(location: str) -> str:
-    if _is_uri(location):
-        import pyarrow.fs
+    data = storage.read_bytes(location)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{location}: not UTF-8 text (byte offset {err.start}: {err.reason}); "
+                           f"{_REPREPARE}") from None
 
-        fs, inner = pyarrow.fs.FileSystem.from_uri(location)
-        with fs.open_input_stream(inner) as stream:
-            return stream.read().decode("utf-8")
-    return Path(location).read_text(encoding="utf-8")
+
+def _shard_problem(split: str, relative) -> str | None:
+    """Why ``relative`` is not a part file inside ``<split>/`` of the dataset folder, or None.
+
+    A manifest is data: a listed path must not reach outside the folder (``../../etc/passwd``,
+    ``/abs/path``), switch filesystems (``s3://...``, ``C:...``) or point at a non-Parquet file.
+    """
+    if not isinstance(relative, str):
+        return f"expected a relative path string, got {type(relative).__name__}"
+    parts = relative.split("/")
+    unsafe = (
+        relative.startswith("/") or "\\" in relative or ":" in relative
+        or any(ord(c) < 32 for c in relative) or any(p in ("", ".", "..") for p in parts)
+    )
+    if unsafe or len(parts) < 2 or parts[0] != split or not relative.endswith(".parquet"):
+        return (f"{relative!r} is not a Parquet file inside the {split}/ folder of the dataset "
+                f"(expected e.g. {shard_relpath(split, 0)!r})")
+    return None
+
+
+def _manifest_problems(manifest: dict) -> list[str]:
+    """Everything in a manifest that is not shaped as ``prepare`` writes it, by dotted key."""
+    missing = [key for key in ("counts", "shards", "content_hash") if key not in manifest]
+    if missing:
+        return [f"lacks {', '.join(missing)}"]
+    problems = []
+    counts, shards = manifest["counts"], manifest["shards"]
+    if not isinstance(counts, dict):
+        problems.append(f"counts: expected an object, got {type(counts).__name__}")
+    else:
+        for key in ("items", "users"):
+            value = counts.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                problems.append(f"counts.{key}: expected a non-negative integer, got {value!r}")
+    if not isinstance(manifest["content_hash"], str):
+        problems.append(f"content_hash: expected a string, got {manifest['content_hash']!r}")
+    if not isinstance(shards, dict):
+        return problems + [f"shards: expected an object with {', '.join(SPLITS)}, got {type(shards).__name__}"]
+    for split in SPLITS:
+        listed = shards.get(split)
+        if not isinstance(listed, list):
+            problems.append(f"shards.{split}: expected a list of part files, got "
+                            f"{'nothing' if listed is None else type(listed).__name__}")
+            continue
+        problems += [f"shards.{split}[{i}]: {problem}" for i, relative in enumerate(listed)
+                     if (problem := _shard_problem(split, relative))]
+    return problems
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -121,11 +177,13 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
     Raises:
         FileNotFoundError: ``path`` does not exist or holds no ``manifest.json``.
-        ValueError: the manifest is not valid JSON, lacks required keys, or has a
-            ``format_version`` this code does not read.
+        DatasetError: the manifest is not UTF-8 JSON, lacks required keys, has keys of the wrong
+            type, a ``format_version`` this code does not read, or lists a shard that is not a
+            Parquet file inside its split's folder (``../../etc/passwd`` is refused here, before
+            anything reads it).
     """
     location = _join(path, MANIFEST_FILE)
-    if not _is_uri(path):
+    if not storage.is_uri(path):
         if not Path(path).exists():
             raise FileNotFoundError(f"dataset folder {str(path)!r} does not exist (write one with "
                                 "`llmrec-dist prepare --source ... --output DIR`)")
@@ -139,19 +197,19 @@ def read_manifest(path: str | os.PathLike) -> dict:
     try:
         manifest = json.loads(_read_text(location))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{location}: not valid JSON ({err})") from err
+        raise DatasetError(f"{location}: not valid JSON ({err})") from None
     if not isinstance(manifest, dict):
-        raise ValueError(f"{location}: expected a JSON object")
+        raise DatasetError(f"{location}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(
+        raise DatasetError(
             f"{location}: unsupported format_version {version!r}; this llmrec_dist reads "
             f"format_version {FORMAT_VERSION} (re-run `llmrec-dist prepare`)"
         )
-    missing = [key for key in ("counts", "shards", "content_hash") if key not in manifest]
-    missing += [f"shards.{s}" for s in SPLITS if s not in manifest.get("shards", {})]
-    if missing:
-        raise ValueError(f"{location}: manifest lacks {', '.join(missing)}")
+    problems = _manifest_problems(manifest)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise DatasetError(f"{location}: not a manifest written by `llmrec-dist prepare`: {shown}")
     return manifest
 
 
@@ -198,31 +256,88 @@ def with_cold_column(table: pa.Table) -> pa.Table:
     return table.append_column(COLD_FIELD, pa.array(np.zeros(table.num_rows, dtype=bool)))
 
 
+def arrow_error_reason(err: Exception) -> str:
+    """pyarrow's message without the path it repeats (the caller names the file)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return re.sub(r"^Could not open Parquet input source '[^']*': ", "", text).rstrip(".")
+
+
+def read_parquet_file(location: str | os.PathLike, columns: list[str] | None = None, *,
+                      remedy: str = _REPREPARE) -> pa.Table:
+    """One Parquet file of a dataset (or package), or an error naming it and ending with ``remedy``:
+    ``FileNotFoundError`` when it is missing, :class:`DatasetError` when it is not readable Parquet
+    (truncated, overwritten, not Parquet at all)."""
+    location = str(location)
+    if not storage.is_uri(location) and not Path(location).is_file():
+        raise FileNotFoundError(f"{location}: missing; {remedy}")
+    try:
+        return pq.read_table(location, columns=columns)
+    except (pa.ArrowException, OSError) as err:
+        raise DatasetError(f"{location}: not a readable Parquet file ({arrow_error_reason(err)}); {remedy}") from None
+
+
+def conform_table(table: pa.Table, schema: pa.Schema, location: str | os.PathLike, what: str, *,
+                  remedy: str = _REPREPARE) -> pa.Table:
+    """``table`` reduced and cast to ``schema``, or a :class:`DatasetError` naming the file."""
+    try:
+        return table.select(schema.names).cast(schema)
+    except (KeyError, pa.ArrowException, ValueError) as err:
+        raise DatasetError(f"{location}: does not have the {what} schema of the layout "
+                           f"({arrow_error_reason(err)}); {remedy}") from None
+
+
 def read_items(path: str | os.PathLike) -> pa.Table:
     """The items table (``item_idx``, ``item_id``, ``text``, ``popularity``, ``cold``), sorted by item_idx."""
-    return with_cold_column(pq.read_table(_join(path, ITEMS_FILE))).sort_by("item_idx")
+    location = _join(path, ITEMS_FILE)
+    table = with_cold_column(read_parquet_file(location))
+    return conform_table(table, ITEMS_FILE_SCHEMA, location, "items").sort_by("item_idx")
 
 
 def items_seen_in_training(path: str | os.PathLike) -> np.ndarray:
     """Bool flags over item_idx ``0..N``: the item occurs in some train sequence (popularity > 0).
     Index 0 (padding) is false."""
-    popularity = pq.read_table(_join(path, ITEMS_FILE), columns=["item_idx", "popularity"]).sort_by("item_idx")
-    return np.concatenate([[False], popularity.column("popularity").to_numpy() > 0])
+    table = read_parquet_file(_join(path, ITEMS_FILE), columns=["item_idx", "popularity"]).sort_by("item_idx")
+    return np.concatenate([[False], table.column("popularity").to_numpy() > 0])
 
 
 def read_split(path: str | os.PathLike, split: str) -> pa.Table:
-    """All part files of ``split`` concatenated in one table (small data, tests, evaluation)."""
+    """All part files of ``split`` concatenated in one table (small data, tests, evaluation).
+
+    Raises ``FileNotFoundError`` for a missing part file and :class:`DatasetError` for one that is not
+    readable Parquet or lacks the split's columns, each naming the file.
+    """
     schema = SPLIT_SCHEMAS[split]
     tables = []
     for file in split_files(path, split):
-        table = pq.read_table(file)
+        table = read_parquet_file(file)
         if COLD_FIELD.name in schema.names:
             table = with_cold_column(table)
-        try:
-            tables.append(table.select(schema.names).cast(schema))
-        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as err:
-            raise ValueError(f"{file}: does not have the {split} schema of the layout ({err})") from err
+        tables.append(conform_table(table, schema, file, split))
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def check_files(path: str | os.PathLike) -> dict:
+    """The manifest, after checking that every file it lists exists and is Parquet with the layout's
+    columns. Reads only the Parquet footers: a cheap check for when the content hash is not verified
+    (``data.verify_hash=false``), so that a damaged shard is named here rather than failing inside a
+    Ray Data read or a worker. Raises like :func:`read_split`."""
+    manifest = read_manifest(path)
+    listed = [(_join(path, ITEMS_FILE), ITEMS_SCHEMA, "items")]
+    listed += [(_join(path, relative), SPLIT_SCHEMAS[split], split)
+               for split in SPLITS for relative in manifest["shards"][split]]
+    for location, schema, what in listed:
+        if not storage.is_uri(location) and not Path(location).is_file():
+            raise FileNotFoundError(f"{location}: missing; {_REPREPARE}")
+        try:
+            names = pq.read_schema(location).names
+        except (pa.ArrowException, OSError) as err:
+            raise DatasetError(f"{location}: not a readable Parquet file ({arrow_error_reason(err)}); "
+                               f"{_REPREPARE}") from None
+        lacking = [name for name in schema.names if name not in names and name != COLD_FIELD.name]
+        if lacking:
+            raise DatasetError(f"{location}: does not have the {what} schema of the layout (lacks "
+                               f"{', '.join(lacking)}); {_REPREPARE}")
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,13 +410,14 @@ def _cold_flags(table: pa.Table) -> np.ndarray:
 def verify_dataset(path: str | os.PathLike) -> dict:
     """Recompute the content hash from the files and compare it with the manifest's.
 
-    Returns the manifest. Raises ``ValueError`` naming both hashes when they differ (a shard
-    was changed, replaced or lost after ``prepare``), and the errors of ``read_manifest``.
+    Returns the manifest. Raises :class:`DatasetError` naming both hashes when they differ (a shard
+    was changed, replaced or lost after ``prepare``), and the errors of ``read_manifest`` and
+    ``read_split`` (missing or unreadable files, named).
     """
     manifest = read_manifest(path)
     actual = compute_content_hash(read_items(path), {s: read_split(path, s) for s in SPLITS})
     if actual != manifest["content_hash"]:
-        raise ValueError(
+        raise DatasetError(
             f"dataset {str(path)!r} does not match its manifest: manifest content_hash "
             f"{manifest['content_hash']}, files hash to {actual} (files were modified after "
             "prepare; re-run `llmrec-dist prepare --overwrite`)"
@@ -331,6 +447,9 @@ def check_output_free(output: str | os.PathLike, overwrite: bool) -> None:
     never delete unrelated files.
     """
     output = Path(output)
+    blocked = next((parent for parent in output.absolute().parents if parent.exists()), None)
+    if blocked is not None and not blocked.is_dir():
+        raise FileExistsError(f"output {str(output)!r} cannot be created: {str(blocked)!r} is a file, not a folder")
     if not output.exists() and not output.is_symlink():
         return
     if not overwrite:

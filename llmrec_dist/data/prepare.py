@@ -36,7 +36,7 @@ SOURCES = ("synthetic", "movielens", "generic")
 USER_HASH_ENV = "LLMREC_USER_HASH_KEY"
 USER_HASH_SCHEME = "hmac-sha256-128"  # first 32 hex chars of HMAC-SHA256(key, raw user id)
 USERS_PER_SHARD = 20_000
-GENERIC_KEYS = ("interactions", "items", "user_col", "item_col", "time_col", "item_id_col", "text_cols")
+GENERIC_KEYS = ("interactions", "items", "user_col", "item_col", "time_col", "item_id_col", "text_cols", "encoding")
 SYNTHETIC_KEYS = (
     "n_users", "n_items", "seed", "n_topics", "min_length", "max_length", "continue_prob", "noise_prob",
 )

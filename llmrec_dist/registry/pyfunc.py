@@ -66,9 +66,13 @@ class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
         self.recommender = None
 
     def load_context(self, context) -> None:
+        """Load the package artifact. A package whose text encoder needs its own Python code is refused
+        unless the caller opts in: ``mlflow.pyfunc.load_model(uri, model_config={"trust_remote_code": True})``."""
         from llmrec_dist.registry.recommender import Recommender
 
-        self.recommender = Recommender.from_folder(context.artifacts["package"])
+        options = getattr(context, "model_config", None) or {}
+        self.recommender = Recommender.from_folder(context.artifacts["package"],
+                                                   trust_remote_code=options.get("trust_remote_code") is True)
 
     # pd.DataFrame is a hint MLflow infers no schema from (the explicit signature stays in charge);
     # as_frame still accepts the list-of-dicts / dict conveniences when called directly.

@@ -12,6 +12,20 @@ The contract (DESIGN.md, "Registry contract"): a history is a list of ORIGINAL i
 last. Unknown ids are skipped with one warning per call; a history with no known item gets the
 popularity fallback; items already in the history are never recommended when ``exclude_seen``; only
 the last ``max_len`` known items feed the model, but every seen item is excluded.
+
+Hostile input, decided:
+
+- Ids must be strings. A history holding ints, floats, None, dicts or nested lists is refused with an
+  error naming the row and position: the catalogue's ids are strings, and guessing that ``7`` means
+  ``"7"`` (or ``7.0`` means ``"7"``) would silently mis-match ids such as ``"007"``.
+- Any length is accepted: a history of 10^6 ids costs well under a second and memory linear in its
+  length (the model reads only the last ``max_len`` known items; exclusion uses the distinct items
+  of the whole history).
+- ``k`` must be an integer in 1..catalogue size (``check_k``); -1, 0, ``'ten'``, 2.5 and a k larger
+  than the catalogue are errors, not clipped.
+- A package is data, not code: weights load only from safetensors; JSON and Parquet files that are
+  damaged or not shaped as written give an error naming the file; a package whose model asks for
+  ``trust_remote_code`` is refused unless the caller allows it explicitly.
 """
 
 from __future__ import annotations
@@ -26,11 +40,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from llmrec_dist.batching import left_pad
+from llmrec_dist.data.layout import ITEMS_SCHEMA, conform_table, read_parquet_file
 from llmrec_dist.model import SequenceRecommender
 from llmrec_dist.model_io import TEXT_CACHE_DIR, build_for_weights, load_weights_strict, model_config, serving_config
 
@@ -44,6 +59,8 @@ PACKAGE_FILES = (WEIGHTS_FILE, MODEL_META_FILE, ITEMS_FILE, MANIFEST_FILE, RECOM
 
 _MAX_NAMED_UNKNOWN = 5
 _MAX_REPORTED_PROBLEMS = 10
+_MAX_SHOWN_VALUE = 60  # characters of a bad value quoted in an error (a value may be huge)
+_NOT_A_PACKAGE = "the model package is damaged: log or build it again"
 _SCORE_BUDGET = 1 << 26  # float32 scores held at once (256 MB)
 
 
@@ -83,35 +100,44 @@ class Recommender:
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_folder(cls, path: str | Path) -> Recommender:
-        """Load a model package folder (weights via safetensors, on CPU, model in eval mode)."""
+    def from_folder(cls, path: str | Path, trust_remote_code: bool = False) -> Recommender:
+        """Load a model package folder (weights via safetensors, on CPU, model in eval mode).
+
+        Every file is checked as it is read, and a problem is a ``ValueError`` (``FileNotFoundError`` for
+        a missing file) naming the file. ``trust_remote_code``: allow a package whose text encoder needs
+        its own Python code (``model.trust_remote_code`` true in ``model.json``); refused by default,
+        because loading such a package runs code shipped inside it.
+        """
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"model package {str(folder)!r} does not exist or is not a folder")
         missing = [name for name in PACKAGE_FILES if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{str(folder)!r} is not a model package: it lacks {', '.join(missing)}")
-        settings = json.loads((folder / RECOMMENDER_FILE).read_text())
+        settings = _read_json(folder / RECOMMENDER_FILE)
         version = settings.get("format_version")
         if version != PACKAGE_FORMAT_VERSION:
             raise ValueError(f"{folder / RECOMMENDER_FILE}: unsupported format_version {version!r}; "
                              f"this llmrec_dist reads format_version {PACKAGE_FORMAT_VERSION}")
-        meta = json.loads((folder / MODEL_META_FILE).read_text())
+        exclude_seen, default_k = _serving_settings(settings, folder / RECOMMENDER_FILE)
+        meta = _read_json(folder / MODEL_META_FILE)
+        num_items = _num_items(meta, folder / MODEL_META_FILE)
         model_cfg = serving_config(model_config(meta, str(folder / MODEL_META_FILE)), folder)
-        num_items = int(meta["num_items"])
+        check_remote_code(model_cfg.trust_remote_code, trust_remote_code, folder / MODEL_META_FILE)
 
-        items = pq.read_table(folder / ITEMS_FILE).sort_by("item_idx")
+        items_file = folder / ITEMS_FILE
+        items = conform_table(read_parquet_file(items_file, remedy=_NOT_A_PACKAGE), ITEMS_SCHEMA, items_file,
+                              "items", remedy=_NOT_A_PACKAGE).sort_by("item_idx")
         idx = items.column("item_idx").to_numpy()
         if len(idx) != num_items or not np.array_equal(idx, np.arange(1, num_items + 1)):
-            raise ValueError(f"{folder / ITEMS_FILE}: item_idx must run 1..{num_items} "
+            raise ValueError(f"{items_file}: item_idx must run 1..{num_items} "
                              f"(model.json num_items), got {len(idx)} rows")
 
         texts = [str(t) for t in items.column("text").to_pylist()]
         model = build_for_weights(model_cfg, num_items, texts, folder / TEXT_CACHE_DIR)
-        load_weights_strict(model, load_file(str(folder / WEIGHTS_FILE), device="cpu"), str(folder / WEIGHTS_FILE))
+        load_weights_strict(model, read_safetensors(folder / WEIGHTS_FILE), str(folder / WEIGHTS_FILE))
         rec = cls(model, items.column("item_id").to_pylist(), texts, items.column("popularity").to_numpy(),
-                  exclude_seen=settings.get("exclude_seen", True),
-                  default_k=settings.get("default_k", 10), dataset_hash=meta.get("dataset_hash", ""))
+                  exclude_seen=exclude_seen, default_k=default_k, dataset_hash=str(meta.get("dataset_hash", "")))
         rec.model_cfg, rec.folder, rec.num_trained_items = model_cfg, folder, num_items
         return rec
 
@@ -123,18 +149,15 @@ class Recommender:
         updated if it changed); new items are represented by their text alone and can be recommended
         at once; known items missing from ``items`` are retired: still understood in histories, never
         recommended. Only an LM item tower can do this; an ``id`` model is refused.
+
+        Ids are taken as strings (an integer column's ``42`` becomes ``"42"``); a missing id or text, a
+        repeated id, or a popularity that is not a non-negative integer is an error naming its row.
         """
         cfg = getattr(self, "model_cfg", None)
         if cfg is None or cfg.item_repr == "id":
             raise ValueError("only a model with a text item tower (model.item_repr text or id+text) can take "
                              "new items without retraining; this model represents items by ID only")
-        if not isinstance(items, pd.DataFrame) or not {"item_id", "text"} <= set(items.columns):
-            raise ValueError("items must be a DataFrame with 'item_id' and 'text' columns")
-        ids = [str(i) for i in items["item_id"].tolist()]
-        if len(set(ids)) != len(ids):
-            raise ValueError("items: item_id values must be unique")
-        new_text = dict(zip(ids, (str(t) for t in items["text"].tolist())))
-        pop_in = dict(zip(ids, items["popularity"].tolist())) if "popularity" in items.columns else {}
+        ids, new_text, pop_in = _catalogue_columns(items)
         old = self.item_ids[:self.num_trained_items]
         all_ids = old + [i for i in ids if i not in self.index or self.index[i] > self.num_trained_items]
         texts = [new_text.get(i, self.texts[self.index[i] - 1] if i in self.index else "") for i in all_ids]
@@ -186,26 +209,30 @@ class Recommender:
         if isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence):
             raise ValueError("histories must be a list of histories (each a list of item id strings)")
         ks = self._per_user_k(k, len(histories))
+        checked = []
         for i, history in enumerate(histories):
-            _, problem = _as_history(history)
+            items, problem = _as_history(history)
             if problem:
                 raise ValueError(f"histories[{i}]: {problem}")
-        known, unknown = self._to_indices(histories)
+            checked.append(items)
+        recent, seen, unknown = self._to_indices(checked)
         if unknown:
-            named = ", ".join(repr(u) for u in list(dict.fromkeys(unknown))[:_MAX_NAMED_UNKNOWN])
-            more = len(set(unknown)) - min(len(set(unknown)), _MAX_NAMED_UNKNOWN)
+            first = _first_distinct(unknown, _MAX_NAMED_UNKNOWN)
+            named = ", ".join(_short(u) for u in first)
+            more = len(set(unknown)) - len(first)
             warnings.warn(f"skipped {len(unknown)} unknown item id(s) not in the model's catalogue: "
                           f"{named}{f' and {more} more' if more else ''}", UnknownItemWarning,
                           stacklevel=warn_stacklevel)
 
         results: list[dict | None] = [None] * len(histories)
-        to_score = [i for i, rows in enumerate(known) if rows]
-        for i, rows in enumerate(known):
+        to_score = [i for i, rows in enumerate(recent) if rows]
+        for i, rows in enumerate(recent):
             if not rows:
                 results[i] = self._popular(ks[i])
         for start in range(0, len(to_score), self.batch_size):
             chunk = to_score[start:start + self.batch_size]
-            for i, result in zip(chunk, self._score([known[i] for i in chunk], [ks[i] for i in chunk])):
+            scored = self._score([recent[i] for i in chunk], [seen[i] for i in chunk], [ks[i] for i in chunk])
+            for i, result in zip(chunk, scored):
                 results[i] = result
         return results  # type: ignore[return-value]
 
@@ -218,18 +245,23 @@ class Recommender:
             return [self.check_k(v, f"k[{i}]") for i, v in enumerate(k)]
         return [self.check_k(k)] * n
 
-    def _to_indices(self, histories) -> tuple[list[list[int]], list[str]]:
-        known, unknown = [], []
-        for h in histories:
-            rows = []
-            for item_id in h:
-                idx = self.index.get(item_id)
-                if idx is None:
-                    unknown.append(item_id)
-                else:
-                    rows.append(idx)
-            known.append(rows)
-        return known, unknown
+    def _to_indices(self, histories: list[list[str]]) -> tuple[list[list[int]], list[np.ndarray], list[str]]:
+        """``(recent, seen, unknown)``: per history its last ``max_len`` known item_idx in order (what the
+        model reads) and its distinct known item_idx (what is excluded), plus every unknown id occurrence.
+
+        A history may hold millions of ids, so the lookups run through ``map`` (C speed) and the
+        distinct items come from a bincount, not a Python set.
+        """
+        recent, seen, unknown = [], [], []
+        for history in histories:
+            rows = list(map(self.index.get, history))
+            if None in rows:
+                unknown.extend(item_id for item_id, idx in zip(history, rows) if idx is None)
+                rows = [idx for idx in rows if idx is not None]
+            recent.append(rows[-self.max_len:])
+            counts = np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(self.item_ids) + 1)
+            seen.append(np.flatnonzero(counts))
+        return recent, seen, unknown
 
     def _popular(self, k: int) -> dict:
         top = self._popular_order[:k]
@@ -240,17 +272,17 @@ class Recommender:
                 "scores": [float(s) for s in scores],
                 "texts": [self.texts[i - 1] for i in idx]}
 
-    def _score(self, rows: list[list[int]], ks: list[int]) -> list[dict]:
-        """One forward pass for a batch of non-empty histories (item_idx lists)."""
-        seq = torch.from_numpy(left_pad(rows, self.max_len))  # only the last max_len items
+    def _score(self, rows: list[list[int]], seen: list[np.ndarray], ks: list[int]) -> list[dict]:
+        """One forward pass for a batch of non-empty histories: ``rows`` (item_idx lists, at most
+        ``max_len`` each) feed the model, ``seen`` (distinct item_idx of the whole histories) are excluded."""
+        seq = torch.from_numpy(left_pad(rows, self.max_len))
         with torch.inference_mode():
             scores = self.model.score_next(seq).float()
             if self.retired.any():
                 scores[:, 1:][:, torch.from_numpy(self.retired)] = float("-inf")
             if self.exclude_seen:  # every seen item, not only the last max_len
-                user = torch.tensor([u for u, r in enumerate(rows) for _ in r], dtype=torch.long)
-                item = torch.tensor([i for r in rows for i in r], dtype=torch.long)
-                scores[user, item] = float("-inf")
+                user = np.repeat(np.arange(len(rows)), [len(s) for s in seen])
+                scores[torch.from_numpy(user), torch.from_numpy(np.concatenate(seen))] = float("-inf")
             top_scores, top_idx = scores.topk(max(ks), dim=1)
         out = []
         for u, k in enumerate(ks):
@@ -298,12 +330,125 @@ class Recommender:
 
 
 def _as_history(value: Any) -> tuple[list[str], str | None]:
-    """A history value as a list of strings, or a description of what is wrong with it."""
+    """A history value as a list of strings, or a description of what is wrong with it.
+
+    Only strings are ids (see the module docstring); the check runs at C speed for long histories and
+    looks for the offending position only when there is one.
+    """
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
         return [], f"history must be a list of item id strings, got {type(value).__name__}"
-    for pos, item in enumerate(value):
-        if not isinstance(item, str):
-            return [], f"history[{pos}] must be an item id string, got {type(item).__name__} ({item!r})"
-    return list(value), None
+    if all(issubclass(t, str) for t in set(map(type, value))):
+        return list(value), None
+    pos, item = next((pos, item) for pos, item in enumerate(value) if not isinstance(item, str))
+    return [], f"history[{pos}] must be an item id string, got {type(item).__name__} ({_short(item)})"
+
+
+def _first_distinct(values: list[str], n: int) -> list[str]:
+    """The first ``n`` distinct values, in order, without building a set of all of them."""
+    found: dict[str, None] = {}
+    for value in values:
+        found.setdefault(value, None)
+        if len(found) == n:
+            break
+    return list(found)
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a readable length (a bad value may be a list of a million items)."""
+    text = repr(value) if not isinstance(value, (list, tuple, dict)) or len(value) < 100 else \
+        f"<{type(value).__name__} of {len(value)} values>"
+    return text if len(text) <= _MAX_SHOWN_VALUE else text[:_MAX_SHOWN_VALUE - 3] + "..."
+
+
+# ------------------------------------------------------------------------------------ package files
+def _read_json(path: Path) -> dict:
+    """A package's JSON file as a dict, or a ValueError naming it."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid UTF-8 JSON ({err}); {_NOT_A_PACKAGE}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}; {_NOT_A_PACKAGE}")
+    return data
+
+
+def _num_items(meta: dict, path: Path) -> int:
+    missing = [key for key in ("model", "num_items") if key not in meta]
+    if missing:
+        raise ValueError(f"{path}: lacks {', '.join(missing)}; {_NOT_A_PACKAGE}")
+    value = meta["num_items"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{path}: num_items must be a positive integer, got {_short(value)}; {_NOT_A_PACKAGE}")
+    return value
+
+
+def _serving_settings(settings: dict, path: Path) -> tuple[bool, int]:
+    """``(exclude_seen, default_k)`` from recommender.json, checked."""
+    exclude_seen, default_k = settings.get("exclude_seen", True), settings.get("default_k", 10)
+    if not isinstance(exclude_seen, bool):
+        raise ValueError(f"{path}: exclude_seen must be true or false, got {_short(exclude_seen)}")
+    if isinstance(default_k, bool) or not isinstance(default_k, int) or default_k < 1:
+        raise ValueError(f"{path}: default_k must be a positive integer, got {_short(default_k)}")
+    return exclude_seen, default_k
+
+
+def check_remote_code(requested: bool, allowed: bool, where: str | Path) -> None:
+    """Refuse a saved model whose text encoder needs its own Python code unless the caller allowed it.
+
+    ``requested`` comes from the saved ``model.json`` (data that may come from anyone); ``allowed`` from
+    the person loading it. The code would run on load, so the default is to refuse.
+    """
+    if requested and not allowed:
+        raise ValueError(f"{where}: model.trust_remote_code is true: loading this model would run Python code "
+                         "shipped with its text encoder; refused (allow it explicitly with trust_remote_code=True "
+                         "only for a model whose origin you trust)")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from a safetensors file; anything else (a pickle renamed, a damaged file) is refused, never
+    unpickled."""
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"{path}: not a safetensors weights file ({reason}); weights are loaded only from "
+                         "safetensors, never unpickled") from None
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _catalogue_columns(items: Any) -> tuple[list[str], dict[str, str], dict[str, int]]:
+    """``(ids, text by id, popularity by id)`` of a catalogue DataFrame, with errors naming the row."""
+    if not isinstance(items, pd.DataFrame) or not {"item_id", "text"} <= set(items.columns):
+        raise ValueError("items must be a DataFrame with 'item_id' and 'text' columns")
+    if len(items) == 0:
+        raise ValueError("items: the catalogue is empty; it must list at least one item")
+    ids, texts = items["item_id"].tolist(), items["text"].tolist()
+    for row, (item_id, text) in enumerate(zip(ids, texts)):
+        if _is_missing(item_id) or str(item_id).strip() == "":
+            raise ValueError(f"items: row {row}: missing item_id")
+        if isinstance(item_id, (list, tuple, dict, np.ndarray)):
+            raise ValueError(f"items: row {row}: item_id must be a string or integer, got {type(item_id).__name__}")
+        if _is_missing(text):
+            raise ValueError(f"items: row {row}: missing text (an item with no text cannot be represented)")
+        if not isinstance(text, str):
+            raise ValueError(f"items: row {row}: text must be a string, got {type(text).__name__} ({_short(text)})")
+    ids = [str(i) for i in ids]
+    seen: dict[str, int] = {}
+    for row, item_id in enumerate(ids):
+        if item_id in seen:
+            raise ValueError(f"items: row {row}: item_id {_short(item_id)} repeats row {seen[item_id]}; "
+                             "item_id values must be unique")
+        seen[item_id] = row
+    popularity: dict[str, int] = {}
+    if "popularity" in items.columns:
+        for row, (item_id, value) in enumerate(zip(ids, items["popularity"].tolist())):
+            number = value if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+            if number is None or not math.isfinite(number) or number < 0 or not float(number).is_integer():
+                raise ValueError(f"items: row {row}: popularity must be a non-negative integer, got {_short(value)}")
+            popularity[item_id] = int(number)
+    return ids, dict(zip(ids, texts)), popularity

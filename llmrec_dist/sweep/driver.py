@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmrec_dist import storage
 from llmrec_dist.config import absolute
 from llmrec_dist.sweep.search import SweepConfig, sweep_from_dict
 from llmrec_dist.sweep.trial import TAG_STATUS, TAG_SWEEP, child_runs, run_trial
@@ -121,35 +122,16 @@ def cluster_capacity() -> dict:
 
 
 # ----------------------------------------------------------------------------------------- state
-def _filesystem(folder: str):
-    """(pyarrow filesystem, path in it) for a local folder or a storage URI (s3://, gs://, ...)."""
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
-
-
 def _write_state(folder: str, state: dict) -> None:
-    fs, path = _filesystem(folder)
-    fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/{STATE_FILE}") as out:
-        out.write(json.dumps(state, indent=2).encode())
+    storage.write_json(storage.join(folder, STATE_FILE), state)
 
 
 def read_state(folder: str) -> dict:
-    fs, path = _filesystem(folder)
     try:
-        with fs.open_input_stream(f"{path}/{STATE_FILE}") as src:
-            return json.loads(src.read().decode())
+        return storage.read_json(storage.join(folder, STATE_FILE))
     except (FileNotFoundError, OSError):
         raise SweepError(f"{folder}: no {STATE_FILE} here; --resume takes the sweep folder that a "
                          "previous `llmrec-dist tune` printed") from None
-
-
-def _exists(folder: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = _filesystem(folder)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 # ----------------------------------------------------------------------------------------- Tune
@@ -301,7 +283,7 @@ def _absolute_paths(raw: dict) -> dict:
 
 def run_sweep(sweep: SweepConfig | None = None, resume: str | None = None) -> SweepOutcome:
     """Run a new sweep (``sweep``) or continue an interrupted one (``resume``: its folder)."""
-    from llmrec_dist.data.layout import read_manifest, verify_dataset
+    from llmrec_dist.data.layout import check_files, verify_dataset
     from llmrec_dist.ray_setup import init_ray
     from llmrec_dist.tracking import client, end_run, ensure_experiment, resolve_tracking_uri, start_run
 
@@ -318,13 +300,13 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | None = None) -> Sw
         sweep = sweep_from_dict(raw, sweep.source)
         name = sweep.search.name or time.strftime("sweep-%Y%m%d-%H%M%S")
         folder = f"{absolute(sweep.search.storage_path)}/{name}"
-        if _exists(folder):
+        if storage.exists(folder):
             raise SweepError(f"{folder} already exists: continue it with --resume {folder}, or set "
                              "search.name to start a new sweep")
         tracking_uri = resolve_tracking_uri(sweep.base.mlflow.tracking_uri)
         parent_run_id = ""
     cfg = sweep.base
-    manifest = verify_dataset(cfg.data.path) if cfg.data.verify_hash else read_manifest(cfg.data.path)
+    manifest = verify_dataset(cfg.data.path) if cfg.data.verify_hash else check_files(cfg.data.path)
 
     plan = plan_resources(sweep, cluster_capacity())
     for note in plan.notes:

@@ -36,6 +36,7 @@ from llmrec_dist.config import (
     config_from_dict,
     load_raw_yaml,
     metric_names,
+    plain_name_problem,
 )
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -178,8 +179,10 @@ def parse_search(raw: Any, train_raw: dict, source: str = "") -> SearchConfig:
                         f"got {search.trial_driver_cpus}")
     if search.scheduler not in ("asha", "none"):
         problems.append(f"search.scheduler: expected 'asha' or 'none'; got {search.scheduler!r}")
-    if search.name and ("/" in search.name or search.name.startswith(".")):
-        problems.append(f"search.name: a plain folder name (no '/', not starting with '.'); got {search.name!r}")
+    # The name is a folder under storage_path: it must not climb out of it or hide itself.
+    name_problem = plain_name_problem(search.name) or ("must not start with '.'" if search.name[:1] == "." else None)
+    if search.name and name_problem:
+        problems.append(f"search.name: {name_problem}; got {search.name!r}")
 
     # The base config must be valid by itself (its errors keep their own dotted keys).
     try:

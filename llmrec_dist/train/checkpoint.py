@@ -4,8 +4,9 @@ Layout of one checkpoint folder:
   model.safetensors       weights of this epoch (unwrapped module)
   best_model.safetensors  best weights so far by the validation metric (what gets evaluated/registered)
   model.json              {"model": ModelConfig fields, "num_items": N, "dataset_hash": ...}
-  state.pt                optimiser, scheduler, epoch, best metric, history, RNG (tensors and plain types
-                          only: loaded with torch.load(weights_only=True))
+  state.pt                optimiser, scheduler, epoch, best metric, history (tensors and plain types
+                          only: loaded with torch.load(weights_only=True)); randomness is re-seeded
+                          from (seed, epoch, rank) each epoch, so no RNG state is needed
 """
 
 from __future__ import annotations
@@ -56,3 +57,7 @@ def read_state(folder: Path) -> dict[str, Any]:
 
 def read_meta(folder: Path) -> dict:
     return json.loads((Path(folder) / MODEL_META).read_text())
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())

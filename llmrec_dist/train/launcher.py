@@ -1,7 +1,13 @@
 """Driver side of a training run: Ray, the TorchTrainer, and the MLflow run around it.
 
-    verify dataset → MLflow run (RUNNING) → TorchTrainer.fit() (workers; rank 0 logs) →
-    package the best checkpoint → log pyfunc → register + gate the alias → run FINISHED
+    verify dataset → MLflow run (RUNNING) + <storage>/train-<run id>/run.json → TorchTrainer.fit()
+    (workers; rank 0 logs) → package the best checkpoint → log pyfunc → register + gate the alias →
+    run FINISHED
+
+Faults: a failed worker group restarts from the latest checkpoint (``train.max_failures``); a killed
+driver is re-submitted with ``train(resume=folder)`` (``llmrec-dist train --resume FOLDER``), which reads
+``run.json`` and continues the same MLflow run from the latest checkpoint (Ray Train restores a run with
+the same name and storage path).
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmrec_dist.config import Config, absolute
-from llmrec_dist.data.layout import read_manifest, verify_dataset
+from llmrec_dist import storage
+from llmrec_dist.config import Config, absolute, config_from_dict
+from llmrec_dist.data.layout import check_files, verify_dataset
 from llmrec_dist.ray_setup import init_ray
 from llmrec_dist.tracking import end_run, resolve_tracking_uri, start_run
 
@@ -32,16 +39,31 @@ class TrainOutcome:
     seconds: float = 0.0
 
 
+def _data_config(cfg: Config):
+    """Ray Train's data config: the train split is streamed and split over the workers; deterministic
+    ingest (``data.deterministic``) preserves block order and assigns blocks without locality, so the
+    split, and therefore a restarted run, is reproducible."""
+    from ray.train import DataConfig
+
+    if not cfg.data.deterministic:
+        return DataConfig(datasets_to_split=["train"])
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options=options, enable_shard_locality=False)
+
+
 def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, callbacks: list | None = None):
     """The TorchTrainer for ``cfg``: train split streamed through Ray Data, evaluation splits read per rank.
     ``callbacks``: Ray Train callbacks (a sweep passes Tune's report callback)."""
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from llmrec_dist.data.layout import split_files
     from llmrec_dist.train.recipe import train_loop_per_worker
 
+    if cfg.data.deterministic:  # blocks keep file order, so every worker gets the same rows every run
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
     train_ds = ray.data.read_parquet(split_files(cfg.data.path, "train"), columns=["items"])
     if cfg.data.materialize:
         train_ds = train_ds.materialize()
@@ -54,40 +76,98 @@ def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, ca
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         datasets={"train": train_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=_data_config(cfg),
         run_config=RunConfig(
             name=run_name,
             storage_path=cfg.train.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute=cfg.selection_metric(),
                                                checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=1),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
         ),
     )
 
 
-def train(cfg: Config) -> TrainOutcome:
-    """Train, evaluate, log and (if ``mlflow.registered_model`` is set) register one model."""
+class TrainError(ValueError):
+    """A run that cannot start or continue (e.g. a bad --resume folder); the message says what to do."""
+
+
+RUN_FILE = "run.json"
+
+
+def run_name(run_id: str) -> str:
+    """Ray Train's name for the run of MLflow run ``run_id``: its folder under train.storage_path."""
+    return f"train-{run_id[:12]}"
+
+
+def read_run_state(folder: str) -> dict:
+    try:
+        return storage.read_json(storage.join(folder, RUN_FILE))
+    except (FileNotFoundError, OSError, ValueError):
+        raise TrainError(f"{folder}: no readable {RUN_FILE} here; --resume takes the run folder that "
+                         "`llmrec-dist train` printed when the run started "
+                         "(<train.storage_path>/train-<run id>)") from None
+
+
+def _reopen_run(tracking_uri: str, run_id: str, folder: str) -> None:
+    """Mark an interrupted MLflow run RUNNING again (it continues; no new run is created)."""
+    from llmrec_dist.tracking import client
+
+    c = client(tracking_uri)
+    try:
+        run = c.get_run(run_id)
+    except Exception as err:
+        raise TrainError(f"{folder}: MLflow run {run_id} is not in {tracking_uri} ({err})") from None
+    if run.info.status == "FINISHED":
+        raise TrainError(f"{folder}: MLflow run {run_id} already finished; nothing to resume")
+    resumes = int(run.data.tags.get("llmrec.resumes", "0")) + 1
+    c.set_tag(run_id, "llmrec.resumes", str(resumes))
+    c.set_terminated(run_id, "RUNNING")
+
+
+def train(cfg: Config | None = None, resume: str | None = None) -> TrainOutcome:
+    """Train, evaluate, log and (if ``mlflow.registered_model`` is set) register one model.
+
+    ``resume``: the folder of an interrupted run (``<train.storage_path>/train-<run id>``). The run goes
+    on from its latest checkpoint with its saved config, in the same MLflow run.
+    """
     started = time.perf_counter()
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)),
-                              train=dataclasses.replace(cfg.train, storage_path=absolute(cfg.train.storage_path)))
-    manifest = verify_dataset(cfg.data.path) if cfg.data.verify_hash else read_manifest(cfg.data.path)
-    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    run_id = start_run(tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name,
-                       tags={"llmrec.dataset_hash": manifest["content_hash"],
-                             "llmrec.source": str(manifest["source"].get("type", ""))})
+    if resume:
+        folder = absolute(resume.rstrip("/"))
+        state = read_run_state(folder)
+        cfg = config_from_dict(state["config"], source=storage.join(folder, RUN_FILE))
+        tracking_uri, run_id = state["tracking_uri"], state["run_id"]
+        manifest = verify_dataset(cfg.data.path) if cfg.data.verify_hash else check_files(cfg.data.path)
+        _reopen_run(tracking_uri, run_id, folder)
+        log.info("resuming MLflow run %s from the latest checkpoint in %s", run_id, folder)
+    else:
+        if cfg is None:
+            raise ValueError("train needs a config or a run folder to resume")
+        cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)),
+            train=dataclasses.replace(cfg.train, storage_path=absolute(cfg.train.storage_path)))
+        manifest = verify_dataset(cfg.data.path) if cfg.data.verify_hash else check_files(cfg.data.path)
+        tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        run_id = start_run(tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name,
+                           tags={"llmrec.dataset_hash": manifest["content_hash"],
+                                 "llmrec.source": str(manifest["source"].get("type", ""))})
+        folder = storage.join(cfg.train.storage_path, run_name(run_id))
+        storage.write_json(storage.join(folder, RUN_FILE),
+                           {"run_id": run_id, "tracking_uri": tracking_uri, "config": cfg.to_dict()})
+        log.info("MLflow run %s; checkpoints in %s (if interrupted: llmrec-dist train --resume %s)",
+                 run_id, folder, folder)
     try:
         build_text_cache(cfg)
         init_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
-        trainer = build_trainer(cfg, run_id, tracking_uri, run_name=f"train-{run_id[:12]}")
+        trainer = build_trainer(cfg, run_id, tracking_uri, run_name=run_name(run_id))
         result = trainer.fit()
         if result.error:
             raise result.error
         metrics = dict(result.return_value or result.metrics or {})
         outcome = TrainOutcome(run_id, tracking_uri, metrics, result.checkpoint.path)
-        with result.checkpoint.as_directory() as folder:
-            _publish(cfg, outcome, Path(folder), manifest)
+        with result.checkpoint.as_directory() as checkpoint_dir:
+            _publish(cfg, outcome, Path(checkpoint_dir), manifest)
     except BaseException:
         end_run(tracking_uri, run_id, "FAILED")
         raise

@@ -76,6 +76,31 @@ def _peak_rss_mb_max(device) -> float:
     return peak.item()
 
 
+def _worker_nodes(device) -> list[str]:
+    """The Ray node id of every rank, in rank order (all ranks take part)."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [node]
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    """A context factory for the forward pass: bf16 autocast on CUDA GPUs, plain fp32 elsewhere."""
+    enabled = cfg.scaling.use_gpu and device.type == "cuda"
+    return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def ddp_kwargs(cfg: Config) -> dict:
+    """DistributedDataParallel options. Every trainable parameter takes part in every step's loss for
+    every backbone, item representation and freezing strategy (the LM's unused pooler is dropped when
+    the encoder loads; tests/test_model.py checks each combination), so DDP's per-step search for unused
+    parameters stays off: it costs a graph traversal per step and is only needed by models with
+    data-dependent branches."""
+    return {"find_unused_parameters": False}
+
+
 def _steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
     rows_per_worker = train_users // world_size  # Ray Data's equal split drops the remainder
     micro_batches = math.ceil(rows_per_worker / cfg.per_worker_batch_size())
@@ -103,7 +128,10 @@ def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, a
     loss_sum = positions = sequences = 0.0
     micro = 0
     optimizer.zero_grad(set_to_none=True)
+    pin = device.type == "cuda"  # page-locked host memory: the copy overlaps the previous step
     for seq, targets in batches:
+        if pin:
+            seq, targets = seq.pin_memory(), targets.pin_memory()
         seq, targets = seq.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         micro += 1
         step_now = micro % cfg.train.grad_accum == 0
@@ -137,8 +165,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    use_amp = cfg.scaling.use_gpu and device.type == "cuda"
-    amp = partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=use_amp)
+    amp = autocast_for(cfg, device)
     log = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
 
     manifest = read_manifest(cfg.data.path)
@@ -150,7 +177,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     id_seen = items_seen_in_training(cfg.data.path) if cfg.model.item_repr == "id+text" else None
     model = build_model(cfg.model, n_items, text=text, num_negatives=num_negatives, id_seen=id_seen)
     meta = {"model": cfg.to_dict()["model"], "num_items": n_items, "dataset_hash": manifest["content_hash"]}
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs(cfg))
+    nodes = _worker_nodes(device)
     core = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(core, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, _steps_per_epoch(cfg, num_train_rows(manifest), world))
@@ -162,7 +190,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     # ---------------------------------------------------------------- resume
     start_epoch, best_value, best_epoch, stale = 0, -math.inf, -1, 0
-    best_weights, history = ckpt.cpu_state_dict(core), []
+    best_weights, history, logged = ckpt.cpu_state_dict(core), [], set()
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as folder:
@@ -174,24 +202,33 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             return state["result"]
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
         start_epoch, best_value, best_epoch = state["epoch"] + 1, state["best_value"], state["best_epoch"]
         stale, history = state["stale"], state["history"]
-        # Epochs reported before a failure but not yet in MLflow are logged now, none twice.
+        # Epochs reported before a failure but not yet in MLflow are logged now, none twice. Epochs
+        # logged but newer than this checkpoint (Ray Train had not recorded it yet) run again and are
+        # not logged again: the re-run repeats them exactly (per-epoch seeds, deterministic data).
         logged = log.logged_steps(selection)
         for row in history:
             if row["epoch"] not in logged:
                 log.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-    elif rank == 0:
+        log.metrics({"resumed_at_epoch": start_epoch}, step=start_epoch)
+    else:
         log.params({**cfg.flat(), **count_parameters(core), "dataset.content_hash": manifest["content_hash"]})
         log.yaml(cfg.to_dict(), "config.yaml")
         log.yaml(manifest, "dataset_manifest.yaml")
+    cache = "-" if text is None or text.lm is not None and text.lower is None else (
+        "hit" if text.cache_hit else "computed")  # computed here = the driver's cache was not found
+    log.tags({"llmrec.worker_nodes": ",".join(nodes), "llmrec.num_nodes": len(set(nodes)),
+              "llmrec.device": device.type, "llmrec.text_cache": cache})
 
     # ---------------------------------------------------------------- epochs
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
-        batches = epoch_batches(train_shard, cfg, seed=cfg.train.seed * 1000 + epoch * world + rank,
-                                mask_id=core.mask_id)
+        # Dropout, negatives and shuffling draw from seeds fixed by (seed, epoch, rank): an epoch re-run
+        # after a restart sees the same randomness as in an uninterrupted run.
+        epoch_seed = cfg.train.seed * 1000 + epoch * world + rank
+        torch.manual_seed(epoch_seed)
+        batches = epoch_batches(train_shard, cfg, seed=epoch_seed, mask_id=core.mask_id)
         stats = train_one_epoch(model, batches, optimizer, scheduler, cfg, device, amp)
         train_seconds = time.perf_counter() - t0
         loss_sum, positions, sequences = _all_reduce_sum(
@@ -218,19 +255,25 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
         # Checkpoint + report: every rank reports (a barrier); only rank 0 attaches files.
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
+            checkpoint, written = None, {}
             if rank == 0:
+                t_write = time.perf_counter()
                 ckpt.write_checkpoint(Path(tmp), weights=ckpt.cpu_state_dict(core), best_weights=best_weights,
                                       meta=meta, state={
                                           "epoch": epoch, "best_value": best_value, "best_epoch": best_epoch,
                                           "stale": stale, "history": history,
                                           "optimizer": optimizer.state_dict(),
-                                          "scheduler": scheduler.state_dict(),
-                                          "torch_rng": torch.get_rng_state()})
+                                          "scheduler": scheduler.state_dict()})
+                written = {"checkpoint_mb": ckpt.folder_bytes(Path(tmp)) / 2**20,
+                           "checkpoint_write_seconds": time.perf_counter() - t_write}
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            t_report = time.perf_counter()
             # epochs_done (1-based) is the time axis of a sweep's ASHA scheduler (llmrec_dist.sweep).
             ray.train.report({**metrics, "best_epoch": best_epoch, "epochs_done": epoch + 1}, checkpoint=checkpoint)
-        log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            # report() uploads the checkpoint to train.storage_path and waits for every rank.
+            written["checkpoint_report_seconds"] = time.perf_counter() - t_report
+        if epoch not in logged:
+            log.metrics({**{k: v for k, v in metrics.items() if k != "epoch"}, **written}, step=epoch)
         if stop:
             break
 

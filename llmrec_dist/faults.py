@@ -1,0 +1,129 @@
+"""Fault injection for tests and the recovery benchmark: find a run's training worker processes through
+Ray's State API and kill one, as a crashed process or a lost node would.
+
+``python jobs/bench_fault_recovery.py --config configs/ml1m_sasrec.yaml data.path=DIR train.epochs=3``
+runs the config twice, uninterrupted and with one worker SIGKILLed after the first checkpointed epoch,
+and prints the wall time lost, the restart epoch and the per-epoch checkpoint size and write times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from llmrec_dist.config import load_config
+
+
+def training_worker_pids(address: str) -> list[int]:
+    """PIDs of the live Ray Train workers of the cluster at ``address`` (its GCS address)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=address,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors]
+
+
+def wait_for_run_file(storage_path: str | Path, alive=lambda: True, timeout: float = 600) -> dict:
+    """The ``run.json`` of the one training run under a local ``storage_path`` (written at its start)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and alive():
+        found = list(Path(storage_path).glob("train-*/run.json"))
+        if found:
+            return json.loads(found[0].read_text())
+        time.sleep(0.2)
+    raise TimeoutError(f"no run.json appeared under {storage_path}")
+
+
+def wait_for_step(client, run_id: str, key: str, step: int, alive=lambda: True, timeout: float = 600) -> None:
+    """Block until MLflow run ``run_id`` has ``key`` logged at ``step`` or later."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and alive():
+        if any(m.step >= step for m in client.get_metric_history(run_id, key)):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{key} never reached step {step} in run {run_id}")
+
+
+def train_with_worker_kill(cfg, address: str, after_epoch: int = 0):
+    """Train ``cfg`` (local storage path) and SIGKILL one training worker once epoch ``after_epoch`` is
+    checkpointed and logged. Returns (outcome, run_id, killed pid)."""
+    from llmrec_dist.tracking import client
+    from llmrec_dist.train.launcher import train
+
+    result, errors = {}, []
+
+    def run():
+        try:
+            result["outcome"] = train(cfg)
+        except BaseException as err:  # re-raised in the caller's thread below
+            errors.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    alive = lambda: not errors  # noqa: E731
+    state = wait_for_run_file(cfg.train.storage_path, alive)
+    wait_for_step(client(state["tracking_uri"]), state["run_id"], cfg.selection_metric(), after_epoch, alive)
+    pids = training_worker_pids(address)
+    if not pids:
+        raise RuntimeError("no live training worker to kill")
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result["outcome"], state["run_id"], pids[-1]
+
+
+def _epoch_series(client, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    from llmrec_dist.ray_setup import init_ray
+    from llmrec_dist.tracking import client
+    from llmrec_dist.train.launcher import train
+
+    parser = argparse.ArgumentParser(
+        prog="bench_fault_recovery", description="Time lost to one injected worker failure: the config "
+        "trained uninterrupted, then again with one training worker SIGKILLed after the first epoch.")
+    parser.add_argument("--config", required=True, help="training config (YAML)")
+    parser.add_argument("--workdir", default="bench-fault-recovery", help="storage and MLflow folder")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.path=DIR")
+    args = parser.parse_args(argv)
+    work = Path(args.workdir).resolve()
+    figures = {}
+    for label in ("uninterrupted", "worker_killed"):
+        cfg = load_config(args.config, [*args.overrides, f"train.storage_path={work / label}",
+                                        f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+                                        "mlflow.registered_model=", "train.patience=0",
+                                        f"mlflow.run_name=fault-bench-{label}"])
+        init_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
+        started = time.perf_counter()
+        if label == "uninterrupted":
+            outcome = train(cfg)
+        else:
+            outcome, _, _ = train_with_worker_kill(cfg, ray.get_runtime_context().gcs_address)
+        c = client(outcome.tracking_uri)
+        resumed = c.get_metric_history(outcome.run_id, "resumed_at_epoch")
+        figures[label] = {
+            "wall_s": round(time.perf_counter() - started, 1), "run_id": outcome.run_id,
+            "test_ndcg_at_10": outcome.metrics["test_ndcg_at_10"],
+            "resumed_at_epoch": [int(m.value) for m in resumed],
+            "epoch_seconds": [round(v, 1) for v in _epoch_series(c, outcome.run_id, "epoch_seconds")],
+            "checkpoint_mb": [round(v, 2) for v in _epoch_series(c, outcome.run_id, "checkpoint_mb")],
+            "checkpoint_write_s": [round(v, 3) for v in _epoch_series(c, outcome.run_id, "checkpoint_write_seconds")],
+            "checkpoint_report_s": [round(v, 3) for v in _epoch_series(c, outcome.run_id, "checkpoint_report_seconds")],
+        }
+        print(json.dumps({label: figures[label]}), flush=True)
+    lost = figures["worker_killed"]["wall_s"] - figures["uninterrupted"]["wall_s"]
+    print(f"\ntime lost to one worker failure: {lost:.1f} s "
+          f"({figures['worker_killed']['wall_s']:.1f} s vs {figures['uninterrupted']['wall_s']:.1f} s); "
+          f"same test NDCG@10: {figures['worker_killed']['test_ndcg_at_10']:.6f} vs "
+          f"{figures['uninterrupted']['test_ndcg_at_10']:.6f}")
+    return 0
