@@ -49,11 +49,28 @@ def wait_for_step(client, run_id: str, key: str, step: int, alive=lambda: True, 
     raise TimeoutError(f"{key} never reached step {step} in run {run_id}")
 
 
+def wait_for_checkpoint(run_folder: str | Path, epoch: int, alive=lambda: True, timeout: float = 600) -> None:
+    """Block until Ray Train's controller has recorded the checkpoint of ``epoch`` (its
+    ``checkpoint_manager_snapshot.json`` in the run folder): from then on a restart resumes after it.
+    A checkpoint reported by the workers is recorded a moment later, by the controller."""
+    snapshot = Path(run_folder) / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and alive():
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            if latest.get("metrics", {}).get("epoch", -1) >= epoch:
+                return
+        except (OSError, ValueError):
+            pass  # not written yet, or being rewritten
+        time.sleep(0.2)
+    raise TimeoutError(f"Ray Train never recorded the checkpoint of epoch {epoch} in {run_folder}")
+
+
 def train_with_worker_kill(cfg, address: str, after_epoch: int = 0):
     """Train ``cfg`` (local storage path) and SIGKILL one training worker once epoch ``after_epoch`` is
     checkpointed and logged. Returns (outcome, run_id, killed pid)."""
     from llmrec_dist.tracking import client
-    from llmrec_dist.train.launcher import train
+    from llmrec_dist.train.launcher import run_name, train
 
     result, errors = {}, []
 
@@ -68,6 +85,7 @@ def train_with_worker_kill(cfg, address: str, after_epoch: int = 0):
     alive = lambda: not errors  # noqa: E731
     state = wait_for_run_file(cfg.train.storage_path, alive)
     wait_for_step(client(state["tracking_uri"]), state["run_id"], cfg.selection_metric(), after_epoch, alive)
+    wait_for_checkpoint(Path(cfg.train.storage_path) / run_name(state["run_id"]), after_epoch, alive)
     pids = training_worker_pids(address)
     if not pids:
         raise RuntimeError("no live training worker to kill")

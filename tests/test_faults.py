@@ -27,7 +27,7 @@ from llmrec_dist.faults import train_with_worker_kill, wait_for_step
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
-EPOCHS = 4
+EPOCHS = 3
 # Small but not instant: an epoch lasts a few seconds, so a kill lands inside a run, not after it.
 CONFIG = {
     "model": {"item_repr": "id", "hidden_size": 32, "num_heads": 2, "num_layers": 2, "max_len": 30,

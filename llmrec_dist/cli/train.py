@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from llmrec_dist.cli.resumable import config_or_resume_error
 from llmrec_dist.config import describe, load_config
 
 
@@ -30,14 +31,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import sys
 
-    if bool(args.config) == bool(args.resume):
-        print("llmrec-dist train: give either --config FILE (a new run) or --resume FOLDER (continue one)",
-              file=sys.stderr)
-        return 2
-    if args.resume and args.overrides:
-        print("llmrec-dist train: --resume continues a run with its saved config; overrides are not allowed",
-              file=sys.stderr)
-        return 2
+    if (code := config_or_resume_error("train", "run", args)) is not None:
+        return code
     from llmrec_dist.data.layout import DatasetError
     from llmrec_dist.train.launcher import TrainError, read_run_state, train
 

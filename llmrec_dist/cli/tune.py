@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 
+from llmrec_dist.cli.resumable import config_or_resume_error
 from llmrec_dist.config import describe
 
 
@@ -38,14 +39,8 @@ def run(args) -> int:
 
     from llmrec_dist.sweep.search import load_sweep
 
-    if bool(args.config) == bool(args.resume):
-        print("llmrec-dist tune: give either --config FILE (a new sweep) or --resume FOLDER (continue one)",
-              file=sys.stderr)
-        return 2
-    if args.resume and args.overrides:
-        print("llmrec-dist tune: --resume continues a sweep with its saved config; overrides are not allowed",
-              file=sys.stderr)
-        return 2
+    if (code := config_or_resume_error("tune", "sweep", args)) is not None:
+        return code
     sweep = load_sweep(args.config, args.overrides) if args.config else None
     if args.print_config:
         import yaml

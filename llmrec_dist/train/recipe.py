@@ -190,7 +190,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     # ---------------------------------------------------------------- resume
     start_epoch, best_value, best_epoch, stale = 0, -math.inf, -1, 0
-    best_weights, history, logged = ckpt.cpu_state_dict(core), [], set()
+    best_weights, history = ckpt.cpu_state_dict(core), []
+    # Epochs already in MLflow: a restarted worker group (or a resumed driver) logs none of them twice.
+    logged = log.logged_steps(selection)
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as folder:
@@ -207,12 +209,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         # Epochs reported before a failure but not yet in MLflow are logged now, none twice. Epochs
         # logged but newer than this checkpoint (Ray Train had not recorded it yet) run again and are
         # not logged again: the re-run repeats them exactly (per-epoch seeds, deterministic data).
-        logged = log.logged_steps(selection)
         for row in history:
             if row["epoch"] not in logged:
                 log.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
         log.metrics({"resumed_at_epoch": start_epoch}, step=start_epoch)
     else:
+        if logged:  # restarted before Ray Train had recorded any checkpoint: from scratch, same seeds
+            log.metrics({"resumed_at_epoch": 0}, step=0)
         log.params({**cfg.flat(), **count_parameters(core), "dataset.content_hash": manifest["content_hash"]})
         log.yaml(cfg.to_dict(), "config.yaml")
         log.yaml(manifest, "dataset_manifest.yaml")
