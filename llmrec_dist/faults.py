@@ -28,25 +28,30 @@ def training_worker_pids(address: str) -> list[int]:
     return [a.pid for a in actors]
 
 
-def wait_for_run_file(storage_path: str | Path, alive=lambda: True, timeout: float = 600) -> dict:
-    """The ``run.json`` of the one training run under a local ``storage_path`` (written at its start)."""
+def _poll(found, alive, timeout: float, what: str):
+    """``found()``'s first truthy value, polled every 0.2 s while ``alive()``; TimeoutError naming ``what``."""
     deadline = time.time() + timeout
     while time.time() < deadline and alive():
-        found = list(Path(storage_path).glob("train-*/run.json"))
-        if found:
-            return json.loads(found[0].read_text())
+        value = found()
+        if value:
+            return value
         time.sleep(0.2)
-    raise TimeoutError(f"no run.json appeared under {storage_path}")
+    raise TimeoutError(f"{what} (waited {timeout:.0f} s or the run ended)")
+
+
+def wait_for_run_file(storage_path: str | Path, alive=lambda: True, timeout: float = 600) -> dict:
+    """The ``run.json`` of the one training run under a local ``storage_path`` (written at its start)."""
+    def found():
+        files = list(Path(storage_path).glob("train-*/run.json"))
+        return json.loads(files[0].read_text()) if files else None
+
+    return _poll(found, alive, timeout, f"no run.json appeared under {storage_path}")
 
 
 def wait_for_step(client, run_id: str, key: str, step: int, alive=lambda: True, timeout: float = 600) -> None:
     """Block until MLflow run ``run_id`` has ``key`` logged at ``step`` or later."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and alive():
-        if any(m.step >= step for m in client.get_metric_history(run_id, key)):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{key} never reached step {step} in run {run_id}")
+    _poll(lambda: any(m.step >= step for m in client.get_metric_history(run_id, key)), alive, timeout,
+          f"{key} never reached step {step} in run {run_id}")
 
 
 def wait_for_checkpoint(run_folder: str | Path, epoch: int, alive=lambda: True, timeout: float = 600) -> None:
@@ -54,16 +59,15 @@ def wait_for_checkpoint(run_folder: str | Path, epoch: int, alive=lambda: True, 
     ``checkpoint_manager_snapshot.json`` in the run folder): from then on a restart resumes after it.
     A checkpoint reported by the workers is recorded a moment later, by the controller."""
     snapshot = Path(run_folder) / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + timeout
-    while time.time() < deadline and alive():
+
+    def recorded():
         try:
             latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-            if latest.get("metrics", {}).get("epoch", -1) >= epoch:
-                return
-        except (OSError, ValueError):
-            pass  # not written yet, or being rewritten
-        time.sleep(0.2)
-    raise TimeoutError(f"Ray Train never recorded the checkpoint of epoch {epoch} in {run_folder}")
+        except (OSError, ValueError):  # not written yet, or being rewritten
+            return False
+        return latest.get("metrics", {}).get("epoch", -1) >= epoch
+
+    _poll(recorded, alive, timeout, f"Ray Train never recorded the checkpoint of epoch {epoch} in {run_folder}")
 
 
 def train_with_worker_kill(cfg, address: str, after_epoch: int = 0):
@@ -128,15 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             outcome, _, _ = train_with_worker_kill(cfg, ray.get_runtime_context().gcs_address)
         c = client(outcome.tracking_uri)
-        resumed = c.get_metric_history(outcome.run_id, "resumed_at_epoch")
         figures[label] = {
             "wall_s": round(time.perf_counter() - started, 1), "run_id": outcome.run_id,
             "test_ndcg_at_10": outcome.metrics["test_ndcg_at_10"],
-            "resumed_at_epoch": [int(m.value) for m in resumed],
-            "epoch_seconds": [round(v, 1) for v in _epoch_series(c, outcome.run_id, "epoch_seconds")],
-            "checkpoint_mb": [round(v, 2) for v in _epoch_series(c, outcome.run_id, "checkpoint_mb")],
-            "checkpoint_write_s": [round(v, 3) for v in _epoch_series(c, outcome.run_id, "checkpoint_write_seconds")],
-            "checkpoint_report_s": [round(v, 3) for v in _epoch_series(c, outcome.run_id, "checkpoint_report_seconds")],
+            "resumed_at_epoch": [int(v) for v in _epoch_series(c, outcome.run_id, "resumed_at_epoch")],
+            **{name: [round(v, digits) for v in _epoch_series(c, outcome.run_id, key)] for name, key, digits in (
+                ("epoch_seconds", "epoch_seconds", 1),
+                ("checkpoint_mb", "checkpoint_mb", 2), ("checkpoint_write_s", "checkpoint_write_seconds", 3),
+                ("checkpoint_report_s", "checkpoint_report_seconds", 3))},
         }
         print(json.dumps({label: figures[label]}), flush=True)
     lost = figures["worker_killed"]["wall_s"] - figures["uninterrupted"]["wall_s"]

@@ -11,7 +11,7 @@ import torch
 
 from llmrec_dist.config import EvalConfig, absolute
 from llmrec_dist.data.layout import num_items as manifest_num_items
-from llmrec_dist.data.layout import check_files, read_items, read_manifest, verify_dataset
+from llmrec_dist.data.layout import checked_manifest, read_items, read_manifest
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import SequenceRecommender
 from llmrec_dist.model_io import TEXT_CACHE_DIR, TEXT_ENCODER_DIR, build_for_weights, load_weights_strict, model_config, serving_config
@@ -80,9 +80,8 @@ def load_model(folder: Path, data_path: str | None = None,
     (``model.trust_remote_code`` in its ``model.json``) is refused unless ``trust_remote_code``.
     """
     folder = Path(folder)
-    meta = _read_meta(folder)
+    meta = _check_saved_model(folder, trust_remote_code)
     cfg = serving_config(model_config(meta, str(folder / ckpt.MODEL_META)), folder)
-    check_remote_code(cfg.trust_remote_code, trust_remote_code, folder / ckpt.MODEL_META)
     is_package = (folder / TEXT_ENCODER_DIR).is_dir()
     texts, cache = None, None
     if cfg.item_repr != "id":
@@ -133,13 +132,10 @@ def evaluate_saved_model(folder: Path, data_path: str, split: str, cfg: EvalConf
     named), and the saved model's ``model.json`` and weights header are checked (``ValueError`` for a
     damaged one, or one that needs remote code without ``trust_remote_code``).
     """
-    if verify:
-        verify_dataset(data_path)
-    else:
-        check_files(data_path)
+    manifest = checked_manifest(data_path, verify)
     if num_workers <= 1:
         return evaluate_here(folder, data_path, split, cfg, trust_remote_code=trust_remote_code)
-    _check_dataset(_check_saved_model(Path(folder), trust_remote_code), read_manifest(data_path), data_path)
+    _check_dataset(_check_saved_model(Path(folder), trust_remote_code), manifest, data_path)
     import dataclasses
 
     from ray.train import RunConfig, ScalingConfig

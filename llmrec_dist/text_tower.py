@@ -66,10 +66,8 @@ def resolve_text_encoder(name: str) -> str:
     return name
 
 
-def _as_load_error(name: str, source: str, err: Exception, trust_remote_code: bool) -> Exception:
-    """One line saying why an encoder did not load; errors that are not about loading pass through."""
-    if not isinstance(err, (OSError, ValueError)):
-        return err
+def _as_load_error(name: str, source: str, err: OSError | ValueError, trust_remote_code: bool) -> Exception:
+    """One line saying why an encoder did not load."""
     if "trust_remote_code" in str(err) and not trust_remote_code:
         return ValueError(f"model.text_encoder={name!r}: {source!r} needs its own Python code; set "
                           "model.trust_remote_code=true only if you trust it")
@@ -95,9 +93,11 @@ def load_text_encoder(name: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModel.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _as_load_error(name, source, err, trust_remote_code) from None
     except Exception as err:
         if type(err).__name__ != "UnpicklingError":  # transformers reads .bin with weights_only=True
-            raise _as_load_error(name, source, err, trust_remote_code) from None
+            raise
         raise ValueError(f"model.text_encoder={name!r}: refused the weights in {source!r}: they are a pickle "
                          f"holding more than tensors ({str(err).splitlines()[0]}); use safetensors") from None
     finally:

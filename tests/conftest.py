@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,12 +13,7 @@ from pathlib import Path
 import pytest
 
 from llmrec_dist.ray_setup import WORKER_ENV
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from ports import free_port, port_flags
 
 
 @pytest.fixture(scope="session")
@@ -37,13 +31,12 @@ def ray_cluster(tmp_path_factory):
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.pop("RAY_ADDRESS", None)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "RAY_ADDRESS": address}
     log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")
     # Every port chosen free, so that another Ray on the machine (a benchmark, say) does not collide.
-    ports = [f"--{name}-port={_free_port()}" for name in (
-        "dashboard", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export",
-        "ray-client-server")]
+    ports = port_flags("dashboard", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
+                       "metrics-export", "ray-client-server")
     # Its own temp dir: `ray start` records its address in <temp dir>/ray_current_cluster, and in the
     # default /tmp/ray any ray.init() on the machine would join this cluster (and other clusters' Ray
     # Train processes would query its State API about their own actors).

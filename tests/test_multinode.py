@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from ports import free_port, port_flags
 from text_fixtures import make_tiny_encoder
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
@@ -28,18 +29,9 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _node_ports() -> list[str]:
-    names = ("node-manager", "object-manager", "metrics-export", "dashboard-agent-listen",
-             "dashboard-agent-grpc", "runtime-env-agent")
-    return [f"--{name}-port={_free_port()}" for name in names]
+    return port_flags("node-manager", "object-manager", "metrics-export", "dashboard-agent-listen",
+                      "dashboard-agent-grpc", "runtime-env-agent")
 
 
 def _alive_nodes(address: str) -> list[str]:
@@ -53,7 +45,7 @@ def _alive_nodes(address: str) -> list[str]:
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     """(address, [node ids]) of a head + 1 worker node, torn down afterwards."""
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     temp_dir = f"/tmp/ray-2node-{port}"
     logs = tmp_path_factory.mktemp("two-nodes")
@@ -63,7 +55,7 @@ def two_nodes(tmp_path_factory):
               "--disable-usage-stats", "--block"]
     head = subprocess.Popen(
         [RAY, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--num-cpus=3",
-         f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}", *_node_ports(), *common],
+         *port_flags("dashboard", "ray-client-server"), *_node_ports(), *common],
         env=env, stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     procs = [head]
     try:

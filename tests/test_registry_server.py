@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pandas as pd
 import pytest
 
 from llmrec_dist.registry.recommender import Recommender
+from ports import free_port
 from registry_fixtures import item_id, make_package
 
 pytestmark = pytest.mark.integration
@@ -30,12 +30,6 @@ NAME = "llmrec-test"
 ALIAS = "champion"
 METRIC = "valid_ndcg_at_10"
 SERVER_START_TIMEOUT_S = 180  # generous: a loaded 2-core machine can take minutes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(url: str) -> bool:
@@ -50,7 +44,7 @@ def _healthy(url: str) -> bool:
 def mlflow_server(tmp_path_factory):
     """URL of a fresh `mlflow server` on 127.0.0.1; stopped (whole process group) at teardown."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     command = [str(mlflow_cli)] if mlflow_cli.exists() else [sys.executable, "-m", "mlflow"]

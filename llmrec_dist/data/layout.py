@@ -500,3 +500,10 @@ def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Ite
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+def checked_manifest(path: str | os.PathLike, verify_hash: bool = True) -> dict:
+    """The manifest of a dataset about to be used, on the driver before anything starts: the content
+    hash recomputed (:func:`verify_dataset`) or, without ``verify_hash``, the Parquet footers read
+    (:func:`check_files`). Either way a damaged dataset is refused here, naming the file."""
+    return verify_dataset(path) if verify_hash else check_files(path)

@@ -283,7 +283,7 @@ def _absolute_paths(raw: dict) -> dict:
 
 def run_sweep(sweep: SweepConfig | None = None, resume: str | None = None) -> SweepOutcome:
     """Run a new sweep (``sweep``) or continue an interrupted one (``resume``: its folder)."""
-    from llmrec_dist.data.layout import check_files, verify_dataset
+    from llmrec_dist.data.layout import checked_manifest
     from llmrec_dist.ray_setup import init_ray
     from llmrec_dist.tracking import client, end_run, ensure_experiment, resolve_tracking_uri, start_run
 
@@ -306,7 +306,7 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | None = None) -> Sw
         tracking_uri = resolve_tracking_uri(sweep.base.mlflow.tracking_uri)
         parent_run_id = ""
     cfg = sweep.base
-    manifest = verify_dataset(cfg.data.path) if cfg.data.verify_hash else check_files(cfg.data.path)
+    manifest = checked_manifest(cfg.data.path, cfg.data.verify_hash)
 
     plan = plan_resources(sweep, cluster_capacity())
     for note in plan.notes:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from llmrec_dist import storage
 from llmrec_dist.config import Config, absolute, config_from_dict
-from llmrec_dist.data.layout import check_files, verify_dataset
+from llmrec_dist.data.layout import checked_manifest
 from llmrec_dist.ray_setup import init_ray
 from llmrec_dist.tracking import end_run, resolve_tracking_uri, start_run
 
@@ -137,17 +137,18 @@ def train(cfg: Config | None = None, resume: str | None = None) -> TrainOutcome:
         folder = absolute(resume.rstrip("/"))
         state = read_run_state(folder)
         cfg = config_from_dict(state["config"], source=storage.join(folder, RUN_FILE))
-        tracking_uri, run_id = state["tracking_uri"], state["run_id"]
-        manifest = verify_dataset(cfg.data.path) if cfg.data.verify_hash else check_files(cfg.data.path)
-        _reopen_run(tracking_uri, run_id, folder)
-        log.info("resuming MLflow run %s from the latest checkpoint in %s", run_id, folder)
+    elif cfg is None:
+        raise ValueError("train needs a config or a run folder to resume")
     else:
-        if cfg is None:
-            raise ValueError("train needs a config or a run folder to resume")
         cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)),
             train=dataclasses.replace(cfg.train, storage_path=absolute(cfg.train.storage_path)))
-        manifest = verify_dataset(cfg.data.path) if cfg.data.verify_hash else check_files(cfg.data.path)
+    manifest = checked_manifest(cfg.data.path, cfg.data.verify_hash)  # before any run is opened
+    if resume:
+        tracking_uri, run_id = state["tracking_uri"], state["run_id"]
+        _reopen_run(tracking_uri, run_id, folder)
+        log.info("resuming MLflow run %s from the latest checkpoint in %s", run_id, folder)
+    else:
         tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
         run_id = start_run(tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name,
                            tags={"llmrec.dataset_hash": manifest["content_hash"],

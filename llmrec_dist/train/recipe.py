@@ -95,7 +95,7 @@ def autocast_for(cfg: Config, device: torch.device):
 def ddp_kwargs(cfg: Config) -> dict:
     """DistributedDataParallel options. Every trainable parameter takes part in every step's loss for
     every backbone, item representation and freezing strategy (the LM's unused pooler is dropped when
-    the encoder loads; tests/test_model.py checks each combination), so DDP's per-step search for unused
+    the encoder loads; tests/test_text_tower.py checks each combination), so DDP's per-step search for unused
     parameters stays off: it costs a graph traversal per step and is only needed by models with
     data-dependent branches."""
     return {"find_unused_parameters": False}
@@ -219,8 +219,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         log.params({**cfg.flat(), **count_parameters(core), "dataset.content_hash": manifest["content_hash"]})
         log.yaml(cfg.to_dict(), "config.yaml")
         log.yaml(manifest, "dataset_manifest.yaml")
-    cache = "-" if text is None or text.lm is not None and text.lower is None else (
-        "hit" if text.cache_hit else "computed")  # computed here = the driver's cache was not found
+    # Only frozen and top_k read a cache; "computed" here means the driver's cache was not found.
+    cached = text is not None and text.strategy in ("frozen", "top_k")
+    cache = ("hit" if text.cache_hit else "computed") if cached else "-"
     log.tags({"llmrec.worker_nodes": ",".join(nodes), "llmrec.num_nodes": len(set(nodes)),
               "llmrec.device": device.type, "llmrec.text_cache": cache})
 
