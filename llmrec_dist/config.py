@@ -157,6 +157,11 @@ class TrainConfig:
                                           "filesystem path or an object-store URI.")
     keep_checkpoints: int = _f(2, "Checkpoints kept (the best by the validation metric and the latest).",
                                check=_positive)
+    profile_steps: int = _f(0, "Profile this many training steps of the first epoch, after 2 warm-up steps: "
+                               "milliseconds per step in data loading, forward, loss, backward, DDP "
+                               "all-reduce and the optimiser, logged as profile_<phase>_ms metrics and a "
+                               "profile.txt artifact (0 = off; `llmrec-dist bench speed` turns it on).",
+                            check=_non_negative)
     max_failures: int = _f(2, "Worker-group failures survived per run: the workers restart from the "
                               "latest checkpoint (epoch granularity); -1 = unlimited.",
                            check=lambda v: None if v >= -1 else "must be >= -1")

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 from llmrec_dist.config import ModelConfig
+from llmrec_dist.train.profiling import region
 
 PAD = 0
 
@@ -157,14 +158,16 @@ class SequenceRecommender(nn.Module):
         inputs = torch.where(seq == self.mask_id, PAD, seq)
         if self.num_negatives > 0:
             states, logits, labels = self._sampled_logits(seq, inputs, wanted, keep)
+            with region("loss"):
+                loss = F.cross_entropy(logits, labels, reduction="sum")
         else:
             table = self.items.all_items()
             states = self.encode(seq, table, inputs)
-            logits, labels = self.catalogue_logits(states[keep], table), wanted
+            with region("loss"):  # scoring the whole catalogue at every position + cross-entropy
+                loss = F.cross_entropy(self.catalogue_logits(states[keep], table), wanted, reduction="sum")
         positions = keep.sum()
         # sum / count rather than mean: a batch whose sequences are all single items has no target.
-        loss = F.cross_entropy(logits, labels, reduction="sum") / positions.clamp(min=1)
-        return {"loss": loss, "positions": positions}
+        return {"loss": loss / positions.clamp(min=1), "positions": positions}
 
     def _sampled_logits(self, seq, inputs, wanted, keep):
         """Sampled softmax: candidates = the step's distinct targets ∪ uniform negatives, logQ-corrected.
@@ -187,7 +190,8 @@ class SequenceRecommender(nn.Module):
         cand_idx = candidate.nonzero().squeeze(1)
         counts = torch.bincount(target_pos, minlength=len(ids)).to(states.dtype)
         log_q = torch.log((counts[cand_idx] + self.num_negatives / n) / (len(wanted) + self.num_negatives))
-        logits = states[keep] @ vectors[cand_idx].T - log_q
+        with region("loss"):
+            logits = states[keep] @ vectors[cand_idx].T - log_q
         # label = the target's column among the candidates
         column = torch.full((len(ids),), -1, dtype=torch.long, device=seq.device)
         column[cand_idx] = torch.arange(len(cand_idx), device=seq.device)

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.integration
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 TINY = ["model.hidden_size=16", "model.num_heads=2", "model.max_len=20", "train.epochs=2",
-        "train.batch_size=64", "scaling.num_workers=2", "mlflow.registered_model=tiny-rec"]
+        "train.batch_size=64", "scaling.num_workers=2", "mlflow.registered_model=tiny-rec",
+        "train.profile_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +56,20 @@ def test_training_logs_every_epoch_and_registers(trained):
         assert [h.step for h in client.get_metric_history(outcome.run_id, key)] == [0, 1], key
     assert run.data.tags["llmrec.num_nodes"] == "1" and len(run.data.tags["llmrec.worker_nodes"].split(",")) == 2
     assert run.data.tags["llmrec.device"] == "cpu"
+    # Start-up, profile and memory figures (what `llmrec-dist bench speed` reads).
+    metrics = run.data.metrics
+    assert 0 < metrics["ray_init_to_first_step_seconds"] < metrics["startup_seconds"]
+    assert metrics["profile_steps"] == 2
+    assert 0 < metrics["profile_loss_ms"] <= metrics["profile_forward_ms"] < metrics["profile_step_ms"]
+    for phase in ("data", "backward", "optimizer", "allreduce"):  # 2 workers: DDP all-reduces gradients
+        assert metrics[f"profile_{phase}_ms"] > 0, phase
+    assert [h.step for h in client.get_metric_history(outcome.run_id, "profile_step_ms")] == [0]
+    assert [h.step for h in client.get_metric_history(outcome.run_id, "valid_seconds")] == [0, 1]
+    assert metrics["peak_rss_mb"] == max(metrics["peak_rss_mb_rank0"], metrics["peak_rss_mb_rank1"]) > 100
     run_file = Path(cfg.train.storage_path).resolve() / f"train-{outcome.run_id[:12]}" / "run.json"
     assert json.loads(run_file.read_text())["run_id"] == outcome.run_id  # what --resume reads
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
-    assert {"config.yaml", "dataset_manifest.yaml"} <= artifacts
+    assert {"config.yaml", "dataset_manifest.yaml", "profile.txt"} <= artifacts
 
     reg = outcome.registration
     assert reg["version"] == "1" or reg["version"] == 1

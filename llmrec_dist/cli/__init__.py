@@ -7,12 +7,12 @@ import logging
 import sys
 
 from llmrec_dist import __version__
-from llmrec_dist.cli import evaluate, prepare, quickstart, recommend, train, tune
+from llmrec_dist.cli import bench, evaluate, prepare, quickstart, recommend, train, tune
 from llmrec_dist.config import ConfigError
 from llmrec_dist.data.layout import DatasetError
 
 VERBS = {"prepare": prepare, "train": train, "evaluate": evaluate, "recommend": recommend,
-         "tune": tune, "quickstart": quickstart}
+         "tune": tune, "quickstart": quickstart, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,9 +52,12 @@ def _data_config(cfg: Config):
     return DataConfig(datasets_to_split=["train"], execution_options=options, enable_shard_locality=False)
 
 
-def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, callbacks: list | None = None):
+def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, callbacks: list | None = None,
+                  loop=None, extra_loop_config: dict | None = None):
     """The TorchTrainer for ``cfg``: train split streamed through Ray Data, evaluation splits read per rank.
-    ``callbacks``: Ray Train callbacks (a sweep passes Tune's report callback)."""
+    ``callbacks``: Ray Train callbacks (a sweep passes Tune's report callback). ``loop``: another
+    per-worker function than the training recipe (the ingest benchmark's), given the same loop config
+    plus ``extra_loop_config``."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -71,8 +74,9 @@ def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, ca
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri},
+        loop or train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri,
+                           **(extra_loop_config or {})},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         datasets={"train": train_ds},
@@ -87,6 +91,13 @@ def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, ca
             callbacks=callbacks,
         ),
     )
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """``data.path`` and ``train.storage_path`` made absolute: Ray workers run in other directories."""
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)),
+        train=dataclasses.replace(cfg.train, storage_path=absolute(cfg.train.storage_path)))
 
 
 class TrainError(ValueError):
@@ -140,9 +151,7 @@ def train(cfg: Config | None = None, resume: str | None = None) -> TrainOutcome:
     elif cfg is None:
         raise ValueError("train needs a config or a run folder to resume")
     else:
-        cfg = dataclasses.replace(
-            cfg, data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)),
-            train=dataclasses.replace(cfg.train, storage_path=absolute(cfg.train.storage_path)))
+        cfg = with_absolute_paths(cfg)
     manifest = checked_manifest(cfg.data.path, cfg.data.verify_hash)  # before any run is opened
     if resume:
         tracking_uri, run_id = state["tracking_uri"], state["run_id"]
@@ -160,8 +169,10 @@ def train(cfg: Config | None = None, resume: str | None = None) -> TrainOutcome:
                  run_id, folder, folder)
     try:
         build_text_cache(cfg)
+        clock = {"process_start": process_start_time(), "ray_init": time.time()}
         init_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
-        trainer = build_trainer(cfg, run_id, tracking_uri, run_name=run_name(run_id))
+        trainer = build_trainer(cfg, run_id, tracking_uri, run_name=run_name(run_id),
+                                extra_loop_config={"clock": clock})
         result = trainer.fit()
         if result.error:
             raise result.error
@@ -175,6 +186,13 @@ def train(cfg: Config | None = None, resume: str | None = None) -> TrainOutcome:
     end_run(tracking_uri, run_id, "FINISHED")
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def process_start_time() -> float:
+    """When this process started (wall clock): the start of the user's command."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def build_text_cache(cfg: Config) -> None:

@@ -35,6 +35,7 @@ from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.tracking import RunLogger
 from llmrec_dist.train import checkpoint as ckpt
 from llmrec_dist.train.optim import build_optimizer, build_scheduler
+from llmrec_dist.train.profiling import StepProfiler, region
 
 
 class TrainingPairs:
@@ -68,12 +69,14 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def _peak_rss_mb_max(device) -> float:
-    """The largest peak resident memory of any worker process so far, in MiB."""
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return peak.item()
+def _peak_rss_mb(device) -> list[float]:
+    """Every worker's peak resident memory so far, in MiB, in rank order (all ranks take part)."""
+    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], device=device)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [mine.item()]
+    peaks = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(peaks, mine)
+    return [p.item() for p in peaks]
 
 
 def _worker_nodes(device) -> list[str]:
@@ -122,41 +125,58 @@ def epoch_batches(shard, cfg: Config, seed: int, mask_id: int):
     return (pairs(batch) for batch in rows)
 
 
-def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, amp) -> dict[str, float]:
-    """One pass over this worker's shard; returns summed loss/positions/sequences for all-reduce."""
-    model.train()
-    loss_sum = positions = sequences = 0.0
-    micro = 0
-    optimizer.zero_grad(set_to_none=True)
-    pin = device.type == "cuda"  # page-locked host memory: the copy overlaps the previous step
-    for seq, targets in batches:
-        if pin:
-            seq, targets = seq.pin_memory(), targets.pin_memory()
-        seq, targets = seq.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        micro += 1
-        step_now = micro % cfg.train.grad_accum == 0
-        # Gradients are all-reduced only on the micro-batch that steps the optimiser.
-        sync = nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
-        with sync, amp():
-            out = model(seq, targets)
-            (out["loss"] / cfg.train.grad_accum).backward()
-        if step_now:
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        n = out["positions"].item()
-        loss_sum += out["loss"].item() * n
-        positions += n
-        sequences += len(seq)
-    if micro % cfg.train.grad_accum:  # a last, partial accumulation still updates the model
+def _optimizer_step(model, optimizer, scheduler, cfg: Config) -> None:
+    with region("optimizer"):
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return {"loss_sum": loss_sum, "positions": positions, "sequences": sequences}
+
+
+def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, amp,
+                    profiler: StepProfiler | None = None) -> dict[str, float]:
+    """One pass over this worker's shard; returns summed loss/positions/sequences for all-reduce and
+    the wall-clock time at which the first optimiser step finished. Phases are marked with
+    :func:`llmrec_dist.train.profiling.region` for ``profiler`` (``train.profile_steps``)."""
+    model.train()
+    loss_sum = positions = sequences = 0.0
+    micro = 0
+    first_step_at = None
+    optimizer.zero_grad(set_to_none=True)
+    pin = device.type == "cuda"  # page-locked host memory: the copy overlaps the previous step
+    batches = iter(batches)
+    while True:
+        with region("data"):
+            batch = next(batches, None)
+            if batch is None:
+                break
+            seq, targets = batch
+            if pin:
+                seq, targets = seq.pin_memory(), targets.pin_memory()
+            seq, targets = seq.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        micro += 1
+        step_now = micro % cfg.train.grad_accum == 0
+        # Gradients are all-reduced only on the micro-batch that steps the optimiser.
+        sync = nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
+        with sync, amp():
+            with region("forward"):
+                out = model(seq, targets)
+            with region("backward"):
+                (out["loss"] / cfg.train.grad_accum).backward()
+        if step_now:
+            _optimizer_step(model, optimizer, scheduler, cfg)
+            first_step_at = first_step_at or time.time()
+        n = out["positions"].item()
+        loss_sum += out["loss"].item() * n
+        positions += n
+        sequences += len(seq)
+        if profiler is not None:
+            profiler.step()
+    if micro % cfg.train.grad_accum:  # a last, partial accumulation still updates the model
+        _optimizer_step(model, optimizer, scheduler, cfg)
+        first_step_at = first_step_at or time.time()
+    return {"loss_sum": loss_sum, "positions": positions, "sequences": sequences, "first_step_at": first_step_at}
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -167,6 +187,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     device = ray.train.torch.get_device()
     amp = autocast_for(cfg, device)
     log = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
+    clock = loop_config.get("clock")  # the driver's process start and ray.init times (wall clock)
 
     manifest = read_manifest(cfg.data.path)
     n_items = manifest_num_items(manifest)
@@ -233,20 +254,34 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         epoch_seed = cfg.train.seed * 1000 + epoch * world + rank
         torch.manual_seed(epoch_seed)
         batches = epoch_batches(train_shard, cfg, seed=epoch_seed, mask_id=core.mask_id)
-        stats = train_one_epoch(model, batches, optimizer, scheduler, cfg, device, amp)
+        # The first epoch of a fresh run may be profiled (train.profile_steps): where a step's time goes.
+        first = epoch == 0 and not logged  # this run's first epoch, not a re-run after a restart
+        profiler = StepProfiler(model, cfg.train.profile_steps) if cfg.train.profile_steps and first else None
+        with profiler or nullcontext():
+            stats = train_one_epoch(model, batches, optimizer, scheduler, cfg, device, amp, profiler)
         train_seconds = time.perf_counter() - t0
         loss_sum, positions, sequences = _all_reduce_sum(
             [stats["loss_sum"], stats["positions"], stats["sequences"]], device)
+        if profiler is not None:
+            log.metrics(profiler.summary(), step=epoch)
+            log.text(profiler.table(), "profile.txt")
+        if first and stats["first_step_at"] and clock:  # start-up cost, as a user waits for it
+            log.metrics({"startup_seconds": stats["first_step_at"] - clock["process_start"],
+                         "ray_init_to_first_step_seconds": stats["first_step_at"] - clock["ray_init"]}, step=0)
 
+        t_valid = time.perf_counter()
         valid = evaluate(core, valid_rows, n_items, cfg.eval, cfg.model.max_len, device, prefix="valid_")
+        peaks = _peak_rss_mb(device)
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum / max(positions, 1),
             "sequences_per_s": sequences / train_seconds,
             "epoch_seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
+            "valid_seconds": time.perf_counter() - t_valid,
             "lr": scheduler.get_last_lr()[0],
-            "peak_rss_mb": _peak_rss_mb_max(device),
+            "peak_rss_mb": max(peaks),
+            **{f"peak_rss_mb_rank{r}": mb for r, mb in enumerate(peaks)},
             **valid,
         }
         if metrics[selection] > best_value:

@@ -1,13 +1,12 @@
-"""Benchmarks that print figures (never timed assertions): the item-tower matrix of issue 3.
+"""The item-tower × freezing-strategy matrix.
 
-``python jobs/bench_item_towers.py --config configs/mlsmall_towers.yaml data.path=DIR`` trains one
+``llmrec-dist bench towers --config configs/mlsmall_towers.yaml data.path=DIR`` trains one
 model per (item_repr, freeze) cell with the same budget and prints test NDCG@10 overall and on cold
 items, seconds per epoch, sequences/s and trainable/total parameters, one row per cell.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -48,35 +47,22 @@ def run_matrix(config: str, overrides: list[str], cells: list[tuple[str, str]], 
                "wall_s": time.perf_counter() - started, "run_id": outcome.run_id}
         rows.append(row)
         echo(json.dumps(row))
-    echo(format_rows(rows))
     return rows
 
 
-def format_rows(rows: list[dict]) -> str:
-    head = f"{'item_repr':<8} {'freeze':<7} {'NDCG@10':>8} {'cold':>7} {'HR@10':>7} {'ep':>3} {'s/ep':>7} " \
-           f"{'seq/s':>7} {'trainable':>10} {'total':>11}"
-    lines = [head]
-    for r in rows:
-        cold = "-" if r["test_cold_ndcg_at_10"] is None else f"{r['test_cold_ndcg_at_10']:.4f}"
-        lines.append(f"{r['item_repr']:<8} {r['freeze']:<7} {r['test_ndcg_at_10']:>8.4f} {cold:>7} "
-                     f"{r['test_hr_at_10']:>7.4f} {r['epochs']:>3} {r['s_per_epoch']:>7.1f} {r['seq_per_s']:>7.1f} "
-                     f"{r['params_trainable']:>10,} {r['params_total']:>11,}")
-    return "\n".join(lines)
+COLUMNS = [("item_repr", "item_repr", ""), ("freeze", "freeze", ""), ("test_ndcg_at_10", "NDCG@10", ".4f"),
+           ("test_cold_ndcg_at_10", "cold", ".4f"), ("test_hr_at_10", "HR@10", ".4f"), ("epochs", "ep", "d"),
+           ("s_per_epoch", "s/ep", ".1f"), ("seq_per_s", "seq/s", ".1f"), ("params_trainable", "trainable", ","),
+           ("params_total", "total", ",")]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="bench_item_towers", description="Train one model per item tower x freezing strategy with the "
-        "same budget and print test NDCG@10 (overall and cold), s/epoch, sequences/s and parameters.")
-    parser.add_argument("--config", required=True, help="base training config (YAML)")
-    parser.add_argument("--cells", default="all",
-                        help="comma-separated item_repr:freeze cells, e.g. 'id:-,text:frozen' (default: all 9)")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.path=DIR")
-    args = parser.parse_args(argv)
-    cells = CELLS if args.cells == "all" else [tuple(c.split(":", 1)) for c in args.cells.split(",")]
-    for item_repr, freeze in cells:
-        if (item_repr, freeze) not in CELLS:
-            parser.error(f"--cells: unknown cell {item_repr}:{freeze}; valid: "
-                         + ", ".join(f"{a}:{b}" for a, b in CELLS))
-    run_matrix(args.config, args.overrides, cells)
-    return 0
+def parse_cells(text: str) -> list[tuple[str, str]]:
+    """``all`` or ``id:-,text:frozen`` → cells; an unknown cell raises ValueError naming the valid ones."""
+    if text == "all":
+        return list(CELLS)
+    cells = [tuple(c.split(":", 1)) if ":" in c else (c, "") for c in text.split(",")]
+    for cell in cells:
+        if cell not in CELLS:
+            raise ValueError(f"--cells: unknown cell {':'.join(cell)}; valid: "
+                             + ", ".join(f"{a}:{b}" for a, b in CELLS))
+    return cells

@@ -1,0 +1,1 @@
+"""Benchmarks: `llmrec-dist bench quality | speed | ingest | memory | towers | report`."""

@@ -1,0 +1,197 @@
+"""`llmrec-dist bench`: benchmarks that print a table and write a JSON file each (dataset, config, git
+revision, machine, figures); `bench report` turns those files into the README's results table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from llmrec_dist.bench.common import DEFAULT_OUT
+
+KINDS = ("quality", "speed", "ingest", "memory", "towers", "report")
+
+
+def _common(p, config_required: bool = True) -> None:
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the JSON result (default {DEFAULT_OUT})")
+    p.add_argument("--label", default="", help="suffix of the result file: <benchmark>-<label>.json")
+    if config_required:
+        p.add_argument("--config", required=True, help="training config (YAML)")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(float(v)) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    value = _int_list(text)
+    if len(value) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return value[0]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="benchmarks: quality, speed/scaling, ingest, memory, item towers; README table",
+        description="Run one benchmark. Each prints a table and writes <out>/<benchmark>[-<label>].json "
+                    "with the dataset, config, git revision, machine and figures. `bench report` writes "
+                    "the README's results table from those files. Figures only: nothing here asserts a time.")
+    kinds = p.add_subparsers(dest="kind", metavar="BENCHMARK", required=True)
+
+    q = kinds.add_parser("quality", help="one full training run; test HR/NDCG/MRR@10 next to published anchors",
+                         description="Train the config to its end (early stopping on validation), then report "
+                                     "test metrics with full ranking, epochs and wall time.")
+    _common(q)
+
+    s = kinds.add_parser("speed", help="sequences/s with 1 and 2 workers, scaling efficiency, start-up, profile",
+                         description="Run `llmrec-dist train` once per worker count, each in its own process; "
+                                     "report sequences/s and s/epoch of the last epoch, the time to the first "
+                                     "training step, a per-step profile and peak RSS per worker.")
+    _common(s)
+    s.add_argument("--workers", type=_int_list, default=[1, 2], help="worker counts (default 1,2)")
+    s.add_argument("--epochs", type=_positive, default=2, help="epochs per run (default 2; the last is timed)")
+    s.add_argument("--profile-steps", type=int, default=20, help="training steps profiled in epoch 0 (default 20)")
+
+    i = kinds.add_parser("ingest", help="Parquet → worker batches throughput with no model; memory per worker",
+                         description="The training data pipeline alone (Ray Data, shard split, shuffle, "
+                                     "bucketing, collate), timed per epoch on every worker.")
+    _common(i)
+    i.add_argument("--epochs", type=_positive, default=3, help="epochs (default 3; epoch 0 is reported apart)")
+
+    m = kinds.add_parser("memory", help="full vs sampled softmax head over synthetic catalogues of 10^4..10^6 items",
+                         description="One fresh process per (catalogue size, loss): seconds per training step "
+                                     "and peak RSS; full softmax is skipped where its logits cannot fit.")
+    _common(m, config_required=False)
+    m.add_argument("--sizes", type=_int_list, default=[10_000, 30_000, 100_000, 300_000, 1_000_000],
+                   help="catalogue sizes (default 1e4,3e4,1e5,3e5,1e6)")
+    m.add_argument("--batch", type=_positive, default=64, help="sequences per step (default 64: one of 2 workers)")
+    m.add_argument("--length", type=_positive, default=200, help="sequence length (default 200)")
+    m.add_argument("--steps", type=_positive, default=3, help="timed steps per case (default 3)")
+    m.add_argument("--negatives", type=_positive, default=256, help="sampled softmax negatives (default 256)")
+
+    t = kinds.add_parser("towers", help="item tower × freezing strategy matrix (equal budget per cell)",
+                         description="Train one model per item_repr × freeze cell with the same budget; "
+                                     "report test NDCG@10 overall and on cold items, s/epoch, parameters.")
+    _common(t)
+    t.add_argument("--cells", default="all", help="comma-separated item_repr:freeze cells, e.g. id:-,text:frozen")
+
+    r = kinds.add_parser("report", help="write the README's results table from the JSON files",
+                         description="Render every benchmark JSON in --results as one Markdown table; with "
+                                     "--readme, replace the table between the README's result markers.")
+    r.add_argument("--results", default=DEFAULT_OUT, help=f"folder of JSON results (default {DEFAULT_OUT})")
+    r.add_argument("--readme", help="README to update in place (default: print the table)")
+
+
+def _command(args) -> str:
+    return "llmrec-dist bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
+
+
+def run(args) -> int:
+    from llmrec_dist.bench import common
+
+    if args.kind == "report":
+        return _report(args)
+    if args.kind == "memory":
+        from llmrec_dist.bench.memory import COLUMNS, head_scaling
+
+        figures = head_scaling(args.sizes, batch=args.batch, length=args.length, steps=args.steps,
+                               num_negatives=args.negatives, echo=lambda line: None)
+        print(common.table(figures["rows"], COLUMNS))
+        print(f"sampled softmax faster from {figures['sampled_faster_from']} items; full softmax does not fit "
+              f"from {figures['full_does_not_fit_from']} items")
+        path = common.write_result(args.out, "memory", label=args.label, config=vars_of(args), figures=figures,
+                                   command=_command(args))
+        print(f"wrote {path}")
+        return 0
+
+    from llmrec_dist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    dataset = common.dataset_info(cfg.data.path)
+    config = {"file": args.config, "overrides": args.overrides, "resolved": cfg.to_dict()}
+    if args.kind == "quality":
+        from llmrec_dist.bench.quality import ANCHOR_COLUMNS, anchor_rows, run_quality
+
+        figures = run_quality(cfg)
+        print(common.table(anchor_rows(figures, f"llmrec_dist ({args.label or cfg.model.item_repr})"),
+                           ANCHOR_COLUMNS))
+    elif args.kind == "speed":
+        from llmrec_dist.bench.speed import COLUMNS, PROFILE_COLUMNS, profile_table, run_speed
+
+        figures = run_speed(args.config, args.overrides, workers=args.workers, epochs=args.epochs,
+                            profile_steps=args.profile_steps, echo=lambda line: None)
+        print(common.table(figures["rows"], COLUMNS))
+        print(common.table(profile_table(figures["rows"]), PROFILE_COLUMNS))
+        if "scaling_efficiency_1_to_2" in figures:
+            print(f"scaling efficiency 1 → 2 workers: {figures['scaling_efficiency_1_to_2']:.1%}")
+    elif args.kind == "ingest":
+        from llmrec_dist.bench.ingest import COLUMNS, run_ingest
+
+        figures = run_ingest(cfg, epochs=args.epochs, echo=lambda line: None)
+        figures.update(compare_with_training(args.out, args.label, figures))
+        print(common.table(figures["per_epoch"], COLUMNS))
+        print(f"peak RSS per worker (MB): {', '.join(f'{m:,.0f}' for m in figures['peak_rss_mb_per_worker'])}")
+        if figures.get("ratio_to_training"):
+            print(f"ingest / training throughput: {figures['ratio_to_training']:.1f}×")
+    else:  # towers
+        from llmrec_dist.bench.towers import COLUMNS, parse_cells, run_matrix
+
+        try:
+            cells = parse_cells(args.cells)
+        except ValueError as err:
+            print(f"llmrec-dist bench towers: {err}", file=sys.stderr)
+            return 2
+        figures = {"rows": run_matrix(args.config, args.overrides, cells, echo=lambda line: None)}
+        print(common.table(figures["rows"], COLUMNS))
+    path = common.write_result(args.out, args.kind, label=args.label, config=config, figures=figures,
+                               dataset=dataset, command=_command(args))
+    print(f"wrote {path}")
+    return 0
+
+
+def vars_of(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("func", "verb", "kind", "out", "verbose")}
+
+
+def compare_with_training(out: str, label: str, ingest: dict) -> dict:
+    """Ingest throughput over the training throughput that `bench speed` measured with as many
+    workers (same --out and --label), when that file exists."""
+    from llmrec_dist.bench.common import result_name
+
+    speed_file = Path(out) / f"{result_name('speed', label)}.json"
+    if not speed_file.is_file():
+        return {}
+    rows = json.loads(speed_file.read_text(encoding="utf-8"))["figures"].get("rows", [])
+    match = [r for r in rows if r["workers"] == ingest["workers"] and r.get("sequences_per_s")]
+    if not match:
+        return {}
+    train = match[0]["sequences_per_s"]
+    return {"training_sequences_per_s": train, "ratio_to_training": ingest["sequences_per_s"] / train}
+
+
+def _report(args) -> int:
+    from llmrec_dist.bench.common import read_results
+    from llmrec_dist.bench.report import render, update_readme
+
+    if not Path(args.results).is_dir():
+        print(f"llmrec-dist bench report: {args.results}: no such folder", file=sys.stderr)
+        return 2
+    if not args.readme:
+        print(render(read_results(args.results)))
+        return 0
+    try:
+        changed = update_readme(args.readme, args.results)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"llmrec-dist bench report: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.readme}: {'updated' if changed else 'already up to date'}")
+    return 0

@@ -1,0 +1,219 @@
+"""Benchmarks: the figures' arithmetic (hand-computed), the JSON files and the README table they make,
+the catalogue-scaling benchmark in real subprocesses, and the ingest benchmark on the session's Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llmrec_dist.bench import common, memory, report, speed
+from llmrec_dist.bench.ingest import summarise
+from llmrec_dist.cli import main as cli_main
+from llmrec_dist.config import load_config
+
+
+# ------------------------------------------------------------------------------------ arithmetic
+def test_scaling_efficiency_is_throughput_2_over_twice_throughput_1():
+    rows = [{"workers": 1, "sequences_per_s": 40.0}, {"workers": 2, "sequences_per_s": 72.0}]
+    assert speed.scaling(rows) == {"scaling_efficiency_1_to_2": 0.9, "speedup_1_to_2": 1.8}
+    assert speed.scaling(rows[:1]) == {}
+
+
+def test_full_softmax_estimate_counts_logits_softmax_and_gradient():
+    # 64 x 200 positions, 10,000 items + padding, fp32, three tensors
+    assert memory.full_softmax_bytes(12_800, 10_000) == 3 * 12_800 * 10_001 * 4
+
+
+def test_crossover_finds_first_faster_sampled_size_and_first_size_that_does_not_fit():
+    rows = [
+        {"num_items": 10, "loss": "full", "seconds_per_step": 0.1},
+        {"num_items": 10, "loss": "sampled", "seconds_per_step": 0.2},
+        {"num_items": 100, "loss": "full", "seconds_per_step": 0.3},
+        {"num_items": 100, "loss": "sampled", "seconds_per_step": 0.25},
+        {"num_items": 1000, "loss": "full", "skipped": "does not fit", "logits_gib_estimate": 40.0},
+        {"num_items": 1000, "loss": "sampled", "seconds_per_step": 0.3},
+    ]
+    assert memory.crossover(rows) == {"sampled_faster_from": 100, "full_does_not_fit_from": 1000}
+
+
+def test_ingest_summary_uses_the_slowest_worker_and_reports_epoch_zero_apart():
+    workers = [
+        {"rank": 1, "peak_rss_mb": 300.0, "epochs": [{"seconds": 4.0, "sequences": 100, "sequences_per_s": 25.0},
+                                                     {"seconds": 1.0, "sequences": 100, "sequences_per_s": 100.0}]},
+        {"rank": 0, "peak_rss_mb": 200.0, "epochs": [{"seconds": 2.0, "sequences": 100, "sequences_per_s": 50.0},
+                                                     {"seconds": 2.0, "sequences": 100, "sequences_per_s": 50.0}]},
+    ]
+    cfg = load_config(None, ["data.path=/x"])
+    out = summarise(workers, 1.5, cfg)
+    assert [e["sequences_per_s"] for e in out["per_epoch"]] == [50.0, 100.0]  # 200 rows / slowest worker
+    assert out["sequences_per_s"] == 100.0  # epoch 1 only
+    assert out["sequences_per_s_per_worker"] == [50.0, 100.0]  # rank order
+    assert out["peak_rss_mb_per_worker"] == [200.0, 300.0]
+
+
+def test_parse_outcome_takes_the_json_after_ray_log_lines():
+    stdout = "(RayTrainWorker pid=1) {not json}\nsome log\n{\n  \"run_id\": \"abc\",\n  \"metrics\": {}\n}\n"
+    assert speed.parse_outcome(stdout)["run_id"] == "abc"
+    with pytest.raises(ValueError, match="no JSON outcome"):
+        speed.parse_outcome("only logs\n")
+
+
+def test_table_aligns_columns_and_prints_missing_values_as_dash():
+    text = common.table([{"a": "x", "b": 1.23456}, {"a": "longer"}], [("a", "name", ""), ("b", "value", ".2f")])
+    assert text.splitlines() == ["name    value", "x        1.23", "longer      -"]
+
+
+# ------------------------------------------------------------------------------ JSON + README table
+def _result(tmp_path, kind, figures, label=""):
+    return common.write_result(tmp_path, kind, label=label, config={"file": "c.yaml"}, figures=figures,
+                               dataset={"path": "/d"}, command="llmrec-dist bench " + kind)
+
+
+def test_write_result_records_provenance_atomically(tmp_path):
+    path = _result(tmp_path, "quality", {"test_ndcg_at_10": 0.1}, label="ml-1m/id")
+    assert path.name == "quality-ml-1m-id.json"
+    data = json.loads(path.read_text())
+    assert data["benchmark"] == "quality" and data["label"] == "ml-1m/id"
+    assert data["figures"] == {"test_ndcg_at_10": 0.1} and data["dataset"] == {"path": "/d"}
+    assert data["machine"]["cores"] and data["machine"]["versions"]["torch"]
+    assert data["git_revision"] == common.git_revision()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
+
+
+def test_readme_table_is_generated_between_markers_and_idempotent(tmp_path):
+    _result(tmp_path, "quality", {"test_ndcg_at_10": 0.1234, "test_hr_at_10": 0.25, "test_mrr_at_10": 0.09,
+                                  "best_epoch": 9, "epochs_run": 12, "wall_seconds": 600}, label="id")
+    _result(tmp_path, "speed", {"rows": [{"workers": 1, "sequences_per_s": 40.0, "epoch_seconds": 150.0,
+                                          "startup_seconds": 30.0, "ray_init_to_first_step_seconds": 20.0,
+                                          "peak_rss_mb": 2000.0},
+                                         {"workers": 2, "sequences_per_s": 72.0, "epoch_seconds": 90.0}],
+                                "scaling_efficiency_1_to_2": 0.9, "speedup_1_to_2": 1.8})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\nbefore\n{report.START}\nold table\n{report.END}\nafter\n")
+    assert report.update_readme(readme, tmp_path)
+    text = readme.read_text()
+    assert text.startswith("# Title\nbefore\n") and text.endswith(f"{report.END}\nafter\n")
+    assert "old table" not in text
+    assert "| quality: id | NDCG@10 0.1234 · HR@10 0.2500 · MRR@10 0.0900 | best epoch 9 of 12, 10 min |" in text
+    assert "| speed: 1 worker(s) | 40.0 seq/s · 150.0 s/epoch |" in text
+    assert "| speed: scaling 1 → 2 workers | 90% efficiency | speed-up 1.80× |" in text
+    assert "Measured on " in text
+    assert not report.update_readme(readme, tmp_path)  # a second run changes nothing
+
+
+def test_readme_without_markers_is_refused(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="no results markers"):
+        report.update_readme(readme, tmp_path)
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_shipped_readme_table_matches_the_shipped_results():
+    """The README's table is exactly what `bench report` makes from benchmarks/results."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text(encoding="utf-8")
+    table = text.split(report.START, 1)[1].split(report.END, 1)[0].strip()
+    assert table == report.render(common.read_results(root / common.DEFAULT_OUT)).strip()
+
+
+# -------------------------------------------------------------------------- real runs, tiny sizes
+def test_head_scaling_runs_each_case_in_its_own_process_and_skips_what_cannot_fit(monkeypatch):
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 2 * memory.full_softmax_bytes(8 * 12, 1000))
+    out = memory.head_scaling([200, 5000], batch=8, length=12, steps=1, num_negatives=8, echo=lambda _: None)
+    rows = {(r["num_items"], r["loss"]): r for r in out["rows"]}
+    assert rows[(5000, "full")]["skipped"] == "does not fit"  # over the (patched) budget
+    for key in [(200, "full"), (200, "sampled"), (5000, "sampled")]:
+        r = rows[key]
+        assert r["seconds_per_step"] > 0 and r["peak_rss_mb"] >= r["baseline_rss_mb"] > 0
+        assert r["positions"] == 96 and r["final_loss"] > 0
+    assert rows[(5000, "sampled")]["params"] > rows[(200, "sampled")]["params"]
+    assert out["full_does_not_fit_from"] == 5000 and out["sampled_faster_from"] in (200, 5000)
+
+
+@pytest.mark.integration
+def test_ingest_benchmark_streams_every_training_row_on_every_worker(ray_cluster, synthetic_dataset):
+    from llmrec_dist.bench.ingest import run_ingest
+    from llmrec_dist.data.layout import num_train_rows, read_manifest
+
+    cfg = load_config(None, [f"data.path={synthetic_dataset}", "scaling.num_workers=2", "train.batch_size=32"])
+    out = run_ingest(cfg, epochs=2, echo=lambda _: None)
+    rows = num_train_rows(read_manifest(synthetic_dataset))
+    assert out["workers"] == 2 and len(out["per_epoch"]) == 2
+    for epoch in out["per_epoch"]:
+        assert epoch["sequences"] == rows // 2 * 2  # Ray Data's equal split drops the remainder
+        assert epoch["sequences_per_s"] > 0
+    assert len(out["peak_rss_mb_per_worker"]) == 2 and min(out["peak_rss_mb_per_worker"]) > 50
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_bench_help_lists_every_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["bench", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for kind in ("quality", "speed", "ingest", "memory", "towers", "report"):
+        assert kind in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "speed", "--config", "c.yaml", "--workers", "0"], "expected positive integers"),
+    (["bench", "memory", "--sizes", "ten"], "expected comma-separated integers"),
+    (["bench", "fast"], "invalid choice"),
+])
+def test_bench_bad_flags_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_report_errors_name_the_problem(tmp_path, capsys):
+    assert cli_main(["bench", "report", "--results", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    assert cli_main(["bench", "report", "--results", str(tmp_path), "--readme", str(readme)]) == 2
+    assert "no results markers" in capsys.readouterr().err
+
+
+def test_bench_towers_unknown_cell_exits_2(tmp_path, synthetic_dataset, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {item_repr: id}\n")
+    code = cli_main(["bench", "towers", "--config", str(config), f"data.path={synthetic_dataset}",
+                     "--cells", "id:frozen", "--out", str(tmp_path)])
+    assert code == 2
+    assert "unknown cell id:frozen" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_bench_speed_command_measures_one_worker_end_to_end(tmp_path, synthetic_dataset):
+    """`bench speed` runs a real `llmrec-dist train` process; its JSON has throughput, start-up,
+    the per-step profile and per-worker memory."""
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {max_len: 20, hidden_size: 16, num_heads: 1, num_layers: 1}\n"
+                      "train: {batch_size: 16}\neval: {batch_size: 64}\n")
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from llmrec_dist.cli import main; sys.exit(main())", "bench",
+         "speed", "--config", str(config), f"data.path={synthetic_dataset}",
+         f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+         "--workers", "1", "--epochs", "1", "--profile-steps", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "speed.json").read_text())
+    (row,) = data["figures"]["rows"]
+    assert row["workers"] == 1 and row["sequences_per_s"] > 0 and row["epoch_seconds"] > 0
+    assert 0 < row["ray_init_to_first_step_seconds"] < row["startup_seconds"] < row["command_seconds"]
+    assert len(row["peak_rss_mb_per_worker"]) == 1 and row["peak_rss_mb_per_worker"][0] > 100
+    profile = row["profile_ms_per_step"]
+    assert set(profile) == {"data", "forward", "loss", "backward", "allreduce", "optimizer"}
+    assert 0 < profile["loss"] <= profile["forward"] < row["profile_step_ms"]
+    assert profile["allreduce"] == 0  # one worker: no DDP, nothing to all-reduce
+    assert "scaling_efficiency_1_to_2" not in data["figures"]
+    assert data["dataset"]["content_hash"] and data["config"]["overrides"]
