@@ -90,7 +90,7 @@ def test_readme_table_is_generated_between_markers_and_idempotent(tmp_path):
                                           "startup_seconds": 30.0, "ray_init_to_first_step_seconds": 20.0,
                                           "peak_rss_mb": 2000.0},
                                          {"workers": 2, "sequences_per_s": 72.0, "epoch_seconds": 90.0}],
-                                "scaling_efficiency_1_to_2": 0.9, "speedup_1_to_2": 1.8})
+                                "scaling_efficiency_1_to_2": 0.9, "speedup_1_to_2": 1.8}, label="ml-1m")
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\nbefore\n{report.START}\nold table\n{report.END}\nafter\n")
     assert report.update_readme(readme, tmp_path)
@@ -98,8 +98,8 @@ def test_readme_table_is_generated_between_markers_and_idempotent(tmp_path):
     assert text.startswith("# Title\nbefore\n") and text.endswith(f"{report.END}\nafter\n")
     assert "old table" not in text
     assert "| quality: id | NDCG@10 0.1234 · HR@10 0.2500 · MRR@10 0.0900 | best epoch 9 of 12, 10 min |" in text
-    assert "| speed: 1 worker(s) | 40.0 seq/s · 150.0 s/epoch |" in text
-    assert "| speed: scaling 1 → 2 workers | 90% efficiency | speed-up 1.80× |" in text
+    assert "| speed: 1 worker(s) (ml-1m) | 40.0 seq/s · 150.0 s/epoch |" in text
+    assert "| speed: scaling 1 → 2 workers (ml-1m) | 90% efficiency | speed-up 1.80× |" in text
     assert "Measured on " in text
     assert not report.update_readme(readme, tmp_path)  # a second run changes nothing
 

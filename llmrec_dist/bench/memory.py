@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-DEFAULT_SIZES = (10_000, 30_000, 100_000, 300_000, 1_000_000)
+DEFAULT_SIZES = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
 BYTES = 4  # fp32
 
 

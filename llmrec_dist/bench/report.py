@@ -97,7 +97,9 @@ def render(results: dict[str, dict]) -> str:
         renderer = RENDERERS.get(data["benchmark"])
         if renderer is None:
             continue
+        suffix = f" ({data['label']})" if data.get("label") and data["benchmark"] != "quality" else ""
         for what, value, detail in renderer(name, data):
+            what += suffix
             lines.append(f"| {what} | {value} | {detail} | `{name}.json` @ {data['git_revision'][:8]} |")
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from llmrec_dist.bench.common import DEFAULT_OUT
+from llmrec_dist.bench.memory import DEFAULT_SIZES
 
 KINDS = ("quality", "speed", "ingest", "memory", "towers", "report")
 
@@ -67,12 +68,12 @@ def add_parser(sub) -> None:
     _common(i)
     i.add_argument("--epochs", type=_positive, default=3, help="epochs (default 3; epoch 0 is reported apart)")
 
-    m = kinds.add_parser("memory", help="full vs sampled softmax head over synthetic catalogues of 10^4..10^6 items",
+    m = kinds.add_parser("memory", help="full vs sampled softmax head over synthetic catalogues of 10^3..10^6 items",
                          description="One fresh process per (catalogue size, loss): seconds per training step "
                                      "and peak RSS; full softmax is skipped where its logits cannot fit.")
     _common(m, config_required=False)
-    m.add_argument("--sizes", type=_int_list, default=[10_000, 30_000, 100_000, 300_000, 1_000_000],
-                   help="catalogue sizes (default 1e4,3e4,1e5,3e5,1e6)")
+    m.add_argument("--sizes", type=_int_list, default=list(DEFAULT_SIZES),
+                   help="catalogue sizes (default " + ",".join(str(n) for n in DEFAULT_SIZES) + ")")
     m.add_argument("--batch", type=_positive, default=64, help="sequences per step (default 64: one of 2 workers)")
     m.add_argument("--length", type=_positive, default=200, help="sequence length (default 200)")
     m.add_argument("--steps", type=_positive, default=3, help="timed steps per case (default 3)")
