@@ -125,7 +125,7 @@ def test_shipped_readme_table_matches_the_shipped_results():
 # -------------------------------------------------------------------------- real runs, tiny sizes
 def test_head_scaling_runs_each_case_in_its_own_process_and_skips_what_cannot_fit(monkeypatch):
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: 2 * memory.full_softmax_bytes(8 * 12, 1000))
-    out = memory.head_scaling([200, 5000], batch=8, length=12, steps=1, num_negatives=8, echo=lambda _: None)
+    out = memory.head_scaling([200, 5000], batch=8, length=12, steps=1, num_negatives=8)
     rows = {(r["num_items"], r["loss"]): r for r in out["rows"]}
     assert rows[(5000, "full")]["skipped"] == "does not fit"  # over the (patched) budget
     for key in [(200, "full"), (200, "sampled"), (5000, "sampled")]:
@@ -142,7 +142,7 @@ def test_ingest_benchmark_streams_every_training_row_on_every_worker(ray_cluster
     from llmrec_dist.data.layout import num_train_rows, read_manifest
 
     cfg = load_config(None, [f"data.path={synthetic_dataset}", "scaling.num_workers=2", "train.batch_size=32"])
-    out = run_ingest(cfg, epochs=2, echo=lambda _: None)
+    out = run_ingest(cfg, epochs=2)
     rows = num_train_rows(read_manifest(synthetic_dataset))
     assert out["workers"] == 2 and len(out["per_epoch"]) == 2
     for epoch in out["per_epoch"]:

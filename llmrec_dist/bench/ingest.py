@@ -9,10 +9,13 @@ starve the model: the target is ingest ≥ 10 × training sequences/s.
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import time
 
 from llmrec_dist.config import Config, config_from_dict
+
+log = logging.getLogger(__name__)
 
 
 def ingest_loop_per_worker(loop_config: dict) -> dict:
@@ -49,7 +52,7 @@ def ingest_loop_per_worker(loop_config: dict) -> dict:
     return {"workers": everyone}
 
 
-def run_ingest(cfg: Config, epochs: int = 3, echo=print) -> dict:
+def run_ingest(cfg: Config, epochs: int = 3) -> dict:
     """Run the ingest-only loop with ``cfg``'s workers and data settings; returns the figures."""
     from llmrec_dist.ray_setup import init_ray
     from llmrec_dist.train.launcher import build_trainer, with_absolute_paths
@@ -65,7 +68,7 @@ def run_ingest(cfg: Config, epochs: int = 3, echo=print) -> dict:
         raise result.error
     workers = result.return_value["workers"]
     for w in workers:
-        echo(json.dumps(w))
+        log.info("ingest worker: %s", json.dumps(w))
     return summarise(workers, setup_seconds, cfg)
 
 

@@ -12,11 +12,14 @@ distinct targets plus ``num_negatives`` uniform negatives.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import subprocess
 import sys
 import time
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SIZES = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
 BYTES = 4  # fp32
@@ -92,7 +95,7 @@ def available_memory_bytes() -> int:
 
 
 def head_scaling(sizes=DEFAULT_SIZES, batch: int = 64, length: int = 200, steps: int = 3,
-                 num_negatives: int = 256, echo=print) -> dict:
+                 num_negatives: int = 256) -> dict:
     """Both losses at every size; full softmax skipped where its logits would not fit in half the
     available memory. Returns the rows and the crossover: the smallest size where sampled softmax is
     faster per step, and the smallest where full softmax does not fit."""
@@ -109,7 +112,7 @@ def head_scaling(sizes=DEFAULT_SIZES, batch: int = 64, length: int = 200, steps:
                 if estimate is not None:
                     row["logits_gib_estimate"] = estimate / 2**30
             rows.append(row)
-            echo(json.dumps(row))
+            log.info("softmax head: %s", json.dumps(row))
     return {"rows": rows, **crossover(rows), "memory_budget_gib": budget / 2**30,
             "batch_sequences": batch, "sequence_length": length, "num_negatives": num_negatives}
 

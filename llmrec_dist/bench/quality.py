@@ -19,7 +19,7 @@ ANCHORS = [
 TARGET_NDCG_AT_10 = 0.20
 
 
-def run_quality(cfg: Config, echo=print) -> dict:
+def run_quality(cfg: Config) -> dict:
     from llmrec_dist.tracking import client
     from llmrec_dist.train.launcher import train
 
@@ -44,9 +44,6 @@ def run_quality(cfg: Config, echo=print) -> dict:
         "target_ndcg_at_10": TARGET_NDCG_AT_10,
         "reached_target": (m.get("test_ndcg_at_10") or 0) >= TARGET_NDCG_AT_10,
     }
-    echo(f"test NDCG@10 {figures['test_ndcg_at_10']:.4f}  HR@10 {figures['test_hr_at_10']:.4f}  "
-         f"MRR@10 {figures['test_mrr_at_10']:.4f}  best epoch {figures['best_epoch']} of {figures['epochs_run']}  "
-         f"{wall / 60:.1f} min")
     return figures
 
 

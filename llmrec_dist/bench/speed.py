@@ -11,9 +11,12 @@ peak RSS. Scaling efficiency = throughput(2 workers) / (2 × throughput(1 worker
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
+
+log = logging.getLogger(__name__)
 
 PROFILE_PHASES = ("data", "forward", "loss", "backward", "allreduce", "optimizer")
 
@@ -65,7 +68,7 @@ def run_figures(tracking_uri: str, run_id: str) -> dict:
 
 
 def run_speed(config: str, overrides: list[str], workers=(1, 2), epochs: int = 2, profile_steps: int = 20,
-              echo=print) -> dict:
+) -> dict:
     rows = []
     for w in workers:
         cmd = train_command(config, overrides, w, epochs, profile_steps)
@@ -79,7 +82,7 @@ def run_speed(config: str, overrides: list[str], workers=(1, 2), epochs: int = 2
         row = {"workers": w, "command_seconds": wall, "run_id": outcome["run_id"],
                **run_figures(outcome["tracking_uri"], outcome["run_id"])}
         rows.append(row)
-        echo(json.dumps(row))
+        log.info("speed: %s", json.dumps(row))
     return {"rows": rows, "epochs": epochs, "profile_steps": profile_steps, **scaling(rows)}
 
 

@@ -8,9 +8,12 @@ items, seconds per epoch, sequences/s and trainable/total parameters, one row pe
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from llmrec_dist.config import load_config
+
+log = logging.getLogger(__name__)
 
 CELLS = [("id", "-")] + [(repr_, freeze) for repr_ in ("text", "id+text")
                          for freeze in ("frozen", "top_k", "full", "lora")]
@@ -21,9 +24,8 @@ def _cell_overrides(item_repr: str, freeze: str) -> list[str]:
     return out + ([f"model.freeze={freeze}"] if freeze != "-" else [])
 
 
-def run_matrix(config: str, overrides: list[str], cells: list[tuple[str, str]], echo=print) -> list[dict]:
-    from mlflow.tracking import MlflowClient
-
+def run_matrix(config: str, overrides: list[str], cells: list[tuple[str, str]]) -> list[dict]:
+    from llmrec_dist.tracking import client as tracking_client
     from llmrec_dist.train.launcher import train
 
     rows = []
@@ -32,7 +34,7 @@ def run_matrix(config: str, overrides: list[str], cells: list[tuple[str, str]], 
                                    f"mlflow.run_name=towers-{item_repr}-{freeze}"])
         started = time.perf_counter()
         outcome = train(cfg)
-        client = MlflowClient(outcome.tracking_uri)
+        client = tracking_client(outcome.tracking_uri)
         run = client.get_run(outcome.run_id)
         history = client.get_metric_history(outcome.run_id, "epoch_seconds")
         speed = client.get_metric_history(outcome.run_id, "sequences_per_s")
@@ -46,7 +48,7 @@ def run_matrix(config: str, overrides: list[str], cells: list[tuple[str, str]], 
                "params_total": int(run.data.params["params_total"]),
                "wall_s": time.perf_counter() - started, "run_id": outcome.run_id}
         rows.append(row)
-        echo(json.dumps(row))
+        log.info("towers: %s", json.dumps(row))
     return rows
 
 

@@ -4,7 +4,6 @@ revision, machine, figures); `bench report` turns those files into the README's 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -105,12 +104,12 @@ def run(args) -> int:
         from llmrec_dist.bench.memory import COLUMNS, head_scaling
 
         figures = head_scaling(args.sizes, batch=args.batch, length=args.length, steps=args.steps,
-                               num_negatives=args.negatives, echo=lambda line: None)
+                               num_negatives=args.negatives)
         print(common.table(figures["rows"], COLUMNS))
         print(f"sampled softmax faster from {figures['sampled_faster_from']} items; full softmax does not fit "
               f"from {figures['full_does_not_fit_from']} items")
-        path = common.write_result(args.out, "memory", label=args.label, config=vars_of(args), figures=figures,
-                                   command=_command(args))
+        path = common.write_result(args.out, "memory", label=args.label, config=_memory_settings(args),
+                                   figures=figures, command=_command(args))
         print(f"wrote {path}")
         return 0
 
@@ -123,13 +122,14 @@ def run(args) -> int:
         from llmrec_dist.bench.quality import ANCHOR_COLUMNS, anchor_rows, run_quality
 
         figures = run_quality(cfg)
+        print(f"best epoch {figures['best_epoch']} of {figures['epochs_run']}, {figures['wall_seconds'] / 60:.1f} min")
         print(common.table(anchor_rows(figures, f"llmrec_dist ({args.label or cfg.model.item_repr})"),
                            ANCHOR_COLUMNS))
     elif args.kind == "speed":
         from llmrec_dist.bench.speed import COLUMNS, PROFILE_COLUMNS, profile_table, run_speed
 
         figures = run_speed(args.config, args.overrides, workers=args.workers, epochs=args.epochs,
-                            profile_steps=args.profile_steps, echo=lambda line: None)
+                            profile_steps=args.profile_steps)
         print(common.table(figures["rows"], COLUMNS))
         print(common.table(profile_table(figures["rows"]), PROFILE_COLUMNS))
         if "scaling_efficiency_1_to_2" in figures:
@@ -137,7 +137,7 @@ def run(args) -> int:
     elif args.kind == "ingest":
         from llmrec_dist.bench.ingest import COLUMNS, run_ingest
 
-        figures = run_ingest(cfg, epochs=args.epochs, echo=lambda line: None)
+        figures = run_ingest(cfg, epochs=args.epochs)
         figures.update(compare_with_training(args.out, args.label, figures))
         print(common.table(figures["per_epoch"], COLUMNS))
         print(f"peak RSS per worker (MB): {', '.join(f'{m:,.0f}' for m in figures['peak_rss_mb_per_worker'])}")
@@ -151,7 +151,7 @@ def run(args) -> int:
         except ValueError as err:
             print(f"llmrec-dist bench towers: {err}", file=sys.stderr)
             return 2
-        figures = {"rows": run_matrix(args.config, args.overrides, cells, echo=lambda line: None)}
+        figures = {"rows": run_matrix(args.config, args.overrides, cells)}
         print(common.table(figures["rows"], COLUMNS))
     path = common.write_result(args.out, args.kind, label=args.label, config=config, figures=figures,
                                dataset=dataset, command=_command(args))
@@ -159,19 +159,17 @@ def run(args) -> int:
     return 0
 
 
-def vars_of(args) -> dict:
+def _memory_settings(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("func", "verb", "kind", "out", "verbose")}
 
 
 def compare_with_training(out: str, label: str, ingest: dict) -> dict:
     """Ingest throughput over the training throughput that `bench speed` measured with as many
     workers (same --out and --label), when that file exists."""
-    from llmrec_dist.bench.common import result_name
+    from llmrec_dist.bench.common import read_results, result_name
 
-    speed_file = Path(out) / f"{result_name('speed', label)}.json"
-    if not speed_file.is_file():
-        return {}
-    rows = json.loads(speed_file.read_text(encoding="utf-8"))["figures"].get("rows", [])
+    speed = read_results(out).get(result_name("speed", label)) if Path(out).is_dir() else None
+    rows = speed["figures"].get("rows", []) if speed else []
     match = [r for r in rows if r["workers"] == ingest["workers"] and r.get("sequences_per_s")]
     if not match:
         return {}

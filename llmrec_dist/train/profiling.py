@@ -34,6 +34,7 @@ class StepProfiler:
         self.step_seconds: list[float] = []
         self.allreduce_seconds = 0.0
         self._last = None
+        self._averages = None
         self._prof = profile(activities=[ProfilerActivity.CPU],
                              schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1))
         if hasattr(model, "register_comm_hook"):  # DDP (more than one worker)
@@ -79,7 +80,7 @@ class StepProfiler:
         if not n:
             return {}
         totals = {p: 0.0 for p in PHASES}
-        for event in self._prof.key_averages():
+        for event in self._events():
             if event.key.startswith(REGION) and event.key[len(REGION):] in totals:
                 totals[event.key[len(REGION):]] += event.cpu_time_total / 1e3  # µs → ms
         out = {f"profile_{p}_ms": totals[p] / n for p in PHASES}
@@ -90,4 +91,10 @@ class StepProfiler:
 
     def table(self, rows: int = 30) -> str:
         """torch.profiler's own table of the busiest operators (for the run's artifacts)."""
-        return self._prof.key_averages().table(sort_by="cpu_time_total", row_limit=rows)
+        return self._events().table(sort_by="cpu_time_total", row_limit=rows)
+
+    def _events(self):
+        """The profiled operators averaged by name, aggregated once (summary and table share them)."""
+        if self._averages is None:
+            self._averages = self._prof.key_averages()
+        return self._averages

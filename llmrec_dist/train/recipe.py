@@ -254,20 +254,18 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         epoch_seed = cfg.train.seed * 1000 + epoch * world + rank
         torch.manual_seed(epoch_seed)
         batches = epoch_batches(train_shard, cfg, seed=epoch_seed, mask_id=core.mask_id)
-        # The first epoch of a fresh run may be profiled (train.profile_steps): where a step's time goes.
-        first = epoch == 0 and not logged  # this run's first epoch, not a re-run after a restart
-        profiler = StepProfiler(model, cfg.train.profile_steps) if cfg.train.profile_steps and first else None
+        # Epoch 0 may be profiled (train.profile_steps): where a step's time goes.
+        profiler = StepProfiler(model, cfg.train.profile_steps) if cfg.train.profile_steps and epoch == 0 else None
         with profiler or nullcontext():
             stats = train_one_epoch(model, batches, optimizer, scheduler, cfg, device, amp, profiler)
         train_seconds = time.perf_counter() - t0
         loss_sum, positions, sequences = _all_reduce_sum(
             [stats["loss_sum"], stats["positions"], stats["sequences"]], device)
-        if profiler is not None:
-            log.metrics(profiler.summary(), step=epoch)
-            log.text(profiler.table(), "profile.txt")
-        if first and stats["first_step_at"] and clock:  # start-up cost, as a user waits for it
-            log.metrics({"startup_seconds": stats["first_step_at"] - clock["process_start"],
-                         "ray_init_to_first_step_seconds": stats["first_step_at"] - clock["ray_init"]}, step=0)
+        # Figures of epoch 0 only, logged with its metrics (rank 0): the profile and the start-up cost.
+        once = profiler.summary() if profiler is not None and rank == 0 else {}
+        if epoch == 0 and stats["first_step_at"] and clock:
+            once["startup_seconds"] = stats["first_step_at"] - clock["process_start"]
+            once["ray_init_to_first_step_seconds"] = stats["first_step_at"] - clock["ray_init"]
 
         t_valid = time.perf_counter()
         valid = evaluate(core, valid_rows, n_items, cfg.eval, cfg.model.max_len, device, prefix="valid_")
@@ -312,7 +310,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             # report() uploads the checkpoint to train.storage_path and waits for every rank.
             written["checkpoint_report_seconds"] = time.perf_counter() - t_report
         if epoch not in logged:
-            log.metrics({**{k: v for k, v in metrics.items() if k != "epoch"}, **written}, step=epoch)
+            log.metrics({**{k: v for k, v in metrics.items() if k != "epoch"}, **written, **once}, step=epoch)
+            if profiler is not None and rank == 0:
+                log.text(profiler.table(), "profile.txt")
         if stop:
             break
 
