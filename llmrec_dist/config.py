@@ -79,6 +79,10 @@ class DataConfig:
     path: str = _f("", "Prepared dataset folder (written by `llmrec-dist prepare`) or a URI to one.")
     materialize: bool = _f(True, "Materialise the training split in the Ray object store once, instead "
                                  "of re-reading the Parquet shards every epoch (good for datasets that fit).")
+    driver_read_mb: int = _f(256, "A materialised train split up to this many MB of Parquet is read by the "
+                                  "driver and put in the object store directly (seconds faster to start "
+                                  "than Ray Data read tasks); larger ones are read by Ray Data. "
+                                  "0 = always Ray Data.", check=_non_negative)
     shuffle_buffer: int = _f(2048, "Rows in each worker's local shuffle buffer (0 = no shuffling).",
                              check=_non_negative)
     length_buckets: int = _f(8, "Draw this many batches at a time, sort them by sequence length and "

@@ -32,6 +32,12 @@ def exists(location: str | os.PathLike) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def size(location: str | os.PathLike) -> int:
+    """Size in bytes of one file."""
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).size
+
+
 def read_bytes(location: str | os.PathLike) -> bytes:
     fs, path = filesystem(location)
     with fs.open_input_stream(path) as src:

@@ -11,6 +11,7 @@ import pytest
 
 from llmrec_dist.bench import common, memory, report, speed
 from llmrec_dist.bench.ingest import summarise
+from llmrec_dist.bench.speed import STARTUP_MILESTONES, startup_table
 from llmrec_dist.cli import main as cli_main
 from llmrec_dist.config import load_config
 
@@ -20,6 +21,13 @@ def test_scaling_efficiency_is_throughput_2_over_twice_throughput_1():
     rows = [{"workers": 1, "sequences_per_s": 40.0}, {"workers": 2, "sequences_per_s": 72.0}]
     assert speed.scaling(rows) == {"scaling_efficiency_1_to_2": 0.9, "speedup_1_to_2": 1.8}
     assert speed.scaling(rows[:1]) == {}
+
+
+def test_startup_table_gives_each_milestone_its_time_since_the_previous_one():
+    rows = startup_table([{"workers": 2, "startup_milestones_s": {"ray_ready": 7.0, "loop_start": 30.5,
+                                                                   "first_step": 34.0}}])
+    assert [(r["milestone"], r["at_s"], r["took_s"]) for r in rows] == [
+        ("ray_ready", 7.0, 7.0), ("loop_start", 30.5, 23.5), ("first_step", 34.0, 3.5)]
 
 
 def test_full_softmax_estimate_counts_logits_softmax_and_gradient():
@@ -216,4 +224,8 @@ def test_bench_speed_command_measures_one_worker_end_to_end(tmp_path, synthetic_
     assert 0 < profile["loss"] <= profile["forward"] < row["profile_step_ms"]
     assert profile["allreduce"] == 0  # one worker: no DDP, nothing to all-reduce
     assert "scaling_efficiency_1_to_2" not in data["figures"]
+    milestones = row["startup_milestones_s"]
+    assert list(milestones) == list(STARTUP_MILESTONES)
+    assert milestones["first_step"] == pytest.approx(row["ray_init_to_first_step_seconds"])
+    assert "loop_start" in proc.stdout and "took s" in proc.stdout  # the start-up table is printed
     assert data["dataset"]["content_hash"] and data["config"]["overrides"]

@@ -59,6 +59,10 @@ def test_training_logs_every_epoch_and_registers(trained):
     # Start-up, profile and memory figures (what `llmrec-dist bench speed` reads).
     metrics = run.data.metrics
     assert 0 < metrics["ray_init_to_first_step_seconds"] < metrics["startup_seconds"]
+    milestones = [metrics[f"startup_{k}_at_s"] for k in (
+        "ray_ready", "trainer_built", "loop_start", "model_ready", "eval_rows_ready", "first_batch", "first_step")]
+    assert 0 <= milestones[0] and milestones == sorted(milestones)
+    assert milestones[-1] == pytest.approx(metrics["ray_init_to_first_step_seconds"])
     assert metrics["profile_steps"] == 2
     assert 0 < metrics["profile_loss_ms"] <= metrics["profile_forward_ms"] < metrics["profile_step_ms"]
     for phase in ("data", "backward", "optimizer", "allreduce"):  # 2 workers: DDP all-reduces gradients
@@ -146,3 +150,18 @@ def test_cli_rejects_bad_config_with_dotted_keys(tmp_path):
     for needle in ("train.lr: expected a number", "train.epochz: unknown key (did you mean train.epochs?)",
                    "model.backbone: expected one of 'causal'", "data.path: required"):
         assert needle in proc.stderr, proc.stderr
+
+
+def test_the_driver_read_and_ray_data_read_give_the_same_blocks(ray_cluster, synthetic_dataset):
+    """Small materialised splits are read by the driver (data.driver_read_mb), others by Ray Data
+    tasks; both give the training loop the same rows in the same order."""
+    from llmrec_dist.train.launcher import train_dataset
+
+    base = [f"data.path={synthetic_dataset}"]
+    by_driver = train_dataset(load_config(QUICKSTART, base))
+    by_tasks = train_dataset(load_config(QUICKSTART, [*base, "data.driver_read_mb=0"]))
+    streamed = train_dataset(load_config(QUICKSTART, [*base, "data.materialize=false"]))
+    assert type(by_driver).__name__ == type(by_tasks).__name__ == "MaterializedDataset"
+    assert type(streamed).__name__ != "MaterializedDataset"
+    rows = [[list(r["items"]) for r in ds.iter_rows()] for ds in (by_driver, by_tasks, streamed)]
+    assert len(rows[0]) == 300 and rows[0] == rows[1] == rows[2]

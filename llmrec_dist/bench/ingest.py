@@ -35,7 +35,8 @@ def ingest_loop_per_worker(loop_config: dict) -> dict:
     for epoch in range(loop_config["epochs"]):
         started = time.perf_counter()
         sequences = positions = batches = 0
-        for seq, targets in epoch_batches(shard, cfg, seed=epoch * world + rank, mask_id=mask_id):
+        for seq, targets in epoch_batches(shard, cfg, seed=epoch * world + rank, mask_id=mask_id,
+                                          order_seed=epoch):
             sequences += len(seq)
             positions += int((targets != 0).sum())
             batches += 1

@@ -19,6 +19,11 @@ import time
 log = logging.getLogger(__name__)
 
 PROFILE_PHASES = ("data", "forward", "loss", "backward", "allreduce", "optimizer")
+# What the run logs as startup_<name>_at_s (seconds after ray.init), in the order they are reached:
+# Ray up; Ray Dataset + TorchTrainer built on the driver; rank 0 entered the loop (controller and worker
+# group started, recipe imported); model + optimiser built; evaluation rows read; first batch; first step.
+STARTUP_MILESTONES = ("ray_ready", "trainer_built", "loop_start", "model_ready", "eval_rows_ready",
+                      "first_batch", "first_step")
 
 
 def train_command(config: str, overrides: list[str], workers: int, epochs: int, profile_steps: int) -> list[str]:
@@ -62,6 +67,8 @@ def run_figures(tracking_uri: str, run_id: str) -> dict:
         "profile_ms_per_step": {p: metrics[f"profile_{p}_ms"] for p in PROFILE_PHASES
                                 if f"profile_{p}_ms" in metrics},
         "profile_step_ms": metrics.get("profile_step_ms"),
+        "startup_milestones_s": {name: metrics[f"startup_{name}_at_s"] for name in STARTUP_MILESTONES
+                                 if f"startup_{name}_at_s" in metrics},
         "test_ndcg_at_10": metrics.get("test_ndcg_at_10"),
     }
     return out
@@ -112,5 +119,18 @@ def profile_table(rows: list[dict]) -> list[dict]:
     return out
 
 
+def startup_table(rows: list[dict]) -> list[dict]:
+    """One row per (workers, milestone): when it was reached and how long since the previous one."""
+    out = []
+    for r in rows:
+        previous = 0.0
+        for name, at in r.get("startup_milestones_s", {}).items():
+            out.append({"workers": r["workers"], "milestone": name, "at_s": at, "took_s": at - previous})
+            previous = at
+    return out
+
+
+STARTUP_COLUMNS = [("workers", "workers", "d"), ("milestone", "after ray.init", ""), ("at_s", "at s", ".1f"),
+                   ("took_s", "took s", ".1f")]
 PROFILE_COLUMNS = [("workers", "workers", "d"), ("phase", "phase", ""), ("ms_per_step", "ms/step", ".1f"),
                    ("share", "share of step", ".1%")]

@@ -126,12 +126,14 @@ def run(args) -> int:
         print(common.table(anchor_rows(figures, f"llmrec_dist ({args.label or cfg.model.item_repr})"),
                            ANCHOR_COLUMNS))
     elif args.kind == "speed":
-        from llmrec_dist.bench.speed import COLUMNS, PROFILE_COLUMNS, profile_table, run_speed
+        from llmrec_dist.bench.speed import (COLUMNS, PROFILE_COLUMNS, STARTUP_COLUMNS, profile_table, run_speed,
+                                             startup_table)
 
         figures = run_speed(args.config, args.overrides, workers=args.workers, epochs=args.epochs,
                             profile_steps=args.profile_steps)
         print(common.table(figures["rows"], COLUMNS))
         print(common.table(profile_table(figures["rows"]), PROFILE_COLUMNS))
+        print(common.table(startup_table(figures["rows"]), STARTUP_COLUMNS))
         if "scaling_efficiency_1_to_2" in figures:
             print(f"scaling efficiency 1 → 2 workers: {figures['scaling_efficiency_1_to_2']:.1%}")
     elif args.kind == "ingest":

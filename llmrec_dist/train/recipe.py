@@ -110,8 +110,13 @@ def _steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
     return max(1, math.ceil(micro_batches / cfg.train.grad_accum))
 
 
-def epoch_batches(shard, cfg: Config, seed: int, mask_id: int):
-    """This worker's (inputs, targets) batches for one epoch, streamed from its Ray Data shard."""
+def epoch_batches(shard, cfg: Config, seed: int, mask_id: int, order_seed: int | None = None):
+    """This worker's (inputs, targets) batches for one epoch, streamed from its Ray Data shard.
+
+    ``seed`` (per rank) drives the shuffle and the per-batch randomness; ``order_seed`` (the same on
+    every rank, default ``seed``) orders the length buckets. With a shared order every rank takes a
+    batch of the same length quantile of its chunk at each step, so no rank waits in the all-reduce
+    for another one padding to a longer batch."""
     per_worker, shuffle = cfg.per_worker_batch_size(), cfg.data.shuffle_buffer or None
     shuffle_seed = seed if shuffle else None
     pairs = TrainingPairs(cfg, mask_id, seed)
@@ -121,7 +126,8 @@ def epoch_batches(shard, cfg: Config, seed: int, mask_id: int):
     chunks = (batch["items"] for batch in shard.iter_batches(
         batch_size=per_worker * cfg.data.length_buckets, batch_format="numpy",
         local_shuffle_buffer_size=shuffle, local_shuffle_seed=shuffle_seed))
-    rows = length_bucketed(chunks, per_worker, cfg.model.max_len, np.random.default_rng(seed))
+    order = np.random.default_rng(seed if order_seed is None else order_seed)
+    rows = length_bucketed(chunks, per_worker, cfg.model.max_len, order)
     return (pairs(batch) for batch in rows)
 
 
@@ -137,12 +143,12 @@ def _optimizer_step(model, optimizer, scheduler, cfg: Config) -> None:
 def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, amp,
                     profiler: StepProfiler | None = None) -> dict[str, float]:
     """One pass over this worker's shard; returns summed loss/positions/sequences for all-reduce and
-    the wall-clock time at which the first optimiser step finished. Phases are marked with
+    the wall-clock times at which the first batch arrived and the first optimiser step finished. Phases are marked with
     :func:`llmrec_dist.train.profiling.region` for ``profiler`` (``train.profile_steps``)."""
     model.train()
     loss_sum = positions = sequences = 0.0
     micro = 0
-    first_step_at = None
+    first_batch_at = first_step_at = None
     optimizer.zero_grad(set_to_none=True)
     pin = device.type == "cuda"  # page-locked host memory: the copy overlaps the previous step
     batches = iter(batches)
@@ -152,6 +158,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, a
             if batch is None:
                 break
             seq, targets = batch
+            first_batch_at = first_batch_at or time.time()
             if pin:
                 seq, targets = seq.pin_memory(), targets.pin_memory()
             seq, targets = seq.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -176,7 +183,8 @@ def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, a
     if micro % cfg.train.grad_accum:  # a last, partial accumulation still updates the model
         _optimizer_step(model, optimizer, scheduler, cfg)
         first_step_at = first_step_at or time.time()
-    return {"loss_sum": loss_sum, "positions": positions, "sequences": sequences, "first_step_at": first_step_at}
+    return {"loss_sum": loss_sum, "positions": positions, "sequences": sequences,
+            "first_batch_at": first_batch_at, "first_step_at": first_step_at}
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -188,6 +196,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     amp = autocast_for(cfg, device)
     log = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
     clock = loop_config.get("clock")  # the driver's process start and ray.init times (wall clock)
+    reached = {"loop_start": time.time()}  # start-up milestones of this worker (wall clock)
 
     manifest = read_manifest(cfg.data.path)
     n_items = manifest_num_items(manifest)
@@ -203,10 +212,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     core = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(core, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, _steps_per_epoch(cfg, num_train_rows(manifest), world))
+    reached["model_ready"] = time.time()
 
     valid_rows = load_eval_rows(cfg.data.path, "valid", rank, world)
     test_rows = load_eval_rows(cfg.data.path, "test", rank, world)
     train_shard = ray.train.get_dataset_shard("train")
+    reached["eval_rows_ready"] = time.time()
     selection = cfg.selection_metric()
 
     # ---------------------------------------------------------------- resume
@@ -253,7 +264,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         # after a restart sees the same randomness as in an uninterrupted run.
         epoch_seed = cfg.train.seed * 1000 + epoch * world + rank
         torch.manual_seed(epoch_seed)
-        batches = epoch_batches(train_shard, cfg, seed=epoch_seed, mask_id=core.mask_id)
+        batches = epoch_batches(train_shard, cfg, seed=epoch_seed, mask_id=core.mask_id,
+                                order_seed=cfg.train.seed * 1000 + epoch)
         # Epoch 0 may be profiled (train.profile_steps): where a step's time goes.
         profiler = StepProfiler(model, cfg.train.profile_steps) if cfg.train.profile_steps and epoch == 0 else None
         with profiler or nullcontext():
@@ -266,6 +278,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if epoch == 0 and stats["first_step_at"] and clock:
             once["startup_seconds"] = stats["first_step_at"] - clock["process_start"]
             once["ray_init_to_first_step_seconds"] = stats["first_step_at"] - clock["ray_init"]
+            # Where the start-up goes: seconds after ray.init at which each milestone was reached.
+            milestones = {**{k: clock[k] for k in ("ray_ready", "trainer_built") if k in clock}, **reached,
+                          "first_batch": stats["first_batch_at"], "first_step": stats["first_step_at"]}
+            once.update({f"startup_{k}_at_s": t - clock["ray_init"] for k, t in milestones.items()})
 
         t_valid = time.perf_counter()
         valid = evaluate(core, valid_rows, n_items, cfg.eval, cfg.model.max_len, device, prefix="valid_")
