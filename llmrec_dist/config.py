@@ -87,7 +87,7 @@ class DataConfig:
                              check=_non_negative)
     length_buckets: int = _f(8, "Draw this many batches at a time, sort them by sequence length and "
                                 "cut them into batches of similar lengths (less padding); the batch order "
-                                "is shuffled again. 1 = off.", check=_positive)
+                                "is shuffled again, the same way on every rank. 1 = off.", check=_positive)
     verify_hash: bool = _f(True, "Recompute the dataset's content hash on the driver and refuse a mismatch.")
     deterministic: bool = _f(True, "Feed every worker the same rows in the same order on every run (Ray "
                                    "Data keeps block order; shards are not assigned by locality), so a run "
