@@ -24,7 +24,7 @@ def ingest_loop_per_worker(loop_config: dict) -> dict:
     import torch.distributed as dist
 
     from llmrec_dist.data.layout import num_items, read_manifest
-    from llmrec_dist.train.recipe import epoch_batches
+    from llmrec_dist.train.recipe import epoch_batches, epoch_seeds
 
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -35,8 +35,8 @@ def ingest_loop_per_worker(loop_config: dict) -> dict:
     for epoch in range(loop_config["epochs"]):
         started = time.perf_counter()
         sequences = positions = batches = 0
-        for seq, targets in epoch_batches(shard, cfg, seed=epoch * world + rank, mask_id=mask_id,
-                                          order_seed=epoch):
+        for seq, targets in epoch_batches(shard, cfg, *epoch_seeds(cfg.train.seed, epoch, world, rank),
+                                          mask_id=mask_id):
             sequences += len(seq)
             positions += int((targets != 0).sum())
             batches += 1

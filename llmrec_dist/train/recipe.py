@@ -110,13 +110,20 @@ def _steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
     return max(1, math.ceil(micro_batches / cfg.train.grad_accum))
 
 
-def epoch_batches(shard, cfg: Config, seed: int, mask_id: int, order_seed: int | None = None):
+def epoch_seeds(seed: int, epoch: int, world: int, rank: int) -> tuple[int, int]:
+    """(this rank's seed, the seed every rank shares) for one epoch, fixed by (seed, epoch, rank) so an
+    epoch re-run after a restart sees the same randomness as in an uninterrupted run. The rank's seed
+    drives dropout, negatives and shuffling; the shared one orders the length buckets."""
+    return seed * 1000 + epoch * world + rank, seed * 1000 + epoch
+
+
+def epoch_batches(shard, cfg: Config, seed: int, order_seed: int, mask_id: int):
     """This worker's (inputs, targets) batches for one epoch, streamed from its Ray Data shard.
 
     ``seed`` (per rank) drives the shuffle and the per-batch randomness; ``order_seed`` (the same on
-    every rank, default ``seed``) orders the length buckets. With a shared order every rank takes a
-    batch of the same length quantile of its chunk at each step, so no rank waits in the all-reduce
-    for another one padding to a longer batch."""
+    every rank) orders the length buckets. With a shared order every rank takes a batch of the same
+    length quantile of its chunk at each step, so no rank waits in the all-reduce for another one
+    padding to a longer batch."""
     per_worker, shuffle = cfg.per_worker_batch_size(), cfg.data.shuffle_buffer or None
     shuffle_seed = seed if shuffle else None
     pairs = TrainingPairs(cfg, mask_id, seed)
@@ -126,8 +133,7 @@ def epoch_batches(shard, cfg: Config, seed: int, mask_id: int, order_seed: int |
     chunks = (batch["items"] for batch in shard.iter_batches(
         batch_size=per_worker * cfg.data.length_buckets, batch_format="numpy",
         local_shuffle_buffer_size=shuffle, local_shuffle_seed=shuffle_seed))
-    order = np.random.default_rng(seed if order_seed is None else order_seed)
-    rows = length_bucketed(chunks, per_worker, cfg.model.max_len, order)
+    rows = length_bucketed(chunks, per_worker, cfg.model.max_len, np.random.default_rng(order_seed))
     return (pairs(batch) for batch in rows)
 
 
@@ -143,8 +149,9 @@ def _optimizer_step(model, optimizer, scheduler, cfg: Config) -> None:
 def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, amp,
                     profiler: StepProfiler | None = None) -> dict[str, float]:
     """One pass over this worker's shard; returns summed loss/positions/sequences for all-reduce and
-    the wall-clock times at which the first batch arrived and the first optimiser step finished. Phases are marked with
-    :func:`llmrec_dist.train.profiling.region` for ``profiler`` (``train.profile_steps``)."""
+    the wall-clock times at which the first batch arrived and the first optimiser step finished.
+    Phases are marked with :func:`llmrec_dist.train.profiling.region` for ``profiler``
+    (``train.profile_steps``)."""
     model.train()
     loss_sum = positions = sequences = 0.0
     micro = 0
@@ -195,7 +202,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     device = ray.train.torch.get_device()
     amp = autocast_for(cfg, device)
     log = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
-    clock = loop_config.get("clock")  # the driver's process start and ray.init times (wall clock)
+    # The driver's wall-clock times (train() only): process start, ray.init, Ray ready, trainer built.
+    clock = loop_config.get("clock")
     reached = {"loop_start": time.time()}  # start-up milestones of this worker (wall clock)
 
     manifest = read_manifest(cfg.data.path)
@@ -260,12 +268,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     # ---------------------------------------------------------------- epochs
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
-        # Dropout, negatives and shuffling draw from seeds fixed by (seed, epoch, rank): an epoch re-run
-        # after a restart sees the same randomness as in an uninterrupted run.
-        epoch_seed = cfg.train.seed * 1000 + epoch * world + rank
+        epoch_seed, order_seed = epoch_seeds(cfg.train.seed, epoch, world, rank)
         torch.manual_seed(epoch_seed)
-        batches = epoch_batches(train_shard, cfg, seed=epoch_seed, mask_id=core.mask_id,
-                                order_seed=cfg.train.seed * 1000 + epoch)
+        batches = epoch_batches(train_shard, cfg, epoch_seed, order_seed, mask_id=core.mask_id)
         # Epoch 0 may be profiled (train.profile_steps): where a step's time goes.
         profiler = StepProfiler(model, cfg.train.profile_steps) if cfg.train.profile_steps and epoch == 0 else None
         with profiler or nullcontext():
@@ -279,7 +284,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             once["startup_seconds"] = stats["first_step_at"] - clock["process_start"]
             once["ray_init_to_first_step_seconds"] = stats["first_step_at"] - clock["ray_init"]
             # Where the start-up goes: seconds after ray.init at which each milestone was reached.
-            milestones = {**{k: clock[k] for k in ("ray_ready", "trainer_built") if k in clock}, **reached,
+            milestones = {"ray_ready": clock["ray_ready"], "trainer_built": clock["trainer_built"], **reached,
                           "first_batch": stats["first_batch_at"], "first_step": stats["first_step_at"]}
             once.update({f"startup_{k}_at_s": t - clock["ray_init"] for k, t in milestones.items()})
 
