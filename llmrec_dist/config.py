@@ -108,6 +108,9 @@ class ModelConfig:
     num_heads: int = _f(2, "Attention heads (must divide hidden_size).", check=_positive)
     max_len: int = _f(50, "Most recent items a sequence keeps (older ones are cut).", check=_positive)
     dropout: float = _f(0.2, "Dropout on embeddings, attention and residuals.", check=_fraction)
+    init_std: float = _f(0.02, "Initial per-dimension std of item vectors: ID embeddings, the text "
+                               "projection's output and the mask token (GPT-2/SASRec convention; larger "
+                               "starts learn markedly slower).", check=_positive)
     mask_ratio: float = _f(0.2, "Bidirectional backbone: fraction of items masked for the cloze task "
                                 "(at least one per sequence).", check=lambda v: None if 0 < v < 1 else
                            "must be in (0, 1)")

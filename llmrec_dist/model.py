@@ -54,17 +54,28 @@ class ItemEncoder(nn.Module):
         raise NotImplementedError
 
 
+def id_embedding(num_items: int, hidden_size: int, init_std: float) -> nn.Embedding:
+    """A ``[num_items + 1, hidden]`` ID table drawn from N(0, init_std²), row 0 (padding) zero.
+
+    The std matters: with Adam at lr 1e-3, a table drawn at std 0.02 (SASRec's and GPT-2's choice)
+    reached a validation NDCG@10 of 0.083 after 3 epochs of ml-1m where one drawn at 1/sqrt(hidden)
+    = 0.125 reached 0.025: each update moves small vectors by a larger share.
+    """
+    table = nn.Embedding(num_items + 1, hidden_size, padding_idx=PAD)
+    nn.init.normal_(table.weight, std=init_std)
+    with torch.no_grad():
+        table.weight[PAD].zero_()
+    return table
+
+
 class IdItemEncoder(ItemEncoder):
     """A learned embedding per item id (row 0 is padding and stays zero)."""
 
-    def __init__(self, num_items: int, hidden_size: int):
+    def __init__(self, num_items: int, hidden_size: int, init_std: float = 0.02):
         super().__init__()
         self.hidden_size = hidden_size
         self.num_items = num_items
-        self.embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=PAD)
-        nn.init.normal_(self.embedding.weight, std=hidden_size ** -0.5)
-        with torch.no_grad():
-            self.embedding.weight[PAD].zero_()
+        self.embedding = id_embedding(num_items, hidden_size, init_std)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids)
@@ -104,7 +115,7 @@ class SequenceRecommender(nn.Module):
     """Next-item recommender: item tower + causal (SASRec) or bidirectional (BERT4Rec) Transformer."""
 
     def __init__(self, items: ItemEncoder, num_layers: int, num_heads: int, max_len: int, dropout: float,
-                 backbone: str = "causal", num_negatives: int = 0):
+                 backbone: str = "causal", num_negatives: int = 0, init_std: float = 0.02):
         super().__init__()
         self.items = items
         self.max_len = max_len
@@ -114,7 +125,7 @@ class SequenceRecommender(nn.Module):
         self.input_scale = math.sqrt(hidden)
         self.encoder = build_backbone(backbone, hidden, num_layers, num_heads, max_len, dropout)
         if backbone == "bidirectional":
-            self.mask_embedding = nn.Parameter(torch.randn(hidden) * hidden ** -0.5)
+            self.mask_embedding = nn.Parameter(torch.randn(hidden) * init_std)
 
     @property
     def mask_id(self) -> int:
@@ -233,7 +244,7 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
     sequence; their ID vector is masked so that text alone represents them (default: all seen).
     """
     if cfg.item_repr == "id":
-        items: ItemEncoder = IdItemEncoder(num_items, cfg.hidden_size)
+        items: ItemEncoder = IdItemEncoder(num_items, cfg.hidden_size, cfg.init_std)
     elif cfg.item_repr in ("text", "id+text"):
         from llmrec_dist.text_tower import TextItemEncoder
 
@@ -241,11 +252,11 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
             raise ValueError(f"model.item_repr={cfg.item_repr!r} needs the item texts' features")
         items = TextItemEncoder(text, num_items, cfg.hidden_size, use_id=cfg.item_repr == "id+text",
                                 fusion=cfg.fusion, pooling=cfg.text_pooling, freeze_k=cfg.freeze_k, lora_cfg=cfg,
-                                id_seen=id_seen)
+                                id_seen=id_seen, init_std=cfg.init_std)
     else:
         raise ValueError(f"model.item_repr: unknown {cfg.item_repr!r}; valid: id, text, id+text")
     return SequenceRecommender(items, cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.dropout,
-                               backbone=cfg.backbone, num_negatives=num_negatives)
+                               backbone=cfg.backbone, num_negatives=num_negatives, init_std=cfg.init_std)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

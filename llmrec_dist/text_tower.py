@@ -30,7 +30,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from llmrec_dist import storage
-from llmrec_dist.model import ItemEncoder
+from llmrec_dist.model import ItemEncoder, id_embedding
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ class TextItemEncoder(ItemEncoder):
 
     def __init__(self, features: TextFeatures, num_items: int, hidden_size: int, use_id: bool, fusion: str,
                  pooling: str, freeze_k: int = 1, lora_cfg=None, chunk: int = 512,
-                 id_seen: torch.Tensor | None = None):
+                 id_seen: torch.Tensor | None = None, init_std: float = 0.02):
         super().__init__()
         self.hidden_size = hidden_size
         self.strategy = features.strategy
@@ -358,12 +358,13 @@ class TextItemEncoder(ItemEncoder):
             raise ValueError(f"model.freeze: unknown {self.strategy!r}; valid: frozen, top_k, full, lora")
         self.text_norm = nn.LayerNorm(features.lm_hidden)
         self.text_proj = nn.Linear(features.lm_hidden, hidden_size)
+        # The normalised text has unit variance per dimension, so this draw gives projected text
+        # vectors of std init_std per dimension, the scale of the ID vectors (see model.id_embedding).
+        nn.init.normal_(self.text_proj.weight, std=init_std / features.lm_hidden ** 0.5)
+        nn.init.zeros_(self.text_proj.bias)
         self.id_embedding = None
         if use_id:
-            self.id_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
-            nn.init.normal_(self.id_embedding.weight, std=hidden_size ** -0.5)
-            with torch.no_grad():
-                self.id_embedding.weight[0].zero_()
+            self.id_embedding = id_embedding(num_items, hidden_size, init_std)
             self.fusion = Fusion(fusion, hidden_size)
             seen = torch.ones(num_items + 1, dtype=torch.bool) if id_seen is None else torch.as_tensor(id_seen)
             if seen.shape != (num_items + 1,):

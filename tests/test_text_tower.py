@@ -281,3 +281,15 @@ def test_every_trainable_parameter_gets_a_gradient(encoder, backbone, item_repr,
     model(seq, targets)["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("init_std", [0.02, 0.1])
+def test_text_and_id_parts_start_at_the_same_scale(encoder, init_std):
+    """The projected text and the ID vectors are both drawn at model.init_std per dimension, so neither
+    part drowns the other at the start of training."""
+    model, _ = build(encoder, item_repr="text", init_std=init_std, hidden_size=64)
+    text = model.items.all_items()[1:]
+    model, _ = build(encoder, item_repr="id+text", init_std=init_std, hidden_size=64)
+    ids = model.items.id_embedding.weight[1:]
+    assert ids.std().item() == pytest.approx(init_std, rel=0.1)
+    assert text.std().item() == pytest.approx(init_std, rel=0.2)
