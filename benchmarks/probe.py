@@ -6,9 +6,9 @@ configurations on validation before paying for a full distributed run.
 
 Prints validation NDCG@10 (full ranking, seen items excluded, on the first ``--eval-users`` users) and
 the training loss after each epoch, as one JSON line per epoch. Same model, optimiser, batches (length
-buckets) and metrics as `llmrec-dist train`; what differs is the schedule (constant lr after the
-warm-up, since a probe has no end to decay towards) and that one process sees every row. Test data is
-never read.
+buckets) and metrics as `llmrec-dist train`. The warm-up is the configured run's (train.warmup_ratio
+of train.epochs, so the probe follows the first epochs of that run); after it the lr stays at its peak
+instead of decaying. One process sees every row. Test data is never read.
 """
 
 from __future__ import annotations
