@@ -5,7 +5,8 @@ configurations on validation before paying for a full distributed run.
         model.init_std=0.125 --epochs 3
 
 Prints validation NDCG@10 (full ranking, seen items excluded, on the first ``--eval-users`` users) and
-the training loss after each epoch, as one JSON line per epoch. Same model, optimiser, batches (length
+the training loss (per target position, as training logs it) after each epoch, as one JSON line per
+epoch. Same model, optimiser, batches (length
 buckets) and metrics as `llmrec-dist train`. The warm-up is the configured run's (train.warmup_ratio
 of train.epochs, so the probe follows the first epochs of that run); after it the lr stays at its peak
 instead of decaying. One process sees every row. Test data is never read.
@@ -20,13 +21,14 @@ import time
 import numpy as np
 import torch
 
-from llmrec_dist.batching import eval_batch, length_bucketed, next_item_batch
+from llmrec_dist.batching import length_bucketed, next_item_batch
 from llmrec_dist.config import ConfigError, load_config
 from llmrec_dist.data.layout import num_items, read_manifest, read_split
-from llmrec_dist.metrics import RankingAccumulator
+from llmrec_dist.evaluation import EvalRows, evaluate, load_eval_rows
 from llmrec_dist.model import build_model
 from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.train.optim import build_optimizer
+from llmrec_dist.train.recipe import autocast_for, train_one_epoch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,17 +39,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-users", type=int, default=2000, help="validation users scored (default 2000)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     return p.parse_args(argv)
-
-
-def validation_ndcg(model, histories, targets, cfg, k: int = 10) -> float:
-    model.eval()
-    acc = RankingAccumulator([k], model.items.num_items, None)
-    for i in range(0, len(histories), cfg.eval.batch_size):
-        batch = eval_batch(histories[i:i + cfg.eval.batch_size], targets[i:i + cfg.eval.batch_size],
-                           cfg.model.max_len, cfg.eval.exclude_seen)
-        acc.update(model.score_next(batch["seq"]), batch["targets"], batch.get("history"))
-    model.train()
-    return acc.result()[f"ndcg_at_{k}"]
 
 
 def main(argv=None) -> list[dict]:
@@ -67,32 +58,27 @@ def main(argv=None) -> list[dict]:
     except (OSError, ValueError) as err:
         raise SystemExit(f"probe: {err}") from None
     train = read_split(cfg.data.path, "train").column("items").to_pylist()
-    valid = read_split(cfg.data.path, "valid").slice(0, args.eval_users)
-    histories, targets = valid.column("items").to_pylist(), valid.column("target").to_pylist()
-    model = build_model(cfg.model, num_items(manifest), text=load_text_features(cfg, manifest))
+    valid = load_eval_rows(cfg.data.path, "valid")
+    n = min(args.eval_users, len(valid))
+    valid = EvalRows(valid.histories[:n], valid.targets[:n], valid.cold[:n])
+    catalogue = num_items(manifest)
+    model = build_model(cfg.model, catalogue, text=load_text_features(cfg, manifest))
     optimizer = build_optimizer(model, cfg.train)
     warmup = max(1, int(cfg.train.warmup_ratio * len(train) / cfg.train.batch_size * cfg.train.epochs))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    device = torch.device("cpu")
     chunk = cfg.train.batch_size * cfg.data.length_buckets
-    rows, start, step = [], time.time(), 0
+    rows, start = [], time.time()
     for epoch in range(args.epochs):
         shuffled = [train[i] for i in rng.permutation(len(train))]
-        losses = []
         chunks = (shuffled[i:i + chunk] for i in range(0, len(shuffled), chunk))
-        for batch in length_bucketed(chunks, cfg.train.batch_size, cfg.model.max_len, rng):
-            seq, target = next_item_batch(batch, cfg.model.max_len)
-            loss = model(seq, target)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            step += 1
-        row = {"epoch": epoch, "steps": step, "train_loss": round(float(np.mean(losses)), 4),
-               "valid_ndcg_at_10": round(validation_ndcg(model, histories, targets, cfg), 4),
-               "seconds": round(time.time() - start, 1)}
+        batches = (next_item_batch(batch, cfg.model.max_len)
+                   for batch in length_bucketed(chunks, cfg.train.batch_size, cfg.model.max_len, rng))
+        stats = train_one_epoch(model, batches, optimizer, scheduler, cfg, device, autocast_for(cfg, device))
+        metrics = evaluate(model, valid, catalogue, cfg.eval, cfg.model.max_len, device)
+        row = {"epoch": epoch, "steps": scheduler.last_epoch,
+               "train_loss": round(stats["loss_sum"] / max(stats["positions"], 1), 4),
+               "valid_ndcg_at_10": round(metrics["ndcg_at_10"], 4), "seconds": round(time.time() - start, 1)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

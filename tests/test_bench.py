@@ -251,7 +251,7 @@ def test_probe_trains_and_reports_validation_per_epoch(synthetic_dataset, capsys
     """The probe script (no Ray): one JSON line per epoch; on the synthetic catalogue (whose sequences
     follow item chains) the loss falls and validation NDCG@10 rises well above chance."""
     rows = load_probe().main(["--config", str(QUICKSTART), f"data.path={synthetic_dataset}", "model.item_repr=id",
-                       "train.batch_size=32", "train.lr=3e-3", "--epochs", "3", "--eval-users", "200"])
+                              "train.batch_size=32", "train.lr=3e-3", "--epochs", "3", "--eval-users", "200"])
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed == rows and [r["epoch"] for r in rows] == [0, 1, 2]
     assert [r["steps"] for r in rows] == [10, 20, 30]  # 300 users, batch 32
@@ -262,4 +262,5 @@ def test_probe_trains_and_reports_validation_per_epoch(synthetic_dataset, capsys
 
 def test_probe_refuses_what_it_cannot_train(synthetic_dataset):
     with pytest.raises(SystemExit, match="only the causal backbone"):
-        load_probe().main(["--config", str(QUICKSTART), f"data.path={synthetic_dataset}", "model.backbone=bidirectional"])
+        load_probe().main(["--config", str(QUICKSTART), f"data.path={synthetic_dataset}",
+                           "model.backbone=bidirectional"])
