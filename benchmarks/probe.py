@@ -27,7 +27,7 @@ from llmrec_dist.data.layout import num_items, read_manifest, read_split
 from llmrec_dist.evaluation import EvalRows, evaluate, load_eval_rows
 from llmrec_dist.model import build_model
 from llmrec_dist.text_tower import load_text_features
-from llmrec_dist.train.optim import build_optimizer
+from llmrec_dist.train.optim import build_optimizer, warmup_then
 from llmrec_dist.train.recipe import autocast_for, train_one_epoch
 
 
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3, help="epochs to train (default 3)")
     p.add_argument("--eval-users", type=int, default=2000, help="validation users scored (default 2000)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> list[dict]:
@@ -64,8 +64,9 @@ def main(argv=None) -> list[dict]:
     catalogue = num_items(manifest)
     model = build_model(cfg.model, catalogue, text=load_text_features(cfg, manifest))
     optimizer = build_optimizer(model, cfg.train)
-    warmup = max(1, int(cfg.train.warmup_ratio * len(train) / cfg.train.batch_size * cfg.train.epochs))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    total_steps = len(train) / cfg.train.batch_size * cfg.train.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_then(int(total_steps), cfg.train.warmup_ratio, "constant"))
     device = torch.device("cpu")
     chunk = cfg.train.batch_size * cfg.data.length_buckets
     rows, start = [], time.time()

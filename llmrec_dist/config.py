@@ -111,6 +111,11 @@ class ModelConfig:
     init_std: float = _f(0.02, "Initial per-dimension std of item vectors: ID embeddings, the text "
                                "projection's output and the mask token (GPT-2/SASRec convention; larger "
                                "starts learn markedly slower).", check=_positive)
+    ffn_size: int = _f(0, "Width of each block's feed-forward layer; 0 = 4 x model.hidden_size "
+                          "(GPT-2/BERT). SASRec's own blocks use model.hidden_size.",
+                       check=_non_negative)
+    activation: Literal["gelu", "relu"] = _f("gelu", "Feed-forward activation (SASRec's own blocks use "
+                                                     "relu).")
     mask_ratio: float = _f(0.2, "Bidirectional backbone: fraction of items masked for the cloze task "
                                 "(at least one per sequence).", check=lambda v: None if 0 < v < 1 else
                            "must be in (0, 1)")
@@ -144,8 +149,11 @@ class TrainConfig:
                          check=_positive)
     weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases, norms, embeddings).",
                              check=_non_negative)
-    warmup_ratio: float = _f(0.05, "Fraction of all steps spent in linear warm-up before cosine decay.",
+    warmup_ratio: float = _f(0.05, "Fraction of all steps (train.epochs) spent in linear warm-up.",
                              check=_fraction)
+    schedule: Literal["cosine", "constant"] = _f(
+        "cosine", "Learning rate after warm-up: `cosine` = decay to 0.1 x train.lr at train.epochs; "
+                  "`constant` = stay at train.lr (SASRec's schedule; early stopping ends the run).")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this value (0 = off).", check=_non_negative)
     loss: Literal["auto", "full", "sampled"] = _f(
         "auto", "`full` = softmax over the whole catalogue; `sampled` = the step's targets + "

@@ -85,12 +85,15 @@ class IdItemEncoder(ItemEncoder):
 
 
 def build_backbone(kind: str, hidden: int, num_layers: int, num_heads: int, max_len: int,
-                   dropout: float) -> nn.Module:
-    """A Hugging Face Transformer stack used through ``inputs_embeds`` (its token table removed)."""
+                   dropout: float, ffn_size: int = 0, activation: str = "gelu") -> nn.Module:
+    """A Hugging Face Transformer stack used through ``inputs_embeds`` (its token table removed).
+
+    ``ffn_size`` 0 means the usual 4 x ``hidden``."""
+    ffn_size = ffn_size or 4 * hidden
     if kind == "causal":
         config = GPT2Config(
             vocab_size=1, n_positions=max_len, n_embd=hidden, n_layer=num_layers, n_head=num_heads,
-            n_inner=4 * hidden, activation_function="gelu", resid_pdrop=dropout, embd_pdrop=dropout,
+            n_inner=ffn_size, activation_function=activation, resid_pdrop=dropout, embd_pdrop=dropout,
             attn_pdrop=dropout, bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=False,
         )
         backbone = GPT2Model(config)
@@ -101,7 +104,7 @@ def build_backbone(kind: str, hidden: int, num_layers: int, num_heads: int, max_
     if kind == "bidirectional":
         config = BertConfig(
             vocab_size=1, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-            intermediate_size=4 * hidden, hidden_act="gelu", hidden_dropout_prob=dropout,
+            intermediate_size=ffn_size, hidden_act=activation, hidden_dropout_prob=dropout,
             attention_probs_dropout_prob=dropout, max_position_embeddings=max_len, type_vocab_size=1,
             pad_token_id=0,
         )
@@ -115,7 +118,8 @@ class SequenceRecommender(nn.Module):
     """Next-item recommender: item tower + causal (SASRec) or bidirectional (BERT4Rec) Transformer."""
 
     def __init__(self, items: ItemEncoder, num_layers: int, num_heads: int, max_len: int, dropout: float,
-                 backbone: str = "causal", num_negatives: int = 0, init_std: float = 0.02):
+                 backbone: str = "causal", num_negatives: int = 0, init_std: float = 0.02,
+                 ffn_size: int = 0, activation: str = "gelu"):
         super().__init__()
         self.items = items
         self.max_len = max_len
@@ -123,7 +127,8 @@ class SequenceRecommender(nn.Module):
         self.num_negatives = num_negatives
         hidden = items.hidden_size
         self.input_scale = math.sqrt(hidden)
-        self.encoder = build_backbone(backbone, hidden, num_layers, num_heads, max_len, dropout)
+        self.encoder = build_backbone(backbone, hidden, num_layers, num_heads, max_len, dropout,
+                                      ffn_size, activation)
         if backbone == "bidirectional":
             self.mask_embedding = nn.Parameter(torch.randn(hidden) * init_std)
 
@@ -256,7 +261,8 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
     else:
         raise ValueError(f"model.item_repr: unknown {cfg.item_repr!r}; valid: id, text, id+text")
     return SequenceRecommender(items, cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.dropout,
-                               backbone=cfg.backbone, num_negatives=num_negatives, init_std=cfg.init_std)
+                               backbone=cfg.backbone, num_negatives=num_negatives, init_std=cfg.init_std,
+                               ffn_size=cfg.ffn_size, activation=cfg.activation)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -135,3 +135,18 @@ def test_item_vectors_start_at_init_std(init_std):
     table = model.items.all_items()
     assert table[0].abs().sum() == 0  # padding
     assert table[1:].std().item() == pytest.approx(init_std, rel=0.05)
+
+
+@pytest.mark.parametrize("backbone", ["causal", "bidirectional"])
+def test_ffn_width_and_activation_reach_the_blocks(backbone):
+    cfg = dataclasses.replace(TINY, backbone=backbone, ffn_size=16, activation="relu")
+    model = build_model(cfg, 10)
+    default = build_model(dataclasses.replace(TINY, backbone=backbone), 10)
+    hf = model.encoder.config
+    assert (getattr(hf, "n_inner", None) or hf.intermediate_size) == 16
+    assert (getattr(hf, "activation_function", None) or hf.hidden_act) == "relu"
+    # each of the 2 blocks loses the 4x-wide layer's extra weights: 2 x (16x48 + 48x16 + 48) fewer
+    assert count_parameters(default)["params_total"] - count_parameters(model)["params_total"] == 2 * (
+        2 * 16 * 48 + 48)
+    seq, tgt = next_item_batch([[1, 2, 3, 4, 5]], TINY.max_len)
+    assert torch.isfinite(model(seq, tgt)["loss"])

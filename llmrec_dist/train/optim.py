@@ -33,13 +33,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
 
 
-def warmup_cosine(total_steps: int, warmup_ratio: float, floor: float = 0.1):
-    """Multiplier of the peak lr: linear warm-up, then cosine decay to ``floor`` × peak."""
+def warmup_then(total_steps: int, warmup_ratio: float, schedule: str = "cosine", floor: float = 0.1):
+    """Multiplier of the peak lr: linear warm-up over ``warmup_ratio`` of ``total_steps``, then
+    ``cosine`` decay to ``floor`` x peak at ``total_steps``, or ``constant`` at the peak."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"train.schedule: unknown {schedule!r}; valid: cosine, constant")
     warmup = max(1, int(total_steps * warmup_ratio))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -48,4 +53,4 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, floor: float = 0.1):
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = max(1, steps_per_epoch * cfg.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, cfg.warmup_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then(total, cfg.warmup_ratio, cfg.schedule))
