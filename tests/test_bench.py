@@ -76,8 +76,8 @@ def test_table_aligns_columns_and_prints_missing_values_as_dash():
 
 
 # ------------------------------------------------------------------------------ JSON + README table
-def _result(tmp_path, kind, figures, label=""):
-    return common.write_result(tmp_path, kind, label=label, config={"file": "c.yaml"}, figures=figures,
+def _result(tmp_path, kind, figures, label="", config=None):
+    return common.write_result(tmp_path, kind, label=label, config=config or {"file": "c.yaml"}, figures=figures,
                                dataset={"path": "/d"}, command="llmrec-dist bench " + kind)
 
 
@@ -95,6 +95,9 @@ def test_write_result_records_provenance_atomically(tmp_path):
 def test_readme_table_is_generated_between_markers_and_idempotent(tmp_path):
     _result(tmp_path, "quality", {"test_ndcg_at_10": 0.1234, "test_hr_at_10": 0.25, "test_mrr_at_10": 0.09,
                                   "best_epoch": 9, "epochs_run": 12, "wall_seconds": 600}, label="id")
+    _result(tmp_path, "quality", {"test_ndcg_at_10": 0.2, "best_epoch": 3, "epochs_run": 4, "wall_seconds": 60},
+            label="b32", config={"file": "c.yaml", "resolved": {"train": {"batch_size": 32, "lr": 0.003,
+                                                                         "schedule": "constant"}}})
     _result(tmp_path, "speed", {"rows": [{"workers": 1, "sequences_per_s": 40.0, "epoch_seconds": 150.0,
                                           "startup_seconds": 30.0, "ray_init_to_first_step_seconds": 20.0,
                                           "peak_rss_mb": 2000.0},
@@ -107,6 +110,8 @@ def test_readme_table_is_generated_between_markers_and_idempotent(tmp_path):
     assert text.startswith("# Title\nbefore\n") and text.endswith(f"{report.END}\nafter\n")
     assert "old table" not in text
     assert "| quality: id | NDCG@10 0.1234 · HR@10 0.2500 · MRR@10 0.0900 | best epoch 9 of 12, 10 min |" in text
+    assert "| quality: b32 | NDCG@10 0.2000 · HR@10 – · MRR@10 – | best epoch 3 of 4, 1 min; batch 32, lr 0.003, " \
+           "constant |" in text
     assert "| speed: 1 worker(s) (ml-1m) | 40.0 seq/s · 150.0 s/epoch |" in text
     assert "| speed: scaling 1 → 2 workers (ml-1m) | 90% efficiency | speed-up 1.80× |" in text
     assert "Measured on " in text
