@@ -25,7 +25,7 @@ from llmrec_dist.batching import length_bucketed, next_item_batch
 from llmrec_dist.config import ConfigError, load_config
 from llmrec_dist.data.layout import num_items, read_manifest, read_split
 from llmrec_dist.evaluation import EvalRows, evaluate, load_eval_rows
-from llmrec_dist.model import build_model
+from llmrec_dist.model import build_model, uses_sampled_softmax
 from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.train.optim import build_optimizer, warmup_then
 from llmrec_dist.train.recipe import autocast_for, train_one_epoch
@@ -33,7 +33,7 @@ from llmrec_dist.train.recipe import autocast_for, train_one_epoch
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML config (causal backbone, full softmax)")
+    p.add_argument("--config", required=True, help="YAML config (causal backbone; ID or frozen text items)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.path=DIR model.init_std=0.02")
     p.add_argument("--epochs", type=int, default=3, help="epochs to train (default 3)")
     p.add_argument("--eval-users", type=int, default=2000, help="validation users scored (default 2000)")
@@ -48,7 +48,7 @@ def main(argv=None) -> list[dict]:
     except (ConfigError, OSError) as err:
         raise SystemExit(f"probe: {err}") from None
     if cfg.model.backbone != "causal" or (cfg.model.item_repr != "id" and cfg.model.freeze != "frozen"):
-        raise SystemExit("probe: only the causal backbone with a full softmax (ID or frozen text items)")
+        raise SystemExit("probe: only the causal backbone over ID or frozen-text items")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(cfg.train.seed)
@@ -62,7 +62,8 @@ def main(argv=None) -> list[dict]:
     n = min(args.eval_users, len(valid))
     valid = EvalRows(valid.histories[:n], valid.targets[:n], valid.cold[:n])
     catalogue = num_items(manifest)
-    model = build_model(cfg.model, catalogue, text=load_text_features(cfg, manifest))
+    num_negatives = cfg.train.num_negatives if uses_sampled_softmax(cfg.model, cfg.train.loss) else 0
+    model = build_model(cfg.model, catalogue, text=load_text_features(cfg, manifest), num_negatives=num_negatives)
     optimizer = build_optimizer(model, cfg.train)
     total_steps = len(train) / cfg.train.batch_size * cfg.train.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
