@@ -6,15 +6,15 @@ configurations on validation before paying for a full distributed run.
 
 Prints validation NDCG@10 (full ranking, seen items excluded, on the first ``--eval-users`` users) and
 the training loss (per target position, as training logs it) after each epoch, as one JSON line per
-epoch. Same model, optimiser, batches (length
-buckets) and metrics as `llmrec-dist train`. The warm-up is the configured run's (train.warmup_ratio
-of train.epochs, so the probe follows the first epochs of that run); after it the lr stays at its peak
-instead of decaying. One process sees every row. Test data is never read.
+epoch. Same model, optimiser, batches (length buckets) and metrics as `llmrec-dist train`. The
+warm-up is the configured run's (train.warmup_ratio of train.epochs, so the probe follows the first
+epochs of that run); after it the lr stays at its peak instead of decaying. One process sees every row. Test data is never read.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -25,10 +25,10 @@ from llmrec_dist.batching import length_bucketed, next_item_batch
 from llmrec_dist.config import ConfigError, load_config
 from llmrec_dist.data.layout import num_items, read_manifest, read_split
 from llmrec_dist.evaluation import EvalRows, evaluate, load_eval_rows
-from llmrec_dist.model import build_model, uses_sampled_softmax
+from llmrec_dist.model import build_model, softmax_negatives
 from llmrec_dist.text_tower import load_text_features
-from llmrec_dist.train.optim import build_optimizer, warmup_then
-from llmrec_dist.train.recipe import autocast_for, train_one_epoch
+from llmrec_dist.train.optim import build_optimizer, build_scheduler
+from llmrec_dist.train.recipe import autocast_for, steps_per_epoch, train_one_epoch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,12 +62,12 @@ def main(argv=None) -> list[dict]:
     n = min(args.eval_users, len(valid))
     valid = EvalRows(valid.histories[:n], valid.targets[:n], valid.cold[:n])
     catalogue = num_items(manifest)
-    num_negatives = cfg.train.num_negatives if uses_sampled_softmax(cfg.model, cfg.train.loss) else 0
-    model = build_model(cfg.model, catalogue, text=load_text_features(cfg, manifest), num_negatives=num_negatives)
+    model = build_model(cfg.model, catalogue, text=load_text_features(cfg, manifest),
+                        num_negatives=softmax_negatives(cfg.model, cfg.train))
     optimizer = build_optimizer(model, cfg.train)
-    total_steps = len(train) / cfg.train.batch_size * cfg.train.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_then(int(total_steps), cfg.train.warmup_ratio, "constant"))
+    # the configured run's warm-up (one worker), then the peak lr: a probe has no end to decay towards
+    scheduler = build_scheduler(optimizer, dataclasses.replace(cfg.train, schedule="constant"),
+                                steps_per_epoch(cfg, len(train), world_size=1))
     device = torch.device("cpu")
     chunk = cfg.train.batch_size * cfg.data.length_buckets
     rows, start = [], time.time()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
-from llmrec_dist.config import ModelConfig
+from llmrec_dist.config import ModelConfig, TrainConfig
 from llmrec_dist.train.profiling import region
 
 PAD = 0
@@ -232,11 +232,12 @@ class SequenceRecommender(nn.Module):
         return self.catalogue_logits(states, table)
 
 
-def uses_sampled_softmax(model_cfg: ModelConfig, loss: str) -> bool:
-    """``train.loss=auto``: sampled softmax exactly when an LM in the item tower trains."""
-    if loss == "auto":
-        return model_cfg.item_repr != "id" and model_cfg.freeze != "frozen"
-    return loss == "sampled"
+def softmax_negatives(model_cfg: ModelConfig, train_cfg: TrainConfig) -> int:
+    """Negatives per step of the training softmax, 0 = the full catalogue. ``train.loss=auto``:
+    sampled softmax exactly when an LM in the item tower trains."""
+    sampled = (model_cfg.item_repr != "id" and model_cfg.freeze != "frozen" if train_cfg.loss == "auto"
+               else train_cfg.loss == "sampled")
+    return train_cfg.num_negatives if sampled else 0
 
 
 def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int = 0,

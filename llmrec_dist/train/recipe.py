@@ -30,7 +30,7 @@ from llmrec_dist.config import Config, config_from_dict
 from llmrec_dist.data.layout import num_items as manifest_num_items
 from llmrec_dist.data.layout import items_seen_in_training, num_train_rows, read_manifest
 from llmrec_dist.evaluation import evaluate, load_eval_rows
-from llmrec_dist.model import build_model, count_parameters, uses_sampled_softmax
+from llmrec_dist.model import build_model, count_parameters, softmax_negatives
 from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.tracking import RunLogger
 from llmrec_dist.train import checkpoint as ckpt
@@ -104,7 +104,8 @@ def ddp_kwargs(cfg: Config) -> dict:
     return {"find_unused_parameters": False}
 
 
-def _steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
+def steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
+    """Optimiser steps per epoch when ``world_size`` workers share ``train_users`` rows."""
     rows_per_worker = train_users // world_size  # Ray Data's equal split drops the remainder
     micro_batches = math.ceil(rows_per_worker / cfg.per_worker_batch_size())
     return max(1, math.ceil(micro_batches / cfg.train.grad_accum))
@@ -211,7 +212,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     random.seed(cfg.train.seed)
     text = load_text_features(cfg, manifest)
-    num_negatives = cfg.train.num_negatives if uses_sampled_softmax(cfg.model, cfg.train.loss) else 0
+    num_negatives = softmax_negatives(cfg.model, cfg.train)
     id_seen = items_seen_in_training(cfg.data.path) if cfg.model.item_repr == "id+text" else None
     model = build_model(cfg.model, n_items, text=text, num_negatives=num_negatives, id_seen=id_seen)
     meta = {"model": cfg.to_dict()["model"], "num_items": n_items, "dataset_hash": manifest["content_hash"]}
@@ -219,7 +220,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     nodes = _worker_nodes(device)
     core = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(core, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, _steps_per_epoch(cfg, num_train_rows(manifest), world))
+    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(cfg, num_train_rows(manifest), world))
     reached["model_ready"] = time.time()
 
     valid_rows = load_eval_rows(cfg.data.path, "valid", rank, world)
