@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llmrec_dist.bench import common, memory, report, speed
+from llmrec_dist.bench import ceiling, common, memory, report, speed
 from llmrec_dist.bench.ingest import summarise
 from llmrec_dist.bench.speed import STARTUP_MILESTONES, startup_table
 from llmrec_dist.cli import main as cli_main
@@ -22,6 +22,31 @@ def test_scaling_efficiency_is_throughput_2_over_twice_throughput_1():
     rows = [{"workers": 1, "sequences_per_s": 40.0}, {"workers": 2, "sequences_per_s": 72.0}]
     assert speed.scaling(rows) == {"scaling_efficiency_1_to_2": 0.9, "speedup_1_to_2": 1.8}
     assert speed.scaling(rows[:1]) == {}
+
+
+def test_ceiling_splits_into_batch_effect_and_contention():
+    figures = ceiling.ceiling_figures(solo_full=100.0, solo_half=80.0, pair_half=144.0)
+    assert figures["ceiling_1_to_2"] == pytest.approx(0.72)  # 144 / (2 x 100)
+    assert figures["batch_effect"] == pytest.approx(0.8)  # 80 / 100
+    assert figures["contention"] == pytest.approx(0.9)  # 144 / (2 x 80)
+    assert figures["ceiling_1_to_2"] == pytest.approx(figures["batch_effect"] * figures["contention"])
+    measured = {"scaling_efficiency_1_to_2": 0.648, "machine_ceiling": figures}
+    assert speed.against_ceiling(measured) == {"scaling_share_of_ceiling": pytest.approx(0.9)}
+    assert speed.against_ceiling({"scaling_efficiency_1_to_2": 0.648}) == {}
+
+
+def test_half_batches_give_each_part_every_other_row_of_the_same_full_batches():
+    rows = [[1] * n for n in range(2, 42)]  # 40 rows of lengths 2 .. 41
+    full = list(ceiling.half_batches(rows, batch_size=8, max_len=50, length_buckets=2, seed=3, part=0, parts=1))
+    halves = [list(ceiling.half_batches(rows, 8, 50, 2, 3, part=p, parts=2)) for p in (0, 1)]
+    assert len(full) == 5 and all(len(b) == 8 for b in full)  # 40 rows: no short batch to drop
+    for batch, even, odd in zip(full, *halves):
+        assert even == batch[0::2] and odd == batch[1::2]
+        # a full batch is sorted by length, so the halves interleave: each pads to nearly the same length
+        lengths = [len(r) for pair in zip(even, odd) for r in pair]
+        assert lengths == sorted(lengths)
+    short = list(ceiling.half_batches(rows[:36], 8, 50, 2, 3, part=0, parts=1))
+    assert all(len(b) == 8 for b in short) and len(short) == 4  # the chunks' short batches are dropped
 
 
 def test_startup_table_gives_each_milestone_its_time_since_the_previous_one():
@@ -114,8 +139,32 @@ def test_readme_table_is_generated_between_markers_and_idempotent(tmp_path):
            "constant |" in text
     assert "| speed: 1 worker(s) (ml-1m) | 40.0 seq/s · 150.0 s/epoch |" in text
     assert "| speed: scaling 1 → 2 workers (ml-1m) | 90% efficiency | speed-up 1.80× |" in text
+    _result(tmp_path, "speed", {"rows": [], "scaling_efficiency_1_to_2": 0.81, "speedup_1_to_2": 1.62,
+                                "machine_ceiling": ceiling.ceiling_figures(100.0, 95.0, 171.0),
+                                "scaling_share_of_ceiling": 0.9}, label="other")
+    report.update_readme(readme, tmp_path)
+    assert ("| speed: scaling 1 → 2 workers (other) | 81% efficiency | speed-up 1.62×; machine ceiling 86% "
+            "(training step without Ray or DDP: batch effect 95% × contention 90%), so Ray + DDP keep 90% of it |"
+            in readme.read_text())
     assert "Measured on " in text
     assert not report.update_readme(readme, tmp_path)  # a second run changes nothing
+
+
+def test_results_from_two_machines_name_their_machine_on_each_row(tmp_path):
+    _result(tmp_path, "quality", {"test_ndcg_at_10": 0.1, "best_epoch": 1, "epochs_run": 2, "wall_seconds": 60},
+            label="here")
+    path = _result(tmp_path, "quality", {"test_ndcg_at_10": 0.2, "best_epoch": 1, "epochs_run": 2,
+                                         "wall_seconds": 60}, label="there")
+    data = json.loads(path.read_text())
+    data["machine"] = {**data["machine"], "cpu": "Other CPU", "cores": 4}
+    path.write_text(json.dumps(data))
+    text = report.render(common.read_results(tmp_path))
+    here = common.describe_machine(common.machine())
+    first, second = sorted([here, common.describe_machine(data["machine"])])
+    assert text.startswith(f"Measured on (A) {first}; (B) {second}.\n")
+    there_letter = "A" if first.startswith("4-core Other CPU") else "B"
+    assert f"`quality-there.json` @ {data['git_revision'][:8]} · machine {there_letter} |" in text
+    assert f"`quality-here.json` @ {data['git_revision'][:8]} · machine {'AB'.replace(there_letter, '')} |" in text
 
 
 def test_readme_without_markers_is_refused(tmp_path):
@@ -178,6 +227,7 @@ def test_bench_help_lists_every_benchmark(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["bench", "speed", "--config", "c.yaml", "--workers", "0"], "expected positive integers"),
     (["bench", "memory", "--sizes", "ten"], "expected comma-separated integers"),
+    (["bench", "speed", "--config", "c.yaml", "--ceiling-steps", "-1"], "expected a non-negative integer"),
     (["bench", "fast"], "invalid choice"),
 ])
 def test_bench_bad_flags_exit_2(capsys, argv, message):
@@ -235,6 +285,28 @@ def test_bench_speed_command_measures_one_worker_end_to_end(tmp_path, synthetic_
     assert milestones["first_step"] == pytest.approx(row["ray_init_to_first_step_seconds"])
     assert "loop_start" in proc.stdout and "took s" in proc.stdout  # the start-up table is printed
     assert data["dataset"]["content_hash"] and data["config"]["overrides"]
+
+
+@pytest.mark.integration
+def test_machine_ceiling_times_the_three_cases_in_real_processes(tmp_path, synthetic_dataset):
+    """The bare training step: one process at the full batch, one at half, two at half together
+    (started by the barrier, each timed while the other runs)."""
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {max_len: 20, hidden_size: 16, num_heads: 1, num_layers: 1, item_repr: id}\n"
+                      "train: {batch_size: 16}\n")
+    figures = ceiling.run_ceiling(str(config), [f"data.path={synthetic_dataset}"], steps=3, warmup=1)
+    cases = figures["cases"]
+    assert [len(cases[c]) for c in ("solo_full", "solo_half", "pair_half")] == [1, 1, 2]
+    assert cases["solo_full"][0]["rows_per_step"] == 16 and cases["solo_half"][0]["rows_per_step"] == 8
+    assert sorted(r["part"] for r in cases["pair_half"]) == [0, 1]
+    assert all(r["steps"] == 3 and r["sequences_per_s"] > 0 for rs in cases.values() for r in rs)
+    pair = sum(r["sequences_per_s"] for r in cases["pair_half"])
+    assert figures["ceiling_1_to_2"] == pytest.approx(pair / (2 * cases["solo_full"][0]["sequences_per_s"]))
+    table = ceiling.case_table(figures)
+    assert [row["processes"] for row in table] == [1, 1, 2]
+    assert table[2]["sequences_per_s"] == pytest.approx(pair)
+    with pytest.raises(RuntimeError, match="ceiling case"):
+        ceiling.run_case(str(config), [f"data.path={tmp_path / 'missing'}"], steps=1, parts=1, processes=1)
 
 
 # ------------------------------------------------------------------------------ single-process probe

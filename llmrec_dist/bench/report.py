@@ -41,8 +41,13 @@ def _speed_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
                      f"({_fmt(r.get('ray_init_to_first_step_seconds'), '.1f')} s after ray.init); peak RSS "
                      f"{_fmt(r.get('peak_rss_mb'), ',.0f')} MB per worker"))
     if "scaling_efficiency_1_to_2" in f:
-        rows.append(("speed: scaling 1 → 2 workers", f"{f['scaling_efficiency_1_to_2']:.0%} efficiency",
-                     f"speed-up {f['speedup_1_to_2']:.2f}×"))
+        detail = f"speed-up {f['speedup_1_to_2']:.2f}×"
+        ceiling = f.get("machine_ceiling")
+        if ceiling and "scaling_share_of_ceiling" in f:
+            detail += (f"; machine ceiling {ceiling['ceiling_1_to_2']:.0%} (training step without Ray or DDP: batch "
+                       f"effect {ceiling['batch_effect']:.0%} × contention {ceiling['contention']:.0%}), "
+                       f"so Ray + DDP keep {f['scaling_share_of_ceiling']:.0%} of it")
+        rows.append(("speed: scaling 1 → 2 workers", f"{f['scaling_efficiency_1_to_2']:.0%} efficiency", detail))
     return rows
 
 
@@ -92,9 +97,12 @@ def render(results: dict[str, dict]) -> str:
     """Markdown: the machine(s), then one table of every figure, each row naming its JSON file."""
     lines = []
     machines = sorted({describe_machine(d["machine"]) for d in results.values()})
-    if machines:
-        lines.append("Measured on " + "; ".join(machines) + ".")
-        lines.append("")
+    # With several machines, each gets a letter and each row names the one it was measured on.
+    letters = {m: f" · machine {chr(ord('A') + i)}" for i, m in enumerate(machines)} if len(machines) > 1 else {}
+    if len(machines) == 1:
+        lines += [f"Measured on {machines[0]}.", ""]
+    elif machines:
+        lines += ["Measured on " + "; ".join(f"({letters[m][-1]}) {m}" for m in machines) + ".", ""]
     lines += ["| benchmark | result | detail | file |", "|---|---|---|---|"]
     for name, data in results.items():
         renderer = RENDERERS.get(data["benchmark"])
@@ -103,7 +111,8 @@ def render(results: dict[str, dict]) -> str:
         suffix = f" ({data['label']})" if data.get("label") and data["benchmark"] != "quality" else ""
         for what, value, detail in renderer(name, data):
             what += suffix
-            lines.append(f"| {what} | {value} | {detail} | `{name}.json` @ {data['git_revision'][:8]} |")
+            where = letters.get(describe_machine(data["machine"]), "")
+            lines.append(f"| {what} | {value} | {detail} | `{name}.json` @ {data['git_revision'][:8]}{where} |")
     return "\n".join(lines)
 
 

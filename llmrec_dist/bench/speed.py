@@ -6,6 +6,9 @@ the profiled steps), time from the command's start and from ``ray.init`` to the 
 the per-step breakdown of ``train.profile_steps`` profiled steps (data, forward, loss, backward,
 all-reduce, optimiser) and of the epoch (training, validation, checkpoint + report), and each worker's
 peak RSS. Scaling efficiency = throughput(2 workers) / (2 × throughput(1 worker)), 1 core per worker.
+With both worker counts, the machine's own ceiling for that efficiency is measured too (the bare
+training step in plain processes, :mod:`llmrec_dist.bench.ceiling`), and the scaling is given as a
+share of it.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def run_figures(tracking_uri: str, run_id: str) -> dict:
 
 
 def run_speed(config: str, overrides: list[str], workers=(1, 2), epochs: int = 2, profile_steps: int = 20,
-) -> dict:
+              ceiling_steps: int = 20) -> dict:
     rows = []
     for w in workers:
         cmd = train_command(config, overrides, w, epochs, profile_steps)
@@ -90,7 +93,22 @@ def run_speed(config: str, overrides: list[str], workers=(1, 2), epochs: int = 2
                **run_figures(outcome["tracking_uri"], outcome["run_id"])}
         rows.append(row)
         log.info("speed: %s", json.dumps(row))
-    return {"rows": rows, "epochs": epochs, "profile_steps": profile_steps, **scaling(rows)}
+    figures = {"rows": rows, "epochs": epochs, "profile_steps": profile_steps, **scaling(rows)}
+    if ceiling_steps and "scaling_efficiency_1_to_2" in figures:
+        from llmrec_dist.bench.ceiling import run_ceiling
+
+        figures["machine_ceiling"] = run_ceiling(config, overrides, steps=ceiling_steps)
+        figures.update(against_ceiling(figures))
+    return figures
+
+
+def against_ceiling(figures: dict) -> dict:
+    """The measured scaling as a share of the machine's ceiling (:mod:`llmrec_dist.bench.ceiling`):
+    what DDP, Ray Data and Ray's processes keep of what the bare training step could reach."""
+    ceiling = figures.get("machine_ceiling", {}).get("ceiling_1_to_2")
+    if not ceiling or "scaling_efficiency_1_to_2" not in figures:
+        return {}
+    return {"scaling_share_of_ceiling": figures["scaling_efficiency_1_to_2"] / ceiling}
 
 
 def scaling(rows: list[dict]) -> dict:

@@ -39,6 +39,16 @@ def _positive(text: str) -> int:
     return value[0]
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench", help="benchmarks: quality, speed/scaling, ingest, memory, item towers; README table",
@@ -60,6 +70,9 @@ def add_parser(sub) -> None:
     s.add_argument("--workers", type=_int_list, default=[1, 2], help="worker counts (default 1,2)")
     s.add_argument("--epochs", type=_positive, default=2, help="epochs per run (default 2; the last is timed)")
     s.add_argument("--profile-steps", type=int, default=20, help="training steps profiled in epoch 0 (default 20)")
+    s.add_argument("--ceiling-steps", type=_non_negative, default=20,
+                   help="timed steps of each case of the machine's scaling ceiling, measured without Ray "
+                        "(default 20; 0 skips it)")
 
     i = kinds.add_parser("ingest", help="Parquet → worker batches throughput with no model; memory per worker",
                          description="The training data pipeline alone (Ray Data, shard split, shuffle, "
@@ -130,12 +143,21 @@ def run(args) -> int:
                                              startup_table)
 
         figures = run_speed(args.config, args.overrides, workers=args.workers, epochs=args.epochs,
-                            profile_steps=args.profile_steps)
+                            profile_steps=args.profile_steps, ceiling_steps=args.ceiling_steps)
         print(common.table(figures["rows"], COLUMNS))
         print(common.table(profile_table(figures["rows"]), PROFILE_COLUMNS))
         print(common.table(startup_table(figures["rows"]), STARTUP_COLUMNS))
         if "scaling_efficiency_1_to_2" in figures:
             print(f"scaling efficiency 1 → 2 workers: {figures['scaling_efficiency_1_to_2']:.1%}")
+        if "machine_ceiling" in figures:
+            from llmrec_dist.bench.ceiling import COLUMNS as CEILING_COLUMNS
+            from llmrec_dist.bench.ceiling import case_table
+
+            c = figures["machine_ceiling"]
+            print(common.table(case_table(c), CEILING_COLUMNS))
+            print(f"machine ceiling (no Ray, no DDP): {c['ceiling_1_to_2']:.1%} = batch effect {c['batch_effect']:.1%}"
+                  f" × contention {c['contention']:.1%}; measured scaling is "
+                  f"{figures['scaling_share_of_ceiling']:.1%} of it")
     elif args.kind == "ingest":
         from llmrec_dist.bench.ingest import COLUMNS, run_ingest
 
