@@ -29,6 +29,7 @@ from llmrec_dist.model import build_model, softmax_negatives
 from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.train.optim import build_optimizer, build_scheduler
 from llmrec_dist.train.recipe import autocast_for, steps_per_epoch, train_one_epoch
+from llmrec_dist.train.rows import windowed_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,7 +58,8 @@ def main(argv=None) -> list[dict]:
         manifest = read_manifest(cfg.data.path)
     except (OSError, ValueError) as err:
         raise SystemExit(f"probe: {err}") from None
-    train = read_split(cfg.data.path, "train").column("items").to_pylist()
+    train = read_split(cfg.data.path, "train")
+    train = (windowed_table(train, cfg) if cfg.data.windows else train).column("items").to_pylist()
     valid = load_eval_rows(cfg.data.path, "valid")
     n = min(args.eval_users, len(valid))
     valid = EvalRows(valid.histories[:n], valid.targets[:n], valid.cold[:n])

@@ -34,6 +34,32 @@ def next_item_batch(sequences: Sequence[Sequence[int]], max_len: int) -> tuple[t
     return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
+def window_shape(backbone: str, max_len: int) -> tuple[int, int]:
+    """(size, stride) of training windows: the causal backbone reads ``max_len + 1`` items (inputs and
+    next-item targets), the bidirectional one ``max_len`` (every item can be masked)."""
+    return (max_len + 1, max_len) if backbone == "causal" else (max_len, max_len)
+
+
+def history_windows(items: Sequence[int], size: int, stride: int) -> list[Sequence[int]]:
+    """A history cut into windows of at most ``size`` items, latest first, ``stride`` apart: with
+    ``size = stride + 1`` every item but the first is a next-item target in exactly one window (and
+    has the window's earlier items as context). A history that fits is one window, itself."""
+    if len(items) <= size:
+        return [items]
+    overlap = size - stride
+    out, end = [], len(items)
+    while end > overlap:
+        out.append(items[max(0, end - size):end])
+        end -= stride
+    return out
+
+
+def num_windows(lengths: np.ndarray, size: int, stride: int) -> np.ndarray:
+    """How many windows :func:`history_windows` cuts from histories of these lengths."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.where(lengths <= size, 1, -(-(lengths - (size - stride)) // stride))
+
+
 def eval_batch(histories: Sequence[Sequence[int]], targets: Sequence[int], max_len: int,
                exclude_seen: bool) -> dict[str, torch.Tensor]:
     """Model input (last ``max_len`` items), targets, and the full history for masking seen items."""

@@ -88,6 +88,10 @@ class DataConfig:
     length_buckets: int = _f(8, "Draw this many batches at a time, sort them by sequence length and "
                                 "cut them into batches of similar lengths (less padding); the batch order "
                                 "is shuffled again, the same way on every rank. 1 = off.", check=_positive)
+    windows: bool = _f(False, "Train on every window of a long history, not only its latest model.max_len "
+                              "items: a history becomes consecutive windows in which each item is a target "
+                              "once (ml-1m: 8,617 training rows from 6,040 users, +52% targets). Validation "
+                              "and test are unchanged.")
     verify_hash: bool = _f(True, "Recompute the dataset's content hash on the driver and refuse a mismatch.")
     deterministic: bool = _f(True, "Feed every worker the same rows in the same order on every run (Ray "
                                    "Data keeps block order; shards are not assigned by locality), so a run "

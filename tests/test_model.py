@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmrec_dist.batching import eval_batch, left_pad, length_bucketed, next_item_batch
+from llmrec_dist.batching import (eval_batch, history_windows, left_pad, length_bucketed, next_item_batch, num_windows,
+                                  window_shape)
 from llmrec_dist.config import ModelConfig
 from llmrec_dist.model import build_model, count_parameters
 
@@ -32,6 +33,29 @@ def test_eval_batch_masks_the_full_history_but_feeds_max_len():
     b = eval_batch([[1, 2, 3, 4]], [5], max_len=2, exclude_seen=True)
     assert b["seq"].tolist() == [[3, 4]] and b["history"].tolist() == [[1, 2, 3, 4]]
     assert "history" not in eval_batch([[1]], [2], 2, exclude_seen=False)
+
+
+def test_history_windows_make_every_item_a_target_once():
+    causal = window_shape("causal", 2)
+    assert causal == (3, 2)
+    assert history_windows([1, 2, 3, 4, 5, 6, 7], *causal) == [[5, 6, 7], [3, 4, 5], [1, 2, 3]]
+    assert history_windows([1, 2, 3, 4, 5, 6, 7, 8], *causal) == [[6, 7, 8], [4, 5, 6], [2, 3, 4], [1, 2]]
+    assert history_windows([1, 2, 3], *causal) == [[1, 2, 3]]  # fits: itself
+    cloze = window_shape("bidirectional", 3)
+    assert cloze == (3, 3)
+    assert history_windows([1, 2, 3, 4, 5, 6, 7], *cloze) == [[5, 6, 7], [2, 3, 4], [1]]
+    for size, stride in [(5, 4), (4, 4), (201, 200)]:
+        for n in range(1, 420, 7):
+            items = list(range(1, n + 1))
+            windows = history_windows(items, size, stride)
+            assert len(windows) == num_windows(np.array([n]), size, stride)[0]
+            assert all(0 < len(w) <= size for w in windows) and windows[0][-1] == n
+            if size == stride + 1:  # next-item targets: each item after the first, exactly once
+                assert sorted(t for w in windows for t in w[1:]) == items[1:]
+                # and the training batch of a window (max_len = stride) keeps all of its targets
+                assert all(next_item_batch([w], stride)[1].count_nonzero() == len(w) - 1 for w in windows)
+            else:  # masked items: every item is in exactly one window
+                assert sorted(t for w in windows for t in w) == items
 
 
 def test_length_buckets_use_every_row_once_and_cut_padding():

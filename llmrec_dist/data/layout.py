@@ -293,6 +293,13 @@ def read_items(path: str | os.PathLike) -> pa.Table:
     return conform_table(table, ITEMS_FILE_SCHEMA, location, "items").sort_by("item_idx")
 
 
+def train_history_lengths(path: str | os.PathLike) -> np.ndarray:
+    """The length of every train sequence (only the ``items`` column is read)."""
+    lengths = [pc.list_value_length(read_parquet_file(f, columns=["items"]).column("items")).to_numpy()
+               for f in split_files(path, "train")]
+    return np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+
+
 def items_seen_in_training(path: str | os.PathLike) -> np.ndarray:
     """Bool flags over item_idx ``0..N``: the item occurs in some train sequence (popularity > 0).
     Index 0 (padding) is false."""

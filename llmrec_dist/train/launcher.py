@@ -17,6 +17,7 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from llmrec_dist import storage
@@ -100,19 +101,23 @@ def train_dataset(cfg: Config):
     object store as they are, one block per file in file order. Ray Data's read tasks would first
     start worker processes and import Ray Data in them: about 20 s for ml-1m's 6,040 rows on 2 cores,
     against well under a second. Larger or streamed (``data.materialize: false``) splits are read by
-    Ray Data tasks.
+    Ray Data tasks. With ``data.windows``, long histories become several rows here, before the split.
     """
     import pyarrow.parquet as pq
     import ray.data
 
     from llmrec_dist.data.layout import split_files
+    from llmrec_dist.train.rows import windowed_table
 
     if cfg.data.deterministic:  # blocks keep file order, so every worker gets the same rows every run
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     files = split_files(cfg.data.path, "train")
     if cfg.data.materialize and sum(map(storage.size, files)) <= cfg.data.driver_read_mb * 2**20:
-        return ray.data.from_arrow([pq.read_table(f, columns=["items"]) for f in files])
+        tables = [pq.read_table(f, columns=["items"]) for f in files]
+        return ray.data.from_arrow([windowed_table(t, cfg) for t in tables] if cfg.data.windows else tables)
     train_ds = ray.data.read_parquet(files, columns=["items"])
+    if cfg.data.windows:
+        train_ds = train_ds.map_batches(partial(windowed_table, cfg=cfg), batch_format="pyarrow")
     return train_ds.materialize() if cfg.data.materialize else train_ds
 
 

@@ -28,7 +28,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from llmrec_dist.batching import cloze_batch, length_bucketed, next_item_batch
 from llmrec_dist.config import Config, config_from_dict
 from llmrec_dist.data.layout import num_items as manifest_num_items
-from llmrec_dist.data.layout import items_seen_in_training, num_train_rows, read_manifest
+from llmrec_dist.data.layout import items_seen_in_training, read_manifest
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import build_model, count_parameters, softmax_negatives
 from llmrec_dist.text_tower import load_text_features
@@ -36,6 +36,7 @@ from llmrec_dist.tracking import RunLogger
 from llmrec_dist.train import checkpoint as ckpt
 from llmrec_dist.train.optim import build_optimizer, build_scheduler
 from llmrec_dist.train.profiling import StepProfiler, region
+from llmrec_dist.train.rows import training_rows
 
 
 class TrainingPairs:
@@ -220,7 +221,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     nodes = _worker_nodes(device)
     core = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(core, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(cfg, num_train_rows(manifest), world))
+    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(cfg, training_rows(cfg, manifest), world))
     reached["model_ready"] = time.time()
 
     valid_rows = load_eval_rows(cfg.data.path, "valid", rank, world)
@@ -295,6 +296,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum / max(positions, 1),
+            "train_sequences": sequences,
             "sequences_per_s": sequences / train_seconds,
             "epoch_seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,

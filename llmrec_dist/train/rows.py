@@ -1,0 +1,30 @@
+"""The rows of the train split as training sees them: one per user, or, with ``data.windows``, one per
+window of a long history (:func:`llmrec_dist.batching.history_windows`). The driver cuts the windows
+before Ray Data splits the rows over the workers, so every worker still gets an equal share, and every
+worker counts them the same way to size the learning-rate schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pyarrow as pa
+
+from llmrec_dist.batching import history_windows, num_windows, window_shape
+from llmrec_dist.config import Config
+from llmrec_dist.data.layout import num_train_rows, train_history_lengths
+
+
+def training_rows(cfg: Config, manifest: Mapping) -> int:
+    """Rows of one training epoch, before they are split over the workers."""
+    if not cfg.data.windows:
+        return num_train_rows(manifest)
+    size, stride = window_shape(cfg.model.backbone, cfg.model.max_len)
+    return int(num_windows(train_history_lengths(cfg.data.path), size, stride).sum())
+
+
+def windowed_table(table: pa.Table, cfg: Config) -> pa.Table:
+    """``table``'s ``items`` histories cut into training windows, in row order, latest window first."""
+    size, stride = window_shape(cfg.model.backbone, cfg.model.max_len)
+    column = table.column("items")
+    rows = [w for items in column.to_pylist() for w in history_windows(items, size, stride)]
+    return pa.table({"items": pa.array(rows, type=column.type)})
