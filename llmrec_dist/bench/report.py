@@ -25,9 +25,14 @@ def _quality_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
              f"MRR@10 {_fmt(f.get('test_mrr_at_10'), '.4f')}")
     detail = (f"best epoch {f.get('best_epoch')} of {f.get('epochs_run')}, "
               f"{_fmt((f.get('wall_seconds') or 0) / 60, '.0f')} min")
-    train = data.get("config", {}).get("resolved", {}).get("train")
+    resolved = data.get("config", {}).get("resolved", {})
+    train, model = resolved.get("train"), resolved.get("model")
     if train:  # the recipe's knobs that changed between runs
         detail += f"; batch {train['batch_size']}, lr {train['lr']:g}, {train.get('schedule', 'cosine')}"
+    if model:
+        detail += f"; hidden {model['hidden_size']}, dropout {model['dropout']:g}"
+    if resolved.get("data", {}).get("windows"):
+        detail += "; windows"
     return [(f"quality: {label}", value, detail)]
 
 
