@@ -5,16 +5,6 @@ from __future__ import annotations
 import math
 import os
 
-# glibc malloc, read when a process starts: keep freed memory in the heap instead of returning it to
-# the kernel. A training step allocates and frees hundreds of MB (the full-softmax logits alone are
-# batch x length x items floats); by default every step maps them afresh and pays page faults for
-# them. On ml-1m (2-core VM, `bench speed`'s bare step) this made one process 35-50 % faster.
-# Ignored where the C library is not glibc.
-MALLOC_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": str(2**31 - 1),
-    "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
-}
-
 # Read by Ray and by the workers it starts, so they must be set before ray.init.
 WORKER_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
@@ -22,7 +12,6 @@ WORKER_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_V2_ENABLED": "1",
-    **MALLOC_ENV,
 }
 
 
@@ -43,18 +32,17 @@ def init_ray(num_workers: int, cpus_per_worker: float, use_gpu: bool = False,
 
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
-    worker_env = {key: os.environ[key] for key in WORKER_ENV}  # a user's own values win
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": worker_env}, log_to_driver=True)
+        ray.init(runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=True)
         return
     # The dashboard (+2-3 s) serves the State API that Ray Train's placement-group cleaner polls;
     # without it the logs fill with "Failed to query Ray Train Controller actor state".
     # address="local": always a new local Ray. Without it ray.init() would join any cluster that
     # `ray start` left on this machine (/tmp/ray/ray_current_cluster) and then refuse num_cpus.
     kwargs = {"address": "local", "num_cpus": local_cpus or local_cpus_needed(num_workers, cpus_per_worker),
-              "runtime_env": {"env_vars": worker_env}, "log_to_driver": True}
+              "runtime_env": {"env_vars": dict(WORKER_ENV)}, "log_to_driver": True}
     if not use_gpu:
         kwargs["num_gpus"] = 0
     ray.init(**kwargs)

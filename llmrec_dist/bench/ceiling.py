@@ -22,7 +22,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -117,16 +116,13 @@ def run_case(config: str, overrides: list[str], steps: int, parts: int, processe
     ``parts``); one result per process."""
     code = ("import json, sys; from llmrec_dist.bench.ceiling import measure_steps; "
             "print(json.dumps(measure_steps(**json.loads(sys.argv[1]))))")
-    from llmrec_dist.ray_setup import MALLOC_ENV
-
-    env = {**MALLOC_ENV, **os.environ}  # the Ray workers' allocator settings (a user's own win)
     with tempfile.TemporaryDirectory(prefix="llmrec-ceiling-") as barrier:
         procs = []
         for part in range(processes):
             args = {"config": config, "overrides": overrides, "steps": steps, "warmup": warmup, "part": part,
                     "parts": parts, "barrier": barrier if processes > 1 else "", "peers": processes}
             procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True, env=env))
+                                          stderr=subprocess.PIPE, text=True))
         results = []
         for proc in procs:
             out, err = proc.communicate()
