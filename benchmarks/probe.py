@@ -8,7 +8,8 @@ Prints validation NDCG@10 (full ranking, seen items excluded, on the first ``--e
 the training loss (per target position, as training logs it) after each epoch, as one JSON line per
 epoch. Same model, optimiser, batches (length buckets) and metrics as `llmrec-dist train`. The
 warm-up is the configured run's (train.warmup_ratio of train.epochs, so the probe follows the first
-epochs of that run); after it the lr stays at its peak instead of decaying. One process sees every row. Test data is never read.
+epochs of that run); after it the lr stays at its peak instead of decaying. One process sees every
+row. Test data is never read.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ import time
 import numpy as np
 import torch
 
-from llmrec_dist.batching import length_bucketed, next_item_batch
+from llmrec_dist.batching import next_item_batch, shuffled_batches
 from llmrec_dist.config import ConfigError, load_config
 from llmrec_dist.data.layout import num_items, read_manifest, read_split
 from llmrec_dist.evaluation import EvalRows, evaluate, load_eval_rows
-from llmrec_dist.model import build_model, softmax_negatives
 from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.train.optim import build_optimizer, build_scheduler
-from llmrec_dist.train.recipe import autocast_for, steps_per_epoch, train_one_epoch
+from llmrec_dist.train.recipe import autocast_for, build_recommender, steps_per_epoch, train_one_epoch
 from llmrec_dist.train.rows import windowed_table
 
 
@@ -64,20 +64,16 @@ def main(argv=None) -> list[dict]:
     n = min(args.eval_users, len(valid))
     valid = EvalRows(valid.histories[:n], valid.targets[:n], valid.cold[:n])
     catalogue = num_items(manifest)
-    model = build_model(cfg.model, catalogue, text=load_text_features(cfg, manifest),
-                        num_negatives=softmax_negatives(cfg.model, cfg.train))
+    model = build_recommender(cfg, manifest, load_text_features(cfg, manifest))
     optimizer = build_optimizer(model, cfg.train)
     # the configured run's warm-up (one worker), then the peak lr: a probe has no end to decay towards
     scheduler = build_scheduler(optimizer, dataclasses.replace(cfg.train, schedule="constant"),
                                 steps_per_epoch(cfg, len(train), world_size=1))
     device = torch.device("cpu")
-    chunk = cfg.train.batch_size * cfg.data.length_buckets
     rows, start = [], time.time()
     for epoch in range(args.epochs):
-        shuffled = [train[i] for i in rng.permutation(len(train))]
-        chunks = (shuffled[i:i + chunk] for i in range(0, len(shuffled), chunk))
-        batches = (next_item_batch(batch, cfg.model.max_len)
-                   for batch in length_bucketed(chunks, cfg.train.batch_size, cfg.model.max_len, rng))
+        batches = (next_item_batch(batch, cfg.model.max_len) for batch in shuffled_batches(
+            train, cfg.train.batch_size, cfg.model.max_len, cfg.data.length_buckets, rng))
         stats = train_one_epoch(model, batches, optimizer, scheduler, cfg, device, autocast_for(cfg, device))
         metrics = evaluate(model, valid, catalogue, cfg.eval, cfg.model.max_len, device)
         row = {"epoch": epoch, "steps": scheduler.last_epoch,

@@ -34,6 +34,16 @@ def next_item_batch(sequences: Sequence[Sequence[int]], max_len: int) -> tuple[t
     return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
+def shuffled_batches(rows: Sequence[Sequence[int]], batch_size: int, max_len: int, length_buckets: int,
+                     rng: np.random.Generator) -> Iterator[list]:
+    """One epoch over ``rows`` in one process: shuffled, then cut into :func:`length_bucketed` batches
+    ``length_buckets`` batches at a time, as a training worker cuts its shard."""
+    shuffled = [rows[i] for i in rng.permutation(len(rows))]
+    chunk = batch_size * length_buckets
+    chunks = (shuffled[i:i + chunk] for i in range(0, len(shuffled), chunk))
+    return length_bucketed(chunks, batch_size, max_len, rng)
+
+
 def window_shape(backbone: str, max_len: int) -> tuple[int, int]:
     """(size, stride) of training windows: the causal backbone reads ``max_len + 1`` items (inputs and
     next-item targets), the bidirectional one ``max_len`` (every item can be masked)."""

@@ -47,13 +47,9 @@ def half_batches(rows: list, batch_size: int, max_len: int, length_buckets: int,
     cut to its rows ``part::parts``: every part gets rows of the same lengths."""
     import numpy as np
 
-    from llmrec_dist.batching import length_bucketed
+    from llmrec_dist.batching import shuffled_batches
 
-    rng = np.random.default_rng(seed)
-    shuffled = [rows[i] for i in rng.permutation(len(rows))]
-    chunk = batch_size * length_buckets
-    chunks = (shuffled[i:i + chunk] for i in range(0, len(shuffled), chunk))
-    for batch in length_bucketed(chunks, batch_size, max_len, rng):
+    for batch in shuffled_batches(rows, batch_size, max_len, length_buckets, np.random.default_rng(seed)):
         if len(batch) == batch_size:  # the short last batch of a chunk would time a different size
             yield batch[part::parts]
 
@@ -68,11 +64,10 @@ def measure_steps(config: str, overrides: list[str], steps: int, warmup: int = 2
 
     from llmrec_dist.batching import next_item_batch
     from llmrec_dist.config import load_config
-    from llmrec_dist.data.layout import num_items, read_manifest, read_split
-    from llmrec_dist.model import build_model, softmax_negatives
+    from llmrec_dist.data.layout import read_manifest, read_split
     from llmrec_dist.text_tower import load_text_features
     from llmrec_dist.train.optim import build_optimizer, build_scheduler
-    from llmrec_dist.train.recipe import autocast_for, train_one_epoch
+    from llmrec_dist.train.recipe import autocast_for, build_recommender, train_one_epoch
 
     cfg = load_config(config, overrides)
     if cfg.model.backbone != "causal":
@@ -81,8 +76,7 @@ def measure_steps(config: str, overrides: list[str], steps: int, warmup: int = 2
     torch.manual_seed(cfg.train.seed)
     manifest = read_manifest(cfg.data.path)
     rows = read_split(cfg.data.path, "train").column("items").to_pylist()
-    model = build_model(cfg.model, num_items(manifest), text=load_text_features(cfg, manifest),
-                        num_negatives=softmax_negatives(cfg.model, cfg.train))
+    model = build_recommender(cfg, manifest, load_text_features(cfg, manifest))
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, dataclasses.replace(cfg.train, schedule="constant", warmup_ratio=0.0),
                                 steps_per_epoch=1)

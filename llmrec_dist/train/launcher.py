@@ -70,13 +70,18 @@ def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, ca
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from llmrec_dist.data.layout import read_manifest
+    from llmrec_dist.train.rows import training_rows
+
     train_ds = train_dataset(cfg)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     return TorchTrainer(
         loop or _train_loop,
+        # rows of an epoch, counted once here (with data.windows that reads the histories' lengths)
         train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri,
+                           "train_rows": training_rows(cfg, read_manifest(cfg.data.path)),
                            **(extra_loop_config or {})},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),

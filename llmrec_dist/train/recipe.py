@@ -13,6 +13,7 @@ import random
 import resource
 import tempfile
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -36,7 +37,6 @@ from llmrec_dist.tracking import RunLogger
 from llmrec_dist.train import checkpoint as ckpt
 from llmrec_dist.train.optim import build_optimizer, build_scheduler
 from llmrec_dist.train.profiling import StepProfiler, region
-from llmrec_dist.train.rows import training_rows
 
 
 class TrainingPairs:
@@ -103,6 +103,14 @@ def ddp_kwargs(cfg: Config) -> dict:
     parameters stays off: it costs a graph traversal per step and is only needed by models with
     data-dependent branches."""
     return {"find_unused_parameters": False}
+
+
+def build_recommender(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
+    """The model ``cfg`` trains on this dataset: ``text`` = :func:`load_text_features`' result, the
+    softmax's negatives from ``train.loss``, and for ``id+text`` the items seen in training."""
+    id_seen = items_seen_in_training(cfg.data.path) if cfg.model.item_repr == "id+text" else None
+    return build_model(cfg.model, manifest_num_items(manifest), text=text,
+                       num_negatives=softmax_negatives(cfg.model, cfg.train), id_seen=id_seen)
 
 
 def steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
@@ -213,15 +221,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     random.seed(cfg.train.seed)
     text = load_text_features(cfg, manifest)
-    num_negatives = softmax_negatives(cfg.model, cfg.train)
-    id_seen = items_seen_in_training(cfg.data.path) if cfg.model.item_repr == "id+text" else None
-    model = build_model(cfg.model, n_items, text=text, num_negatives=num_negatives, id_seen=id_seen)
+    model = build_recommender(cfg, manifest, text)
     meta = {"model": cfg.to_dict()["model"], "num_items": n_items, "dataset_hash": manifest["content_hash"]}
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs(cfg))
     nodes = _worker_nodes(device)
     core = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(core, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(cfg, training_rows(cfg, manifest), world))
+    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(cfg, loop_config["train_rows"], world))
     reached["model_ready"] = time.time()
 
     valid_rows = load_eval_rows(cfg.data.path, "valid", rank, world)
