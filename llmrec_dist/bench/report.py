@@ -30,10 +30,7 @@ def _quality_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
     if train:  # the recipe's knobs that changed between runs
         detail += f"; batch {train['batch_size']}, lr {train['lr']:g}, {train.get('schedule', 'cosine')}"
     if model:
-        detail += f"; hidden {model['hidden_size']}"
-        if "num_layers" in model:
-            detail += f", {model['num_layers']} blocks"
-        detail += f", dropout {model['dropout']:g}"
+        detail += f"; hidden {model['hidden_size']}, {model['num_layers']} blocks, dropout {model['dropout']:g}"
     if resolved.get("data", {}).get("windows"):
         detail += "; windows"
     return [(f"quality: {label}", value, detail)]
