@@ -181,6 +181,12 @@ class TrainConfig:
                                "all-reduce and the optimiser, logged as profile_<phase>_ms metrics and a "
                                "profile.txt artifact (0 = off; `llmrec-dist bench speed` turns it on).",
                             check=_non_negative)
+    refit_epochs: int = _f(0, "0 = a normal run: validated every epoch, early stopping, the best epoch's "
+                              "weights. N > 0 = a refit after train.epochs and the rest were chosen on "
+                              "validation: train on every user's history through the validation item (the "
+                              "test split's input) for N epochs, the learning-rate schedule still sized for "
+                              "train.epochs, no validation; the last epoch's weights are tested and logged.",
+                           check=_non_negative)
     max_failures: int = _f(2, "Worker-group failures survived per run: the workers restart from the "
                               "latest checkpoint (epoch granularity); -1 = unlimited.",
                            check=lambda v: None if v >= -1 else "must be >= -1")
@@ -235,6 +241,14 @@ class Config:
 
     def selection_metric(self) -> str:
         return f"valid_{self.eval.metric}"
+
+    def training_split(self) -> str:
+        """The split whose ``items`` histories are trained on: ``test``'s (through each user's validation
+        item) for a refit, else ``train``."""
+        return "test" if self.train.refit_epochs else "train"
+
+    def epochs_to_run(self) -> int:
+        return self.train.refit_epochs or self.train.epochs
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -365,6 +379,12 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.train.batch_size % per_step:
         problems.append(f"train.batch_size: must be a multiple of scaling.num_workers x train.grad_accum "
                         f"({per_step}); got {cfg.train.batch_size}")
+    if cfg.train.refit_epochs > cfg.train.epochs:
+        problems.append(f"train.refit_epochs: must not exceed train.epochs ({cfg.train.epochs}); "
+                        f"got {cfg.train.refit_epochs}")
+    if cfg.train.refit_epochs and cfg.mlflow.registered_model:
+        problems.append("mlflow.registered_model: a refit run (train.refit_epochs > 0) has no validation "
+                        "metric for the champion gate; register the validation run, or set it to \"\"")
     return problems
 
 

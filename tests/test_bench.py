@@ -153,6 +153,22 @@ def test_readme_table_is_generated_between_markers_and_idempotent(tmp_path):
     assert not report.update_readme(readme, tmp_path)  # a second run changes nothing
 
 
+def test_a_refit_gets_its_own_row_after_the_validated_run(tmp_path):
+    _result(tmp_path, "quality", {"test_ndcg_at_10": 0.19, "test_hr_at_10": 0.33, "test_mrr_at_10": 0.15,
+                                  "best_epoch": 18, "epochs_run": 20, "wall_seconds": 1800,
+                                  "refit": {"test_ndcg_at_10": 0.2, "test_hr_at_10": 0.34, "test_mrr_at_10": 0.16,
+                                            "refit_epochs": 19, "best_epoch": 18, "epochs_run": 19,
+                                            "wall_seconds": 1740}}, label="id")
+    _result(tmp_path, "quality", {"test_ndcg_at_10": 0.21, "refit_epochs": 7, "best_epoch": 6, "epochs_run": 7,
+                                  "wall_seconds": 600}, label="alone")
+    text = report.render(common.read_results(tmp_path))
+    assert "| quality: id | NDCG@10 0.1900 · HR@10 0.3300 · MRR@10 0.1500 | best epoch 18 of 20, 30 min |" in text
+    assert ("| quality: id, refit | NDCG@10 0.2000 · HR@10 0.3400 · MRR@10 0.1600 | refit through the validation "
+            "item: 19 epochs (as validation chose), 29 min |") in text
+    assert ("| quality: alone | NDCG@10 0.2100 · HR@10 – · MRR@10 – | refit through the validation item: 7 epochs "
+            "(as validation chose), 10 min |") in text
+
+
 def test_results_from_two_machines_name_their_machine_on_each_row(tmp_path):
     _result(tmp_path, "quality", {"test_ndcg_at_10": 0.1, "best_epoch": 1, "epochs_run": 2, "wall_seconds": 60},
             label="here")

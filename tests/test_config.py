@@ -52,6 +52,19 @@ def test_cross_field_checks():
     assert "eval.metric: expected one of" in text and "got 'ndcg_at_50'" in text
 
 
+def test_a_refit_runs_at_most_train_epochs_and_registers_nothing():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"data": {"path": "x"}, "train": {"epochs": 4, "refit_epochs": 5},
+                          "mlflow": {"registered_model": "rec"}})
+    text = str(err.value)
+    assert "train.refit_epochs: must not exceed train.epochs (4); got 5" in text
+    assert "mlflow.registered_model: a refit run (train.refit_epochs > 0) has no validation metric" in text
+    cfg = config_from_dict({"data": {"path": "x"}, "train": {"epochs": 4, "refit_epochs": 3}})
+    assert (cfg.training_split(), cfg.epochs_to_run()) == ("test", 3)
+    plain = config_from_dict({"data": {"path": "x"}, "train": {"epochs": 4}})
+    assert (plain.training_split(), plain.epochs_to_run()) == ("train", 4)
+
+
 def test_types_are_strict():
     with pytest.raises(ConfigError, match=r"train.epochs: expected an integer; got 2.5"):
         config_from_dict({"data": {"path": "x"}, "train": {"epochs": 2.5}})

@@ -75,6 +75,12 @@ def test_searching_freeze_on_an_id_model_is_refused():
     assert any(p.startswith("search.space.model.freeze: has no effect with model.item_repr=id") for p in found)
 
 
+def test_a_refit_is_neither_swept_nor_searched():
+    for found in (problems({"space": {"train.lr": {"grid": [0.1, 0.2]}}}, train={"epochs": 3, "refit_epochs": 2}),
+                  problems({"space": {"train.refit_epochs": {"grid": [0, 2]}}})):
+        assert any(p.startswith("train.refit_epochs: a sweep selects on validation") for p in found), found
+
+
 def test_asha_needs_a_rung_before_the_last_epoch():
     found = problems({"space": {"train.lr": {"grid": [0.1, 0.2]}}, "grace_period": 3})
     assert any(p.startswith("search.grace_period: must be < train.epochs (3)") for p in found), found

@@ -209,3 +209,48 @@ def test_the_driver_read_and_ray_data_read_give_the_same_blocks(ray_cluster, syn
     assert type(streamed).__name__ != "MaterializedDataset"  # read by Ray Data tasks as the loop iterates
     rows = [[list(r["items"]) for r in ds.iter_rows()] for ds in (by_driver, by_tasks)]
     assert len(rows[0]) == 300 and rows[0] == rows[1]
+
+
+def test_quality_refit_trains_through_the_validation_item_for_the_chosen_epochs(ray_cluster, synthetic_dataset,
+                                                                                tmp_path):
+    """`bench quality --refit`: after the validated run, the same config trains on the histories through
+    each user's validation item (the test split's input) for best epoch + 1 epochs, validates nothing,
+    and tests the last epoch's weights, which are the ones it saves."""
+    from mlflow.tracking import MlflowClient
+
+    from llmrec_dist.bench.quality import run_quality
+    from llmrec_dist.data.layout import items_seen_in_training, read_manifest, read_split
+    from llmrec_dist.offline_eval import evaluate_saved_model
+    from llmrec_dist.train.launcher import train, train_dataset
+    from llmrec_dist.train.rows import training_rows
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = [f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={uri}",
+            *TINY, "mlflow.registered_model=", "train.epochs=3", "train.patience=1"]
+    valid, test = read_split(synthetic_dataset, "valid"), read_split(synthetic_dataset, "test")
+    through_valid = [h + [t] for h, t in zip(valid.column("items").to_pylist(), valid.column("target").to_pylist())]
+    assert test.column("items").to_pylist() == through_valid  # what a refit trains on
+
+    refit_cfg = load_config(QUICKSTART, [*base, "train.refit_epochs=2"])
+    assert [list(r["items"]) for r in train_dataset(refit_cfg).iter_rows()] == through_valid
+    assert training_rows(refit_cfg, read_manifest(synthetic_dataset)) == len(through_valid)
+    seen = items_seen_in_training(synthetic_dataset, "test")
+    assert seen[valid.column("target").to_numpy()].all() and not seen[0]
+    assert (seen >= items_seen_in_training(synthetic_dataset)).all()
+
+    figures = run_quality(load_config(QUICKSTART, base), refit=True)
+    refit = figures["refit"]
+    assert refit["refit_epochs"] == figures["best_epoch"] + 1 == refit["epochs_run"]
+    assert refit["best_epoch"] == refit["refit_epochs"] - 1  # the last epoch is the model
+    assert 0.0 <= refit["test_ndcg_at_10"] <= 1.0 and not any(k.startswith("best_valid") for k in refit)
+    client = MlflowClient(uri)
+    epochs = list(range(refit["refit_epochs"]))
+    assert [h.step for h in client.get_metric_history(refit["run_id"], "train_loss")] == epochs
+    assert client.get_metric_history(refit["run_id"], "valid_ndcg_at_10") == []
+    assert client.get_run(refit["run_id"]).data.params["train.refit_epochs"] == str(refit["refit_epochs"])
+
+    outcome = train(load_config(QUICKSTART, [*base, "train.refit_epochs=2"]))  # the saved model is the tested one
+    assert not any(k.startswith("valid_") for k in outcome.metrics)
+    saved = evaluate_saved_model(Path(outcome.checkpoint_path), str(synthetic_dataset), "test", EvalConfig())
+    assert saved["test_ndcg_at_10"] == pytest.approx(outcome.metrics["test_ndcg_at_10"], rel=1e-9)
+    assert ckpt.read_state(Path(outcome.checkpoint_path))["result"]["best_epoch"] == 1

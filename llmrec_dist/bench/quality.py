@@ -1,5 +1,7 @@
 """Quality: one full training run of a config (``configs/bench_movielens.yaml``), selected on validation,
-reported on test with full ranking, next to the published ML-1M anchors."""
+reported on test with full ranking, next to the published ML-1M anchors; optionally followed by a refit
+(``train.refit_epochs``): the same config trained through each user's validation item for the number of
+epochs validation chose, then tested."""
 
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ ANCHORS = [
 TARGET_NDCG_AT_10 = 0.20
 
 
-def run_quality(cfg: Config) -> dict:
+def run_quality(cfg: Config, refit: bool = False) -> dict:
+    """Figures of one run of ``cfg``; with ``refit``, figures["refit"] holds those of the refit after it."""
+    import dataclasses
+
     from llmrec_dist.tracking import client
     from llmrec_dist.train.launcher import train
 
@@ -44,6 +49,13 @@ def run_quality(cfg: Config) -> dict:
         "target_ndcg_at_10": TARGET_NDCG_AT_10,
         "reached_target": (m.get("test_ndcg_at_10") or 0) >= TARGET_NDCG_AT_10,
     }
+    if m.get("refit_epochs"):
+        figures["refit_epochs"] = m["refit_epochs"]
+    if refit:
+        chosen = dataclasses.replace(cfg.train, refit_epochs=int(m["best_epoch"]) + 1)
+        refit_figures = run_quality(dataclasses.replace(cfg, train=chosen))
+        figures["refit"] = {k: v for k, v in refit_figures.items() if not k.startswith("best_valid")
+                            and k not in ("valid_curve", "target_ndcg_at_10")}
     return figures
 
 

@@ -18,13 +18,24 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _test_cell(f: dict) -> str:
+    return (f"NDCG@10 {_fmt(f.get('test_ndcg_at_10'), '.4f')} · HR@10 {_fmt(f.get('test_hr_at_10'), '.4f')} · "
+            f"MRR@10 {_fmt(f.get('test_mrr_at_10'), '.4f')}")
+
+
+def _refit_detail(f: dict) -> str:
+    return (f"refit through the validation item: {f['refit_epochs']} epochs (as validation chose), "
+            f"{_fmt((f.get('wall_seconds') or 0) / 60, '.0f')} min")
+
+
 def _quality_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
     f = data["figures"]
     label = data.get("label") or name
-    value = (f"NDCG@10 {_fmt(f.get('test_ndcg_at_10'), '.4f')} · HR@10 {_fmt(f.get('test_hr_at_10'), '.4f')} · "
-             f"MRR@10 {_fmt(f.get('test_mrr_at_10'), '.4f')}")
-    detail = (f"best epoch {f.get('best_epoch')} of {f.get('epochs_run')}, "
-              f"{_fmt((f.get('wall_seconds') or 0) / 60, '.0f')} min")
+    if f.get("refit_epochs"):  # a refit run on its own (train.refit_epochs set in the overrides)
+        detail = _refit_detail(f)
+    else:
+        detail = (f"best epoch {f.get('best_epoch')} of {f.get('epochs_run')}, "
+                  f"{_fmt((f.get('wall_seconds') or 0) / 60, '.0f')} min")
     resolved = data.get("config", {}).get("resolved", {})
     train, model = resolved.get("train"), resolved.get("model")
     if train:  # the recipe's knobs that changed between runs
@@ -33,7 +44,10 @@ def _quality_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
         detail += f"; hidden {model['hidden_size']}, {model['num_layers']} blocks, dropout {model['dropout']:g}"
     if resolved.get("data", {}).get("windows"):
         detail += "; windows"
-    return [(f"quality: {label}", value, detail)]
+    rows = [(f"quality: {label}", _test_cell(f), detail)]
+    if "refit" in f:
+        rows.append((f"quality: {label}, refit", _test_cell(f["refit"]), _refit_detail(f["refit"])))
+    return rows
 
 
 def _speed_rows(name: str, data: dict) -> list[tuple[str, str, str]]:

@@ -60,8 +60,9 @@ def print_outcome(outcome, as_json: bool = False) -> None:
         print(json.dumps(summary, indent=2))
         return
     m = outcome.metrics
-    print(f"\nrun {outcome.run_id}: best epoch {m.get('best_epoch')} of {m.get('epochs_run')}, "
-          f"{outcome.seconds:.0f} s")
+    chosen = (f"refit through the validation item, {m['refit_epochs']} epochs" if m.get("refit_epochs")
+              else f"best epoch {m.get('best_epoch')} of {m.get('epochs_run')}")
+    print(f"\nrun {outcome.run_id}: {chosen}, {outcome.seconds:.0f} s")
     for split in ("valid", "test", "test_cold"):
         cells = [f"{name}@{k}={m[f'{split}_{name}_at_{k}']:.4f}"
                  for name in ("hr", "ndcg", "mrr") for k in (10,) if f"{split}_{name}_at_{k}" in m]

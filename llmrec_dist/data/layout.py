@@ -293,18 +293,24 @@ def read_items(path: str | os.PathLike) -> pa.Table:
     return conform_table(table, ITEMS_FILE_SCHEMA, location, "items").sort_by("item_idx")
 
 
-def train_history_lengths(path: str | os.PathLike) -> np.ndarray:
-    """The length of every train sequence (only the ``items`` column is read)."""
+def history_lengths(path: str | os.PathLike, split: str = "train") -> np.ndarray:
+    """The length of every history of ``split`` (only the ``items`` column is read)."""
     lengths = [pc.list_value_length(read_parquet_file(f, columns=["items"]).column("items")).to_numpy()
-               for f in split_files(path, "train")]
+               for f in split_files(path, split)]
     return np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
 
 
-def items_seen_in_training(path: str | os.PathLike) -> np.ndarray:
-    """Bool flags over item_idx ``0..N``: the item occurs in some train sequence (popularity > 0).
-    Index 0 (padding) is false."""
+def items_seen_in_training(path: str | os.PathLike, split: str = "train") -> np.ndarray:
+    """Bool flags over item_idx ``0..N``: the item occurs in some history of ``split``, the one trained
+    on (for ``train``: popularity > 0). Index 0 (padding) is false."""
     table = read_parquet_file(_join(path, ITEMS_FILE), columns=["item_idx", "popularity"]).sort_by("item_idx")
-    return np.concatenate([[False], table.column("popularity").to_numpy() > 0])
+    if split == "train":
+        return np.concatenate([[False], table.column("popularity").to_numpy() > 0])
+    seen = np.zeros(table.num_rows + 1, dtype=bool)
+    for f in split_files(path, split):
+        seen[pc.list_flatten(read_parquet_file(f, columns=["items"]).column("items")).to_numpy()] = True
+    seen[0] = False
+    return seen
 
 
 def read_split(path: str | os.PathLike, split: str) -> pa.Table:

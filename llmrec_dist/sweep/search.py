@@ -193,6 +193,9 @@ def parse_search(raw: Any, train_raw: dict, source: str = "") -> SearchConfig:
     if search.scheduler == "asha" and search.grace_period >= base.train.epochs:
         problems.append(f"search.grace_period: must be < train.epochs ({base.train.epochs}) for ASHA to stop a "
                         f"trial before its last epoch; got {search.grace_period} (or set search.scheduler=none)")
+    if base.train.refit_epochs or "train.refit_epochs" in (raw.get("space") or {}):
+        problems.append("train.refit_epochs: a sweep selects on validation, which a refit trains on; "
+                        "keep it 0 and unsearched (refit the chosen trial's config afterwards)")
     if not search.metric:
         search.metric = base.selection_metric()
     names = {f"valid_{name}" for name in metric_names(base.eval.ks)}

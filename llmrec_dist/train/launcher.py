@@ -91,7 +91,10 @@ def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, ca
             name=run_name,
             storage_path=cfg.train.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                               checkpoint_score_attribute=cfg.selection_metric(),
+                                               # a refit has no validation: the newest is kept
+                                               checkpoint_score_attribute=(
+                                                   "epochs_done" if cfg.train.refit_epochs
+                                                   else cfg.selection_metric()),
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
@@ -100,7 +103,7 @@ def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, ca
 
 
 def train_dataset(cfg: Config):
-    """The train split (its ``items`` column) as a Ray Dataset.
+    """The histories trained on (the ``items`` column of :meth:`Config.training_split`) as a Ray Dataset.
 
     Materialised splits up to ``data.driver_read_mb`` are read here with pyarrow and handed to the
     object store as they are, one block per file in file order. Ray Data's read tasks would first
@@ -116,7 +119,7 @@ def train_dataset(cfg: Config):
 
     if cfg.data.deterministic:  # blocks keep file order, so every worker gets the same rows every run
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-    files = split_files(cfg.data.path, "train")
+    files = split_files(cfg.data.path, cfg.training_split())
     if cfg.data.materialize and sum(map(storage.size, files)) <= cfg.data.driver_read_mb * 2**20:
         tables = [pq.read_table(f, columns=["items"]) for f in files]
         return ray.data.from_arrow([windowed_table(t, cfg) for t in tables] if cfg.data.windows else tables)

@@ -1,5 +1,8 @@
 """The per-worker training recipe: setup → epochs (train, validate, checkpoint + report) → test → cleanup.
 
+A refit (``train.refit_epochs``) trains on the histories through each user's validation item and skips
+validation: its epochs run to the end and the last one is tested.
+
 Runs inside every Ray Train worker. The distributed boundary is this file: rank and world size from
 ``ray.train.get_context()``, DDP via ``ray.train.torch.prepare_model``, the data shard via
 ``ray.train.get_dataset_shard``, metric all-reduces inside :func:`llmrec_dist.evaluation.evaluate`, and
@@ -108,7 +111,8 @@ def ddp_kwargs(cfg: Config) -> dict:
 def build_recommender(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
     """The model ``cfg`` trains on this dataset: ``text`` = :func:`load_text_features`' result, the
     softmax's negatives from ``train.loss``, and for ``id+text`` the items seen in training."""
-    id_seen = items_seen_in_training(cfg.data.path) if cfg.model.item_repr == "id+text" else None
+    id_seen = (items_seen_in_training(cfg.data.path, cfg.training_split())
+               if cfg.model.item_repr == "id+text" else None)
     return build_model(cfg.model, manifest_num_items(manifest), text=text,
                        num_negatives=softmax_negatives(cfg.model, cfg.train), id_seen=id_seen)
 
@@ -230,7 +234,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(cfg, loop_config["train_rows"], world))
     reached["model_ready"] = time.time()
 
-    valid_rows = load_eval_rows(cfg.data.path, "valid", rank, world)
+    refit = cfg.train.refit_epochs > 0  # trains on the validation targets: nothing left to validate on
+    valid_rows = None if refit else load_eval_rows(cfg.data.path, "valid", rank, world)
     test_rows = load_eval_rows(cfg.data.path, "test", rank, world)
     train_shard = ray.train.get_dataset_shard("train")
     reached["eval_rows_ready"] = time.time()
@@ -240,7 +245,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     start_epoch, best_value, best_epoch, stale = 0, -math.inf, -1, 0
     best_weights, history = ckpt.cpu_state_dict(core), []
     # Epochs already in MLflow: a restarted worker group (or a resumed driver) logs none of them twice.
-    logged = log.logged_steps(selection)
+    logged = log.logged_steps("train_loss")
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as folder:
@@ -274,7 +279,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
               "llmrec.device": device.type, "llmrec.text_cache": cache})
 
     # ---------------------------------------------------------------- epochs
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(start_epoch, cfg.epochs_to_run()):
         t0 = time.perf_counter()
         epoch_seed, order_seed = epoch_seeds(cfg.train.seed, epoch, world, rank)
         torch.manual_seed(epoch_seed)
@@ -297,7 +302,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             once.update({f"startup_{k}_at_s": t - clock["ray_init"] for k, t in milestones.items()})
 
         t_valid = time.perf_counter()
-        valid = evaluate(core, valid_rows, n_items, cfg.eval, cfg.model.max_len, device, prefix="valid_")
+        valid = {} if refit else evaluate(core, valid_rows, n_items, cfg.eval, cfg.model.max_len, device,
+                                          prefix="valid_")
         peaks = _peak_rss_mb(device)
         metrics = {
             "epoch": epoch,
@@ -306,19 +312,22 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             "sequences_per_s": sequences / train_seconds,
             "epoch_seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
-            "valid_seconds": time.perf_counter() - t_valid,
             "lr": scheduler.get_last_lr()[0],
             "peak_rss_mb": max(peaks),
             **{f"peak_rss_mb_rank{r}": mb for r, mb in enumerate(peaks)},
             **valid,
         }
-        if metrics[selection] > best_value:
+        if not refit:
+            metrics["valid_seconds"] = time.perf_counter() - t_valid
+        if refit:  # the newest epoch is the model
+            best_epoch, best_weights = epoch, ckpt.cpu_state_dict(core)
+        elif metrics[selection] > best_value:
             best_value, best_epoch, stale = metrics[selection], epoch, 0
             best_weights = ckpt.cpu_state_dict(core)
         else:
             stale += 1
         history.append(metrics)
-        stop = cfg.train.patience > 0 and stale >= cfg.train.patience
+        stop = not refit and cfg.train.patience > 0 and stale >= cfg.train.patience
 
         # Checkpoint + report: every rank reports (a barrier); only rank 0 attaches files.
         with tempfile.TemporaryDirectory() as tmp:
@@ -352,6 +361,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     best_valid = {k: v for k, v in best_row.items() if k.startswith("valid_")}
     test = evaluate(core, test_rows, n_items, cfg.eval, cfg.model.max_len, device, prefix="test_")
     result = {**best_valid, **test, "best_epoch": best_epoch, "epochs_run": len(history)}
+    if refit:
+        result["refit_epochs"] = cfg.train.refit_epochs
     log.metrics({f"best_{k}": v for k, v in best_valid.items()} | test, step=best_epoch)
 
     # The final checkpoint holds the best weights as its model and marks the run finished, so a
@@ -362,5 +373,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             ckpt.write_checkpoint(Path(tmp), weights=best_weights, best_weights=best_weights, meta=meta,
                                   state={"finished": True, "result": result, "history": history})
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({**result, "final": 1}, checkpoint=checkpoint)
+        # A refit's checkpoints are ranked by epochs_done (the newest kept): this one goes above them.
+        newest = {"epochs_done": len(history) + 1} if refit else {}
+        ray.train.report({**result, "final": 1, **newest}, checkpoint=checkpoint)
     return result

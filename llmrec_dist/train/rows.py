@@ -1,4 +1,5 @@
-"""The rows of the train split as training sees them: one per user, or, with ``data.windows``, one per
+"""The rows training sees: the train split's histories (a refit's: the test split's, through each user's
+validation item), one per user, or, with ``data.windows``, one per
 window of a long history (:func:`llmrec_dist.batching.history_windows`). The driver cuts the windows
 before Ray Data splits the rows over the workers, so every worker still gets an equal share, and every
 worker counts them the same way to size the learning-rate schedule."""
@@ -11,15 +12,16 @@ import pyarrow as pa
 
 from llmrec_dist.batching import history_windows, num_windows, window_shape
 from llmrec_dist.config import Config
-from llmrec_dist.data.layout import num_train_rows, train_history_lengths
+from llmrec_dist.data.layout import history_lengths, num_train_rows
 
 
 def training_rows(cfg: Config, manifest: Mapping) -> int:
     """Rows of one training epoch, before they are split over the workers."""
+    split = cfg.training_split()
     if not cfg.data.windows:
-        return num_train_rows(manifest)
+        return num_train_rows(manifest) if split == "train" else len(history_lengths(cfg.data.path, split))
     size, stride = window_shape(cfg.model.backbone, cfg.model.max_len)
-    return int(num_windows(train_history_lengths(cfg.data.path), size, stride).sum())
+    return int(num_windows(history_lengths(cfg.data.path, split), size, stride).sum())
 
 
 def windowed_table(table: pa.Table, cfg: Config) -> pa.Table:
