@@ -242,7 +242,9 @@ def test_quality_refit_trains_through_the_validation_item_for_the_chosen_epochs(
     refit = figures["refit"]
     assert refit["refit_epochs"] == figures["best_epoch"] + 1 == refit["epochs_run"]
     assert refit["best_epoch"] == refit["refit_epochs"] - 1  # the last epoch is the model
-    assert 0.0 <= refit["test_ndcg_at_10"] <= 1.0 and not any(k.startswith("best_valid") for k in refit)
+    assert 0.0 <= refit["test_ndcg_at_10"] <= 1.0
+    assert not any(k.startswith("best_valid") or k == "valid_curve" for k in refit)  # nothing validated
+    assert len(figures["valid_curve"]) == figures["epochs_run"]
     client = MlflowClient(uri)
     epochs = list(range(refit["refit_epochs"]))
     assert [h.step for h in client.get_metric_history(refit["run_id"], "train_loss")] == epochs

@@ -49,13 +49,13 @@ def run_quality(cfg: Config, refit: bool = False) -> dict:
         "target_ndcg_at_10": TARGET_NDCG_AT_10,
         "reached_target": (m.get("test_ndcg_at_10") or 0) >= TARGET_NDCG_AT_10,
     }
-    if m.get("refit_epochs"):
+    if m.get("refit_epochs"):  # nothing was validated
         figures["refit_epochs"] = m["refit_epochs"]
+        del figures[f"best_{cfg.selection_metric()}"], figures["valid_curve"]
     if refit:
         chosen = dataclasses.replace(cfg.train, refit_epochs=int(m["best_epoch"]) + 1)
         refit_figures = run_quality(dataclasses.replace(cfg, train=chosen))
-        figures["refit"] = {k: v for k, v in refit_figures.items() if not k.startswith("best_valid")
-                            and k not in ("valid_curve", "target_ndcg_at_10")}
+        figures["refit"] = {k: v for k, v in refit_figures.items() if k != "target_ndcg_at_10"}
     return figures
 
 
