@@ -256,6 +256,14 @@ def test_bench_bad_flags_exit_2(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_bench_quality_refit_refuses_a_config_that_is_already_a_refit(synthetic_dataset, capsys):
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    argv = ["bench", "quality", "--config", config, "--refit", f"data.path={synthetic_dataset}",
+            "train.refit_epochs=1", "mlflow.registered_model="]
+    assert cli_main(argv) == 2
+    assert "--refit runs the validated run first" in capsys.readouterr().err
+
+
 def test_bench_report_errors_name_the_problem(tmp_path, capsys):
     assert cli_main(["bench", "report", "--results", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err

@@ -238,7 +238,10 @@ def test_quality_refit_trains_through_the_validation_item_for_the_chosen_epochs(
     assert seen[valid.column("target").to_numpy()].all() and not seen[0]
     assert (seen >= items_seen_in_training(synthetic_dataset)).all()
 
-    figures = run_quality(load_config(QUICKSTART, base), refit=True)
+    # the validated run registers its model; the refit, with no validation metric to gate on, does not
+    figures = run_quality(load_config(QUICKSTART, [*base, "mlflow.registered_model=refit-rec"]), refit=True)
+    versions = MlflowClient(uri).search_model_versions("name='refit-rec'")
+    assert [v.run_id for v in versions] == [figures["run_id"]]
     refit = figures["refit"]
     assert refit["refit_epochs"] == figures["best_epoch"] + 1 == refit["epochs_run"]
     assert refit["best_epoch"] == refit["refit_epochs"] - 1  # the last epoch is the model

@@ -54,7 +54,9 @@ def run_quality(cfg: Config, refit: bool = False) -> dict:
         del figures[f"best_{cfg.selection_metric()}"], figures["valid_curve"]
     if refit:
         chosen = dataclasses.replace(cfg.train, refit_epochs=int(m["best_epoch"]) + 1)
-        refit_figures = run_quality(dataclasses.replace(cfg, train=chosen))
+        # the validated run registers (if the config says so); a refit has no validation to gate on
+        unregistered = dataclasses.replace(cfg.mlflow, registered_model="")
+        refit_figures = run_quality(dataclasses.replace(cfg, train=chosen, mlflow=unregistered))
         figures["refit"] = {k: v for k, v in refit_figures.items() if k != "target_ndcg_at_10"}
     return figures
 

@@ -134,6 +134,11 @@ def run(args) -> int:
     from llmrec_dist.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.kind == "quality" and args.refit and cfg.train.refit_epochs:
+        print("llmrec-dist bench quality: --refit runs the validated run first and chooses the refit's "
+              "epochs from it; leave train.refit_epochs at 0 (or drop --refit to run that refit alone)",
+              file=sys.stderr)
+        return 2
     dataset = common.dataset_info(cfg.data.path)
     config = {"file": args.config, "overrides": args.overrides, "resolved": cfg.to_dict()}
     if args.kind == "quality":
