@@ -245,7 +245,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     start_epoch, best_value, best_epoch, stale = 0, -math.inf, -1, 0
     best_weights, history = ckpt.cpu_state_dict(core), []
     # Epochs already in MLflow: a restarted worker group (or a resumed driver) logs none of them twice.
-    logged = log.logged_steps("train_loss")
+    logged = log.logged_steps("train_loss")  # logged every epoch, validated (or refit) alike
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as folder:
@@ -317,15 +317,15 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             **{f"peak_rss_mb_rank{r}": mb for r, mb in enumerate(peaks)},
             **valid,
         }
-        if not refit:
-            metrics["valid_seconds"] = time.perf_counter() - t_valid
         if refit:  # the newest epoch is the model
             best_epoch, best_weights = epoch, ckpt.cpu_state_dict(core)
-        elif metrics[selection] > best_value:
-            best_value, best_epoch, stale = metrics[selection], epoch, 0
-            best_weights = ckpt.cpu_state_dict(core)
         else:
-            stale += 1
+            metrics["valid_seconds"] = time.perf_counter() - t_valid
+            if metrics[selection] > best_value:
+                best_value, best_epoch, stale = metrics[selection], epoch, 0
+                best_weights = ckpt.cpu_state_dict(core)
+            else:
+                stale += 1
         history.append(metrics)
         stop = not refit and cfg.train.patience > 0 and stale >= cfg.train.patience
 

@@ -1,8 +1,8 @@
 """The rows training sees: the train split's histories (a refit's: the test split's, through each user's
-validation item), one per user, or, with ``data.windows``, one per
-window of a long history (:func:`llmrec_dist.batching.history_windows`). The driver cuts the windows
-before Ray Data splits the rows over the workers, so every worker still gets an equal share, and every
-worker counts them the same way to size the learning-rate schedule."""
+validation item), one per user, or, with ``data.windows``, one per window of a long history
+(:func:`llmrec_dist.batching.history_windows`). The driver cuts the windows before Ray Data splits the
+rows over the workers, so every worker still gets an equal share, and the driver counts them once to
+size the learning-rate schedule."""
 
 from __future__ import annotations
 
