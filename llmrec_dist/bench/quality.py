@@ -5,6 +5,7 @@ epochs validation chose, then tested."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from llmrec_dist.config import Config
@@ -23,8 +24,6 @@ TARGET_NDCG_AT_10 = 0.20
 
 def run_quality(cfg: Config, refit: bool = False) -> dict:
     """Figures of one run of ``cfg``; with ``refit``, figures["refit"] holds those of the refit after it."""
-    import dataclasses
-
     from llmrec_dist.tracking import client
     from llmrec_dist.train.launcher import train
 
@@ -32,26 +31,27 @@ def run_quality(cfg: Config, refit: bool = False) -> dict:
     outcome = train(cfg)
     wall = time.perf_counter() - started
     c = client(outcome.tracking_uri)
-    valid = sorted(c.get_metric_history(outcome.run_id, cfg.selection_metric()), key=lambda m: m.step)
     seconds = [m.value for m in c.get_metric_history(outcome.run_id, "epoch_seconds")]
     m = outcome.metrics
+    if m.get("refit_epochs"):  # nothing was validated
+        chosen = {"refit_epochs": m["refit_epochs"]}
+    else:
+        valid = sorted(c.get_metric_history(outcome.run_id, cfg.selection_metric()), key=lambda v: v.step)
+        chosen = {f"best_{cfg.selection_metric()}": m.get(cfg.selection_metric()),
+                  "valid_curve": [round(v.value, 5) for v in valid]}
     figures = {
         "run_id": outcome.run_id,
         "model_uri": outcome.model_uri,
         **{f"test_{name}_at_{k}": m.get(f"test_{name}_at_{k}") for name in ("hr", "ndcg", "mrr")
            for k in cfg.eval.ks},
-        f"best_{cfg.selection_metric()}": m.get(cfg.selection_metric()),
         "best_epoch": m.get("best_epoch"),
         "epochs_run": m.get("epochs_run"),
         "wall_seconds": wall,
         "mean_epoch_seconds": sum(seconds) / len(seconds) if seconds else None,
-        "valid_curve": [round(v.value, 5) for v in valid],
+        **chosen,
         "target_ndcg_at_10": TARGET_NDCG_AT_10,
         "reached_target": (m.get("test_ndcg_at_10") or 0) >= TARGET_NDCG_AT_10,
     }
-    if m.get("refit_epochs"):  # nothing was validated
-        figures["refit_epochs"] = m["refit_epochs"]
-        del figures[f"best_{cfg.selection_metric()}"], figures["valid_curve"]
     if refit:
         chosen = dataclasses.replace(cfg.train, refit_epochs=int(m["best_epoch"]) + 1)
         # the validated run registers (if the config says so); a refit has no validation to gate on

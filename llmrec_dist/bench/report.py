@@ -18,7 +18,8 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def _test_cell(f: dict) -> str:
+def test_cell(f: dict) -> str:
+    """A run's test NDCG/HR/MRR@10 in one line."""
     return (f"NDCG@10 {_fmt(f.get('test_ndcg_at_10'), '.4f')} · HR@10 {_fmt(f.get('test_hr_at_10'), '.4f')} · "
             f"MRR@10 {_fmt(f.get('test_mrr_at_10'), '.4f')}")
 
@@ -44,9 +45,9 @@ def _quality_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
         detail += f"; hidden {model['hidden_size']}, {model['num_layers']} blocks, dropout {model['dropout']:g}"
     if resolved.get("data", {}).get("windows"):
         detail += "; windows"
-    rows = [(f"quality: {label}", _test_cell(f), detail)]
+    rows = [(f"quality: {label}", test_cell(f), detail)]
     if "refit" in f:
-        rows.append((f"quality: {label}, refit", _test_cell(f["refit"]), _refit_detail(f["refit"])))
+        rows.append((f"quality: {label}, refit", test_cell(f["refit"]), _refit_detail(f["refit"])))
     return rows
 
 

@@ -143,6 +143,7 @@ def run(args) -> int:
     config = {"file": args.config, "overrides": args.overrides, "resolved": cfg.to_dict()}
     if args.kind == "quality":
         from llmrec_dist.bench.quality import ANCHOR_COLUMNS, anchor_rows, run_quality
+        from llmrec_dist.bench.report import test_cell
 
         figures = run_quality(cfg, refit=args.refit)
         print(f"best epoch {figures['best_epoch']} of {figures['epochs_run']}, {figures['wall_seconds'] / 60:.1f} min")
@@ -151,8 +152,7 @@ def run(args) -> int:
         if "refit" in figures:
             r = figures["refit"]
             print(f"refit through the validation item, {r['refit_epochs']} epochs, {r['wall_seconds'] / 60:.1f} "
-                  f"min: test NDCG@10 {r['test_ndcg_at_10']:.4f}, HR@10 {r['test_hr_at_10']:.4f}, "
-                  f"MRR@10 {r['test_mrr_at_10']:.4f}")
+                  f"min: test {test_cell(r)}")
     elif args.kind == "speed":
         from llmrec_dist.bench.speed import (COLUMNS, PROFILE_COLUMNS, STARTUP_COLUMNS, profile_table, run_speed,
                                              startup_table)

@@ -232,9 +232,11 @@ def num_items(manifest: Mapping) -> int:
     return int(manifest["counts"]["items"])
 
 
-def num_train_rows(manifest: Mapping) -> int:
-    """Rows of the train split: one per user, less the users whose train sequence held only cold items."""
-    dropped = (manifest.get("cold_items") or {}).get("train_rows_dropped", 0)
+def num_train_rows(manifest: Mapping, split: str = "train") -> int:
+    """Rows of the split trained on (``test`` for a refit): one per user, less, for ``train``, the users
+    whose train sequence held only cold items (valid and test keep every user)."""
+    _check_split(split)
+    dropped = (manifest.get("cold_items") or {}).get("train_rows_dropped", 0) if split == "train" else 0
     return int(manifest["counts"]["users"]) - int(dropped)
 
 

@@ -91,10 +91,9 @@ def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, ca
             name=run_name,
             storage_path=cfg.train.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                               # a refit has no validation: the newest is kept
+                                               # a refit has no validation: None keeps the newest
                                                checkpoint_score_attribute=(
-                                                   "epochs_done" if cfg.train.refit_epochs
-                                                   else cfg.selection_metric()),
+                                                   None if cfg.train.refit_epochs else cfg.selection_metric()),
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,

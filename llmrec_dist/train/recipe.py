@@ -373,7 +373,5 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             ckpt.write_checkpoint(Path(tmp), weights=best_weights, best_weights=best_weights, meta=meta,
                                   state={"finished": True, "result": result, "history": history})
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        # A refit's checkpoints are ranked by epochs_done (the newest kept): this one goes above them.
-        newest = {"epochs_done": len(history) + 1} if refit else {}
-        ray.train.report({**result, "final": 1, **newest}, checkpoint=checkpoint)
+        ray.train.report({**result, "final": 1}, checkpoint=checkpoint)
     return result

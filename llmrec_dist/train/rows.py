@@ -19,7 +19,7 @@ def training_rows(cfg: Config, manifest: Mapping) -> int:
     """Rows of one training epoch, before they are split over the workers."""
     split = cfg.training_split()
     if not cfg.data.windows:
-        return num_train_rows(manifest) if split == "train" else len(history_lengths(cfg.data.path, split))
+        return num_train_rows(manifest, split)
     size, stride = window_shape(cfg.model.backbone, cfg.model.max_len)
     return int(num_windows(history_lengths(cfg.data.path, split), size, stride).sum())
 
