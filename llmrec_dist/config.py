@@ -118,8 +118,16 @@ class ModelConfig:
     ffn_size: int = _f(0, "Width of each block's feed-forward layer; 0 = 4 x model.hidden_size "
                           "(GPT-2/BERT). SASRec's own blocks use model.hidden_size.",
                        check=_non_negative)
-    activation: Literal["gelu", "relu"] = _f("gelu", "Feed-forward activation (SASRec's own blocks use "
-                                                     "relu).")
+    activation: Literal["gelu", "relu", "silu"] = _f(
+        "gelu", "Feed-forward activation (SASRec's own blocks use relu). In `llama` blocks it is the "
+                "gate's: silu = SwiGLU, gelu = GeGLU.")
+    block: Literal["standard", "llama"] = _f(
+        "standard", "Transformer block. `standard` = GPT-2 blocks (causal) or BERT blocks (bidirectional): "
+                    "LayerNorm, learned positions, a model.activation feed-forward; `llama` = Llama "
+                    "blocks (causal backbone only): RMSNorm, rotary positions, a gated feed-forward "
+                    "(model.ffn_size 0 = 8/3 x model.hidden_size rounded up to a multiple of 8: the weights of a "
+                    "4x ungated one), with "
+                    "model.dropout on the inputs, the attention weights and each residual branch.")
     mask_ratio: float = _f(0.2, "Bidirectional backbone: fraction of items masked for the cloze task "
                                 "(at least one per sequence).", check=lambda v: None if 0 < v < 1 else
                            "must be in (0, 1)")
@@ -379,6 +387,9 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.train.batch_size % per_step:
         problems.append(f"train.batch_size: must be a multiple of scaling.num_workers x train.grad_accum "
                         f"({per_step}); got {cfg.train.batch_size}")
+    if cfg.model.block == "llama" and cfg.model.backbone != "causal":
+        problems.append(f"model.block: llama blocks are causal; model.backbone={cfg.model.backbone} "
+                        "needs block standard")
     if cfg.train.refit_epochs > cfg.train.epochs:
         problems.append(f"train.refit_epochs: must not exceed train.epochs ({cfg.train.epochs}); "
                         f"got {cfg.train.refit_epochs}")

@@ -4,7 +4,8 @@
 embeddings, or the language-model tower of :mod:`llmrec_dist.text_tower`) + a Hugging Face Transformer
 stack fed with ``inputs_embeds``: ``causal`` (SASRec: GPT-2 blocks, next-item targets at every position) or
 ``bidirectional`` (BERT4Rec: BERT blocks, cloze targets at masked positions, a mask token appended at
-inference). Scores are dot products between the sequence state and item vectors; input and output item
+inference). The causal backbone can also use Llama blocks (``model.block=llama``: RMSNorm, rotary
+positions, a gated feed-forward), the layer design of current LLMs and of eSASRec's LiGR layers. Scores are dot products between the sequence state and item vectors; input and output item
 vectors are the same (tied).
 
 Losses: full softmax over the catalogue, or — when the item tower is a trainable LM and scoring the
@@ -22,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 from llmrec_dist.config import ModelConfig, TrainConfig
 from llmrec_dist.train.profiling import region
@@ -85,10 +86,17 @@ class IdItemEncoder(ItemEncoder):
 
 
 def build_backbone(kind: str, hidden: int, num_layers: int, num_heads: int, max_len: int,
-                   dropout: float, ffn_size: int = 0, activation: str = "gelu") -> nn.Module:
+                   dropout: float, ffn_size: int = 0, activation: str = "gelu",
+                   block: str = "standard") -> nn.Module:
     """A Hugging Face Transformer stack used through ``inputs_embeds`` (its token table removed).
 
-    ``ffn_size`` 0 means the usual 4 x ``hidden``."""
+    ``ffn_size`` 0 means the usual 4 x ``hidden`` (8/3 x ``hidden`` for the gated ``llama`` blocks)."""
+    if block == "llama":
+        if kind != "causal":
+            raise ValueError(f"model.block: llama blocks are causal; got model.backbone={kind!r}")
+        return _llama_backbone(hidden, num_layers, num_heads, max_len, dropout, ffn_size, activation)
+    if block != "standard":
+        raise ValueError(f"model.block: unknown {block!r}; valid: standard, llama")
     ffn_size = ffn_size or 4 * hidden
     if kind == "causal":
         config = GPT2Config(
@@ -114,12 +122,44 @@ def build_backbone(kind: str, hidden: int, num_layers: int, num_heads: int, max_
     raise ValueError(f"model.backbone: unknown {kind!r}; valid: causal, bidirectional")
 
 
+def _llama_backbone(hidden: int, num_layers: int, num_heads: int, max_len: int, dropout: float,
+                    ffn_size: int, activation: str) -> nn.Module:
+    """Llama blocks for the causal backbone. Llama itself trains without dropout apart from the
+    attention weights'; recommendation data is small enough to need it, so ``dropout`` is also applied
+    where GPT-2 applies it: to the input vectors and to each attention and feed-forward output before
+    it joins the residual stream (forward hooks, so the weights keep Llama's names)."""
+    config = LlamaConfig(
+        vocab_size=1, hidden_size=hidden, intermediate_size=ffn_size or 8 * math.ceil(hidden / 3),
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        hidden_act=activation, max_position_embeddings=max_len, attention_dropout=dropout,
+        rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=False,
+    )
+    backbone = LlamaModel(config)
+    backbone.embed_tokens = nn.Identity()  # inputs_embeds only, as for GPT-2
+    if dropout > 0:
+        drop = nn.Dropout(dropout)
+        backbone.input_dropout = drop
+
+        def drop_inputs(module, args, kwargs):
+            kwargs["inputs_embeds"] = drop(kwargs["inputs_embeds"])
+            return args, kwargs
+
+        def drop_output(module, args, output):
+            return (drop(output[0]), *output[1:]) if isinstance(output, tuple) else drop(output)
+
+        backbone.register_forward_pre_hook(drop_inputs, with_kwargs=True)
+        for layer in backbone.layers:
+            layer.self_attn.register_forward_hook(drop_output)
+            layer.mlp.register_forward_hook(drop_output)
+    return backbone
+
+
 class SequenceRecommender(nn.Module):
     """Next-item recommender: item tower + causal (SASRec) or bidirectional (BERT4Rec) Transformer."""
 
     def __init__(self, items: ItemEncoder, num_layers: int, num_heads: int, max_len: int, dropout: float,
                  backbone: str = "causal", num_negatives: int = 0, init_std: float = 0.02,
-                 ffn_size: int = 0, activation: str = "gelu"):
+                 ffn_size: int = 0, activation: str = "gelu", block: str = "standard"):
         super().__init__()
         self.items = items
         self.max_len = max_len
@@ -128,7 +168,7 @@ class SequenceRecommender(nn.Module):
         hidden = items.hidden_size
         self.input_scale = math.sqrt(hidden)
         self.encoder = build_backbone(backbone, hidden, num_layers, num_heads, max_len, dropout,
-                                      ffn_size, activation)
+                                      ffn_size, activation, block)
         if backbone == "bidirectional":
             self.mask_embedding = nn.Parameter(torch.randn(hidden) * init_std)
 
@@ -263,7 +303,7 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
         raise ValueError(f"model.item_repr: unknown {cfg.item_repr!r}; valid: id, text, id+text")
     return SequenceRecommender(items, cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.dropout,
                                backbone=cfg.backbone, num_negatives=num_negatives, init_std=cfg.init_std,
-                               ffn_size=cfg.ffn_size, activation=cfg.activation)
+                               ffn_size=cfg.ffn_size, activation=cfg.activation, block=cfg.block)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -50,6 +50,10 @@ def test_cross_field_checks():
     assert "model.num_heads: must divide model.hidden_size (10); got 3" in text
     assert "train.batch_size: must be a multiple of scaling.num_workers x train.grad_accum (2); got 5" in text
     assert "eval.metric: expected one of" in text and "got 'ndcg_at_50'" in text
+    with pytest.raises(ConfigError, match="model.block: llama blocks are causal; "
+                                          "model.backbone=bidirectional needs block standard"):
+        config_from_dict({"data": {"path": "x"}, "model": {"backbone": "bidirectional", "block": "llama"}})
+    assert config_from_dict({"data": {"path": "x"}, "model": {"block": "llama"}}).model.block == "llama"
 
 
 def test_a_refit_runs_at_most_train_epochs_and_registers_nothing():

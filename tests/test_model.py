@@ -14,9 +14,12 @@ from llmrec_dist.model import build_model, count_parameters
 TINY = ModelConfig(hidden_size=16, num_layers=2, num_heads=2, max_len=6, dropout=0.0)
 
 
-def tiny_model(num_items=10, seed=0):
+LLAMA = dataclasses.replace(TINY, block="llama", activation="silu")
+
+
+def tiny_model(num_items=10, seed=0, cfg=TINY):
     torch.manual_seed(seed)
-    return build_model(TINY, num_items).eval()
+    return build_model(cfg, num_items).eval()
 
 
 def test_left_pad_keeps_the_most_recent_items():
@@ -98,8 +101,43 @@ def test_golden_loss_and_parameter_count():
     assert count_parameters(model) == {"params_total": 6864, "params_trainable": 6864}  # 176 + 96 + 2 x 3280 + 32
 
 
-def test_causal_future_items_do_not_change_earlier_states():
-    model = tiny_model()
+def test_llama_blocks_golden_loss_and_parameter_count():
+    model = tiny_model(cfg=LLAMA)
+    seq, tgt = next_item_batch([[1, 2, 3, 4, 5], [6, 7, 8]], TINY.max_len)
+    assert model(seq, tgt)["loss"].item() == pytest.approx(2.315490, abs=1e-4)
+    hf = model.encoder.config
+    assert (hf.intermediate_size, hf.hidden_act) == (48, "silu")  # 8/3 x 16 rounded up to a multiple of 8
+    # items 11 x 16; per block q, k, v, o 4 x 16 x 16 (no biases) + gate, up, down 3 x 16 x 48 + 2 RMSNorms
+    # 2 x 16; the final RMSNorm 16; no learned positions
+    assert count_parameters(model) == {"params_total": 176 + 2 * (1024 + 2304 + 32) + 16,
+                                       "params_trainable": 6912}
+
+
+def test_llama_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(LLAMA, dropout=0.5), 10)
+    seq, tgt = next_item_batch([[1, 2, 3, 4, 5], [6, 7, 8]], TINY.max_len)
+    model.train()
+    assert model(seq, tgt)["loss"].item() != model(seq, tgt)["loss"].item()
+    model.eval()
+    assert model(seq, tgt)["loss"].item() == model(seq, tgt)["loss"].item()
+    with torch.no_grad():  # with dropout off the same weights give the same loss as the p=0 model
+        undropped = build_model(LLAMA, 10).eval()
+        undropped.load_state_dict(model.state_dict())
+        assert undropped(seq, tgt)["loss"].item() == pytest.approx(model(seq, tgt)["loss"].item(), abs=1e-6)
+
+
+def test_llama_blocks_give_every_parameter_a_gradient():
+    """DDP runs with find_unused_parameters off: one step must reach every weight."""
+    model = tiny_model(cfg=LLAMA).train()
+    seq, tgt = next_item_batch([[1, 2, 3, 4, 5], [6, 7, 8]], TINY.max_len)
+    model(seq, tgt)["loss"].backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
+
+
+@pytest.mark.parametrize("cfg", [TINY, LLAMA], ids=["standard", "llama"])
+def test_causal_future_items_do_not_change_earlier_states(cfg):
+    model = tiny_model(cfg=cfg)
     a = model.encode(torch.tensor([[0, 1, 2, 3]]))
     b = model.encode(torch.tensor([[0, 1, 2, 9]]))
     # position anchoring shifts with length, so compare the same-length runs position by position
@@ -107,8 +145,9 @@ def test_causal_future_items_do_not_change_earlier_states():
     assert not torch.allclose(a[0, 3], b[0, 3])
 
 
-def test_extra_left_padding_changes_nothing():
-    model = tiny_model()
+@pytest.mark.parametrize("cfg", [TINY, LLAMA], ids=["standard", "llama"])
+def test_extra_left_padding_changes_nothing(cfg):
+    model = tiny_model(cfg=cfg)
     narrow = model.score_next(torch.tensor([[3, 4, 5]]))
     wide = model.score_next(torch.tensor([[0, 0, 0, 3, 4, 5]]))
     assert torch.allclose(narrow, wide, atol=1e-5)
@@ -120,8 +159,9 @@ def test_too_long_sequence_is_refused():
         tiny_model().encode(torch.ones(1, 7, dtype=torch.long))
 
 
-def test_learns_a_deterministic_successor():
-    model = tiny_model(num_items=8)
+@pytest.mark.parametrize("cfg", [TINY, LLAMA], ids=["standard", "llama"])
+def test_learns_a_deterministic_successor(cfg):
+    model = tiny_model(num_items=8, cfg=cfg)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     seqs = [[1, 2, 3, 4, 5, 6, 7, 8], [3, 4, 5, 6, 7, 8], [2, 3, 4, 5]]
@@ -150,6 +190,10 @@ def test_unknown_builder_names_fail_loudly():
         build_model(dataclasses.replace(TINY, backbone="rnn"), 5)
     with pytest.raises(ValueError, match="needs the item texts"):
         build_model(dataclasses.replace(TINY, item_repr="text"), 5)
+    with pytest.raises(ValueError, match="valid: standard, llama"):
+        build_model(dataclasses.replace(TINY, block="mamba"), 5)
+    with pytest.raises(ValueError, match="model.block: llama blocks are causal"):
+        build_model(dataclasses.replace(LLAMA, backbone="bidirectional"), 5)
 
 
 @pytest.mark.parametrize("init_std", [0.02, 0.1])
