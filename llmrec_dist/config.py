@@ -125,9 +125,9 @@ class ModelConfig:
         "standard", "Transformer block. `standard` = GPT-2 blocks (causal) or BERT blocks (bidirectional): "
                     "LayerNorm, learned positions, a model.activation feed-forward; `llama` = Llama "
                     "blocks (causal backbone only): RMSNorm, rotary positions, a gated feed-forward "
-                    "(model.ffn_size 0 = 8/3 x model.hidden_size rounded up to a multiple of 8: the weights of a "
-                    "4x ungated one), with "
-                    "model.dropout on the inputs, the attention weights and each residual branch.")
+                    "(model.ffn_size 0 = 8/3 x model.hidden_size rounded up to a multiple of 8: the "
+                    "weights of a 4x ungated one), with model.dropout on the inputs, the attention "
+                    "weights and each residual branch.")
     mask_ratio: float = _f(0.2, "Bidirectional backbone: fraction of items masked for the cloze task "
                                 "(at least one per sequence).", check=lambda v: None if 0 < v < 1 else
                            "must be in (0, 1)")

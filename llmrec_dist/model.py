@@ -5,8 +5,8 @@ embeddings, or the language-model tower of :mod:`llmrec_dist.text_tower`) + a Hu
 stack fed with ``inputs_embeds``: ``causal`` (SASRec: GPT-2 blocks, next-item targets at every position) or
 ``bidirectional`` (BERT4Rec: BERT blocks, cloze targets at masked positions, a mask token appended at
 inference). The causal backbone can also use Llama blocks (``model.block=llama``: RMSNorm, rotary
-positions, a gated feed-forward), the layer design of current LLMs and of eSASRec's LiGR layers. Scores are dot products between the sequence state and item vectors; input and output item
-vectors are the same (tied).
+positions, a gated feed-forward), the layer design of current LLMs. Scores are dot products between the
+sequence state and item vectors; input and output item vectors are the same (tied).
 
 Losses: full softmax over the catalogue, or — when the item tower is a trainable LM and scoring the
 catalogue every step would be too costly — sampled softmax over the step's target items plus uniform

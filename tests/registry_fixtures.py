@@ -77,12 +77,13 @@ def write_tiny_checkpoint(folder: Path, dataset_hash: str, num_items: int = NUM_
     return write_checkpoint(folder, weights=weights, best_weights=weights, meta=meta, state={})
 
 
-def make_package(root: Path, seed: int = 0, salt: str = "", exclude_seen: bool = True) -> Path:
+def make_package(root: Path, seed: int = 0, salt: str = "", exclude_seen: bool = True,
+                 model_cfg: ModelConfig = TINY_MODEL) -> Path:
     """Dataset + checkpoint + package under ``root``; returns the package folder."""
     from llmrec_dist.config import EvalConfig
     from llmrec_dist.registry.package import build_model_package
 
     manifest = write_dataset(root / "dataset", salt=salt)
-    ckpt = write_tiny_checkpoint(root / "checkpoint", manifest["content_hash"], seed=seed)
+    ckpt = write_tiny_checkpoint(root / "checkpoint", manifest["content_hash"], seed=seed, model_cfg=model_cfg)
     return build_model_package(ckpt, root / "dataset", root / "package",
                                EvalConfig(exclude_seen=exclude_seen))

@@ -126,6 +126,9 @@ def test_readme_table_is_generated_between_markers_and_idempotent(tmp_path):
                                                                "model": {"hidden_size": 128, "num_layers": 3,
                                                                          "dropout": 0.2},
                                                                "data": {"windows": True}}})
+    _result(tmp_path, "quality", {"test_ndcg_at_10": 0.21, "best_epoch": 3, "epochs_run": 4, "wall_seconds": 60},
+            label="llama", config={"file": "c.yaml", "resolved": {"model": {"hidden_size": 128, "num_layers": 3,
+                                                                            "dropout": 0.2, "block": "llama"}}})
     _result(tmp_path, "speed", {"rows": [{"workers": 1, "sequences_per_s": 40.0, "epoch_seconds": 150.0,
                                           "startup_seconds": 30.0, "ray_init_to_first_step_seconds": 20.0,
                                           "peak_rss_mb": 2000.0},
@@ -140,6 +143,7 @@ def test_readme_table_is_generated_between_markers_and_idempotent(tmp_path):
     assert "| quality: id | NDCG@10 0.1234 · HR@10 0.2500 · MRR@10 0.0900 | best epoch 9 of 12, 10 min |" in text
     assert "| quality: b32 | NDCG@10 0.2000 · HR@10 – · MRR@10 – | best epoch 3 of 4, 1 min; batch 32, lr 0.003, " \
            "constant; hidden 128, 3 blocks, dropout 0.2; windows |" in text
+    assert "| best epoch 3 of 4, 1 min; hidden 128, 3 Llama blocks, dropout 0.2 |" in text
     assert "| speed: 1 worker(s) (ml-1m) | 40.0 seq/s · 150.0 s/epoch |" in text
     assert "| speed: scaling 1 → 2 workers (ml-1m) | 90% efficiency | speed-up 1.80× |" in text
     _result(tmp_path, "speed", {"rows": [], "scaling_efficiency_1_to_2": 0.81, "speedup_1_to_2": 1.62,

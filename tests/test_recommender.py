@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pickle
 import types
@@ -14,10 +15,12 @@ import pytest
 import torch
 
 from llmrec_dist.batching import left_pad
+from llmrec_dist.model import build_model
 from llmrec_dist.registry.package import build_model_package
 from llmrec_dist.registry.recommender import Recommender, UnknownItemWarning
 from registry_fixtures import (
     NUM_ITEMS,
+    TINY_MODEL,
     item_id,
     make_package,
     popularity,
@@ -136,6 +139,16 @@ def test_output_shape_and_scores_match_the_model(rec):
         unseen = [i for i in range(1, NUM_ITEMS + 1) if item_id(i) not in seen and i not in idx]
         assert row[unseen].max().item() <= result["scores"][-1]
         assert result["texts"] == [rec.text_of(i) for i in result["item_ids"]]
+
+
+def test_a_llama_block_package_scores_like_the_model_it_was_built_from(tmp_path):
+    cfg = dataclasses.replace(TINY_MODEL, block="llama", activation="silu")
+    loaded = Recommender.from_folder(make_package(tmp_path, seed=3, model_cfg=cfg))
+    assert loaded.model.encoder.config.model_type == "llama" and not loaded.model.training
+    torch.manual_seed(3)  # the same draw as the packaged checkpoint's
+    model = build_model(cfg, NUM_ITEMS).eval()
+    seq = torch.from_numpy(left_pad([[1, 2, 3], [10], [5, 4, 3, 2, 1]], cfg.max_len))
+    torch.testing.assert_close(loaded.model.score_next(seq), model.score_next(seq), rtol=0, atol=1e-6)
 
 
 def test_seen_items_are_excluded(rec, rec_keep_seen):

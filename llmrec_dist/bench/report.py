@@ -42,7 +42,8 @@ def _quality_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
     if train:  # the recipe's knobs that changed between runs
         detail += f"; batch {train['batch_size']}, lr {train['lr']:g}, {train.get('schedule', 'cosine')}"
     if model:
-        detail += f"; hidden {model['hidden_size']}, {model['num_layers']} blocks, dropout {model['dropout']:g}"
+        kind = "Llama blocks" if model.get("block") == "llama" else "blocks"
+        detail += f"; hidden {model['hidden_size']}, {model['num_layers']} {kind}, dropout {model['dropout']:g}"
     if resolved.get("data", {}).get("windows"):
         detail += "; windows"
     rows = [(f"quality: {label}", test_cell(f), detail)]
