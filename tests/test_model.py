@@ -22,6 +22,11 @@ def tiny_model(num_items=10, seed=0, cfg=TINY):
     return build_model(cfg, num_items).eval()
 
 
+def two_rows():
+    """Next-item pairs of two histories (5 and 3 items): 6 target positions."""
+    return next_item_batch([[1, 2, 3, 4, 5], [6, 7, 8]], TINY.max_len)
+
+
 def test_left_pad_keeps_the_most_recent_items():
     assert left_pad([[1, 2, 3], [4], []], 2).tolist() == [[2, 3], [0, 4], [0, 0]]
 
@@ -92,7 +97,7 @@ def test_a_shared_bucket_order_gives_every_rank_batches_of_the_same_length_rank(
 
 def test_golden_loss_and_parameter_count():
     model = tiny_model()
-    seq, tgt = next_item_batch([[1, 2, 3, 4, 5], [6, 7, 8]], TINY.max_len)
+    seq, tgt = two_rows()
     out = model(seq, tgt)
     assert out["positions"].item() == 6
     # golden value for torch 2.13 / transformers 5.x; a change here means the model changed
@@ -103,7 +108,7 @@ def test_golden_loss_and_parameter_count():
 
 def test_llama_blocks_golden_loss_and_parameter_count():
     model = tiny_model(cfg=LLAMA)
-    seq, tgt = next_item_batch([[1, 2, 3, 4, 5], [6, 7, 8]], TINY.max_len)
+    seq, tgt = two_rows()
     assert model(seq, tgt)["loss"].item() == pytest.approx(2.315490, abs=1e-4)
     hf = model.encoder.config
     assert (hf.intermediate_size, hf.hidden_act) == (48, "silu")  # 8/3 x 16 rounded up to a multiple of 8
@@ -114,10 +119,8 @@ def test_llama_blocks_golden_loss_and_parameter_count():
 
 
 def test_llama_dropout_acts_in_training_only():
-    torch.manual_seed(0)
-    model = build_model(dataclasses.replace(LLAMA, dropout=0.5), 10)
-    seq, tgt = next_item_batch([[1, 2, 3, 4, 5], [6, 7, 8]], TINY.max_len)
-    model.train()
+    model = tiny_model(cfg=dataclasses.replace(LLAMA, dropout=0.5)).train()
+    seq, tgt = two_rows()
     assert model(seq, tgt)["loss"].item() != model(seq, tgt)["loss"].item()
     model.eval()
     assert model(seq, tgt)["loss"].item() == model(seq, tgt)["loss"].item()
@@ -130,7 +133,7 @@ def test_llama_dropout_acts_in_training_only():
 def test_llama_blocks_give_every_parameter_a_gradient():
     """DDP runs with find_unused_parameters off: one step must reach every weight."""
     model = tiny_model(cfg=LLAMA).train()
-    seq, tgt = next_item_batch([[1, 2, 3, 4, 5], [6, 7, 8]], TINY.max_len)
+    seq, tgt = two_rows()
     model(seq, tgt)["loss"].backward()
     assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
 

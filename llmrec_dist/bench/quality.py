@@ -53,10 +53,10 @@ def run_quality(cfg: Config, refit: bool = False) -> dict:
         "reached_target": (m.get("test_ndcg_at_10") or 0) >= TARGET_NDCG_AT_10,
     }
     if refit:
-        chosen = dataclasses.replace(cfg.train, refit_epochs=int(m["best_epoch"]) + 1)
+        refit_train = dataclasses.replace(cfg.train, refit_epochs=int(m["best_epoch"]) + 1)
         # the validated run registers (if the config says so); a refit has no validation to gate on
         unregistered = dataclasses.replace(cfg.mlflow, registered_model="")
-        refit_figures = run_quality(dataclasses.replace(cfg, train=chosen, mlflow=unregistered))
+        refit_figures = run_quality(dataclasses.replace(cfg, train=refit_train, mlflow=unregistered))
         figures["refit"] = {k: v for k, v in refit_figures.items() if k != "target_ndcg_at_10"}
     return figures
 
