@@ -67,6 +67,18 @@ def load_eval_rows(dataset_path: str, split: str, rank: int = 0, world_size: int
                     table.column(COLD_FIELD.name).to_numpy().astype(bool))
 
 
+def length_sorted_batches(rows: EvalRows, batch_size: int) -> list[np.ndarray]:
+    """Row indices in batches of ``batch_size``, shortest histories first.
+
+    A batch is padded to its longest history, so batching rows of similar length cuts the padded
+    positions the model reads (ml-1m validation with max_len 200: 58 % of those of batches in user
+    order). The metrics are sums over rows, so the order does not change them.
+    """
+    lengths = np.fromiter((len(h) for h in rows.histories), dtype=np.int64, count=len(rows))
+    order = np.argsort(lengths, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def item_table(model) -> torch.Tensor:
     """Every item's vector [N + 1, H], computed once per evaluation.
@@ -108,13 +120,12 @@ def evaluate(model, rows: EvalRows, num_items: int, cfg: EvalConfig, max_len: in
     table = item_table(model)
     acc = RankingAccumulator(cfg.ks, num_items, cfg.coverage_k, device=device)
     cold_acc = RankingAccumulator(cfg.ks, num_items, None, device=device)
-    for start in range(0, len(rows), cfg.batch_size):
-        stop = start + cfg.batch_size
-        batch = eval_batch(rows.histories[start:stop], rows.targets[start:stop], max_len, cfg.exclude_seen)
+    for idx in length_sorted_batches(rows, cfg.batch_size):
+        batch = eval_batch([rows.histories[i] for i in idx], rows.targets[idx], max_len, cfg.exclude_seen)
         batch = {k: v.to(device) for k, v in batch.items()}
         scores = model.score_next(batch["seq"], table).float()
         acc.update(scores, batch["targets"], batch.get("history"))
-        cold = rows.cold[start:stop]
+        cold = rows.cold[idx]
         if cold.any():
             mask, history = torch.from_numpy(cold).to(device), batch.get("history")
             cold_acc.update(scores[mask], batch["targets"][mask], None if history is None else history[mask])

@@ -364,6 +364,33 @@ def test_cold_metrics_by_hand():
     assert seen["cold_mrr_at_3"] == pytest.approx((1 / 3 + 0) / 2) and seen["cold_hr_at_3"] == 0.5
 
 
+class WidthRecordingModel(LastItemModel):
+    """LastItemModel that records the width of every batch it is asked to score."""
+
+    def __init__(self):
+        super().__init__()
+        self.widths = []
+
+    def score_next(self, seq: torch.Tensor, table=None) -> torch.Tensor:
+        self.widths.append(seq.shape[1])
+        return super().score_next(seq, table)
+
+
+def test_evaluation_batches_rows_of_similar_length():
+    # histories of lengths 1, 5, 2, 6 in user order; batches of 2 by length are {1, 2} and {5, 6}
+    histories = [np.array(h) for h in ([1], [2, 3, 2, 3, 1], [3, 2], [1, 1, 1, 1, 1, 3])]
+    rows = EvalRows(histories, np.array([2, 4, 4, 4]), np.array([False, True, False, True]))
+    model = WidthRecordingModel()
+    two = EvalConfig(ks=[1, 3], exclude_seen=True, coverage_k=1, batch_size=2)
+    out = evaluate(model, rows, 4, two, max_len=4, prefix="test_")
+    assert model.widths == [2, 4]  # in user order: [4, 4] (lengths 1, 5 and 2, 6; max_len 4)
+    one = EvalConfig(ks=[1, 3], exclude_seen=True, coverage_k=1, batch_size=1)
+    assert evaluate(LastItemModel(), rows, 4, one, 4, prefix="test_") == pytest.approx(out)
+    # by hand, seen items excluded: row 0 ranks 2 over 4, 3; row 1 has only 4 left; row 2 ranks 4 over 1;
+    # row 3 (last item 3) ranks 2 above 4: ranks 0, 0, 0, 1; the cold rows are 1 and 3
+    assert out["test_hr_at_1"] == pytest.approx(0.75) and out["test_cold_mrr_at_3"] == pytest.approx(0.75)
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluate over 2 gloo processes == single process (cold keys included)
 # ---------------------------------------------------------------------------------------------
