@@ -159,12 +159,14 @@ class SequenceRecommender(nn.Module):
 
     def __init__(self, items: ItemEncoder, num_layers: int, num_heads: int, max_len: int, dropout: float,
                  backbone: str = "causal", num_negatives: int = 0, init_std: float = 0.02,
-                 ffn_size: int = 0, activation: str = "gelu", block: str = "standard"):
+                 ffn_size: int = 0, activation: str = "gelu", block: str = "standard",
+                 exclude_seen: bool = False):
         super().__init__()
         self.items = items
         self.max_len = max_len
         self.backbone = backbone
         self.num_negatives = num_negatives
+        self.exclude_seen = exclude_seen
         hidden = items.hidden_size
         self.input_scale = math.sqrt(hidden)
         self.encoder = build_backbone(backbone, hidden, num_layers, num_heads, max_len, dropout,
@@ -207,25 +209,50 @@ class SequenceRecommender(nn.Module):
         """Training step: cross-entropy of the target item at every position whose target is not PAD.
 
         Causal: targets = the next items. Bidirectional: targets at masked positions. The loss lives
-        inside ``forward`` so DDP sees every parameter used in one call.
+        inside ``forward`` so DDP sees every parameter used in one call. With ``exclude_seen`` the items
+        a position has in view score -inf in its softmax (:meth:`seen_entries`).
         """
         keep = targets != PAD
         wanted = targets[keep]
         inputs = torch.where(seq == self.mask_id, PAD, seq)
+        seen = self.seen_entries(inputs, targets, keep) if self.exclude_seen else None
         if self.num_negatives > 0:
-            states, logits, labels = self._sampled_logits(seq, inputs, wanted, keep)
+            states, logits, labels = self._sampled_logits(seq, inputs, wanted, keep, seen)
             with region("loss"):
                 loss = F.cross_entropy(logits, labels, reduction="sum")
         else:
             table = self.items.all_items()
             states = self.encode(seq, table, inputs)
             with region("loss"):  # scoring the whole catalogue at every position + cross-entropy
-                loss = F.cross_entropy(self.catalogue_logits(states[keep], table), wanted, reduction="sum")
+                logits = self.catalogue_logits(states[keep], table)
+                if seen is not None:
+                    rows, where = seen
+                    logits[rows, inputs.reshape(-1)[where]] = float("-inf")
+                loss = F.cross_entropy(logits, wanted, reduction="sum")
         positions = keep.sum()
         # sum / count rather than mean: a batch whose sequences are all single items has no target.
         return {"loss": loss / positions.clamp(min=1), "positions": positions}
 
-    def _sampled_logits(self, seq, inputs, wanted, keep):
+    def seen_entries(self, inputs: torch.Tensor, targets: torch.Tensor,
+                     keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (softmax row, item) pairs a training step leaves out with ``exclude_seen``, as
+        ``(rows, where)``: ``rows`` indexes the kept positions (``states[keep]``' rows), ``where`` the
+        flattened ``inputs`` holding the item. A causal position has in view its own input item and
+        those before it; a bidirectional (cloze) position every unmasked item of the row. An item equal
+        to the position's target is kept, so a repeated item can still be learned. Costs B x L x L
+        flags, independent of the catalogue's size.
+        """
+        batch, length = inputs.shape
+        in_view = torch.ones(length, length, dtype=torch.bool, device=inputs.device)  # [t, s]
+        if self.backbone == "causal":
+            in_view = in_view.tril()
+        items = inputs.unsqueeze(1)  # [b, 1, s]
+        hit = in_view & (items != PAD) & (items != targets.unsqueeze(2)) & keep.unsqueeze(2)  # [b, t, s]
+        row_of = keep.reshape(-1).cumsum(0).view(batch, length) - 1  # position (b, t) → its softmax row
+        b, t, s = hit.nonzero(as_tuple=True)
+        return row_of[b, t], b * length + s
+
+    def _sampled_logits(self, seq, inputs, wanted, keep, seen=None):
         """Sampled softmax: candidates = the step's distinct targets ∪ uniform negatives, logQ-corrected.
 
         Each candidate's sampling probability is that of a mixture of the batch's target distribution
@@ -246,11 +273,15 @@ class SequenceRecommender(nn.Module):
         cand_idx = candidate.nonzero().squeeze(1)
         counts = torch.bincount(target_pos, minlength=len(ids)).to(states.dtype)
         log_q = torch.log((counts[cand_idx] + self.num_negatives / n) / (len(wanted) + self.num_negatives))
-        with region("loss"):
-            logits = states[keep] @ vectors[cand_idx].T - log_q
-        # label = the target's column among the candidates
+        # a distinct item's column among the candidates (-1: not a candidate)
         column = torch.full((len(ids),), -1, dtype=torch.long, device=seq.device)
         column[cand_idx] = torch.arange(len(cand_idx), device=seq.device)
+        with region("loss"):
+            logits = states[keep] @ vectors[cand_idx].T - log_q
+            if seen is not None:  # a seen item is left out where it is a candidate
+                rows, where = seen
+                columns = column[inverse[:n_in][where]]
+                logits[rows[columns >= 0], columns[columns >= 0]] = float("-inf")
         return states, logits, column[target_pos]
 
     def inference_input(self, seq: torch.Tensor) -> torch.Tensor:
@@ -281,13 +312,14 @@ def softmax_negatives(model_cfg: ModelConfig, train_cfg: TrainConfig) -> int:
 
 
 def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int = 0,
-                id_seen=None) -> SequenceRecommender:
+                id_seen=None, exclude_seen: bool = False) -> SequenceRecommender:
     """Build the recommender described by ``cfg`` for a catalogue of ``num_items`` items.
 
     ``text``: the :class:`llmrec_dist.text_tower.TextFeatures` of the catalogue, required when
     ``cfg.item_repr`` uses text. ``num_negatives`` > 0 trains with sampled softmax. ``id_seen``
     (``id+text`` only): ``num_items + 1`` flags, false for items that never occur in a training
     sequence; their ID vector is masked so that text alone represents them (default: all seen).
+    ``exclude_seen`` (``train.exclude_seen``): the training softmax leaves out the items in view.
     """
     if cfg.item_repr == "id":
         items: ItemEncoder = IdItemEncoder(num_items, cfg.hidden_size, cfg.init_std)
@@ -303,7 +335,8 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
         raise ValueError(f"model.item_repr: unknown {cfg.item_repr!r}; valid: id, text, id+text")
     return SequenceRecommender(items, cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.dropout,
                                backbone=cfg.backbone, num_negatives=num_negatives, init_std=cfg.init_std,
-                               ffn_size=cfg.ffn_size, activation=cfg.activation, block=cfg.block)
+                               ffn_size=cfg.ffn_size, activation=cfg.activation, block=cfg.block,
+                               exclude_seen=exclude_seen)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
