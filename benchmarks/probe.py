@@ -22,13 +22,14 @@ import time
 import numpy as np
 import torch
 
-from llmrec_dist.batching import next_item_batch, shuffled_batches
+from llmrec_dist.batching import shuffled_batches
 from llmrec_dist.config import ConfigError, load_config
 from llmrec_dist.data.layout import num_items, read_manifest, read_split
 from llmrec_dist.evaluation import EvalRows, evaluate, load_eval_rows
 from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.train.optim import build_optimizer, build_scheduler
-from llmrec_dist.train.recipe import autocast_for, build_recommender, steps_per_epoch, train_one_epoch
+from llmrec_dist.train.recipe import (TrainingPairs, autocast_for, build_recommender, steps_per_epoch,
+                                      train_one_epoch)
 from llmrec_dist.train.rows import windowed_table
 
 
@@ -70,9 +71,10 @@ def main(argv=None) -> list[dict]:
     scheduler = build_scheduler(optimizer, dataclasses.replace(cfg.train, schedule="constant"),
                                 steps_per_epoch(cfg, len(train), world_size=1))
     device = torch.device("cpu")
+    pairs = TrainingPairs(cfg, model.mask_id, cfg.train.seed)  # the recipe's batches (and earlier items)
     rows, start = [], time.time()
     for epoch in range(args.epochs):
-        batches = (next_item_batch(batch, cfg.model.max_len) for batch in shuffled_batches(
+        batches = (pairs(batch) for batch in shuffled_batches(
             train, cfg.train.batch_size, cfg.model.max_len, cfg.data.length_buckets, rng))
         stats = train_one_epoch(model, batches, optimizer, scheduler, cfg, device, autocast_for(cfg, device))
         metrics = evaluate(model, valid, catalogue, cfg.eval, cfg.model.max_len, device)

@@ -34,6 +34,13 @@ def next_item_batch(sequences: Sequence[Sequence[int]], max_len: int) -> tuple[t
     return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
+def earlier_items(sequences: Sequence[Sequence[int]], window: int) -> torch.Tensor:
+    """What lies before each row's last ``window`` items (the part a batch builder does not feed the
+    model), left-padded to the longest such part, at least 1 wide (all PAD when nothing does)."""
+    before = [np.asarray(s[:max(0, len(s) - window)], dtype=np.int64) for s in sequences]
+    return torch.from_numpy(left_pad(before, max((len(b) for b in before), default=0) or 1))
+
+
 def shuffled_batches(rows: Sequence[Sequence[int]], batch_size: int, max_len: int, length_buckets: int,
                      rng: np.random.Generator) -> Iterator[list]:
     """One epoch over ``rows`` in one process: shuffled, then cut into :func:`length_bucketed` batches
@@ -50,16 +57,20 @@ def window_shape(backbone: str, max_len: int) -> tuple[int, int]:
     return (max_len + 1, max_len) if backbone == "causal" else (max_len, max_len)
 
 
-def history_windows(items: Sequence[int], size: int, stride: int) -> list[Sequence[int]]:
+def history_windows(items: Sequence[int], size: int, stride: int, prefix: bool = False) -> list[Sequence[int]]:
     """A history cut into windows of at most ``size`` items, latest first, ``stride`` apart: with
     ``size = stride + 1`` every item but the first is a next-item target in exactly one window (and
-    has the window's earlier items as context). A history that fits is one window, itself."""
+    has the window's earlier items as context). A history that fits is one window, itself.
+
+    ``prefix``: each window comes with every item before it (the row is the history up to the window's
+    last item). Batch builders still read the last ``size`` items as the window and the rest as
+    :func:`earlier_items` (for ``train.exclude_seen``)."""
     if len(items) <= size:
         return [items]
     overlap = size - stride
     out, end = [], len(items)
     while end > overlap:
-        out.append(items[max(0, end - size):end])
+        out.append(items[0 if prefix else max(0, end - size):end])
         end -= stride
     return out
 

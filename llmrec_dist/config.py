@@ -172,11 +172,12 @@ class TrainConfig:
                 "train.num_negatives uniform negatives, logQ-corrected; `auto` = sampled exactly when "
                 "an LM in the item tower trains (freeze top_k/full/lora).")
     num_negatives: int = _f(256, "Sampled softmax: uniform negatives per step.", check=_positive)
-    exclude_seen: bool = _f(False, "Leave the items a position has in view (the earlier items of its "
-                                   "training row; every other visible item for the bidirectional backbone) "
-                                   "out of its training softmax, as eval.exclude_seen leaves a user's "
-                                   "history out of the ranking; the target itself always stays. For data "
-                                   "where users do not repeat items (MovieLens ratings).")
+    exclude_seen: bool = _f(False, "Leave the user's history out of each position's training softmax, "
+                                   "as eval.exclude_seen leaves it out of the ranking: the items the position "
+                                   "has in view (for the bidirectional backbone every unmasked item of the "
+                                   "row) and every item before the part of the history the model reads "
+                                   "(data.windows rows carry their prefix); the target itself always stays. "
+                                   "For data where users do not repeat items (MovieLens ratings).")
     lm_lr: float = _f(0.0, "Learning rate of trainable LM weights (top_k layers, full); 0 = train.lr x "
                            "train.lm_lr_ratio. LoRA adapters use train.lr.", check=_non_negative)
     lm_lr_ratio: float = _f(0.1, "LM learning rate as a fraction of train.lr when train.lm_lr is 0.",

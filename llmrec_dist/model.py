@@ -10,7 +10,9 @@ sequence state and item vectors; input and output item vectors are the same (tie
 
 Losses: full softmax over the catalogue, or — when the item tower is a trainable LM and scoring the
 catalogue every step would be too costly — sampled softmax over the step's target items plus uniform
-negatives, with logQ correction; each distinct item of a step is represented once.
+negatives, with logQ correction; each distinct item of a step is represented once. Either can leave the
+user's history out of each position's softmax (``train.exclude_seen``), as evaluation leaves it out of
+the ranking.
 
 Sequences are LEFT-padded with item 0 and positions are anchored at the most recent item (it always sits
 at position ``max_len - 1``), so a batch can be padded to its own longest row without changing outputs.
@@ -205,19 +207,22 @@ class SequenceRecommender(nn.Module):
         logits[..., PAD] = float("-inf")
         return logits
 
-    def forward(self, seq: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, seq: torch.Tensor, targets: torch.Tensor,
+                earlier: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training step: cross-entropy of the target item at every position whose target is not PAD.
 
         Causal: targets = the next items. Bidirectional: targets at masked positions. The loss lives
         inside ``forward`` so DDP sees every parameter used in one call. With ``exclude_seen`` the items
-        a position has in view score -inf in its softmax (:meth:`seen_entries`).
+        a position has in view (:meth:`seen_entries`) and the row's ``earlier`` items (left-padded
+        [B, E]: the history before ``seq``) score -inf in its softmax; its target never does.
         """
         keep = targets != PAD
         wanted = targets[keep]
         inputs = torch.where(seq == self.mask_id, PAD, seq)
         seen = self.seen_entries(inputs, targets, keep) if self.exclude_seen else None
+        before = earlier_flags(earlier, self.items.num_items) if self.exclude_seen else None
         if self.num_negatives > 0:
-            states, logits, labels = self._sampled_logits(seq, inputs, wanted, keep, seen)
+            states, logits, labels = self._sampled_logits(seq, inputs, wanted, keep, seen, before)
             with region("loss"):
                 loss = F.cross_entropy(logits, labels, reduction="sum")
         else:
@@ -227,7 +232,7 @@ class SequenceRecommender(nn.Module):
                 logits = self.catalogue_logits(states[keep], table)
                 if seen is not None:
                     rows, where = seen
-                    logits[rows, inputs.reshape(-1)[where]] = float("-inf")
+                    leave_out(logits, rows, inputs.reshape(-1)[where], before, keep, wanted)
                 loss = F.cross_entropy(logits, wanted, reduction="sum")
         positions = keep.sum()
         # sum / count rather than mean: a batch whose sequences are all single items has no target.
@@ -252,7 +257,7 @@ class SequenceRecommender(nn.Module):
         b, t, s = hit.nonzero(as_tuple=True)
         return row_of[b, t], b * length + s
 
-    def _sampled_logits(self, seq, inputs, wanted, keep, seen=None):
+    def _sampled_logits(self, seq, inputs, wanted, keep, seen=None, before=None):
         """Sampled softmax: candidates = the step's distinct targets ∪ uniform negatives, logQ-corrected.
 
         Each candidate's sampling probability is that of a mixture of the batch's target distribution
@@ -276,13 +281,15 @@ class SequenceRecommender(nn.Module):
         # a distinct item's column among the candidates (-1: not a candidate)
         column = torch.full((len(ids),), -1, dtype=torch.long, device=seq.device)
         column[cand_idx] = torch.arange(len(cand_idx), device=seq.device)
+        labels = column[target_pos]
         with region("loss"):
             logits = states[keep] @ vectors[cand_idx].T - log_q
             if seen is not None:  # a seen item is left out where it is a candidate
                 rows, where = seen
                 columns = column[inverse[:n_in][where]]
-                logits[rows[columns >= 0], columns[columns >= 0]] = float("-inf")
-        return states, logits, column[target_pos]
+                before = None if before is None else before[:, ids[cand_idx]]
+                leave_out(logits, rows[columns >= 0], columns[columns >= 0], before, keep, labels)
+        return states, logits, labels
 
     def inference_input(self, seq: torch.Tensor) -> torch.Tensor:
         """Bidirectional models read the history followed by a mask token; causal ones the history."""
@@ -301,6 +308,28 @@ class SequenceRecommender(nn.Module):
         seq = self.inference_input(seq)
         states = self.encode(seq, table, torch.where(seq == self.mask_id, PAD, seq))[:, -1]
         return self.catalogue_logits(states, table)
+
+
+def earlier_flags(earlier: torch.Tensor | None, num_items: int) -> torch.Tensor | None:
+    """[B, N + 1] flags: the catalogue items in each row's ``earlier`` part; None when there is none."""
+    if earlier is None or not bool((earlier != PAD).any()):
+        return None
+    flags = torch.zeros(len(earlier), num_items + 1, dtype=torch.bool, device=earlier.device)
+    flags.scatter_(1, earlier, True)
+    flags[:, PAD] = False
+    return flags
+
+
+def leave_out(logits: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, before: torch.Tensor | None,
+              keep: torch.Tensor, labels: torch.Tensor) -> None:
+    """Set to -inf, in place, the softmax entries ``(rows, columns)`` and, when ``before`` ([B, C]
+    flags over the logits' columns) is given, every flagged column of each batch row's positions,
+    except each position's own ``labels`` column. ``logits`` rows are the ``keep`` positions in order."""
+    logits[rows, columns] = float("-inf")
+    if before is not None:
+        flagged = before[keep.nonzero()[:, 0]]  # [P, C]: the flags of each position's batch row
+        flagged[torch.arange(len(labels), device=labels.device), labels] = False
+        logits.masked_fill_(flagged, float("-inf"))
 
 
 def softmax_negatives(model_cfg: ModelConfig, train_cfg: TrainConfig) -> int:

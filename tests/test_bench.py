@@ -122,7 +122,8 @@ def test_readme_table_is_generated_between_markers_and_idempotent(tmp_path):
                                   "best_epoch": 9, "epochs_run": 12, "wall_seconds": 600}, label="id")
     _result(tmp_path, "quality", {"test_ndcg_at_10": 0.2, "best_epoch": 3, "epochs_run": 4, "wall_seconds": 60},
             label="b32", config={"file": "c.yaml", "resolved": {"train": {"batch_size": 32, "lr": 0.003,
-                                                                         "schedule": "constant"},
+                                                                         "schedule": "constant",
+                                                                         "exclude_seen": True},
                                                                "model": {"hidden_size": 128, "num_layers": 3,
                                                                          "dropout": 0.2},
                                                                "data": {"windows": True}}})
@@ -142,7 +143,8 @@ def test_readme_table_is_generated_between_markers_and_idempotent(tmp_path):
     assert "old table" not in text
     assert "| quality: id | NDCG@10 0.1234 · HR@10 0.2500 · MRR@10 0.0900 | best epoch 9 of 12, 10 min |" in text
     assert "| quality: b32 | NDCG@10 0.2000 · HR@10 – · MRR@10 – | best epoch 3 of 4, 1 min; batch 32, lr 0.003, " \
-           "constant; hidden 128, 3 blocks, dropout 0.2; windows |" in text
+           "constant; hidden 128, 3 blocks, dropout 0.2; windows; history left out of the training softmax |" \
+           in text
     assert "| best epoch 3 of 4, 1 min; hidden 128, 3 Llama blocks, dropout 0.2 |" in text
     assert "| speed: 1 worker(s) (ml-1m) | 40.0 seq/s · 150.0 s/epoch |" in text
     assert "| speed: scaling 1 → 2 workers (ml-1m) | 90% efficiency | speed-up 1.80× |" in text

@@ -112,16 +112,19 @@ def test_distributed_evaluation_equals_single_process(trained, synthetic_dataset
 
 
 def test_cli_train_on_an_existing_cluster_via_ray_address(ray_cluster, synthetic_dataset, tmp_path):
-    """`llmrec-dist train` in a fresh process joins the running cluster through RAY_ADDRESS."""
+    """`llmrec-dist train` in a fresh process joins the running cluster through RAY_ADDRESS. It trains
+    with train.exclude_seen over prefixed windows, batched by Ray Data's collate (data.length_buckets=1):
+    each batch is (inputs, targets, earlier items)."""
     address = ray_cluster.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_ADDRESS": address, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
     cmd = [sys.executable, "-m", "llmrec_dist.cli", "train", "--config", str(QUICKSTART), "--json",
            f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}", *TINY,
-           "train.epochs=1", "mlflow.registered_model="]
+           "train.epochs=1", "mlflow.registered_model=", "train.exclude_seen=true", "data.windows=true",
+           "data.length_buckets=1"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert summary["metrics"]["epochs_run"] == 1
+    assert summary["metrics"]["epochs_run"] == 1 and summary["metrics"]["test_ndcg_at_10"] > 0
     assert summary["model_uri"] and not summary["registration"]
     assert f"Connecting to existing Ray cluster at address: {address}" in proc.stderr
 
@@ -169,6 +172,13 @@ def test_windows_are_cut_before_the_split_alike_on_every_read_path(ray_cluster, 
         cfg = load_config(QUICKSTART, [*base, *extra])
         rows = [list(r["items"]) for r in train_dataset(cfg).iter_rows()]
         assert rows == expected, extra
+        assert training_rows(cfg, manifest) == len(expected)
+    # train.exclude_seen: the same windows, each with the history before it
+    prefixed = [w for h in histories for w in history_windows(h, 9, 8, prefix=True)]
+    assert [w[-9:] for w in prefixed] == expected and prefixed != expected
+    for extra in ([], ["data.driver_read_mb=0"], ["data.materialize=false"]):
+        cfg = load_config(QUICKSTART, [*base, "train.exclude_seen=true", *extra])
+        assert [list(r["items"]) for r in train_dataset(cfg).iter_rows()] == prefixed, extra
         assert training_rows(cfg, manifest) == len(expected)
     plain = load_config(QUICKSTART, [f"data.path={synthetic_dataset}", "model.max_len=8"])
     assert training_rows(plain, manifest) == len(histories) == train_dataset(plain).count()

@@ -46,6 +46,8 @@ def _quality_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
         detail += f"; hidden {model['hidden_size']}, {model['num_layers']} {kind}, dropout {model['dropout']:g}"
     if resolved.get("data", {}).get("windows"):
         detail += "; windows"
+    if (train or {}).get("exclude_seen"):
+        detail += "; history left out of the training softmax"
     rows = [(f"quality: {label}", test_cell(f), detail)]
     if "refit" in f:
         rows.append((f"quality: {label}, refit", test_cell(f["refit"]), _refit_detail(f["refit"])))

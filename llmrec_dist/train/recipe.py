@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from llmrec_dist.batching import cloze_batch, length_bucketed, next_item_batch
+from llmrec_dist.batching import cloze_batch, earlier_items, length_bucketed, next_item_batch
 from llmrec_dist.config import Config, config_from_dict
 from llmrec_dist.data.layout import num_items as manifest_num_items
 from llmrec_dist.data.layout import items_seen_in_training, read_manifest
@@ -44,16 +44,20 @@ from llmrec_dist.train.profiling import StepProfiler, region
 
 class TrainingPairs:
     """Rows of the train split → left-padded (inputs, targets): next-item pairs for the causal
-    backbone, cloze (masked-item) pairs for the bidirectional one."""
+    backbone, cloze (masked-item) pairs for the bidirectional one. With ``train.exclude_seen`` a third
+    tensor holds each row's items before the part the model reads, for the softmax to leave out."""
 
     def __init__(self, cfg: Config, mask_id: int, seed: int):
-        self.model_cfg, self.mask_id = cfg.model, mask_id
+        self.model_cfg, self.mask_id, self.exclude_seen = cfg.model, mask_id, cfg.train.exclude_seen
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, rows):
+        max_len = self.model_cfg.max_len
         if self.model_cfg.backbone == "bidirectional":
-            return cloze_batch(rows, self.model_cfg.max_len, self.model_cfg.mask_ratio, self.mask_id, self.rng)
-        return next_item_batch(rows, self.model_cfg.max_len)
+            pairs, window = cloze_batch(rows, max_len, self.model_cfg.mask_ratio, self.mask_id, self.rng), max_len
+        else:
+            pairs, window = next_item_batch(rows, max_len), max_len + 1
+        return (*pairs, earlier_items(rows, window)) if self.exclude_seen else pairs
 
 
 class PairsCollate(NumpyBatchCollateFn):
@@ -180,18 +184,18 @@ def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, a
             batch = next(batches, None)
             if batch is None:
                 break
-            seq, targets = batch
             first_batch_at = first_batch_at or time.time()
             if pin:
-                seq, targets = seq.pin_memory(), targets.pin_memory()
-            seq, targets = seq.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                batch = [t.pin_memory() for t in batch]
+            # (inputs, targets), and with train.exclude_seen the items before the inputs
+            seq, targets, *earlier = (t.to(device, non_blocking=True) for t in batch)
         micro += 1
         step_now = micro % cfg.train.grad_accum == 0
         # Gradients are all-reduced only on the micro-batch that steps the optimiser.
         sync = nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
         with sync, amp():
             with region("forward"):
-                out = model(seq, targets)
+                out = model(seq, targets, *earlier)
             with region("backward"):
                 (out["loss"] / cfg.train.grad_accum).backward()
         if step_now:

@@ -25,8 +25,9 @@ def training_rows(cfg: Config, manifest: Mapping) -> int:
 
 
 def windowed_table(table: pa.Table, cfg: Config) -> pa.Table:
-    """``table``'s ``items`` histories cut into training windows, in row order, latest window first."""
+    """``table``'s ``items`` histories cut into training windows, in row order, latest window first.
+    With ``train.exclude_seen`` each window row keeps the history before it (the softmax leaves it out)."""
     size, stride = window_shape(cfg.model.backbone, cfg.model.max_len)
-    column = table.column("items")
-    rows = [w for items in column.to_pylist() for w in history_windows(items, size, stride)]
+    column, prefix = table.column("items"), cfg.train.exclude_seen
+    rows = [w for items in column.to_pylist() for w in history_windows(items, size, stride, prefix)]
     return pa.table({"items": pa.array(rows, type=column.type)})
