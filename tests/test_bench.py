@@ -159,6 +159,19 @@ def test_readme_table_is_generated_between_markers_and_idempotent(tmp_path):
     assert not report.update_readme(readme, tmp_path)  # a second run changes nothing
 
 
+def test_a_hand_written_report_detail_ends_the_row(tmp_path):
+    path = _result(tmp_path, "quality", {"test_ndcg_at_10": 0.2, "best_epoch": 3, "epochs_run": 4,
+                                         "wall_seconds": 60},
+                   label="old", config={"file": "c.yaml", "resolved": {"train": {"batch_size": 32, "lr": 0.003,
+                                                                                "exclude_seen": True}}})
+    data = json.loads(path.read_text())
+    data["report_detail"] = "the training row's items only"
+    path.write_text(json.dumps(data))
+    text = report.render(common.read_results(tmp_path))
+    assert ("| best epoch 3 of 4, 1 min; batch 32, lr 0.003, cosine; history left out of the training softmax; "
+            "the training row's items only |") in text
+
+
 def test_a_refit_gets_its_own_row_after_the_validated_run(tmp_path):
     _result(tmp_path, "quality", {"test_ndcg_at_10": 0.19, "test_hr_at_10": 0.33, "test_mrr_at_10": 0.15,
                                   "best_epoch": 18, "epochs_run": 20, "wall_seconds": 1800,

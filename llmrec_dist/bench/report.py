@@ -48,6 +48,8 @@ def _quality_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
         detail += "; windows"
     if (train or {}).get("exclude_seen"):
         detail += "; history left out of the training softmax"
+    if data.get("report_detail"):  # what the resolved config cannot say, added to a file by hand
+        detail += f"; {data['report_detail']}"   # (e.g. a key whose meaning changed after the run)
     rows = [(f"quality: {label}", test_cell(f), detail)]
     if "refit" in f:
         rows.append((f"quality: {label}, refit", test_cell(f["refit"]), _refit_detail(f["refit"])))
