@@ -118,6 +118,10 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    for text, kind in (("garbage\n", "str"), ("[1, 2]\n", "list")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=f"expected a mapping of sections .*; got a {kind}"):
+            load_config(bad, ["data.path=d"])
 
 
 def test_flat_params_and_describe():

@@ -442,6 +442,14 @@ def test_bad_config_is_refused_by_dotted_key(registry, train_setup, capsys, case
     assert registry_state(registry["uri"]) == registry["state"]
 
 
+def test_a_config_that_is_not_a_mapping_exits_2_naming_the_file(tmp_path, capsys):
+    config = tmp_path / "flat.yaml"
+    config.write_text("just some words\n")
+    code, err = run_cli(capsys, "train", "--config", str(config))
+    assert code == 2 and str(config) in err and "expected a mapping of sections" in err
+    assert "Traceback" not in err
+
+
 def test_yaml_python_tags_are_not_executed(tmp_path, capsys):
     marker = tmp_path / "pwned"
     config = tmp_path / "evil.yaml"
