@@ -469,10 +469,12 @@ def load_raw_yaml(path: str | Path) -> dict:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None:  # an empty file: the defaults
+        return {}
+    if not isinstance(raw, dict):
         raise ConfigError([f"expected a mapping of sections (data:, model:, train:, ...); got a "
                            f"{type(raw).__name__}: {raw!r:.60}"], str(path))
-    return raw or {}
+    return raw
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -2,6 +2,8 @@
 
 The table sits between two marker lines in the README and is replaced as a whole; nothing else in the
 file changes. Each row names the benchmark file it came from; a benchmark not yet run is left out.
+A quality row describes its run from the resolved config; a file may add a short ``report_detail``
+string by hand for what that config cannot say (a key whose meaning changed after the run).
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ def _quality_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
         detail += "; windows"
     if (train or {}).get("exclude_seen"):
         detail += "; history left out of the training softmax"
-    if data.get("report_detail"):  # what the resolved config cannot say, added to a file by hand
-        detail += f"; {data['report_detail']}"   # (e.g. a key whose meaning changed after the run)
+    if data.get("report_detail"):
+        detail += f"; {data['report_detail']}"
     rows = [(f"quality: {label}", test_cell(f), detail)]
     if "refit" in f:
         rows.append((f"quality: {label}, refit", test_cell(f["refit"]), _refit_detail(f["refit"])))
