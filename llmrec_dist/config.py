@@ -38,6 +38,12 @@ def _fraction(v):
     return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
+def _increasing_positive(v):
+    if any(b <= 0 for b in v) or any(a >= b for a, b in zip(v, v[1:])):
+        return "must be strictly increasing positive integers (e.g. [1, 5, 20]), or [] for none"
+    return None
+
+
 # ------------------------------------------------------------------ names (they reach logs, registries, paths)
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _ALIAS = re.compile(r"[\w-]+")  # what MLflow accepts for a registered-model alias
@@ -182,6 +188,17 @@ class TrainConfig:
                            "train.lm_lr_ratio. LoRA adapters use train.lr.", check=_non_negative)
     lm_lr_ratio: float = _f(0.1, "LM learning rate as a fraction of train.lr when train.lm_lr is 0.",
                             check=_positive)
+    lm_items_per_step: int = _f(256, "Trainable LM tower (model.freeze top_k/full/lora): the most distinct "
+                                     "items per step whose text runs through the LM with gradient, drawn "
+                                     "at random among the step's items; the others read the LM output "
+                                     "cached at the last refresh (their projection, ID vector and fusion "
+                                     "still train). Bounds a step's LM memory and time whatever the batch "
+                                     "or catalogue size. 0 = every distinct item of the step (memory grows "
+                                     "with the batch).", check=_non_negative)
+    lm_refresh_steps: int = _f(0, "Trainable LM tower: recompute the cached LM output of every item every "
+                                  "this many optimiser steps (one LM pass over the catalogue, no gradient, "
+                                  "split over the workers); 0 = once per epoch, before validation.",
+                               check=_non_negative)
     grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.", check=_positive)
     patience: int = _f(5, "Stop after this many epochs without a better validation metric (0 = never).",
                        check=_non_negative)
@@ -215,6 +232,15 @@ class EvalConfig:
     metric: str = _f("ndcg_at_10", "Validation metric used for early stopping, checkpoint selection "
                                    "and champion gating (`{metric}_at_{k}` with k in eval.ks).")
     batch_size: int = _f(256, "Users scored per evaluation batch on each worker.", check=_positive)
+    freq_buckets: list[int] = _f(
+        factory=lambda: [1, 5, 20],
+        doc="Also report HR/NDCG/MRR@K of the rows whose target falls in each bucket of training frequency "
+            "(the item's occurrences in the train split's histories, items.parquet `popularity`): these "
+            "are the lower edges of the buckets after 0, so [1, 5, 20] gives buckets 0 (never trained on: "
+            "cold or unseen), 1-4, 5-19 and 20+, reported as {split}_freq_0_{metric}_at_{k}, "
+            "{split}_freq_1_4_..., {split}_freq_5_19_..., {split}_freq_20_plus_... and "
+            "{split}_freq_<bucket>_users (a bucket without rows is left out). [] = off.",
+        check=_increasing_positive)
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 Each rank scores the users ``rank, rank + world, rank + 2·world, …`` of the split, accumulates metric
 *sums*, and one all-reduce adds them up — so the numbers equal a single-process evaluation of the
-same checkpoint (tested). The rows whose target is a cold item (``prepare --cold-items``) are also
-accumulated apart and reported as ``{split}_cold_{metric}_at_{k}``.
+same checkpoint (tested). Subsets of the rows are also accumulated apart (:func:`row_subsets`): those
+whose target is a cold item (``prepare --cold-items``), reported as ``{split}_cold_{metric}_at_{k}``, and
+those whose target falls in each bucket of training frequency (``eval.freq_buckets``), reported as
+``{split}_freq_{bucket}_{metric}_at_{k}`` with buckets named by :func:`freq_bucket_names`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import torch.distributed as dist
 
 from llmrec_dist.batching import eval_batch
 from llmrec_dist.config import EvalConfig
-from llmrec_dist.data.layout import COLD_FIELD, split_files, with_cold_column
-from llmrec_dist.metrics import RankingAccumulator
+from llmrec_dist.data.layout import COLD_FIELD, item_popularity, split_files, with_cold_column
+from llmrec_dist.metrics import RankingAccumulator, rankable_scores, target_ranks
+from llmrec_dist.sharding import refresh_text_cache
 
 
 @dataclass
@@ -27,18 +30,25 @@ class EvalRows:
     """Histories (original order, most recent last) and targets of one split's rows for this rank.
 
     ``cold[i]``: the target of row ``i`` is a cold item (default: none is).
+    ``freq[i]``: the training frequency of row ``i``'s target, its ``popularity`` in items.parquet
+    (default None: unknown, so these rows fall in no ``eval.freq_buckets`` bucket).
     """
 
     histories: list[np.ndarray]
     targets: np.ndarray
     cold: np.ndarray | None = None
+    freq: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.cold is None:
             self.cold = np.zeros(len(self.targets), dtype=bool)
         self.cold = np.asarray(self.cold, dtype=bool)
-        if self.cold.shape != (len(self.targets),):
-            raise ValueError(f"cold has shape {self.cold.shape}, expected ({len(self.targets)},)")
+        if self.freq is not None:
+            self.freq = np.asarray(self.freq, dtype=np.int64)
+        for name in ("cold", "freq"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (len(self.targets),):
+                raise ValueError(f"{name} has shape {value.shape}, expected ({len(self.targets)},)")
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -54,7 +64,9 @@ def _list_column(table: pa.Table, name: str) -> list[np.ndarray]:
 def load_eval_rows(dataset_path: str, split: str, rank: int = 0, world_size: int = 1) -> EvalRows:
     """This rank's share (every ``world_size``-th row, in user order) of the ``valid`` or ``test`` split.
 
-    ``cold`` is all false for datasets prepared before the column existed.
+    ``cold`` is all false for datasets prepared before the column existed. ``freq`` is each target's
+    ``popularity`` in items.parquet (read once): its count in the *train* split's histories, whatever
+    the model trained on, so a refit's test rows are still bucketed by the train split's counts.
     """
     tables = []
     for file in split_files(dataset_path, split):
@@ -63,8 +75,34 @@ def load_eval_rows(dataset_path: str, split: str, rank: int = 0, world_size: int
         tables.append(with_cold_column(pq.read_table(file, columns=columns)))
     table = pa.concat_tables(tables).sort_by("user_idx")
     table = table.take(np.arange(rank, len(table), world_size))
-    return EvalRows(_list_column(table, "items"), table.column("target").to_numpy().astype(np.int64),
-                    table.column(COLD_FIELD.name).to_numpy().astype(bool))
+    targets = table.column("target").to_numpy().astype(np.int64)
+    return EvalRows(_list_column(table, "items"), targets, table.column(COLD_FIELD.name).to_numpy().astype(bool),
+                    item_popularity(dataset_path)[targets])
+
+
+def freq_bucket_names(freq_buckets: list[int]) -> list[str]:
+    """Names of the training-frequency buckets whose lower edges after 0 are ``freq_buckets``: a bucket
+    ``lo..hi`` is ``{lo}_{hi}`` (``{lo}`` when lo == hi), the last one ``{lo}_plus``. ``[1, 5, 20]`` →
+    ``["0", "1_4", "5_19", "20_plus"]``; ``[2, 10]`` → ``["0_1", "2_9", "10_plus"]``; ``[]`` → none."""
+    if not freq_buckets:
+        return []
+    lows, highs = [0, *freq_buckets], [b - 1 for b in freq_buckets]
+    return [str(lo) if lo == hi else f"{lo}_{hi}" for lo, hi in zip(lows, highs)] + [f"{lows[-1]}_plus"]
+
+
+def row_subsets(rows: EvalRows, freq_buckets: list[int]) -> list[tuple[str, np.ndarray]]:
+    """``(name, member)`` for every subset of ``rows`` whose metrics are reported apart: ``cold_``
+    (a cold target), then ``freq_{bucket}_`` for each bucket of :func:`freq_bucket_names` (the rows
+    whose target's training frequency falls in it; none when ``rows.freq`` is None). ``member`` is a
+    bool per row. How many subsets there are depends on ``freq_buckets`` only, so it is the same on
+    every rank."""
+    subsets = [("cold_", rows.cold)]
+    names = freq_bucket_names(freq_buckets)
+    if rows.freq is None:
+        bucket = np.full(len(rows), -1)
+    else:  # bucket 0 below the first edge, bucket i from edge i - 1 on
+        bucket = np.searchsorted(np.asarray(freq_buckets, dtype=np.int64), rows.freq, side="right")
+    return subsets + [(f"freq_{name}_", bucket == i) for i, name in enumerate(names)]
 
 
 def length_sorted_batches(rows: EvalRows, batch_size: int) -> list[np.ndarray]:
@@ -83,24 +121,12 @@ def length_sorted_batches(rows: EvalRows, batch_size: int) -> list[np.ndarray]:
 def item_table(model) -> torch.Tensor:
     """Every item's vector [N + 1, H], computed once per evaluation.
 
-    With a trainable LM tower this is the expensive part, so the catalogue is cut into equal slices,
-    each rank represents its slice and an all-gather assembles the table. Every rank must call it.
+    A trainable LM tower whose output cache is out of date (its weights changed since the last refresh)
+    first runs the LM over the catalogue, split over the ranks (:func:`llmrec_dist.sharding.refresh_text_cache`);
+    the table is then read from the cache. Every rank must call it.
     """
-    items = model.items
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if not (distributed and getattr(items, "trainable_lm", False)):
-        return items.all_items()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    total = items.num_items + 1
-    per_rank = -(-total // world)
-    device = items.token_ids.device
-    ids = torch.arange(rank * per_rank, min(total, (rank + 1) * per_rank), device=device)
-    part = items.represent(ids)
-    padded = part.new_zeros((per_rank, part.shape[1]))
-    padded[:len(part)] = part
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return torch.cat(gathered)[:total]
+    refresh_text_cache(model.items)
+    return model.items.all_items()
 
 
 @torch.no_grad()
@@ -109,33 +135,39 @@ def evaluate(model, rows: EvalRows, num_items: int, cfg: EvalConfig, max_len: in
     """Metrics of ``model`` on ``rows``; all-reduced over ranks when torch.distributed is initialised.
 
     Returns ``{prefix}{metric}_at_{k}``, ``{prefix}coverage_at_{coverage_k}`` and ``{prefix}users``
-    over all rows and, when some rank has rows with a cold target, ``{prefix}cold_{metric}_at_{k}``
-    and ``{prefix}cold_users`` over those rows (no coverage).
+    over all rows and, for each subset of :func:`row_subsets` that has rows on some rank, the same
+    metrics without coverage over those rows: ``{prefix}cold_{metric}_at_{k}`` and
+    ``{prefix}cold_users`` (cold targets), ``{prefix}freq_{bucket}_{metric}_at_{k}`` and
+    ``{prefix}freq_{bucket}_users`` (``cfg.freq_buckets``; e.g. ``test_freq_1_4_ndcg_at_10``).
 
-    Every rank must call this (the all-reduce is a sync point), even one with no rows or no cold
-    rows: each makes exactly one all-reduce of the same size.
+    Every rank must call this (the all-reduce is a sync point), even one with no rows or no rows of
+    some subset: each makes exactly one all-reduce of the same size.
     """
     was_training = model.training
     model.eval()
     table = item_table(model)
+    subsets = row_subsets(rows, cfg.freq_buckets)
     acc = RankingAccumulator(cfg.ks, num_items, cfg.coverage_k, device=device)
-    cold_acc = RankingAccumulator(cfg.ks, num_items, None, device=device)
+    subset_accs = [RankingAccumulator(cfg.ks, num_items, None, device=device) for _ in subsets]
     for idx in length_sorted_batches(rows, cfg.batch_size):
         batch = eval_batch([rows.histories[i] for i in idx], rows.targets[idx], max_len, cfg.exclude_seen)
         batch = {k: v.to(device) for k, v in batch.items()}
-        scores = model.score_next(batch["seq"], table).float()
-        acc.update(scores, batch["targets"], batch.get("history"))
-        cold = rows.cold[idx]
-        if cold.any():
-            mask, history = torch.from_numpy(cold).to(device), batch.get("history")
-            cold_acc.update(scores[mask], batch["targets"][mask], None if history is None else history[mask])
-    # One tensor, so every rank makes the same single collective whether or not it has cold rows.
-    state = torch.cat([acc.state(), cold_acc.state()])
+        scores = rankable_scores(model.score_next(batch["seq"], table).float(), batch["targets"],
+                                 batch.get("history"))
+        ranks = target_ranks(scores, batch["targets"])
+        acc.add_ranks(ranks, scores)
+        for (_, member), subset_acc in zip(subsets, subset_accs):
+            if (in_batch := member[idx]).any():
+                subset_acc.add_ranks(ranks[torch.from_numpy(in_batch).to(device)])
+    # One tensor, so every rank makes the same single collective whatever rows it has.
+    accs = [acc, *subset_accs]
+    state = torch.cat([a.state() for a in accs])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(state, op=dist.ReduceOp.SUM)
     model.train(was_training)
-    state, cold_state = state[: acc.state_size()], state[acc.state_size():]
+    state, *subset_states = torch.split(state, [a.state_size() for a in accs])
     out = acc.result(state, prefix=prefix)
-    if cold_acc.count(cold_state) > 0:
-        out.update(cold_acc.result(cold_state, prefix=f"{prefix}cold_"))
+    for (name, _), subset_acc, subset_state in zip(subsets, subset_accs, subset_states):
+        if subset_acc.count(subset_state) > 0:
+            out.update(subset_acc.result(subset_state, prefix=f"{prefix}{name}"))
     return out

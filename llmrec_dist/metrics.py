@@ -27,6 +27,16 @@ def mask_seen(scores: torch.Tensor, history: torch.Tensor, targets: torch.Tensor
     return scores
 
 
+def rankable_scores(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+    """A new tensor of the scores the ranking sees: padding at -inf and, given ``history`` ([B, L] padded
+    with 0), the history items except each row's target too (None keeps seen items)."""
+    if history is not None:
+        return mask_seen(scores, history, targets)
+    scores = scores.clone()
+    scores[:, PAD] = float("-inf")
+    return scores
+
+
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """0-based pessimistic rank of each target: items scoring higher, plus other items scoring equal."""
     target_scores = scores.gather(1, targets[:, None])
@@ -47,12 +57,14 @@ class RankingAccumulator:
 
     def update(self, scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None) -> None:
         """``scores`` [B, N+1]; ``targets`` [B]; ``history`` [B, L] padded with 0, or None to keep seen items."""
-        if history is not None:
-            scores = mask_seen(scores, history, targets)
-        else:
-            scores = scores.clone()
-            scores[:, PAD] = float("-inf")
-        ranks = target_ranks(scores, targets).to(torch.float64)
+        scores = rankable_scores(scores, targets, history)
+        self.add_ranks(target_ranks(scores, targets), scores)
+
+    def add_ranks(self, ranks: torch.Tensor, scores: torch.Tensor | None = None) -> None:
+        """Accumulate rows by their 0-based target ranks [B] (from :func:`target_ranks` of
+        :func:`rankable_scores`); ``scores``, those rankable scores [B, N+1], are needed for coverage only.
+        Several accumulators (all rows, a subset of them) can share one ranking this way."""
+        ranks = ranks.to(torch.float64)
         i = 0
         for metric in METRICS:
             for k in self.ks:
@@ -65,8 +77,10 @@ class RankingAccumulator:
                     value = torch.where(hit, 1.0 / (ranks + 1.0), 0.0)
                 self.sums[i] += value.sum()
                 i += 1
-        self.sums[-1] += len(targets)
+        self.sums[-1] += len(ranks)
         if self.coverage_k:
+            if scores is None:
+                raise ValueError("coverage needs the rankable scores of the rows")
             top = scores.topk(self.coverage_k, dim=1).indices
             self.recommended.index_fill_(0, top.flatten(), 1.0)
 

@@ -53,7 +53,9 @@ class ItemEncoder(nn.Module):
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def all_items(self) -> torch.Tensor:  # pragma: no cover - interface
+    def all_items(self, focus: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover - interface
+        """``focus``: in training, the step's items (a trainable LM tower runs only those; see
+        :class:`llmrec_dist.text_tower.TextItemEncoder`); other encoders ignore it."""
         raise NotImplementedError
 
 
@@ -83,7 +85,7 @@ class IdItemEncoder(ItemEncoder):
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids)
 
-    def all_items(self) -> torch.Tensor:
+    def all_items(self, focus: torch.Tensor | None = None) -> torch.Tensor:
         return self.embedding.weight
 
 
@@ -226,7 +228,7 @@ class SequenceRecommender(nn.Module):
             with region("loss"):
                 loss = F.cross_entropy(logits, labels, reduction="sum")
         else:
-            table = self.items.all_items()
+            table = self.items.all_items(focus=torch.unique(torch.cat([inputs.reshape(-1), wanted])))
             states = self.encode(seq, table, inputs)
             with region("loss"):  # scoring the whole catalogue at every position + cross-entropy
                 logits = self.catalogue_logits(states[keep], table)
@@ -341,7 +343,7 @@ def softmax_negatives(model_cfg: ModelConfig, train_cfg: TrainConfig) -> int:
 
 
 def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int = 0,
-                id_seen=None, exclude_seen: bool = False) -> SequenceRecommender:
+                id_seen=None, exclude_seen: bool = False, lm_items_per_step: int = 0) -> SequenceRecommender:
     """Build the recommender described by ``cfg`` for a catalogue of ``num_items`` items.
 
     ``text``: the :class:`llmrec_dist.text_tower.TextFeatures` of the catalogue, required when
@@ -349,6 +351,8 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
     (``id+text`` only): ``num_items + 1`` flags, false for items that never occur in a training
     sequence; their ID vector is masked so that text alone represents them (default: all seen).
     ``exclude_seen`` (``train.exclude_seen``): the training softmax leaves out the items in view.
+    ``lm_items_per_step`` (``train.lm_items_per_step``): a trainable LM tower runs at most this many
+    of a step's distinct items with gradient, the rest from its output cache (0 = all of them).
     """
     if cfg.item_repr == "id":
         items: ItemEncoder = IdItemEncoder(num_items, cfg.hidden_size, cfg.init_std)
@@ -359,7 +363,7 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
             raise ValueError(f"model.item_repr={cfg.item_repr!r} needs the item texts' features")
         items = TextItemEncoder(text, num_items, cfg.hidden_size, use_id=cfg.item_repr == "id+text",
                                 fusion=cfg.fusion, pooling=cfg.text_pooling, freeze_k=cfg.freeze_k, lora_cfg=cfg,
-                                id_seen=id_seen, init_std=cfg.init_std)
+                                id_seen=id_seen, init_std=cfg.init_std, grad_items=lm_items_per_step)
     else:
         raise ValueError(f"model.item_repr: unknown {cfg.item_repr!r}; valid: id, text, id+text")
     return SequenceRecommender(items, cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.dropout,

@@ -30,7 +30,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from llmrec_dist import storage
-from llmrec_dist.model import ItemEncoder, id_embedding
+from llmrec_dist.model import PAD, ItemEncoder, id_embedding
 
 log = logging.getLogger(__name__)
 
@@ -168,22 +168,23 @@ def run_top_layers(layers: nn.ModuleList, config, hidden: torch.Tensor, mask: to
 @torch.no_grad()
 def compute_pooled(lm, ids, mask, pooling: str, batch_size: int = 256) -> torch.Tensor:
     """Pooled final-layer output of every item [N + 1, H_lm] (no grad, batched)."""
-    out = []
-    for start in range(0, len(ids), batch_size):
-        hidden, m = run_lm(lm, ids[start:start + batch_size], mask[start:start + batch_size])
-        out.append(pool(hidden, m, pooling).float())
-    return torch.cat(out)
+    return compute_features(lm, ids, mask, pooling, None, batch_size)[0]
 
 
 @torch.no_grad()
-def compute_lower(lm, ids, mask, frozen_layers: int, batch_size: int = 256) -> torch.Tensor:
-    """Hidden states after the first ``frozen_layers`` LM blocks for every item [N + 1, T, H_lm]."""
-    out = []
+def compute_features(lm, ids, mask, pooling: str, lower_layers: int | None,
+                     batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One pass of the LM over every item: the pooled final-layer output [N + 1, H_lm] and, when
+    ``lower_layers`` is given, the hidden states after that many blocks [N + 1, T, H_lm] (what
+    ``top_k`` caches below its trainable layers)."""
+    pooled, lower = [], []
     for start in range(0, len(ids), batch_size):
-        states = lm(input_ids=ids[start:start + batch_size], attention_mask=mask[start:start + batch_size],
-                    output_hidden_states=True).hidden_states
-        out.append(states[frozen_layers].float())  # hidden_states[0] = embeddings, [i] = after block i
-    return torch.cat(out)
+        b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
+        out = lm(input_ids=b_ids, attention_mask=b_mask, output_hidden_states=lower_layers is not None)
+        pooled.append(pool(out.last_hidden_state, b_mask, pooling).float())
+        if lower_layers is not None:  # hidden_states[0] = embeddings, [i] = after block i
+            lower.append(out.hidden_states[lower_layers].float())
+    return torch.cat(pooled), (torch.cat(lower) if lower_layers is not None else None)
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -240,7 +241,7 @@ class TextFeatures:
     lm_params: int                  # parameters of the whole LM (counted even when not held)
     token_ids: torch.Tensor         # [N + 1, T]
     token_mask: torch.Tensor        # [N + 1, T]
-    pooled: torch.Tensor | None = None  # frozen: [N + 1, H_lm]
+    pooled: torch.Tensor | None = None  # the pretrained LM's pooled output [N + 1, H_lm] (every strategy)
     lower: torch.Tensor | None = None   # top_k: [N + 1, T, H_lm]
     lm: nn.Module | None = None         # top_k (its top layers are taken), full, lora
     cache_hit: bool = False
@@ -248,37 +249,41 @@ class TextFeatures:
 
 def prepare_text_features(model_cfg, texts: list[str], cache_dir: str | os.PathLike | None = None,
                           batch_size: int = 256) -> TextFeatures:
-    """Tokenise item texts and compute (or load from ``cache_dir``) what ``model_cfg.freeze`` needs."""
+    """Tokenise item texts and compute (or load from ``cache_dir``) what ``model_cfg.freeze`` needs:
+    the pretrained LM's pooled output of every item (the ``frozen`` tower itself, and the starting
+    point of the trainable strategies' output cache) and, for ``top_k``, the outputs of the frozen
+    lower layers. Both come from one LM pass and are cached on disk, keyed by encoder and texts."""
     lm, tokenizer = load_text_encoder(model_cfg.text_encoder, model_cfg.trust_remote_code)
     ids, mask = tokenize_items(tokenizer, texts, model_cfg.text_max_len)
     strategy = model_cfg.freeze
     features = TextFeatures(strategy, lm.config.hidden_size, sum(p.numel() for p in lm.parameters()), ids, mask)
-    if strategy in ("frozen", "top_k"):
-        layers = num_lm_layers(lm) if strategy == "top_k" else 0
-        if strategy == "top_k" and not 1 <= model_cfg.freeze_k <= layers:
+    lower_layers = None
+    if strategy == "top_k":
+        layers = num_lm_layers(lm)
+        if not 1 <= model_cfg.freeze_k <= layers:
             raise ValueError(f"model.freeze_k: must be in 1..{layers} (the encoder's layers); "
                              f"got {model_cfg.freeze_k}")
-        kind = "pooled" if strategy == "frozen" else f"lower{layers - model_cfg.freeze_k}"
-        path = None
-        if cache_dir is not None:
-            key = cache_key(fingerprint_encoder(resolve_text_encoder(model_cfg.text_encoder)), texts, kind=kind,
-                            pooling=model_cfg.text_pooling, max_len=model_cfg.text_max_len)
-            path = storage.join(cache_dir, f"{kind}-{key}.safetensors")
-        cached = _read_cache(path) if path else None
-        features.cache_hit = cached is not None
-        if cached is None:
-            if strategy == "frozen":
-                cached = compute_pooled(lm, ids, mask, model_cfg.text_pooling, batch_size)
-            else:
-                cached = compute_lower(lm, ids, mask, layers - model_cfg.freeze_k, batch_size)
+        lower_layers = layers - model_cfg.freeze_k
+    kinds = ["pooled"] + ([f"lower{lower_layers}"] if lower_layers is not None else [])
+    paths = [None] * len(kinds)
+    if cache_dir is not None:
+        fingerprint = fingerprint_encoder(resolve_text_encoder(model_cfg.text_encoder))
+        paths = [storage.join(cache_dir, f"{kind}-" + cache_key(fingerprint, texts, kind=kind,
+                                                                 pooling=model_cfg.text_pooling,
+                                                                 max_len=model_cfg.text_max_len) + ".safetensors")
+                 for kind in kinds]
+    cached = [_read_cache(path) if path else None for path in paths]
+    features.cache_hit = all(c is not None for c in cached)
+    if not features.cache_hit:
+        pooled, lower = compute_features(lm, ids, mask, model_cfg.text_pooling, lower_layers, batch_size)
+        cached = [pooled] + ([lower] if lower is not None else [])
+        for path, tensor in zip(paths, cached):
             if path:
-                _write_cache(path, cached)
-        if strategy == "frozen":
-            features.pooled = cached
-        else:
-            features.lower = cached
-            features.lm = lm
-    else:
+                _write_cache(path, tensor)
+    features.pooled = cached[0]
+    if strategy == "top_k":
+        features.lower = cached[1]
+    if strategy != "frozen":
         features.lm = lm
     return features
 
@@ -326,23 +331,36 @@ class TextItemEncoder(ItemEncoder):
     of ``prepare --cold-items``): under a full softmax their ID rows would only ever be pushed down as
     negatives and would drown the text vector, so they are masked out (and receive no gradient).
     ``id_seen`` is a persistent buffer, so checkpoints and registry packages carry it.
+
+    **The LM output cache** (``pooled``, [N + 1, H_lm]): the pooled LM output of every item. For
+    ``frozen`` it is the tower. For the trainable strategies it starts as the pretrained LM's output and
+    is refreshed by :meth:`set_text_cache` (the recipe does it once per epoch, and every
+    ``train.lm_refresh_steps`` steps). In a training step at most ``grad_items`` of the step's distinct
+    items run through the LM with gradient; the others read the cache (their projection, ID vector and
+    fusion still train). So a step's LM memory and time are bounded by ``grad_items`` x text tokens,
+    however many distinct items a batch holds or how large the catalogue is (``grad_items`` 0 = every
+    distinct item of the step runs the LM). Out of training the cache is used only while it is current
+    (``cache_fresh``: the LM weights have not changed since the refresh); otherwise the LM runs.
     """
 
     def __init__(self, features: TextFeatures, num_items: int, hidden_size: int, use_id: bool, fusion: str,
                  pooling: str, freeze_k: int = 1, lora_cfg=None, chunk: int = 512,
-                 id_seen: torch.Tensor | None = None, init_std: float = 0.02):
+                 id_seen: torch.Tensor | None = None, init_std: float = 0.02, grad_items: int = 0):
         super().__init__()
         self.hidden_size = hidden_size
         self.strategy = features.strategy
         self.pooling = pooling
         self.num_id_items = num_items
         self.chunk = chunk
+        self.grad_items = grad_items
         self.register_buffer("token_ids", features.token_ids, persistent=False)
         self.register_buffer("token_mask", features.token_mask, persistent=False)
+        if features.pooled is None:
+            raise ValueError("the text features lack the pooled LM output of the items (prepare_text_features)")
+        self.register_buffer("pooled", features.pooled, persistent=False)
         self.lm_config = None
         self.external_params = 0  # frozen LM parameters not held as module parameters
         if self.strategy == "frozen":
-            self.register_buffer("pooled", features.pooled, persistent=False)
             self.external_params = features.lm_params
         elif self.strategy == "top_k":
             layers = encoder_layers(features.lm)
@@ -370,6 +388,7 @@ class TextItemEncoder(ItemEncoder):
             if seen.shape != (num_items + 1,):
                 raise ValueError(f"id_seen must have num_items + 1 = {num_items + 1} flags, got {tuple(seen.shape)}")
             self.register_buffer("id_seen", seen.to(torch.bool).clone())
+        self._cache_version = self._lm_version()  # the cache holds the output of the initial LM weights
 
     @property
     def trainable_lm(self) -> bool:
@@ -384,9 +403,15 @@ class TextItemEncoder(ItemEncoder):
         module = {"top_k": "top_layers", "full": "lm"}.get(self.strategy)
         return [p for p in getattr(self, module).parameters() if p.requires_grad] if module else []
 
-    def _text(self, ids: torch.Tensor) -> torch.Tensor:
+    # ----------------------------------------------------------------------------------- LM output
+    def lm_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """The LM's pooled output [U, H_lm] for 1-D item ids, run now (chunks of ``chunk`` items)."""
         if self.strategy == "frozen":
             return self.pooled[ids]
+        return torch.cat([self._run_lm(ids[start:start + self.chunk]) for start in range(0, len(ids), self.chunk)]) \
+            if len(ids) else self.pooled[ids]
+
+    def _run_lm(self, ids: torch.Tensor) -> torch.Tensor:
         mask = self.token_mask[ids]
         if self.strategy == "top_k":
             width = max(int(mask.sum(1).max().item()), 1)
@@ -395,26 +420,69 @@ class TextItemEncoder(ItemEncoder):
         hidden, mask = run_lm(self.lm, self.token_ids[ids], mask)
         return pool(hidden, mask, self.pooling)
 
-    def represent(self, ids: torch.Tensor) -> torch.Tensor:
-        """Vectors [U, H] for 1-D item ids (computed in chunks for large U)."""
-        parts = []
-        for start in range(0, len(ids), self.chunk):
-            part = ids[start:start + self.chunk]
-            text = self.text_proj(self.text_norm(self._text(part).float()))
-            if self.id_embedding is not None:
-                known = part <= self.num_id_items
-                rows = torch.where(known, part, 0)
-                id_vec = self.id_embedding(rows) * (known & self.id_seen[rows]).unsqueeze(-1)
-                text = self.fusion(id_vec, text)
-            parts.append(text)
-        return torch.cat(parts) if parts else self.text_proj.weight.new_zeros((0, self.hidden_size))
+    def _lm_version(self) -> tuple[int, ...]:
+        """The in-place version counters of the trainable LM weights: any change to them (an optimiser
+        step, a state-dict load, an edit by hand) moves a counter, so the cache knows it is stale."""
+        module = {"top_k": "top_layers", "full": "lm", "lora": "lm"}.get(self.strategy)
+        return tuple(p._version for p in getattr(self, module).parameters() if p.requires_grad) if module else ()
+
+    @property
+    def cache_fresh(self) -> bool:
+        """The cache holds the current LM weights' output (always, for ``frozen``)."""
+        return self._cache_version == self._lm_version()
+
+    def needs_lm_pass(self) -> bool:
+        """True when a trainable LM's weights changed since the last :meth:`set_text_cache`."""
+        return not self.cache_fresh
+
+    @torch.no_grad()
+    def set_text_cache(self, table: torch.Tensor) -> None:
+        """Store the current LM's pooled output of every item [N + 1, H_lm] (computed in eval mode)."""
+        if table.shape != self.pooled.shape:
+            raise ValueError(f"text cache of shape {tuple(table.shape)}, expected {tuple(self.pooled.shape)}")
+        self.pooled.copy_(table)
+        self._cache_version = self._lm_version()
+
+    def grad_positions(self, ids: torch.Tensor, focus: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions in ``ids`` whose text runs through the LM with gradient in this training step: at
+        most ``grad_items`` of them, drawn uniformly (torch's RNG) among the real items (in ``focus``
+        when given), and never none, so that every LM weight takes part in every step (DDP)."""
+        eligible = ids != PAD if focus is None else (ids != PAD) & torch.isin(ids, focus)
+        positions = eligible.nonzero().squeeze(1)
+        if len(positions) == 0:
+            positions = torch.arange(min(1, len(ids)), device=ids.device)
+        if self.grad_items and len(positions) > self.grad_items:
+            positions = positions[torch.randperm(len(positions), device=ids.device)[:self.grad_items]]
+        return positions
+
+    def _text(self, ids: torch.Tensor, focus: torch.Tensor | None = None) -> torch.Tensor:
+        if self.strategy == "frozen":
+            return self.pooled[ids]
+        if not self.training:
+            return self.pooled[ids] if self.cache_fresh else self.lm_text(ids)
+        cached = self.pooled[ids]
+        if not self.grad_items and focus is None:
+            return self.lm_text(ids)
+        positions = self.grad_positions(ids, focus)
+        return cached.index_copy(0, positions, self.lm_text(ids[positions]).to(cached.dtype))
+
+    def represent(self, ids: torch.Tensor, focus: torch.Tensor | None = None) -> torch.Tensor:
+        """Vectors [U, H] for 1-D item ids. ``focus`` (training only): the step's items, among which
+        the ones that run the LM with gradient are drawn (default: any of ``ids``)."""
+        text = self.text_proj(self.text_norm(self._text(ids, focus).float()))
+        if self.id_embedding is None:
+            return text
+        known = ids <= self.num_id_items
+        rows = torch.where(known, ids, 0)
+        id_vec = self.id_embedding(rows) * (known & self.id_seen[rows]).unsqueeze(-1)
+        return self.fusion(id_vec, text)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(ids, return_inverse=True)
         return self.represent(unique)[inverse]
 
-    def all_items(self) -> torch.Tensor:
-        return self.represent(torch.arange(self.num_items + 1, device=self.token_ids.device))
+    def all_items(self, focus: torch.Tensor | None = None) -> torch.Tensor:
+        return self.represent(torch.arange(self.num_items + 1, device=self.token_ids.device), focus)
 
     # ----------------------------------------------------------------------------------- export
     def export_encoder(self, base_lm: nn.Module) -> nn.Module:

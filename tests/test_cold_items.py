@@ -331,10 +331,10 @@ class LastItemModel(torch.nn.Module):
         return FIXED[seq[:, -1]]
 
 
-def hand_rows(cold=(False, True, True, False)) -> EvalRows:
+def hand_rows(cold=(False, True, True, False), freq=None) -> EvalRows:
     # exclude_seen ranks (0-based): 0 (target 2 tops 3, 4), 1 (3 above 4), 2 (1, 2 above 4), 0
     histories = [np.array(h) for h in ([1], [2], [3], [3])]
-    return EvalRows(histories, np.array([2, 4, 4, 1]), np.array(cold))
+    return EvalRows(histories, np.array([2, 4, 4, 1]), np.array(cold), None if freq is None else np.array(freq))
 
 
 CFG = EvalConfig(ks=[1, 3], exclude_seen=True, coverage_k=1, batch_size=3)
@@ -392,7 +392,7 @@ def test_evaluation_batches_rows_of_similar_length():
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluate over 2 gloo processes == single process (cold keys included)
+# evaluate over 2 gloo processes == single process (cold and training-frequency keys included)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -409,6 +409,9 @@ class HashModel(torch.nn.Module):
         return torch.cos(items[None, :] * 0.37 + seq[:, -1:].to(torch.float64) * 1.3)
 
 
+HAND_FREQ = [0, 3, 7, 25]  # training frequency of each hand row's target: one row per bucket
+
+
 def _ddp_worker(rank: int, world: int, init: str, dataset: str, num_items: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -417,12 +420,13 @@ def _ddp_worker(rank: int, world: int, init: str, dataset: str, num_items: int, 
         cfg = EvalConfig(ks=[1, 5, 10], coverage_k=10, batch_size=16)
         results = {"dataset": evaluate(HashModel(num_items), load_eval_rows(dataset, "test", rank, world),
                                        num_items, cfg, 20, prefix="test_")}
-        # rank 0 holds both cold rows of the hand-made case, rank 1 none (and a rank with no rows at all)
-        whole = hand_rows()
+        # rank 0 holds both cold rows of the hand-made case, rank 1 none (and a rank with no rows at all);
+        # each frequency bucket (0, 1-4, 5-19, 20+) has its one row on one rank only
+        whole = hand_rows(freq=HAND_FREQ)
         mine = [1, 2] if rank == 0 else [0, 3]
-        rows = EvalRows([whole.histories[i] for i in mine], whole.targets[mine], whole.cold[mine])
+        rows = EvalRows([whole.histories[i] for i in mine], whole.targets[mine], whole.cold[mine], whole.freq[mine])
         results["hand"] = evaluate(LastItemModel(), rows, 4, CFG, 5, prefix="test_")
-        empty = EvalRows([], np.zeros(0, dtype=np.int64)) if rank == 1 else whole
+        empty = EvalRows([], np.zeros(0, dtype=np.int64), freq=np.zeros(0)) if rank == 1 else whole
         results["empty_rank"] = evaluate(LastItemModel(), empty, 4, CFG, 5, prefix="test_")
         with open(f"{out}/rank{rank}.json", "w") as handle:
             json.dump(results, handle)
@@ -443,6 +447,14 @@ def test_two_gloo_processes_equal_one(cold_pair, tmp_path):
     cfg = EvalConfig(ks=[1, 5, 10], coverage_k=10, batch_size=16)
     single = evaluate(HashModel(n), load_eval_rows(str(ds), "test"), n, cfg, 20, prefix="test_")
     assert "test_cold_ndcg_at_10" in single and single["test_cold_users"] == manifest["cold_items"]["test_targets"]
+    buckets = ("0", "1_4", "5_19", "20_plus")
+    # the cold targets were never trained on: they are among the rows of bucket 0
+    assert sum(single.get(f"test_freq_{b}_users", 0) for b in buckets) == single["test_users"]
+    assert single["test_freq_0_users"] >= single["test_cold_users"]
+    # no target of this data is trained on 1-4 times: that bucket is left out, on every rank alike
+    assert "test_freq_1_4_users" not in single and single["test_freq_20_plus_users"] > 0
     assert ranks[0]["dataset"] == pytest.approx(single, rel=1e-12)
-    hand = evaluate(LastItemModel(), hand_rows(), 4, CFG, 5, prefix="test_")
+    hand = evaluate(LastItemModel(), hand_rows(freq=HAND_FREQ), 4, CFG, 5, prefix="test_")
+    assert all(hand[f"test_freq_{b}_users"] == 1 for b in buckets)
+    assert hand["test_freq_5_19_mrr_at_3"] == pytest.approx(1 / 3)  # row 2: rank 2
     assert ranks[0]["hand"] == pytest.approx(hand) and ranks[0]["empty_rank"] == pytest.approx(hand)

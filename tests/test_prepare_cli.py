@@ -25,7 +25,8 @@ def test_help_lists_every_option(capsys):
     for flag in ("--source", "--output", "--input", "--overwrite", "--min-interactions", "--item-min-interactions",
                  "--user-hash-key", "--shards", "--seed", "--synthetic-users", "--synthetic-items",
                  "--interactions", "--items", "--user-col", "--item-col", "--time-col", "--item-id-col",
-                 "--text-cols", "LLMREC_USER_HASH_KEY", "synthetic", "movielens", "generic"):
+                 "--text-cols", "--encoding", "--sequences", "--items-col", "LLMREC_USER_HASH_KEY", "synthetic",
+                 "movielens", "generic", "sequences"):
         assert flag in text
 
 

@@ -54,13 +54,13 @@ def test_top_k_cache_gives_the_uncached_forward(encoder):
     ids, mask = model.items.token_ids, model.items.token_mask
     reference = compute_pooled(lm, ids, mask, "mean")
     every = torch.arange(N + 1)
-    torch.testing.assert_close(model.items._text(every), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.items.lm_text(every), reference, rtol=1e-5, atol=1e-5)
     # and after the top layer moves, the export (top layer put back into the LM) still agrees
     with torch.no_grad():
         for p in model.items.top_layers.parameters():
             p.add_(0.05 * torch.randn_like(p))
     exported = model.items.export_encoder(lm)
-    torch.testing.assert_close(model.items._text(every), compute_pooled(exported, ids, mask, "mean"),
+    torch.testing.assert_close(model.items.lm_text(every), compute_pooled(exported, ids, mask, "mean"),
                                rtol=1e-5, atol=1e-5)
 
 

@@ -67,12 +67,12 @@ def test_gradient_clipping_caps_the_global_norm():
     assert clipped.norms[0] == pytest.approx(0.01, rel=1e-4)
 
 
-def test_fp32_on_cpu_and_no_unused_parameter_search():
+def test_fp32_on_cpu_no_unused_parameter_search_no_buffer_broadcast():
     cfg = Config(scaling=ScalingConfig(use_gpu=True))  # even when asked for, autocast needs CUDA
     with autocast_for(cfg, torch.device("cpu"))():
         out = torch.ones(2, 2) @ torch.ones(2, 2)
     assert out.dtype == torch.float32
-    assert ddp_kwargs(cfg) == {"find_unused_parameters": False}
+    assert ddp_kwargs(cfg) == {"find_unused_parameters": False, "broadcast_buffers": False}
 
 
 @pytest.mark.gpu

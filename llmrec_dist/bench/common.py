@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -133,6 +134,28 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in cells)
+
+
+def freq_ndcg_at_10(freq_buckets: list[int]) -> list[str]:
+    """The test NDCG@10 keys of the training-frequency buckets ``eval.freq_buckets`` gives
+    (``test_freq_0_ndcg_at_10``, ``test_freq_1_4_ndcg_at_10``, ...)."""
+    from llmrec_dist.evaluation import freq_bucket_names
+
+    return [f"test_freq_{name}_ndcg_at_10" for name in freq_bucket_names(freq_buckets)]
+
+
+_FREQ_NDCG_AT_10 = re.compile(r"test_freq_(\w+?)_ndcg_at_10")
+
+
+def freq_ndcg_keys(rows: list[dict]) -> list[tuple[str, str]]:
+    """``(key, bucket label)`` of every per-training-frequency test NDCG@10 in ``rows``, in the order
+    first seen: ``test_freq_1_4_ndcg_at_10`` → ``1-4``, ``test_freq_20_plus_ndcg_at_10`` → ``20+``."""
+    keys = {}
+    for row in rows:
+        for key in row:
+            if match := _FREQ_NDCG_AT_10.fullmatch(key):
+                keys.setdefault(key, match.group(1).replace("_plus", "+").replace("_", "-"))
+    return list(keys.items())
 
 
 class Stopwatch:

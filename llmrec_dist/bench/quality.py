@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from llmrec_dist.bench.common import freq_ndcg_at_10
 from llmrec_dist.config import Config
 
 # Published test NDCG@10 / HR@10 on ML-1M as SASRec/BERT4Rec prepared it (leave-one-out, full ranking).
@@ -44,6 +45,7 @@ def run_quality(cfg: Config, refit: bool = False) -> dict:
         "model_uri": outcome.model_uri,
         **{f"test_{name}_at_{k}": m.get(f"test_{name}_at_{k}") for name in ("hr", "ndcg", "mrr")
            for k in cfg.eval.ks},
+        **{key: m.get(key) for key in freq_ndcg_at_10(cfg.eval.freq_buckets)},
         "best_epoch": m.get("best_epoch"),
         "epochs_run": m.get("epochs_run"),
         "wall_seconds": wall,

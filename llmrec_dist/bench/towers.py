@@ -1,8 +1,9 @@
 """The item-tower × freezing-strategy matrix.
 
 ``llmrec-dist bench towers --config configs/mlsmall_towers.yaml data.path=DIR`` trains one
-model per (item_repr, freeze) cell with the same budget and prints test NDCG@10 overall and on cold
-items, seconds per epoch, sequences/s and trainable/total parameters, one row per cell.
+model per (item_repr, freeze) cell with the same budget and prints test NDCG@10 overall, on cold items and
+by the target's training frequency (one column per ``eval.freq_buckets`` bucket), seconds per epoch,
+sequences/s and trainable/total parameters, one row per cell.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import time
 
+from llmrec_dist.bench.common import freq_ndcg_at_10, freq_ndcg_keys
 from llmrec_dist.config import load_config
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ def run_matrix(config: str, overrides: list[str], cells: list[tuple[str, str]]) 
         m = outcome.metrics
         row = {"item_repr": item_repr, "freeze": freeze,
                "test_ndcg_at_10": m["test_ndcg_at_10"], "test_cold_ndcg_at_10": m.get("test_cold_ndcg_at_10"),
+               **{key: m.get(key) for key in freq_ndcg_at_10(cfg.eval.freq_buckets)},
                "test_hr_at_10": m["test_hr_at_10"], "epochs": m["epochs_run"],
                "s_per_epoch": sum(h.value for h in history) / max(len(history), 1),
                "seq_per_s": sum(h.value for h in speed) / max(len(speed), 1),
@@ -56,6 +59,12 @@ COLUMNS = [("item_repr", "item_repr", ""), ("freeze", "freeze", ""), ("test_ndcg
            ("test_cold_ndcg_at_10", "cold", ".4f"), ("test_hr_at_10", "HR@10", ".4f"), ("epochs", "ep", "d"),
            ("s_per_epoch", "s/ep", ".1f"), ("seq_per_s", "seq/s", ".1f"), ("params_trainable", "trainable", ","),
            ("params_total", "total", ",")]
+
+
+def table_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """:data:`COLUMNS` with a ``freq <bucket>`` NDCG@10 column after ``cold`` for each bucket in ``rows``."""
+    at = next(i for i, (key, _, _) in enumerate(COLUMNS) if key == "test_cold_ndcg_at_10") + 1
+    return COLUMNS[:at] + [(key, f"freq {label}", ".4f") for key, label in freq_ndcg_keys(rows)] + COLUMNS[at:]
 
 
 def parse_cells(text: str) -> list[tuple[str, str]]:

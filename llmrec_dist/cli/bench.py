@@ -98,7 +98,8 @@ def add_parser(sub) -> None:
 
     t = kinds.add_parser("towers", help="item tower × freezing strategy matrix (equal budget per cell)",
                          description="Train one model per item_repr × freeze cell with the same budget; "
-                                     "report test NDCG@10 overall and on cold items, s/epoch, parameters.")
+                                     "report test NDCG@10 overall, on cold items and by the target's "
+                                     "training frequency (eval.freq_buckets), s/epoch, parameters.")
     _common(t)
     t.add_argument("--cells", default="all", help="comma-separated item_repr:freeze cells, e.g. id:-,text:frozen")
 
@@ -143,12 +144,14 @@ def run(args) -> int:
     config = {"file": args.config, "overrides": args.overrides, "resolved": cfg.to_dict()}
     if args.kind == "quality":
         from llmrec_dist.bench.quality import ANCHOR_COLUMNS, anchor_rows, run_quality
-        from llmrec_dist.bench.report import test_cell
+        from llmrec_dist.bench.report import freq_cell, test_cell
 
         figures = run_quality(cfg, refit=args.refit)
         print(f"best epoch {figures['best_epoch']} of {figures['epochs_run']}, {figures['wall_seconds'] / 60:.1f} min")
         name = f"llmrec_dist ({args.label or cfg.model.item_repr})"
         print(common.table(anchor_rows(figures, name), ANCHOR_COLUMNS))
+        if cell := freq_cell(figures):
+            print(f"test {cell}")
         if "refit" in figures:
             r = figures["refit"]
             print(f"refit through the validation item, {r['refit_epochs']} epochs, {r['wall_seconds'] / 60:.1f} "
@@ -183,7 +186,7 @@ def run(args) -> int:
         if figures.get("ratio_to_training"):
             print(f"ingest / training throughput: {figures['ratio_to_training']:.1f}×")
     else:  # towers
-        from llmrec_dist.bench.towers import COLUMNS, parse_cells, run_matrix
+        from llmrec_dist.bench.towers import parse_cells, run_matrix, table_columns
 
         try:
             cells = parse_cells(args.cells)
@@ -191,7 +194,7 @@ def run(args) -> int:
             print(f"llmrec-dist bench towers: {err}", file=sys.stderr)
             return 2
         figures = {"rows": run_matrix(args.config, args.overrides, cells)}
-        print(common.table(figures["rows"], COLUMNS))
+        print(common.table(figures["rows"], table_columns(figures["rows"])))
     path = common.write_result(args.out, args.kind, label=args.label, config=config, figures=figures,
                                dataset=dataset, command=_command(args))
     print(f"wrote {path}")

@@ -11,7 +11,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="evaluate a registered model or a checkpoint with full ranking",
         description="Rank the whole catalogue for every user of a split and report HR/NDCG/MRR@K and "
-                    "coverage. --model takes an MLflow model URI (models:/NAME@ALIAS, models:/NAME/VERSION, "
+                    "coverage, and HR/NDCG/MRR@K of the rows whose target is a cold item and of those whose "
+                    "target's training frequency falls in each bucket 0, 1-4, 5-19, 20+ (the eval.freq_buckets "
+                    "default). --model takes an MLflow model URI (models:/NAME@ALIAS, models:/NAME/VERSION, "
                     "runs:/RUN_ID/model) or a local checkpoint / model-package folder.")
     p.add_argument("--model", required=True, help="MLflow model URI or local checkpoint folder")
     p.add_argument("--data", required=True, help="prepared dataset folder the model was trained on")
@@ -57,6 +59,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
+        width = max(28, *map(len, metrics))  # bucket keys (valid_freq_20_plus_ndcg_at_10) are longer
         for key, value in metrics.items():
-            print(f"{key:28s} {value:.6f}" if isinstance(value, float) else f"{key:28s} {value}")
+            print(f"{key:{width}s} {value:.6f}" if isinstance(value, float) else f"{key:{width}s} {value}")
     return 0

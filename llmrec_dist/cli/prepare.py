@@ -25,6 +25,10 @@ sources:
   movielens   --input: a MovieLens folder or original .zip (ml-100k, ml-1m, the SASRec ml-1m
               sequences, ml-latest, ml-latest-small), variant detected from its files
   generic     --interactions FILE and --items FILE (CSV or Parquet, by extension)
+  sequences   --sequences FILE: one row per user, its item ids space-separated and oldest first in
+              --items-col (CSV/TSV, or Parquet with that column as strings), and --items FILE as for
+              generic; the order on a row is the time order, repeats are kept. A user on two rows,
+              a row without items or an item missing from --items stops prepare (nothing is skipped)
 """
 
 EPILOG = f"""\
@@ -35,6 +39,9 @@ examples:
   llmrec-dist prepare --source generic --interactions events.parquet --items items.csv \\
       --user-col customer --item-col sku --time-col ts --item-id-col sku \\
       --text-cols title,description --output data/shop
+  llmrec-dist prepare --source sequences --sequences ../shared/data/amazon-beauty-2014/sequences.tsv \\
+      --items ../shared/data/amazon-beauty-2014/items.tsv --user-col user_idx --items-col item_seq \\
+      --item-id-col item_idx --text-cols title --output data/beauty
 
 exit status: 0 on success, 2 on bad arguments, malformed input (the message names the file,
 row and problem) or an existing output without --overwrite.
@@ -70,7 +77,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``prepare`` sub-command on an argparse ``subparsers`` object."""
     parser = subparsers.add_parser(
         "prepare",
-        help="build a Parquet dataset (leave-one-out splits) from synthetic, MovieLens or generic data",
+        help="build a Parquet dataset (leave-one-out splits) from synthetic, MovieLens, generic or sequences data",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -129,11 +136,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="number of items (default: %(default)s)",
     )
 
-    generic = parser.add_argument_group("source generic")
+    generic = parser.add_argument_group(
+        "source generic", "--items, --user-col, --item-id-col, --text-cols, --encoding: also for --source sequences",
+    )
     generic.add_argument("--interactions", metavar="FILE", help="interactions table (.csv, .tsv or .parquet)")
     generic.add_argument("--items", metavar="FILE", help="items table (.csv, .tsv or .parquet)")
-    generic.add_argument("--user-col", default="user_id", metavar="C", help="user id column (default: %(default)s)")
-    generic.add_argument("--item-col", default="item_id", metavar="C", help="item id column (default: %(default)s)")
+    generic.add_argument(
+        "--user-col", default="user_id", metavar="C",
+        help="user id column of --interactions or --sequences (default: %(default)s)",
+    )
+    generic.add_argument(
+        "--item-col", default="item_id", metavar="C", help="item id column of --interactions (default: %(default)s)"
+    )
     generic.add_argument(
         "--time-col", default="timestamp", metavar="C",
         help="time column: epoch numbers or ISO-8601 strings; '' = use file order (default: %(default)s)",
@@ -150,13 +164,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="text encoding of CSV/TSV files, e.g. latin-1 or cp1252 (Parquet text is always UTF-8); a byte "
         "that is not valid in it stops prepare with its file, row and byte offset (default: %(default)s)",
     )
+
+    sequences = parser.add_argument_group("source sequences")
+    sequences.add_argument(
+        "--sequences", metavar="FILE",
+        help="one row per user with a header (.csv, .tsv or .parquet); a user on two rows or a row without "
+        "items is an error",
+    )
+    sequences.add_argument(
+        "--items-col", default="items", metavar="C",
+        help="column of --sequences with the user's item ids, space-separated, oldest first; repeats are kept "
+        "(default: %(default)s)",
+    )
     parser.set_defaults(func=run)
     return parser
 
 
-_GENERIC_FLAGS = {
-    "interactions": None, "items": None, "user_col": "user_id", "item_col": "item_id",
-    "time_col": "timestamp", "item_id_col": "item_id", "text_cols": "text", "encoding": "utf-8",
+# Flags (dest: default) used by some sources only; the shared ones by both file sources.
+_GENERIC_FLAGS = {"interactions": None, "item_col": "item_id", "time_col": "timestamp"}
+_SEQUENCES_FLAGS = {"sequences": None, "items_col": "items"}
+_SHARED_FLAGS = {
+    "items": None, "user_col": "user_id", "item_id_col": "item_id", "text_cols": "text", "encoding": "utf-8",
 }
 _SYNTHETIC_FLAGS = {"synthetic_users": 1000, "synthetic_items": 400}
 
@@ -172,18 +200,22 @@ def _problems(args: argparse.Namespace) -> list[str]:
         problems.append("--input is required with --source movielens")
     if args.source != "movielens" and args.input:
         problems.append("--input is only used with --source movielens")
-    if args.source == "generic":
+    files = {"generic": "interactions", "sequences": "sequences"}
+    if args.source in files:
         problems += [
-            f"{_flag(d)} is required with --source generic" for d in ("interactions", "items") if not getattr(args, d)
+            f"{_flag(d)} is required with --source {args.source}"
+            for d in (files[args.source], "items") if not getattr(args, d)
         ]
         if not any(c.strip() for c in args.text_cols.split(",")):
             problems.append("--text-cols must name at least one column")
-    else:
-        problems += [
-            f"{_flag(d)} is only used with --source generic"
-            for d, default in _GENERIC_FLAGS.items()
-            if getattr(args, d) != default
-        ]
+    for flags, users in ((_GENERIC_FLAGS, ("generic",)), (_SEQUENCES_FLAGS, ("sequences",)),
+                         (_SHARED_FLAGS, ("generic", "sequences"))):
+        if args.source not in users:
+            problems += [
+                f"{_flag(d)} is only used with --source {' or '.join(users)}"
+                for d, default in flags.items()
+                if getattr(args, d) != default
+            ]
     if args.source != "synthetic":
         problems += [
             f"{_flag(d)} is only used with --source synthetic"
@@ -207,18 +239,20 @@ def run(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"llmrec-dist prepare: error: {problem}", file=sys.stderr)
         return 2
-    generic = None
-    if args.source == "generic":
-        generic = {
-            "interactions": args.interactions,
+    generic = sequences = None
+    if args.source in ("generic", "sequences"):
+        shared = {
             "items": args.items,
             "user_col": args.user_col,
-            "item_col": args.item_col,
-            "time_col": args.time_col or None,
             "item_id_col": args.item_id_col,
             "text_cols": [c.strip() for c in args.text_cols.split(",") if c.strip()],
             "encoding": args.encoding,
         }
+        if args.source == "generic":
+            generic = {**shared, "interactions": args.interactions, "item_col": args.item_col,
+                       "time_col": args.time_col or None}
+        else:
+            sequences = {**shared, "sequences": args.sequences, "items_col": args.items_col}
     synthetic = None
     if args.source == "synthetic":
         synthetic = {"n_users": args.synthetic_users, "n_items": args.synthetic_items}
@@ -237,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             synthetic=synthetic,
             generic=generic,
+            sequences=sequences,
             cold_items=args.cold_items,
         )
     except (PrepareError, ValueError, OSError) as err:

@@ -302,13 +302,20 @@ def history_lengths(path: str | os.PathLike, split: str = "train") -> np.ndarray
     return np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
 
 
+def item_popularity(path: str | os.PathLike) -> np.ndarray:
+    """``popularity`` over item_idx ``0..N`` (int64): each item's occurrences in the train split's
+    histories; index 0 (padding) is 0. Only two columns of items.parquet are read."""
+    table = read_parquet_file(_join(path, ITEMS_FILE), columns=["item_idx", "popularity"]).sort_by("item_idx")
+    return np.concatenate([[0], table.column("popularity").to_numpy()]).astype(np.int64)
+
+
 def items_seen_in_training(path: str | os.PathLike, split: str = "train") -> np.ndarray:
     """Bool flags over item_idx ``0..N``: the item occurs in some history of ``split``, the one trained
     on (for ``train``: popularity > 0). Index 0 (padding) is false."""
-    table = read_parquet_file(_join(path, ITEMS_FILE), columns=["item_idx", "popularity"]).sort_by("item_idx")
+    popularity = item_popularity(path)
     if split == "train":
-        return np.concatenate([[False], table.column("popularity").to_numpy() > 0])
-    seen = np.zeros(table.num_rows + 1, dtype=bool)
+        return popularity > 0
+    seen = np.zeros(len(popularity), dtype=bool)
     for f in split_files(path, split):
         seen[pc.list_flatten(read_parquet_file(f, columns=["items"]).column("items")).to_numpy()] = True
     seen[0] = False

@@ -28,15 +28,22 @@ from llmrec_dist.data.cold import apply_cold_items, check_fraction
 from llmrec_dist.data.errors import PrepareError
 from llmrec_dist.data.generic import read_generic
 from llmrec_dist.data.movielens import read_movielens
+from llmrec_dist.data.sequences import read_sequences
 from llmrec_dist.data.synthetic import generate_synthetic
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "movielens", "generic")
+SOURCES = ("synthetic", "movielens", "generic", "sequences")
 USER_HASH_ENV = "LLMREC_USER_HASH_KEY"
 USER_HASH_SCHEME = "hmac-sha256-128"  # first 32 hex chars of HMAC-SHA256(key, raw user id)
 USERS_PER_SHARD = 20_000
 GENERIC_KEYS = ("interactions", "items", "user_col", "item_col", "time_col", "item_id_col", "text_cols", "encoding")
+SEQUENCES_KEYS = ("sequences", "items", "user_col", "items_col", "item_id_col", "text_cols", "encoding")
+# File sources: reader, valid option keys, the required file keys (the first one names the input).
+_FILE_SOURCES = {
+    "generic": (read_generic, GENERIC_KEYS, ("interactions", "items")),
+    "sequences": (read_sequences, SEQUENCES_KEYS, ("sequences", "items")),
+}
 SYNTHETIC_KEYS = (
     "n_users", "n_items", "seed", "n_topics", "min_length", "max_length", "continue_prob", "noise_prob",
 )
@@ -60,6 +67,7 @@ def read_source(
     seed: int = 0,
     synthetic: Mapping | None = None,
     generic: Mapping | None = None,
+    sequences: Mapping | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict, str]:
     """Dispatch to a reader; returns ``(interactions, items, info, input_display)``.
 
@@ -69,10 +77,9 @@ def read_source(
         raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
     if input is not None and source != "movielens":
         raise ValueError(f"input is only used by source 'movielens' (got source {source!r})")
-    if synthetic and source != "synthetic":
-        raise ValueError(f"synthetic options are only used by source 'synthetic' (got {source!r})")
-    if generic and source != "generic":
-        raise ValueError(f"generic options are only used by source 'generic' (got {source!r})")
+    for name, given in (("synthetic", synthetic), ("generic", generic), ("sequences", sequences)):
+        if given and source != name:
+            raise ValueError(f"{name} options are only used by source {name!r} (got {source!r})")
 
     if source == "synthetic":
         options = dict(synthetic or {})
@@ -85,13 +92,14 @@ def read_source(
             raise ValueError("source 'movielens' needs input= (a MovieLens folder or .zip)")
         interactions, items, info = read_movielens(input)
         return interactions, items, info, str(input)
-    options = dict(generic or {})
-    _check_keys("generic", options, GENERIC_KEYS)
-    missing = [key for key in ("interactions", "items") if not options.get(key)]
+    reader, keys, required = _FILE_SOURCES[source]
+    options = dict((generic if source == "generic" else sequences) or {})
+    _check_keys(source, options, keys)
+    missing = [key for key in required if not options.get(key)]
     if missing:
-        raise ValueError(f"source 'generic' needs generic={{...}} with {' and '.join(missing)} (file paths)")
-    interactions, items, info = read_generic(**options)
-    return interactions, items, info, str(options["interactions"])
+        raise ValueError(f"source {source!r} needs {source}={{...}} with {' and '.join(missing)} (file paths)")
+    interactions, items, info = reader(**options)
+    return interactions, items, info, str(options[required[0]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,11 +270,12 @@ def prepare_dataset(
     synthetic: dict | None = None,
     generic: dict | None = None,
     cold_items: float = 0.0,
+    sequences: dict | None = None,
 ) -> dict:
     """Prepare a dataset folder (see ``llmrec_dist.data.layout``); returns its manifest.
 
     Args:
-        source: ``"synthetic"``, ``"movielens"`` or ``"generic"``.
+        source: ``"synthetic"``, ``"movielens"``, ``"generic"`` or ``"sequences"``.
         output: Dataset folder to create. Written atomically (temporary folder + rename).
         input: MovieLens folder or ``.zip`` (source ``movielens`` only).
         overwrite: Replace an existing dataset at ``output`` (refused otherwise).
@@ -282,6 +291,8 @@ def prepare_dataset(
             are deterministic anyway); >= 0.
         synthetic: Options of ``generate_synthetic`` (``n_users``, ``n_items``, ...).
         generic: Options of ``read_generic`` (``interactions``, ``items``, ``user_col``, ...).
+        sequences: Options of ``read_sequences`` (``sequences``, ``items``, ``user_col``,
+            ``items_col``, ...): one row per user with its item ids in time order.
         cold_items: Fraction in [0, 1) of the items to make cold (``llmrec_dist.data.cold``):
             ``round(cold_items · N)`` items, chosen with ``seed`` among all N items, are
             removed from every train sequence and valid/test history and stay only as
@@ -312,7 +323,7 @@ def prepare_dataset(
     hash_key, user_ids_info = resolve_user_hash_key(user_hash_key)
 
     interactions, items, info, input_display = read_source(
-        source, input=input, seed=seed, synthetic=synthetic, generic=generic
+        source, input=input, seed=seed, synthetic=synthetic, generic=generic, sequences=sequences
     )
     raw_counts = {
         "raw_interactions": len(interactions),

@@ -233,9 +233,9 @@ def process_start_time() -> float:
 
 
 def build_text_cache(cfg: Config) -> None:
-    """Compute the frozen LM's item embeddings (or lower-layer outputs for top_k) once, on the driver,
-    so that the workers load them instead of each running the LM over the catalogue."""
-    if cfg.model.item_repr == "id" or cfg.model.freeze not in ("frozen", "top_k"):
+    """Compute the pretrained LM's item embeddings (and, for top_k, the lower layers' outputs) once, on
+    the driver, so that the workers load them instead of each running the LM over the catalogue."""
+    if cfg.model.item_repr == "id":
         return
     from llmrec_dist.text_tower import load_text_features
 

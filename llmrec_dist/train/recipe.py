@@ -35,6 +35,7 @@ from llmrec_dist.data.layout import num_items as manifest_num_items
 from llmrec_dist.data.layout import items_seen_in_training, read_manifest
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import build_model, count_parameters, softmax_negatives
+from llmrec_dist.sharding import refresh_text_cache
 from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.tracking import RunLogger
 from llmrec_dist.train import checkpoint as ckpt
@@ -106,10 +107,15 @@ def autocast_for(cfg: Config, device: torch.device):
 def ddp_kwargs(cfg: Config) -> dict:
     """DistributedDataParallel options. Every trainable parameter takes part in every step's loss for
     every backbone, item representation and freezing strategy (the LM's unused pooler is dropped when
-    the encoder loads; tests/test_text_tower.py checks each combination), so DDP's per-step search for unused
-    parameters stays off: it costs a graph traversal per step and is only needed by models with
-    data-dependent branches."""
-    return {"find_unused_parameters": False}
+    the encoder loads; a trainable LM runs at least one item per step; tests/test_text_tower.py checks
+    each combination), so DDP's per-step search for unused parameters stays off: it costs a graph
+    traversal per step and is only needed by models with data-dependent branches.
+
+    Buffers are not broadcast before each forward: every buffer (token ids, the LM output cache, the
+    ``top_k`` lower-layer cache, ``id_seen``, rotary tables) is built the same on every rank, and the
+    LM output cache is refreshed on all ranks at once (:mod:`llmrec_dist.sharding`). DDP's default would
+    copy them all from rank 0 at every step: hundreds of MB for a ``top_k`` cache."""
+    return {"find_unused_parameters": False, "broadcast_buffers": False}
 
 
 def build_recommender(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
@@ -120,7 +126,7 @@ def build_recommender(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
                if cfg.model.item_repr == "id+text" else None)
     return build_model(cfg.model, manifest_num_items(manifest), text=text,
                        num_negatives=softmax_negatives(cfg.model, cfg.train), id_seen=id_seen,
-                       exclude_seen=cfg.train.exclude_seen)
+                       exclude_seen=cfg.train.exclude_seen, lm_items_per_step=cfg.train.lm_items_per_step)
 
 
 def steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
@@ -201,6 +207,8 @@ def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, a
         if step_now:
             _optimizer_step(model, optimizer, scheduler, cfg)
             first_step_at = first_step_at or time.time()
+            if cfg.train.lm_refresh_steps and scheduler.last_epoch % cfg.train.lm_refresh_steps == 0:
+                refresh_text_cache(getattr(model, "module", model).items)  # all ranks: same step count
         n = out["positions"].item()
         loss_sum += out["loss"].item() * n
         positions += n
@@ -278,9 +286,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         log.params({**cfg.flat(), **count_parameters(core), "dataset.content_hash": manifest["content_hash"]})
         log.yaml(cfg.to_dict(), "config.yaml")
         log.yaml(manifest, "dataset_manifest.yaml")
-    # Only frozen and top_k read a cache; "computed" here means the driver's cache was not found.
-    cached = text is not None and text.strategy in ("frozen", "top_k")
-    cache = ("hit" if text.cache_hit else "computed") if cached else "-"
+    # "computed" here means the driver's cache was not found.
+    cache = ("hit" if text.cache_hit else "computed") if text is not None else "-"
     log.tags({"llmrec.worker_nodes": ",".join(nodes), "llmrec.num_nodes": len(set(nodes)),
               "llmrec.device": device.type, "llmrec.text_cache": cache})
 
@@ -289,6 +296,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         t0 = time.perf_counter()
         epoch_seed, order_seed = epoch_seeds(cfg.train.seed, epoch, world, rank)
         torch.manual_seed(epoch_seed)
+        refresh_text_cache(core.items)  # a trainable LM's output cache, if a refit epoch or a restore left it stale
         batches = epoch_batches(train_shard, cfg, epoch_seed, order_seed, mask_id=core.mask_id)
         # Epoch 0 may be profiled (train.profile_steps): where a step's time goes.
         profiler = StepProfiler(model, cfg.train.profile_steps) if cfg.train.profile_steps and epoch == 0 else None
