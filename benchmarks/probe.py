@@ -26,6 +26,7 @@ from llmrec_dist.batching import shuffled_batches
 from llmrec_dist.config import ConfigError, load_config
 from llmrec_dist.data.layout import num_items, read_manifest, read_split
 from llmrec_dist.evaluation import EvalRows, evaluate, load_eval_rows
+from llmrec_dist.sharding import refresh_text_cache
 from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.train.optim import build_optimizer, build_scheduler
 from llmrec_dist.train.recipe import (TrainingPairs, autocast_for, build_recommender, steps_per_epoch,
@@ -35,12 +36,54 @@ from llmrec_dist.train.rows import windowed_table
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML config (causal backbone; ID or frozen text items)")
+    p.add_argument("--config", required=True, help="YAML config (causal backbone; any item tower and freezing strategy)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.path=DIR model.init_std=0.02")
     p.add_argument("--epochs", type=int, default=3, help="epochs to train (default 3)")
     p.add_argument("--eval-users", type=int, default=2000, help="validation users scored (default 2000)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--cold-report", action="store_true",
+                   help="after training, where the items that occur in no training history stand: their "
+                        "mean score percentile for the validation users (0 = top, 1 = bottom) against the "
+                        "others', the cosine of their LM text vectors with the pretrained ones, and their "
+                        "item-vector norms (the cold-item collapse diagnosis)")
     return p.parse_intermixed_args(argv)
+
+
+@torch.no_grad()
+def cold_report(model, cfg, manifest, valid: EvalRows) -> dict:
+    """Unseen ("cold") items against the items of the training histories, after training."""
+    from llmrec_dist.data.layout import items_seen_in_training
+    from llmrec_dist.metrics import rankable_scores
+    from llmrec_dist.batching import eval_batch
+
+    model.eval()
+    seen = torch.from_numpy(items_seen_in_training(cfg.data.path))
+    unseen = ~seen
+    unseen[0] = False
+    refresh_text_cache(model.items)
+    table = model.items.all_items()
+    idx = np.arange(min(512, len(valid)))
+    batch = eval_batch([valid.histories[i] for i in idx], valid.targets[idx], cfg.model.max_len, True)
+    scores = rankable_scores(model.score_next(batch["seq"], table).float(), batch["targets"], batch["history"])
+    finite = torch.isfinite(scores)
+    order = scores.masked_fill(~finite, float("-inf")).argsort(dim=1, descending=True)
+    pct = torch.empty_like(scores)
+    pct.scatter_(1, order, torch.linspace(0, 1, scores.shape[1]).expand_as(scores).contiguous())
+    pct = pct.masked_fill(~finite, float("nan"))
+    out = {"unseen_items": int(unseen.sum()),
+           "unseen_score_percentile": float(pct[:, unseen].nanmean()),
+           "seen_score_percentile": float(pct[:, seen].nanmean()),
+           "unseen_vector_norm": float(table[unseen].norm(dim=1).mean()),
+           "seen_vector_norm": float(table[seen].norm(dim=1).mean())}
+    items = model.items
+    if getattr(items, "trainable_lm", False):  # how far the LM's text vectors moved from the pretrained ones
+        from llmrec_dist.text_tower import load_text_features
+
+        pretrained = load_text_features(cfg, manifest).pooled
+        cos = torch.nn.functional.cosine_similarity(items.pooled, pretrained, dim=1)
+        out["unseen_text_cosine_to_pretrained"] = float(cos[unseen].mean())
+        out["seen_text_cosine_to_pretrained"] = float(cos[seen].mean())
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def main(argv=None) -> list[dict]:
@@ -49,8 +92,8 @@ def main(argv=None) -> list[dict]:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, OSError) as err:
         raise SystemExit(f"probe: {err}") from None
-    if cfg.model.backbone != "causal" or (cfg.model.item_repr != "id" and cfg.model.freeze != "frozen"):
-        raise SystemExit("probe: only the causal backbone over ID or frozen-text items")
+    if cfg.model.backbone != "causal":
+        raise SystemExit("probe: only the causal backbone")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(cfg.train.seed)
@@ -63,7 +106,7 @@ def main(argv=None) -> list[dict]:
     train = (windowed_table(train, cfg) if cfg.data.windows else train).column("items").to_pylist()
     valid = load_eval_rows(cfg.data.path, "valid")
     n = min(args.eval_users, len(valid))
-    valid = EvalRows(valid.histories[:n], valid.targets[:n], valid.cold[:n])
+    valid = EvalRows(valid.histories[:n], valid.targets[:n], valid.cold[:n], None if valid.freq is None else valid.freq[:n])
     catalogue = num_items(manifest)
     model = build_recommender(cfg, manifest, load_text_features(cfg, manifest))
     optimizer = build_optimizer(model, cfg.train)
@@ -74,15 +117,20 @@ def main(argv=None) -> list[dict]:
     pairs = TrainingPairs(cfg, model.mask_id, cfg.train.seed)  # the recipe's batches (and earlier items)
     rows, start = [], time.time()
     for epoch in range(args.epochs):
+        refresh_text_cache(model.items)  # a trainable LM tower's output cache, as the recipe does
         batches = (pairs(batch) for batch in shuffled_batches(
             train, cfg.train.batch_size, cfg.model.max_len, cfg.data.length_buckets, rng))
         stats = train_one_epoch(model, batches, optimizer, scheduler, cfg, device, autocast_for(cfg, device))
         metrics = evaluate(model, valid, catalogue, cfg.eval, cfg.model.max_len, device)
         row = {"epoch": epoch, "steps": scheduler.last_epoch,
                "train_loss": round(stats["loss_sum"] / max(stats["positions"], 1), 4),
-               "valid_ndcg_at_10": round(metrics["ndcg_at_10"], 4), "seconds": round(time.time() - start, 1)}
+               "valid_ndcg_at_10": round(metrics["ndcg_at_10"], 4), "seconds": round(time.time() - start, 1),
+               **{k: round(v, 4) for k, v in metrics.items() if k.startswith(("cold_ndcg_at_10", "freq_"))
+                  and k.endswith("ndcg_at_10")}}
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if args.cold_report:
+        print(json.dumps({"cold_report": cold_report(model, cfg, manifest, valid)}), flush=True)
     return rows
 
 

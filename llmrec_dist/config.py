@@ -184,6 +184,12 @@ class TrainConfig:
                                    "row) and every item before the part of the history the model reads "
                                    "(data.windows rows carry their prefix); the target itself always stays. "
                                    "For data where users do not repeat items (MovieLens ratings).")
+    negatives_from: Literal["trained", "catalogue"] = _f(
+        "trained", "Items the training softmax may use as negatives. `trained` = those that occur in some "
+                   "training history: an item that occurs in none (a cold item of `prepare --cold-items`, a "
+                   "new one) is left out of training altogether, as it would be if it were added after "
+                   "training, so a trainable LM cannot learn to bury its text (the cold-item collapse: see "
+                   "the README). `catalogue` = every item, as before.")
     lm_lr: float = _f(0.0, "Learning rate of trainable LM weights (top_k layers, full); 0 = train.lr x "
                            "train.lm_lr_ratio. LoRA adapters use train.lr.", check=_non_negative)
     lm_lr_ratio: float = _f(0.1, "LM learning rate as a fraction of train.lr when train.lm_lr is 0.",

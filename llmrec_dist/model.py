@@ -164,7 +164,7 @@ class SequenceRecommender(nn.Module):
     def __init__(self, items: ItemEncoder, num_layers: int, num_heads: int, max_len: int, dropout: float,
                  backbone: str = "causal", num_negatives: int = 0, init_std: float = 0.02,
                  ffn_size: int = 0, activation: str = "gelu", block: str = "standard",
-                 exclude_seen: bool = False):
+                 exclude_seen: bool = False, negative_items: torch.Tensor | None = None):
         super().__init__()
         self.items = items
         self.max_len = max_len
@@ -177,6 +177,19 @@ class SequenceRecommender(nn.Module):
                                       ffn_size, activation, block)
         if backbone == "bidirectional":
             self.mask_embedding = nn.Parameter(torch.randn(hidden) * init_std)
+        # The items the training softmax may use as negatives ([N + 1] flags; None = every item). Items
+        # that occur in no training history can only ever be negatives there: a trainable LM tower then
+        # learns to recognise their text and bury it (the cold-item collapse), so they are left out
+        # (train.negatives_from=trained). Not persistent: a training setting, not part of the model.
+        self.negative_items = None
+        if negative_items is not None:
+            flags = torch.as_tensor(negative_items, dtype=torch.bool).clone()
+            if flags.shape != (items.num_items + 1,):
+                raise ValueError(f"negative_items must have num_items + 1 = {items.num_items + 1} flags, "
+                                 f"got {tuple(flags.shape)}")
+            flags[PAD] = False
+            self.register_buffer("negative_items", flags, persistent=False)
+            self.register_buffer("negative_pool", flags.nonzero().squeeze(1), persistent=False)
 
     @property
     def mask_id(self) -> int:
@@ -232,6 +245,8 @@ class SequenceRecommender(nn.Module):
             states = self.encode(seq, table, inputs)
             with region("loss"):  # scoring the whole catalogue at every position + cross-entropy
                 logits = self.catalogue_logits(states[keep], table)
+                if self.negative_items is not None:  # never a target either: they occur in no history
+                    logits[:, ~self.negative_items] = float("-inf")
                 if seen is not None:
                     rows, where = seen
                     leave_out(logits, rows, inputs.reshape(-1)[where], before, keep, wanted)
@@ -263,11 +278,15 @@ class SequenceRecommender(nn.Module):
         """Sampled softmax: candidates = the step's distinct targets ∪ uniform negatives, logQ-corrected.
 
         Each candidate's sampling probability is that of a mixture of the batch's target distribution
-        and the uniform one, q(c) = (count_c + M / N) / (T + M) for T targets and M negatives over N
-        items; its log is subtracted from every logit (so frequent in-batch items are not over-penalised).
+        and the uniform one, q(c) = (count_c + M / N) / (T + M) for T targets and M negatives drawn from
+        N items (those of ``negative_items``, default the catalogue); its log is subtracted from every logit (so frequent in-batch items are not over-penalised).
         """
-        n = self.items.num_items
-        negatives = torch.randint(1, n + 1, (self.num_negatives,), device=seq.device)
+        if self.negative_items is None:
+            n = self.items.num_items
+            negatives = torch.randint(1, n + 1, (self.num_negatives,), device=seq.device)
+        else:
+            n = len(self.negative_pool)
+            negatives = self.negative_pool[torch.randint(0, n, (self.num_negatives,), device=seq.device)]
         ids, inverse = torch.unique(torch.cat([inputs.reshape(-1), wanted, negatives]), return_inverse=True)
         vectors = self.items.represent(ids)
         n_in = inputs.numel()
@@ -343,7 +362,8 @@ def softmax_negatives(model_cfg: ModelConfig, train_cfg: TrainConfig) -> int:
 
 
 def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int = 0,
-                id_seen=None, exclude_seen: bool = False, lm_items_per_step: int = 0) -> SequenceRecommender:
+                id_seen=None, exclude_seen: bool = False, lm_items_per_step: int = 0,
+                negative_items=None) -> SequenceRecommender:
     """Build the recommender described by ``cfg`` for a catalogue of ``num_items`` items.
 
     ``text``: the :class:`llmrec_dist.text_tower.TextFeatures` of the catalogue, required when
@@ -353,6 +373,8 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
     ``exclude_seen`` (``train.exclude_seen``): the training softmax leaves out the items in view.
     ``lm_items_per_step`` (``train.lm_items_per_step``): a trainable LM tower runs at most this many
     of a step's distinct items with gradient, the rest from its output cache (0 = all of them).
+    ``negative_items``: ``num_items + 1`` flags of the items the training softmax may use as negatives
+    (``train.negatives_from=trained``: those that occur in training; default every item).
     """
     if cfg.item_repr == "id":
         items: ItemEncoder = IdItemEncoder(num_items, cfg.hidden_size, cfg.init_std)
@@ -369,7 +391,7 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
     return SequenceRecommender(items, cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.dropout,
                                backbone=cfg.backbone, num_negatives=num_negatives, init_std=cfg.init_std,
                                ffn_size=cfg.ffn_size, activation=cfg.activation, block=cfg.block,
-                               exclude_seen=exclude_seen)
+                               exclude_seen=exclude_seen, negative_items=negative_items)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

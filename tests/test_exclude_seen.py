@@ -138,7 +138,7 @@ def test_sampled_softmax_loss_by_hand():
 def test_the_config_key_reaches_the_model():
     manifest = {"counts": {"items": 10}}
     for value in (False, True):
-        cfg = config_from_dict({"data": {"path": "x"}, "train": {"exclude_seen": value}})
+        cfg = config_from_dict({"data": {"path": "x"}, "train": {"exclude_seen": value, "negatives_from": "catalogue"}})
         assert build_recommender(cfg, manifest, text=None).exclude_seen is value
     with pytest.raises(Exception, match=r"train.exclude_seen: expected true/false; got 'often'"):
         config_from_dict({"data": {"path": "x"}, "train": {"exclude_seen": "often"}})

@@ -4,6 +4,7 @@ revision, machine, figures); `bench report` turns those files into the README's 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from llmrec_dist.bench.common import DEFAULT_OUT
 from llmrec_dist.bench.memory import DEFAULT_SIZES
 
-KINDS = ("quality", "speed", "ingest", "memory", "towers", "report")
+KINDS = ("quality", "speed", "ingest", "memory", "lm-memory", "towers", "report")
 
 
 def _common(p, config_required: bool = True) -> None:
@@ -95,6 +96,22 @@ def add_parser(sub) -> None:
     m.add_argument("--length", type=_positive, default=200, help="sequence length (default 200)")
     m.add_argument("--steps", type=_positive, default=3, help="timed steps per case (default 3)")
     m.add_argument("--negatives", type=_positive, default=256, help="sampled softmax negatives (default 256)")
+
+    lm = kinds.add_parser("lm-memory", help="peak memory of a worker training the LM, against the pre-flight estimate",
+                          description="One fresh process per case (freezing strategy x batch size x "
+                                      "train.lm_items_per_step): the worker's model, its largest training "
+                                      "steps, an LM cache refresh, a validation pass and a checkpoint, with the "
+                                      "measured peak RSS next to the estimate `llmrec-dist train` checks before "
+                                      "it starts, seconds per step, and the fitted MB per LM item per step.")
+    _common(lm)
+    lm.add_argument("--strategies", default="frozen,top_k,full,lora",
+                    help="comma-separated: id, frozen, top_k, full, lora (default frozen,top_k,full,lora)")
+    lm.add_argument("--batch-sizes", type=_int_list, default=[32, 128], help="per-worker batch sizes (default 32,128)")
+    lm.add_argument("--lm-items", type=lambda t: [int(v) for v in t.split(",")], default=[64, 256, 1024],
+                    help="train.lm_items_per_step values for top_k/full/lora; 0 = every distinct item "
+                         "(default 64,256,1024)")
+    lm.add_argument("--steps", type=_positive, default=2, help="largest steps measured per case (default 2)")
+    lm.add_argument("--eval-users", type=_positive, default=2048, help="validation users scored (default 2048)")
 
     t = kinds.add_parser("towers", help="item tower × freezing strategy matrix (equal budget per cell)",
                          description="Train one model per item_repr × freeze cell with the same budget; "
@@ -185,6 +202,26 @@ def run(args) -> int:
         print(f"peak RSS per worker (MB): {', '.join(f'{m:,.0f}' for m in figures['peak_rss_mb_per_worker'])}")
         if figures.get("ratio_to_training"):
             print(f"ingest / training throughput: {figures['ratio_to_training']:.1f}×")
+    elif args.kind == "lm-memory":
+        from llmrec_dist.bench.lm_memory import COLUMNS, cases, fitted_slopes, run_case
+
+        strategies = [v.strip() for v in args.strategies.split(",") if v.strip()]
+        bad = [v for v in strategies if v not in ("id", "frozen", "top_k", "full", "lora")]
+        if bad:
+            print(f"llmrec-dist bench lm-memory: --strategies: unknown {', '.join(bad)}; valid: id, frozen, "
+                  "top_k, full, lora", file=sys.stderr)
+            return 2
+        rows = []
+        for case in cases(strategies, args.batch_sizes, args.lm_items):
+            row = run_case(args.config, [*args.overrides, *case], steps=args.steps, eval_users=args.eval_users)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("estimate", "phase_peaks_mb")}), flush=True)
+            rows.append(row)
+        figures = {"rows": rows, "slopes": fitted_slopes([r for r in rows if "error" not in r])}
+        print(common.table([r for r in rows if "error" not in r], COLUMNS))
+        for freeze, fit in figures["slopes"].items():
+            print(f"{freeze}: {fit['mb_per_lm_item']:.2f} MB per LM item per step (+{fit['intercept_mb']:,.0f} MB)")
+        if failed := [r for r in rows if "error" in r]:
+            print(f"{len(failed)} case(s) failed: " + "; ".join(f"{' '.join(r['overrides'])}: {r['error']}" for r in failed))
     else:  # towers
         from llmrec_dist.bench.towers import parse_cells, run_matrix, table_columns
 

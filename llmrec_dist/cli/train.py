@@ -6,7 +6,7 @@ import argparse
 import json
 
 from llmrec_dist.cli.resumable import config_or_resume_error
-from llmrec_dist.config import describe, load_config
+from llmrec_dist.config import config_from_dict, describe, load_config
 
 
 def add_parser(sub) -> None:
@@ -25,6 +25,10 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides, e.g. train.lr=3e-4 scaling.num_workers=2")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="print the estimated peak memory of a worker (and what a worker can use here) and exit")
+    p.add_argument("--force", action="store_true",
+                   help="start even when the memory estimate says a worker will not fit")
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
 
@@ -35,6 +39,7 @@ def run(args) -> int:
         return code
     from llmrec_dist.data.layout import DatasetError
     from llmrec_dist.train.launcher import TrainError, read_run_state, train
+    from llmrec_dist.train.memory import MemoryPreflightError
 
     cfg = load_config(args.config, args.overrides) if args.config else None
     try:
@@ -44,12 +49,36 @@ def run(args) -> int:
             raw = cfg.to_dict() if cfg else read_run_state(args.resume)["config"]
             print(yaml.safe_dump(raw, sort_keys=False))
             return 0
-        outcome = train(cfg, resume=args.resume)
-    except (TrainError, DatasetError) as err:
+        if args.estimate_memory:
+            print_memory_estimate(cfg or config_from_dict(read_run_state(args.resume)["config"]))
+            return 0
+        outcome = train(cfg, resume=args.resume, force=args.force)
+    except (TrainError, DatasetError, MemoryPreflightError) as err:
         print(f"llmrec-dist train: {err}", file=sys.stderr)
         return 2
     print_outcome(outcome, as_json=args.json)
     return 0
+
+
+def print_memory_estimate(cfg) -> None:
+    """The pre-flight estimate, part by part, and the local budget it is checked against."""
+    from llmrec_dist.data.layout import checked_manifest
+    from llmrec_dist.train.launcher import with_absolute_paths
+    from llmrec_dist.train.memory import estimate_for_dataset, local_worker_budget_mb
+
+    cfg = with_absolute_paths(cfg)
+    estimate = estimate_for_dataset(cfg, checked_manifest(cfg.data.path, cfg.data.verify_hash))
+    print(f"estimated peak per worker: {estimate.total_mb:,.0f} MB")
+    print(f"  process (Python, torch, Ray): {estimate.process_mb:,.0f} MB")
+    for name, mb in estimate.held.items():
+        print(f"  held: {name}: {mb:,.0f} MB")
+    for phase, parts in estimate.phases.items():
+        mark = "  <- the peak" if phase == estimate.peak_phase else ""
+        print(f"  {phase}: {sum(parts.values()):,.0f} MB{mark}")
+        for name, mb in parts.items():
+            print(f"    {name}: {mb:,.0f} MB")
+    budget, how = local_worker_budget_mb(cfg.scaling.num_workers)
+    print(f"a worker can use about {budget:,.0f} MB on this machine ({how})")
 
 
 def print_outcome(outcome, as_json: bool = False) -> None:

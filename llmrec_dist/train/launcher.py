@@ -71,6 +71,7 @@ def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, ca
     from ray.train.torch import TorchTrainer
 
     from llmrec_dist.data.layout import read_manifest
+    from llmrec_dist.train.oom import StopOnOutOfMemory
     from llmrec_dist.train.rows import training_rows
 
     train_ds = train_dataset(cfg)
@@ -96,7 +97,7 @@ def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, ca
                                                    None if cfg.train.refit_epochs else cfg.selection_metric()),
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=callbacks,
+            callbacks=[StopOnOutOfMemory(), *(callbacks or [])],  # a memory kill is not retried
         ),
     )
 
@@ -172,11 +173,60 @@ def _reopen_run(tracking_uri: str, run_id: str, folder: str) -> None:
     c.set_terminated(run_id, "RUNNING")
 
 
-def train(cfg: Config | None = None, resume: str | None = None) -> TrainOutcome:
+class OutOfMemoryStop(TrainError):
+    """A worker was killed for lack of memory and the run stopped without retrying (one-line message)."""
+
+
+def preflight_memory(cfg: Config, manifest: dict, force: bool = False):
+    """Estimate a worker's peak memory for ``cfg`` (:mod:`llmrec_dist.train.memory`) and, on a local Ray,
+    refuse a config that cannot fit before anything starts (``force`` skips the refusal). On a cluster
+    (``RAY_ADDRESS``) the check runs once connected (:func:`check_cluster_memory`); on GPUs it is not
+    checked (activations live in GPU memory). Returns the estimate."""
+    import os
+
+    from llmrec_dist.train.memory import check_fits, estimate_for_dataset, local_worker_budget_mb
+
+    estimate = estimate_for_dataset(cfg, manifest)
+    log.info("memory estimate: %s", estimate.summary())
+    if not force and not cfg.scaling.use_gpu and not os.environ.get("RAY_ADDRESS"):
+        check_fits(estimate, *local_worker_budget_mb(cfg.scaling.num_workers))
+    return estimate
+
+
+def check_cluster_memory(cfg: Config, estimate, force: bool = False) -> None:
+    """The memory check against the nodes of the Ray cluster this process is connected to."""
+    import os
+
+    from llmrec_dist.train.memory import check_fits, cluster_worker_budget_mb
+
+    if not force and not cfg.scaling.use_gpu and os.environ.get("RAY_ADDRESS"):
+        check_fits(estimate, *cluster_worker_budget_mb(cfg))
+
+
+def _oom_stop(err: BaseException, tracking_uri: str, run_id: str, estimate) -> OutOfMemoryStop | None:
+    """The one-line stop for a worker killed for lack of memory, with the last peak rank 0 logged."""
+    from llmrec_dist.train.oom import find_worker_oom, out_of_memory_line
+
+    oom = find_worker_oom(err)
+    if oom is None:
+        return None
+    peak = None
+    try:
+        from llmrec_dist.tracking import client
+
+        history = client(tracking_uri).get_metric_history(run_id, "peak_rss_mb")
+        peak = history[-1].value if history else None
+    except Exception:  # the line matters more than the figure
+        pass
+    return OutOfMemoryStop(out_of_memory_line(oom, peak, estimate.total_mb if estimate else None))
+
+
+def train(cfg: Config | None = None, resume: str | None = None, force: bool = False) -> TrainOutcome:
     """Train, evaluate, log and (if ``mlflow.registered_model`` is set) register one model.
 
     ``resume``: the folder of an interrupted run (``<train.storage_path>/train-<run id>``). The run goes
-    on from its latest checkpoint with its saved config, in the same MLflow run.
+    on from its latest checkpoint with its saved config, in the same MLflow run. ``force``: start even
+    when the memory estimate says a worker cannot fit (:func:`preflight_memory`).
     """
     started = time.perf_counter()
     if resume:
@@ -188,6 +238,7 @@ def train(cfg: Config | None = None, resume: str | None = None) -> TrainOutcome:
     else:
         cfg = with_absolute_paths(cfg)
     manifest = checked_manifest(cfg.data.path, cfg.data.verify_hash)  # before any run is opened
+    estimate = preflight_memory(cfg, manifest, force)  # and before Ray starts
     if resume:
         tracking_uri, run_id = state["tracking_uri"], state["run_id"]
         _reopen_run(tracking_uri, run_id, folder)
@@ -196,7 +247,8 @@ def train(cfg: Config | None = None, resume: str | None = None) -> TrainOutcome:
         tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
         run_id = start_run(tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name,
                            tags={"llmrec.dataset_hash": manifest["content_hash"],
-                                 "llmrec.source": str(manifest["source"].get("type", ""))})
+                                 "llmrec.source": str(manifest["source"].get("type", "")),
+                                 "llmrec.memory_estimate_mb": f"{estimate.total_mb:.0f}"})
         folder = storage.join(cfg.train.storage_path, run_name(run_id))
         storage.write_json(storage.join(folder, RUN_FILE),
                            {"run_id": run_id, "tracking_uri": tracking_uri, "config": cfg.to_dict()})
@@ -206,13 +258,19 @@ def train(cfg: Config | None = None, resume: str | None = None) -> TrainOutcome:
         build_text_cache(cfg)
         clock = {"process_start": process_start_time(), "ray_init": time.time()}
         init_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
+        check_cluster_memory(cfg, estimate, force)
         clock["ray_ready"] = time.time()
         trainer = build_trainer(cfg, run_id, tracking_uri, run_name=run_name(run_id),
                                 extra_loop_config={"clock": clock})
         clock["trainer_built"] = time.time()  # the trainer holds this dict and sends it to the workers in fit()
-        result = trainer.fit()
-        if result.error:
-            raise result.error
+        try:
+            result = trainer.fit()
+            if result.error:
+                raise result.error
+        except Exception as err:
+            if (stop := _oom_stop(err, tracking_uri, run_id, estimate)) is not None:
+                raise stop from None
+            raise
         metrics = dict(result.return_value or result.metrics or {})
         outcome = TrainOutcome(run_id, tracking_uri, metrics, result.checkpoint.path)
         with result.checkpoint.as_directory() as checkpoint_dir:

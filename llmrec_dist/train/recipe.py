@@ -120,13 +120,16 @@ def ddp_kwargs(cfg: Config) -> dict:
 
 def build_recommender(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
     """The model ``cfg`` trains on this dataset: ``text`` = :func:`load_text_features`' result, the
-    softmax's negatives from ``train.loss`` (and ``train.exclude_seen``), and for ``id+text`` the items
-    seen in training."""
-    id_seen = (items_seen_in_training(cfg.data.path, cfg.training_split())
-               if cfg.model.item_repr == "id+text" else None)
+    softmax's negatives from ``train.loss`` and ``train.negatives_from`` (and ``train.exclude_seen``),
+    and for ``id+text`` the items seen in training."""
+    trained = None
+    if cfg.model.item_repr == "id+text" or cfg.train.negatives_from == "trained":
+        trained = items_seen_in_training(cfg.data.path, cfg.training_split())
     return build_model(cfg.model, manifest_num_items(manifest), text=text,
-                       num_negatives=softmax_negatives(cfg.model, cfg.train), id_seen=id_seen,
-                       exclude_seen=cfg.train.exclude_seen, lm_items_per_step=cfg.train.lm_items_per_step)
+                       num_negatives=softmax_negatives(cfg.model, cfg.train),
+                       id_seen=trained if cfg.model.item_repr == "id+text" else None,
+                       exclude_seen=cfg.train.exclude_seen, lm_items_per_step=cfg.train.lm_items_per_step,
+                       negative_items=trained if cfg.train.negatives_from == "trained" else None)
 
 
 def steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
