@@ -70,7 +70,19 @@ def cold_report(model, cfg, manifest, valid: EvalRows) -> dict:
     pct = torch.empty_like(scores)
     pct.scatter_(1, order, torch.linspace(0, 1, scores.shape[1]).expand_as(scores).contiguous())
     pct = pct.masked_fill(~finite, float("nan"))
-    out = {"unseen_items": int(unseen.sum()),
+    # where each validation row's own target ranks (0 = top, 1 = bottom), cold targets apart
+    target_pct = []
+    for start in range(0, len(valid), 256):
+        rows = np.arange(start, min(start + 256, len(valid)))
+        b = eval_batch([valid.histories[i] for i in rows], valid.targets[rows], cfg.model.max_len, True)
+        sc = rankable_scores(model.score_next(b["seq"], table).float(), b["targets"], b["history"])
+        higher = (sc > sc.gather(1, b["targets"][:, None])).sum(1).float()
+        target_pct.append(higher / torch.isfinite(sc).sum(1).float())
+    target_pct = torch.cat(target_pct)
+    cold_rows = torch.from_numpy(valid.cold)
+    out = {"cold_target_percentile": float(target_pct[cold_rows].mean()) if cold_rows.any() else None,
+           "warm_target_percentile": float(target_pct[~cold_rows].mean()),
+           "unseen_items": int(unseen.sum()),
            "unseen_score_percentile": float(pct[:, unseen].nanmean()),
            "seen_score_percentile": float(pct[:, seen].nanmean()),
            "unseen_vector_norm": float(table[unseen].norm(dim=1).mean()),

@@ -145,6 +145,16 @@ class ModelConfig:
     text_pooling: Literal["mean", "cls"] = _f("mean", "Pooling of the LM's token states: mean over real "
                                                       "tokens or the first (CLS) token.")
     text_max_len: int = _f(32, "Tokens of item text fed to the LM (longer texts are cut).", check=_positive)
+    id_min_count: int = _f(1, "id+text: only items with at least this many training interactions get an ID "
+                              "vector; rarer ones are represented by their text alone (their ID rows are "
+                              "masked and never trained). 1 = every item that occurs in training.",
+                           check=_positive)
+    text_adaptor: Literal["linear", "mlp"] = _f("linear", "How the normalised LM output becomes an item vector: "
+                                                          "`linear` = one projection; `mlp` = a GELU layer of "
+                                                          "2 x model.hidden_size, then the projection.")
+    id_dropout: float = _f(0.0, "id+text, training only: the share of a step's items whose ID vector is dropped, "
+                                "so that their text alone represents them (trains the text path to carry "
+                                "rare and new items).", check=_fraction)
     fusion: Literal["sum", "concat", "gate"] = _f("sum", "id+text: how ID and text vectors combine: sum, "
                                                          "concat + linear projection, or a learned gate.")
     freeze: Literal["frozen", "top_k", "full", "lora"] = _f(

@@ -181,15 +181,16 @@ class SequenceRecommender(nn.Module):
         # that occur in no training history can only ever be negatives there: a trainable LM tower then
         # learns to recognise their text and bury it (the cold-item collapse), so they are left out
         # (train.negatives_from=trained). Not persistent: a training setting, not part of the model.
-        self.negative_items = None
+        flags = None
         if negative_items is not None:
             flags = torch.as_tensor(negative_items, dtype=torch.bool).clone()
             if flags.shape != (items.num_items + 1,):
                 raise ValueError(f"negative_items must have num_items + 1 = {items.num_items + 1} flags, "
                                  f"got {tuple(flags.shape)}")
             flags[PAD] = False
-            self.register_buffer("negative_items", flags, persistent=False)
-            self.register_buffer("negative_pool", flags.nonzero().squeeze(1), persistent=False)
+        self.register_buffer("negative_items", flags, persistent=False)
+        self.register_buffer("negative_pool", None if flags is None else flags.nonzero().squeeze(1),
+                             persistent=False)
 
     @property
     def mask_id(self) -> int:
@@ -385,7 +386,8 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
             raise ValueError(f"model.item_repr={cfg.item_repr!r} needs the item texts' features")
         items = TextItemEncoder(text, num_items, cfg.hidden_size, use_id=cfg.item_repr == "id+text",
                                 fusion=cfg.fusion, pooling=cfg.text_pooling, freeze_k=cfg.freeze_k, lora_cfg=cfg,
-                                id_seen=id_seen, init_std=cfg.init_std, grad_items=lm_items_per_step)
+                                id_seen=id_seen, init_std=cfg.init_std, grad_items=lm_items_per_step,
+                                adaptor=cfg.text_adaptor, id_dropout=cfg.id_dropout)
     else:
         raise ValueError(f"model.item_repr: unknown {cfg.item_repr!r}; valid: id, text, id+text")
     return SequenceRecommender(items, cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.dropout,

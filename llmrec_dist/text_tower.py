@@ -345,7 +345,8 @@ class TextItemEncoder(ItemEncoder):
 
     def __init__(self, features: TextFeatures, num_items: int, hidden_size: int, use_id: bool, fusion: str,
                  pooling: str, freeze_k: int = 1, lora_cfg=None, chunk: int = 512,
-                 id_seen: torch.Tensor | None = None, init_std: float = 0.02, grad_items: int = 0):
+                 id_seen: torch.Tensor | None = None, init_std: float = 0.02, grad_items: int = 0,
+                 adaptor: str = "linear", id_dropout: float = 0.0):
         super().__init__()
         self.hidden_size = hidden_size
         self.strategy = features.strategy
@@ -375,11 +376,22 @@ class TextItemEncoder(ItemEncoder):
         else:
             raise ValueError(f"model.freeze: unknown {self.strategy!r}; valid: frozen, top_k, full, lora")
         self.text_norm = nn.LayerNorm(features.lm_hidden)
-        self.text_proj = nn.Linear(features.lm_hidden, hidden_size)
-        # The normalised text has unit variance per dimension, so this draw gives projected text
+        # The normalised text has unit variance per dimension, so these draws give projected text
         # vectors of std init_std per dimension, the scale of the ID vectors (see model.id_embedding).
-        nn.init.normal_(self.text_proj.weight, std=init_std / features.lm_hidden ** 0.5)
+        width = features.lm_hidden
+        self.text_hidden = None
+        if adaptor == "mlp":  # normalised text -> GELU layer of 2 x hidden (unit variance) -> projection
+            self.text_hidden = nn.Sequential(nn.Linear(width, 2 * hidden_size), nn.GELU())
+            nn.init.normal_(self.text_hidden[0].weight, std=width ** -0.5)
+            nn.init.zeros_(self.text_hidden[0].bias)
+            width = 2 * hidden_size
+        elif adaptor != "linear":
+            raise ValueError(f"model.text_adaptor: unknown {adaptor!r}; valid: linear, mlp")
+        self.text_proj = nn.Linear(width, hidden_size)
+        gain = 1.0 if self.text_hidden is None else 0.425 ** -0.5  # E[gelu(z)^2] = 0.425 for z ~ N(0, 1)
+        nn.init.normal_(self.text_proj.weight, std=gain * init_std / width ** 0.5)
         nn.init.zeros_(self.text_proj.bias)
+        self.id_dropout = id_dropout
         self.id_embedding = None
         if use_id:
             self.id_embedding = id_embedding(num_items, hidden_size, init_std)
@@ -469,12 +481,16 @@ class TextItemEncoder(ItemEncoder):
     def represent(self, ids: torch.Tensor, focus: torch.Tensor | None = None) -> torch.Tensor:
         """Vectors [U, H] for 1-D item ids. ``focus`` (training only): the step's items, among which
         the ones that run the LM with gradient are drawn (default: any of ``ids``)."""
-        text = self.text_proj(self.text_norm(self._text(ids, focus).float()))
+        text = self.text_norm(self._text(ids, focus).float())
+        text = self.text_proj(text if self.text_hidden is None else self.text_hidden(text))
         if self.id_embedding is None:
             return text
         known = ids <= self.num_id_items
         rows = torch.where(known, ids, 0)
-        id_vec = self.id_embedding(rows) * (known & self.id_seen[rows]).unsqueeze(-1)
+        use_id = known & self.id_seen[rows]
+        if self.training and self.id_dropout > 0:  # text alone stands for a random share of the step's items
+            use_id = use_id & (torch.rand(len(ids), device=ids.device) >= self.id_dropout)
+        id_vec = self.id_embedding(rows) * use_id.unsqueeze(-1)
         return self.fusion(id_vec, text)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:

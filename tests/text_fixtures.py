@@ -12,7 +12,10 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def make_tiny_encoder(folder: Path, texts: list[str], hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def make_tiny_encoder(folder: Path, texts: list[str], hidden: int = 32, layers: int = 2, seed: int = 0,
+                      dropout: float = 0.1) -> Path:
+    """``dropout``: the encoder's hidden and attention dropout (BERT's default 0.1; 0 makes a training-mode
+    forward deterministic, for tests that compare it with an eval-mode one)."""
     words = sorted({w for t in texts for w in re.findall(r"[a-z0-9]+", str(t).lower())})
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {token: i for i, token in enumerate(SPECIAL + words)}
@@ -21,6 +24,7 @@ def make_tiny_encoder(folder: Path, texts: list[str], hidden: int = 32, layers: 
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(SPECIAL) + len(words), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64)
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     return folder

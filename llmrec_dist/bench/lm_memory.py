@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 
 
 def _peak_mb() -> float:
+    """This process's peak resident memory in MiB: Linux's VmHWM, which counts from this process's exec.
+    ``ru_maxrss`` also holds the parent's: a child started with fork/vfork + exec inherits its parent's
+    peak, so a case run from a larger parent (a test session) reported the parent's peak in every phase."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

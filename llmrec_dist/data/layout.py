@@ -309,17 +309,24 @@ def item_popularity(path: str | os.PathLike) -> np.ndarray:
     return np.concatenate([[0], table.column("popularity").to_numpy()]).astype(np.int64)
 
 
+def item_counts(path: str | os.PathLike, split: str = "train") -> np.ndarray:
+    """Occurrences of every item (index = item_idx ``0..N``; 0 for padding) in the histories of ``split``,
+    the one trained on (for ``train``: items.parquet's ``popularity``)."""
+    popularity = item_popularity(path)
+    if split == "train":
+        return popularity
+    counts = np.zeros(len(popularity), dtype=np.int64)
+    for f in split_files(path, split):
+        values = pc.list_flatten(read_parquet_file(f, columns=["items"]).column("items")).to_numpy()
+        counts += np.bincount(values, minlength=len(counts))[:len(counts)]
+    counts[0] = 0
+    return counts
+
+
 def items_seen_in_training(path: str | os.PathLike, split: str = "train") -> np.ndarray:
     """Bool flags over item_idx ``0..N``: the item occurs in some history of ``split``, the one trained
     on (for ``train``: popularity > 0). Index 0 (padding) is false."""
-    popularity = item_popularity(path)
-    if split == "train":
-        return popularity > 0
-    seen = np.zeros(len(popularity), dtype=bool)
-    for f in split_files(path, split):
-        seen[pc.list_flatten(read_parquet_file(f, columns=["items"]).column("items")).to_numpy()] = True
-    seen[0] = False
-    return seen
+    return item_counts(path, split) > 0
 
 
 def read_split(path: str | os.PathLike, split: str) -> pa.Table:

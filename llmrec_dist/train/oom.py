@@ -36,6 +36,11 @@ class WorkerOutOfMemory(RuntimeError):
         self.rank, self.detail = rank, detail
         super().__init__(f"worker {rank} was killed for lack of memory: {detail}")
 
+    def __reduce__(self):
+        # Raised on Ray Train's controller and pickled to the driver inside a ControllerError: the
+        # default (the class called with self.args, the message alone) cannot rebuild it there.
+        return (type(self), (self.rank, self.detail))
+
 
 def memory_kill_detail(error: BaseException) -> str:
     """The node's memory use at the kill when Ray's message gives it, else the message's first line."""

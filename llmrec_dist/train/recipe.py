@@ -32,7 +32,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from llmrec_dist.batching import cloze_batch, earlier_items, length_bucketed, next_item_batch
 from llmrec_dist.config import Config, config_from_dict
 from llmrec_dist.data.layout import num_items as manifest_num_items
-from llmrec_dist.data.layout import items_seen_in_training, read_manifest
+from llmrec_dist.data.layout import item_counts, read_manifest
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import build_model, count_parameters, softmax_negatives
 from llmrec_dist.sharding import refresh_text_cache
@@ -121,13 +121,14 @@ def ddp_kwargs(cfg: Config) -> dict:
 def build_recommender(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
     """The model ``cfg`` trains on this dataset: ``text`` = :func:`load_text_features`' result, the
     softmax's negatives from ``train.loss`` and ``train.negatives_from`` (and ``train.exclude_seen``),
-    and for ``id+text`` the items seen in training."""
-    trained = None
+    and for ``id+text`` the items that get an ID vector (``model.id_min_count`` training interactions)."""
+    counts = None
     if cfg.model.item_repr == "id+text" or cfg.train.negatives_from == "trained":
-        trained = items_seen_in_training(cfg.data.path, cfg.training_split())
+        counts = item_counts(cfg.data.path, cfg.training_split())
+    trained = None if counts is None else counts > 0
     return build_model(cfg.model, manifest_num_items(manifest), text=text,
                        num_negatives=softmax_negatives(cfg.model, cfg.train),
-                       id_seen=trained if cfg.model.item_repr == "id+text" else None,
+                       id_seen=counts >= cfg.model.id_min_count if cfg.model.item_repr == "id+text" else None,
                        exclude_seen=cfg.train.exclude_seen, lm_items_per_step=cfg.train.lm_items_per_step,
                        negative_items=trained if cfg.train.negatives_from == "trained" else None)
 
