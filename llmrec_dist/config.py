@@ -161,6 +161,8 @@ class ModelConfig:
         "frozen", "What of the LM trains: `frozen` = nothing (embeddings computed once, cached on disk); "
                   "`top_k` = the top model.freeze_k layers (lower layers' outputs cached); `full` = all "
                   "(at train.lm_lr); `lora` = peft LoRA adapters only.")
+    freeze_lm_embeddings: bool = _f(False, "full: keep the LM's token embedding table as pretrained (every "
+                                           "Transformer layer still trains).")
     freeze_k: int = _f(1, "top_k: number of top LM layers that train.", check=_positive)
     lora_r: int = _f(8, "lora: adapter rank.", check=_positive)
     lora_alpha: float = _f(16.0, "lora: scaling alpha.", check=_positive)
@@ -200,6 +202,11 @@ class TrainConfig:
                    "new one) is left out of training altogether, as it would be if it were added after "
                    "training, so a trainable LM cannot learn to bury its text (the cold-item collapse: see "
                    "the README). `catalogue` = every item, as before.")
+    lm_anchor: float = _f(0.0, "Trainable LM tower: weight of a term pulling the LM's output toward the pretrained "
+                               "LM's (1 - cosine, over the items the LM runs on in a step). Keeps the text space "
+                               "that items without interactions are read in from drifting away as the LM "
+                               "fits the items it trains on (see the README on cold items). 0 = off.",
+                           check=_non_negative)
     lm_lr: float = _f(0.0, "Learning rate of trainable LM weights (top_k layers, full); 0 = train.lr x "
                            "train.lm_lr_ratio. LoRA adapters use train.lr.", check=_non_negative)
     lm_lr_ratio: float = _f(0.1, "LM learning rate as a fraction of train.lr when train.lm_lr is 0.",

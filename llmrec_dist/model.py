@@ -254,7 +254,12 @@ class SequenceRecommender(nn.Module):
                 loss = F.cross_entropy(logits, wanted, reduction="sum")
         positions = keep.sum()
         # sum / count rather than mean: a batch whose sequences are all single items has no target.
-        return {"loss": loss / positions.clamp(min=1), "positions": positions}
+        out = {"loss": loss / positions.clamp(min=1), "positions": positions}
+        anchor = getattr(self.items, "take_anchor_loss", lambda: None)()
+        if anchor is not None:  # a trainable LM held near its pretrained output (train.lm_anchor)
+            out["anchor"] = anchor.detach()
+            out["loss"] = out["loss"] + anchor
+        return out
 
     def seen_entries(self, inputs: torch.Tensor, targets: torch.Tensor,
                      keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,7 +369,7 @@ def softmax_negatives(model_cfg: ModelConfig, train_cfg: TrainConfig) -> int:
 
 def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int = 0,
                 id_seen=None, exclude_seen: bool = False, lm_items_per_step: int = 0,
-                negative_items=None) -> SequenceRecommender:
+                negative_items=None, lm_anchor: float = 0.0) -> SequenceRecommender:
     """Build the recommender described by ``cfg`` for a catalogue of ``num_items`` items.
 
     ``text``: the :class:`llmrec_dist.text_tower.TextFeatures` of the catalogue, required when
@@ -376,6 +381,7 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
     of a step's distinct items with gradient, the rest from its output cache (0 = all of them).
     ``negative_items``: ``num_items + 1`` flags of the items the training softmax may use as negatives
     (``train.negatives_from=trained``: those that occur in training; default every item).
+    ``lm_anchor`` (``train.lm_anchor``): weight of a trainable LM's pull toward its pretrained output.
     """
     if cfg.item_repr == "id":
         items: ItemEncoder = IdItemEncoder(num_items, cfg.hidden_size, cfg.init_std)
@@ -387,7 +393,8 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
         items = TextItemEncoder(text, num_items, cfg.hidden_size, use_id=cfg.item_repr == "id+text",
                                 fusion=cfg.fusion, pooling=cfg.text_pooling, freeze_k=cfg.freeze_k, lora_cfg=cfg,
                                 id_seen=id_seen, init_std=cfg.init_std, grad_items=lm_items_per_step,
-                                adaptor=cfg.text_adaptor, id_dropout=cfg.id_dropout)
+                                adaptor=cfg.text_adaptor, id_dropout=cfg.id_dropout, lm_anchor=lm_anchor,
+                                freeze_embeddings=cfg.freeze_lm_embeddings)
     else:
         raise ValueError(f"model.item_repr: unknown {cfg.item_repr!r}; valid: id, text, id+text")
     return SequenceRecommender(items, cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.dropout,

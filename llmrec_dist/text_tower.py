@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
@@ -346,7 +347,8 @@ class TextItemEncoder(ItemEncoder):
     def __init__(self, features: TextFeatures, num_items: int, hidden_size: int, use_id: bool, fusion: str,
                  pooling: str, freeze_k: int = 1, lora_cfg=None, chunk: int = 512,
                  id_seen: torch.Tensor | None = None, init_std: float = 0.02, grad_items: int = 0,
-                 adaptor: str = "linear", id_dropout: float = 0.0):
+                 adaptor: str = "linear", id_dropout: float = 0.0, lm_anchor: float = 0.0,
+                 freeze_embeddings: bool = False):
         super().__init__()
         self.hidden_size = hidden_size
         self.strategy = features.strategy
@@ -359,6 +361,10 @@ class TextItemEncoder(ItemEncoder):
         if features.pooled is None:
             raise ValueError("the text features lack the pooled LM output of the items (prepare_text_features)")
         self.register_buffer("pooled", features.pooled, persistent=False)
+        # lm_anchor > 0: a trainable LM is pulled toward its pretrained output (kept here, unrefreshed)
+        self.lm_anchor = lm_anchor if self.strategy in TRAINABLE_STRATEGIES else 0.0
+        self.register_buffer("pretrained", features.pooled.clone() if self.lm_anchor else None, persistent=False)
+        self.anchor_loss: torch.Tensor | None = None
         self.lm_config = None
         self.external_params = 0  # frozen LM parameters not held as module parameters
         if self.strategy == "frozen":
@@ -371,6 +377,9 @@ class TextItemEncoder(ItemEncoder):
             self.external_params = features.lm_params - sum(p.numel() for p in self.top_layers.parameters())
         elif self.strategy == "full":
             self.lm = features.lm
+            if freeze_embeddings:  # the token table stays as pretrained; every Transformer layer trains
+                for p in self.lm.get_input_embeddings().parameters():
+                    p.requires_grad_(False)
         elif self.strategy == "lora":
             self.lm = _apply_lora(features.lm, lora_cfg)
         else:
@@ -476,7 +485,16 @@ class TextItemEncoder(ItemEncoder):
         if not self.grad_items and focus is None:
             return self.lm_text(ids)
         positions = self.grad_positions(ids, focus)
-        return cached.index_copy(0, positions, self.lm_text(ids[positions]).to(cached.dtype))
+        fresh = self.lm_text(ids[positions]).to(cached.dtype)
+        if self.lm_anchor:  # 1 - cosine to the pretrained output, over the items the LM ran on
+            anchor = 1 - F.cosine_similarity(fresh.float(), self.pretrained[ids[positions]], dim=-1).mean()
+            self.anchor_loss = anchor if self.anchor_loss is None else self.anchor_loss + anchor
+        return cached.index_copy(0, positions, fresh)
+
+    def take_anchor_loss(self) -> torch.Tensor | None:
+        """``lm_anchor`` x the anchor term of the step's LM passes (then forgotten), or None."""
+        loss, self.anchor_loss = self.anchor_loss, None
+        return None if loss is None else self.lm_anchor * loss
 
     def represent(self, ids: torch.Tensor, focus: torch.Tensor | None = None) -> torch.Tensor:
         """Vectors [U, H] for 1-D item ids. ``focus`` (training only): the step's items, among which

@@ -1,4 +1,4 @@
-"""Benchmarks: the figures' arithmetic (hand-computed), the JSON files and the README table they make,
+"""Benchmarks: the figures' arithmetic (hand-computed), the JSON files and the results table they make,
 the catalogue-scaling benchmark in real subprocesses, and the ingest benchmark on the session's Ray."""
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def test_table_aligns_columns_and_prints_missing_values_as_dash():
     assert text.splitlines() == ["name    value", "x        1.23", "longer      -"]
 
 
-# ------------------------------------------------------------------------------ JSON + README table
+# ----------------------------------------------------------------------------- JSON + results table
 def _result(tmp_path, kind, figures, label="", config=None):
     return common.write_result(tmp_path, kind, label=label, config=config or {"file": "c.yaml"}, figures=figures,
                                dataset={"path": "/d"}, command="llmrec-dist bench " + kind)
@@ -213,14 +213,15 @@ def test_readme_without_markers_is_refused(tmp_path):
     assert readme.read_text() == "# no markers\n"
 
 
-def test_shipped_readme_table_matches_the_shipped_results():
-    """The README's table is exactly what `bench report` makes from benchmarks/results."""
-    from pathlib import Path
-
+def test_shipped_benchmarks_table_matches_the_shipped_results():
+    """docs/benchmarks.md's table is exactly what `bench report` makes from benchmarks/results, and the
+    documented regeneration command names that file."""
     root = Path(__file__).resolve().parents[1]
-    text = (root / "README.md").read_text(encoding="utf-8")
+    text = (root / "docs" / "benchmarks.md").read_text(encoding="utf-8")
     table = text.split(report.START, 1)[1].split(report.END, 1)[0].strip()
     assert table == report.render(common.read_results(root / common.DEFAULT_OUT)).strip()
+    assert "llmrec-dist bench report --readme docs/benchmarks.md" in text
+    assert report.START not in (root / "README.md").read_text(encoding="utf-8"), "one generated table, in docs/"
 
 
 # -------------------------------------------------------------------------- real runs, tiny sizes

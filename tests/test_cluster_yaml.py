@@ -1,5 +1,6 @@
-"""cluster.yaml: valid for Ray's cluster launcher, shaped as the README describes, and every job command of
-the README's cluster section runnable as written (flags, configs, overrides, shared paths).
+"""cluster.yaml: valid for Ray's cluster launcher, shaped as docs/cluster.md describes, and every job command of
+the cluster guide (docs/cluster.md) and of the README's short cluster section runnable as written (flags,
+configs, overrides, shared paths).
 
 Fast and offline: nothing here starts Ray, talks to a cloud or installs anything.
 """
@@ -154,10 +155,20 @@ def test_nodes_are_offline_for_the_hugging_face_hub(cluster):
     assert "--env HF_HUB_OFFLINE=1" in cluster["docker"]["run_options"]
 
 
-# ------------------------------------------------------------------------------------- the README's commands
-def _readme_cluster_commands() -> list[str]:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Running on a Ray cluster", 1)[1].split("\n## ", 1)[0]
+# ------------------------------------------------------------------------------------- the documented commands
+CLUSTER_GUIDE = "docs/cluster.md"
+
+
+def _cluster_section(doc: str) -> str:
+    """The whole cluster guide, or the README's short `## Running on a Ray cluster` section."""
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    if doc == CLUSTER_GUIDE:
+        return text
+    return text.split("## Running on a Ray cluster", 1)[1].split("\n## ", 1)[0]
+
+
+def _cluster_commands(doc: str) -> list[str]:
+    section = _cluster_section(doc)
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", block)  # line continuations
@@ -165,10 +176,10 @@ def _readme_cluster_commands() -> list[str]:
     return commands
 
 
-def _job_commands() -> list[tuple[str, list[str]]]:
-    """(verb, arguments) of every `python jobs/<verb>.py ...` in the README's cluster section."""
+def _job_commands(doc: str) -> list[tuple[str, list[str]]]:
+    """(verb, arguments) of every `python jobs/<verb>.py ...` in ``doc``'s cluster commands."""
     jobs = []
-    for command in _readme_cluster_commands():
+    for command in _cluster_commands(doc):
         tokens = shlex.split(command, comments=True)
         for i, token in enumerate(tokens[:-1]):
             if token == "python" and (m := re.fullmatch(r"jobs/(\w+)\.py", tokens[i + 1])):
@@ -187,20 +198,28 @@ def _shared(cluster: dict, location: str) -> bool:
                                     for v in _volumes(cluster))
 
 
-def test_readme_submits_prepare_train_and_tune():
-    verbs = [verb for verb, _ in _job_commands()]
+def test_cluster_guide_submits_prepare_train_and_tune():
+    verbs = [verb for verb, _ in _job_commands(CLUSTER_GUIDE)]
     assert {"prepare", "train", "tune"} <= set(verbs)
-    commands = "\n".join(_readme_cluster_commands())
+    commands = "\n".join(_cluster_commands(CLUSTER_GUIDE))
     for step in ("ray up cluster.yaml", "ray dashboard cluster.yaml", "ray job logs", "ray job stop",
                  "ray down cluster.yaml"):
+        assert step in commands, f"{CLUSTER_GUIDE} lacks `{step}`"
+
+
+def test_readme_cluster_section_submits_a_training_job_and_links_the_guide():
+    assert [verb for verb, _ in _job_commands("README.md")] == ["train"]
+    commands = "\n".join(_cluster_commands("README.md"))
+    for step in ("ray up cluster.yaml", "ray dashboard cluster.yaml", "ray down cluster.yaml"):
         assert step in commands, f"the README's cluster section lacks `{step}`"
+    assert f"]({CLUSTER_GUIDE})" in _cluster_section("README.md")
 
 
-JOBS = _job_commands()
+JOBS = [(doc, verb, args) for doc in (CLUSTER_GUIDE, "README.md") for verb, args in _job_commands(doc)]
 
 
-@pytest.mark.parametrize("verb,args", JOBS, ids=[f"{i}-{verb}" for i, (verb, _) in enumerate(JOBS)])
-def test_readme_job_command_is_valid(cluster, verb, args):
+@pytest.mark.parametrize("doc,verb,args", JOBS, ids=[f"{doc}-{i}-{verb}" for i, (doc, verb, _) in enumerate(JOBS)])
+def test_documented_job_command_is_valid(cluster, doc, verb, args):
     """Every job command parses with the CLI's own parser; its config and overrides validate with the
     project's loaders; its workers fit the GPU nodes; every location it reads or writes is shared by all
     nodes."""
@@ -232,4 +251,4 @@ def test_readme_job_command_is_valid(cluster, verb, args):
         assert s.cpus_per_worker <= gpu_type["resources"]["CPU"]
         assert s.num_workers * s.gpus_per_worker <= gpu_type["resources"]["GPU"] * gpu_type["max_workers"]
     for location in locations:
-        assert _shared(cluster, location), f"{verb}: {location} is not on storage every node reads"
+        assert _shared(cluster, location), f"{doc}: {verb}: {location} is not on storage every node reads"

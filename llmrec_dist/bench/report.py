@@ -1,7 +1,8 @@
-"""The README's results table, generated from the benchmark JSON files (``llmrec-dist bench report``).
+"""The benchmark results table, generated from the benchmark JSON files (``llmrec-dist bench report``).
 
-The table sits between two marker lines in the README and is replaced as a whole; nothing else in the
-file changes. Each row names the benchmark file it came from; a benchmark not yet run is left out.
+The table sits between two marker lines in a Markdown file (docs/benchmarks.md) and is replaced as a
+whole; nothing else in the file changes. Each row names the benchmark file it came from; a benchmark
+not yet run is left out.
 A quality row describes its run from the resolved config; a file may add a short ``report_detail``
 string by hand for what that config cannot say (a key whose meaning changed after the run).
 """

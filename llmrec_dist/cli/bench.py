@@ -1,5 +1,5 @@
 """`llmrec-dist bench`: benchmarks that print a table and write a JSON file each (dataset, config, git
-revision, machine, figures); `bench report` turns those files into the README's results table."""
+revision, machine, figures); `bench report` turns those files into the results table of docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -52,10 +52,11 @@ def _non_negative(text: str) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "bench", help="benchmarks: quality, speed/scaling, ingest, memory, item towers; README table",
+        "bench", help="benchmarks: quality, speed/scaling, ingest, memory, item towers; results table",
         description="Run one benchmark. Each prints a table and writes <out>/<benchmark>[-<label>].json "
                     "with the dataset, config, git revision, machine and figures. `bench report` writes "
-                    "the README's results table from those files. Figures only: nothing here asserts a time.")
+                    "the results table (docs/benchmarks.md) from those files. Figures only: nothing here "
+                    "asserts a time.")
     kinds = p.add_subparsers(dest="kind", metavar="BENCHMARK", required=True)
 
     q = kinds.add_parser("quality", help="one full training run; test HR/NDCG/MRR@10 next to published anchors",
@@ -120,11 +121,13 @@ def add_parser(sub) -> None:
     _common(t)
     t.add_argument("--cells", default="all", help="comma-separated item_repr:freeze cells, e.g. id:-,text:frozen")
 
-    r = kinds.add_parser("report", help="write the README's results table from the JSON files",
+    r = kinds.add_parser("report", help="write the results table (docs/benchmarks.md) from the JSON files",
                          description="Render every benchmark JSON in --results as one Markdown table; with "
-                                     "--readme, replace the table between the README's result markers.")
+                                     "--readme FILE, replace the table between FILE's result markers.")
     r.add_argument("--results", default=DEFAULT_OUT, help=f"folder of JSON results (default {DEFAULT_OUT})")
-    r.add_argument("--readme", help="README to update in place (default: print the table)")
+    r.add_argument("--readme", metavar="FILE",
+                   help="a Markdown file with the result markers (e.g. docs/benchmarks.md), updated in place "
+                        "(default: print the table)")
 
 
 def _command(args) -> str:
