@@ -178,14 +178,17 @@ def compute_features(lm, ids, mask, pooling: str, lower_layers: int | None,
     """One pass of the LM over every item: the pooled final-layer output [N + 1, H_lm] and, when
     ``lower_layers`` is given, the hidden states after that many blocks [N + 1, T, H_lm] (what
     ``top_k`` caches below its trainable layers)."""
-    pooled, lower = [], []
+    width = lm.config.hidden_size
+    pooled = torch.empty(len(ids), width)
+    # filled in place, batch by batch: the cache is never held twice (a list of batches, then its concatenation)
+    lower = torch.empty(len(ids), ids.shape[1], width) if lower_layers is not None else None
     for start in range(0, len(ids), batch_size):
         b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
         out = lm(input_ids=b_ids, attention_mask=b_mask, output_hidden_states=lower_layers is not None)
-        pooled.append(pool(out.last_hidden_state, b_mask, pooling).float())
-        if lower_layers is not None:  # hidden_states[0] = embeddings, [i] = after block i
-            lower.append(out.hidden_states[lower_layers].float())
-    return torch.cat(pooled), (torch.cat(lower) if lower_layers is not None else None)
+        pooled[start:start + len(b_ids)] = pool(out.last_hidden_state, b_mask, pooling).float()
+        if lower is not None:  # hidden_states[0] = embeddings, [i] = after block i
+            lower[start:start + len(b_ids)] = out.hidden_states[lower_layers].float()
+    return pooled, lower
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -218,6 +221,10 @@ def _read_cache(location: str) -> torch.Tensor | None:
     try:
         if not storage.exists(location):
             return None
+        if not storage.is_uri(location):  # read straight into the tensor: no second copy of the file's bytes
+            from safetensors.torch import load_file
+
+            return load_file(location)["features"]
         return safetensors_load(storage.read_bytes(location))["features"]
     except Exception as err:  # a corrupt cache file is rebuilt, never trusted
         log.warning("ignoring unreadable text cache %s: %s", location, err)

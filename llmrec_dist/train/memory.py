@@ -35,10 +35,12 @@ from llmrec_dist.config import Config
 
 MB = 2**20
 F32 = 4
-# Python + torch + transformers + pyarrow + Ray Train in a training worker, before any model or data
-# (measured: see bench lm-memory; a Ray worker holds about this much more than a bare process).
-PROCESS_MB = 780.0
-RAY_WORKER_EXTRA_MB = 120.0
+# Python + torch + transformers + pyarrow in one process, before any model or data (measured by
+# bench lm-memory: 600-620 MB), and what a Ray Train worker adds to it: Ray's core worker, the data
+# iterator and, on rank 0 (the peak worker), the MLflow client (measured on Beauty, 2 workers:
+# rank 1 peaked 170 MB above a bare process with the same model, rank 0 another 190 MB above it).
+PROCESS_MB = 620.0
+RAY_WORKER_EXTRA_MB = 360.0
 # Items per LM chunk outside training (cache refresh, evaluation): TextItemEncoder.chunk.
 LM_CHUNK = 512
 # glibc keeps part of what a step frees, and the next step's tensors rarely fit the same holes exactly.
@@ -175,6 +177,11 @@ def estimate_worker_memory(cfg: Config, num_items: int, step: StepShape, lm: LMS
         if m.freeze == "top_k":
             est.held["top_k lower-layer cache"] = n * tokens * lm.hidden * F32 / MB
             est.held["LM weights (below top_k)"] = lm.params * F32 / MB
+
+    # ---- setup: a frozen LM is loaded to build (or to check) its cache, then dropped; the allocator
+    # keeps most of it (the trainable strategies hold the LM anyway)
+    if text and m.freeze == "frozen":
+        est.phases["setup"] = {"LM weights while the cache is built": lm.params * F32 / MB}
 
     # ---- a training step
     negatives = softmax_negatives(m, t)
