@@ -64,7 +64,7 @@ def run_quickstart(workdir: str | Path = "llmrec-quickstart", overrides: list[st
         f"{cfg.model.item_repr} items ({cfg.model.text_encoder}, {cfg.model.freeze})"
     echo(f"[2/4] training on a local Ray cluster with {cfg.scaling.num_workers} DDP workers, {tower} "
          f"({cfg.train.epochs} epochs at most)")
-    outcome = train(cfg)
+    outcome = train(cfg, echo=lambda line: echo(f"      {line}"))
     m = outcome.metrics
     echo(f"      best epoch {m['best_epoch']}: valid NDCG@10 {m['valid_ndcg_at_10']:.4f}, "
          f"test NDCG@10 {m['test_ndcg_at_10']:.4f}, test HR@10 {m['test_hr_at_10']:.4f}")

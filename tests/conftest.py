@@ -16,6 +16,17 @@ from llmrec_dist.ray_setup import WORKER_ENV
 from ports import free_port, port_flags
 
 
+@pytest.fixture(scope="session", autouse=True)
+def command_logs_in_tmp(tmp_path_factory):
+    """Commands the tests run (in this process or in a child) write their log files here, not into the
+    checkout's ./llmrec_logs."""
+    from llmrec_dist.console import LOG_DIR_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(LOG_DIR_ENV, str(tmp_path_factory.mktemp("llmrec_logs")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """One local Ray for the whole session (start-up dominates small tests).

@@ -12,7 +12,7 @@ from pathlib import Path
 from llmrec_dist.bench.common import DEFAULT_OUT
 from llmrec_dist.bench.memory import DEFAULT_SIZES
 
-KINDS = ("quality", "speed", "ingest", "memory", "lm-memory", "towers", "report")
+KINDS = ("quality", "speed", "ingest", "memory", "lm-memory", "startup", "towers", "report")
 
 
 def _common(p, config_required: bool = True) -> None:
@@ -52,7 +52,8 @@ def _non_negative(text: str) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "bench", help="benchmarks: quality, speed/scaling, ingest, memory, item towers; results table",
+        "bench", help="benchmarks: quality, speed/scaling, ingest, memory, start-up under load, item towers; "
+                  "results table",
         description="Run one benchmark. Each prints a table and writes <out>/<benchmark>[-<label>].json "
                     "with the dataset, config, git revision, machine and figures. `bench report` writes "
                     "the results table (docs/benchmarks.md) from those files. Figures only: nothing here "
@@ -114,6 +115,19 @@ def add_parser(sub) -> None:
     lm.add_argument("--steps", type=_positive, default=2, help="largest steps measured per case (default 2)")
     lm.add_argument("--eval-users", type=_positive, default=2048, help="validation users scored (default 2048)")
 
+    st = kinds.add_parser("startup", help="the quickstart's wall time on a quiet machine and beside busy processes",
+                          description="Run `llmrec-dist quickstart` twice, each in a fresh process and temporary "
+                                      "folder with its own local Ray: once on a quiet machine, once while "
+                                      "--busy busy-loop processes keep the cores busy. Report both wall times "
+                                      "and start-ups (process start → first training step), their ratios and "
+                                      "the lines each run printed.")
+    _common(st, config_required=False)
+    st.add_argument("--busy", type=_non_negative, default=None,
+                    help="busy-loop processes during the loaded run (default: one per core)")
+    st.add_argument("--timeout", type=_positive, default=1800, help="seconds allowed per run (default 1800)")
+    st.add_argument("overrides", nargs="*", metavar="section.key=value",
+                    help="quickstart config overrides, e.g. train.epochs=1")
+
     t = kinds.add_parser("towers", help="item tower × freezing strategy matrix (equal budget per cell)",
                          description="Train one model per item_repr × freeze cell with the same budget; "
                                      "report test NDCG@10 overall, on cold items and by the target's "
@@ -151,6 +165,9 @@ def run(args) -> int:
                                    figures=figures, command=_command(args))
         print(f"wrote {path}")
         return 0
+
+    if args.kind == "startup":
+        return _startup(args)
 
     from llmrec_dist.config import load_config
 
@@ -237,6 +254,24 @@ def run(args) -> int:
         print(common.table(figures["rows"], table_columns(figures["rows"])))
     path = common.write_result(args.out, args.kind, label=args.label, config=config, figures=figures,
                                dataset=dataset, command=_command(args))
+    print(f"wrote {path}")
+    return 0
+
+
+def _startup(args) -> int:
+    from llmrec_dist.bench import common
+    from llmrec_dist.bench.startup import COLUMNS, run_startup
+
+    figures = run_startup(args.busy, args.overrides, timeout=args.timeout)
+    print(common.table(figures["rows"], COLUMNS))
+    startup = f"; start-up {figures['startup_ratio']:.2f}x" if "startup_ratio" in figures else ""
+    print(f"loaded / quiet: wall time {figures['ratio']:.2f}x{startup} ({figures['busy']} busy processes, "
+          f"{figures['cores']} cores)")
+    for row in figures["rows"]:
+        print(f"--- {row['run']}: {row['lines']} lines printed")
+        print("\n".join(row["output"]))
+    path = common.write_result(args.out, "startup", label=args.label, config={"overrides": args.overrides},
+                               figures=figures, command=_command(args))
     print(f"wrote {path}")
     return 0
 

@@ -15,8 +15,14 @@ def add_parser(sub) -> None:
                    help="config overrides, e.g. train.epochs=3")
 
 
+def log_dir(args) -> str:
+    """The quickstart's log file goes with everything else it writes, under --workdir."""
+    return f"{args.workdir}/logs"
+
+
 def run(args) -> int:
+    from llmrec_dist.console import say
     from llmrec_dist.quickstart import run_quickstart
 
-    run_quickstart(args.workdir, args.overrides)
+    run_quickstart(args.workdir, args.overrides, echo=say)
     return 0

@@ -7,6 +7,7 @@ import json
 
 from llmrec_dist.cli.resumable import config_or_resume_error
 from llmrec_dist.config import config_from_dict, describe, load_config
+from llmrec_dist.console import say, say_err
 
 
 def add_parser(sub) -> None:
@@ -52,7 +53,8 @@ def run(args) -> int:
         if args.estimate_memory:
             print_memory_estimate(cfg or config_from_dict(read_run_state(args.resume)["config"]))
             return 0
-        outcome = train(cfg, resume=args.resume, force=args.force)
+        # progress on stderr with --json, so that stdout stays one JSON document
+        outcome = train(cfg, resume=args.resume, force=args.force, echo=say_err if args.json else say)
     except (TrainError, DatasetError, MemoryPreflightError) as err:
         print(f"llmrec-dist train: {err}", file=sys.stderr)
         return 2
@@ -91,14 +93,14 @@ def print_outcome(outcome, as_json: bool = False) -> None:
     m = outcome.metrics
     chosen = (f"refit through the validation item, {m['refit_epochs']} epochs" if m.get("refit_epochs")
               else f"best epoch {m.get('best_epoch')} of {m.get('epochs_run')}")
-    print(f"\nrun {outcome.run_id}: {chosen}, {outcome.seconds:.0f} s")
+    say(f"\nrun {outcome.run_id}: {chosen}, {outcome.seconds:.0f} s")
     for split in ("valid", "test", "test_cold"):
         cells = [f"{name}@{k}={m[f'{split}_{name}_at_{k}']:.4f}"
                  for name in ("hr", "ndcg", "mrr") for k in (10,) if f"{split}_{name}_at_{k}" in m]
         if cells:
-            print(f"  {split}: " + "  ".join(cells))
-    print(f"  model: {outcome.model_uri}")
+            say(f"  {split}: " + "  ".join(cells))
+    say(f"  model: {outcome.model_uri}")
     reg = outcome.registration
     if reg:
         moved = "moved to it" if reg.get("promoted") else "not moved"
-        print(f"  registered {reg['name']} version {reg['version']}; alias {moved} ({reg.get('reason', '')})")
+        say(f"  registered {reg['name']} version {reg['version']}; alias {moved} ({reg.get('reason', '')})")

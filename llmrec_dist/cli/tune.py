@@ -47,10 +47,12 @@ def run(args) -> int:
 
         print(yaml.safe_dump(sweep.to_dict(), sort_keys=False))
         return 0
+    from llmrec_dist.console import say, say_err
     from llmrec_dist.sweep.driver import SweepError, run_sweep
 
     try:
-        outcome = run_sweep(sweep, resume=args.resume)
+        # progress on stderr with --json, so that stdout stays one JSON document
+        outcome = run_sweep(sweep, resume=args.resume, echo=say_err if args.json else say)
     except SweepError as err:
         print(f"llmrec-dist tune: {err}", file=sys.stderr)
         return 2

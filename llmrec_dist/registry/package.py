@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -127,7 +128,8 @@ def _export_text_model(cfg, weights: dict, num_items: int, texts: list[str], dat
     load_weights_strict(trained, weights, str(checkpoint_dir / MODEL_FILE))
     base_lm, tokenizer = load_text_encoder(cfg.text_encoder, cfg.trust_remote_code)
     encoder = trained.items.export_encoder(base_lm)
-    encoder.save_pretrained(temp / TEXT_ENCODER_DIR)
+    with _no_progress_bars():  # transformers' "Writing model shards" bar, for one file, on the user's console
+        encoder.save_pretrained(temp / TEXT_ENCODER_DIR)
     tokenizer.save_pretrained(temp / TEXT_ENCODER_DIR)
     save_file({k: v.contiguous() for k, v in weights.items() if not k.startswith(LM_PREFIXES)},
               str(temp / WEIGHTS_FILE))
@@ -143,6 +145,19 @@ def _export_text_model(cfg, weights: dict, num_items: int, texts: list[str], dat
         raise ValueError("exported text tower does not reproduce the trained model's scores "
                          f"(max difference {(expected - got).abs().max().item():.3g})")
     return dataclasses.asdict(serving)
+
+
+@contextmanager
+def _no_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _check_free(out_dir: Path) -> None:

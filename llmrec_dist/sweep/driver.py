@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmrec_dist import storage
+from llmrec_dist import console, storage
 from llmrec_dist.config import absolute
 from llmrec_dist.sweep.search import SweepConfig, sweep_from_dict
 from llmrec_dist.sweep.trial import TAG_STATUS, TAG_SWEEP, child_runs, run_trial
@@ -155,7 +155,10 @@ def _trainable(context: dict, driver_cpus: float):
     return tune.with_resources(tune.with_parameters(run_trial, sweep=context), {"cpu": driver_cpus})
 
 
-def _tuner(sweep: SweepConfig, context: dict, plan: ResourcePlan, folder: str, resume: bool):
+def _tuner(sweep: SweepConfig, context: dict, plan: ResourcePlan, folder: str, resume: bool, echo=None):
+    """The Tuner of a new sweep, or the restored one (``resume``). ``echo``: a function that shows the
+    user one line per finished trial, in place of Tune's status tables (kept with -v and without
+    ``echo``)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -184,8 +187,17 @@ def _tuner(sweep: SweepConfig, context: dict, plan: ResourcePlan, folder: str, r
                                     # Tune ignores max_concurrent_trials when given a search_alg.
                                     search_alg=BasicVariantGenerator(random_state=search.seed,
                                                                      max_concurrent=plan.concurrency)),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=folder, verbose=1),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=folder, callbacks=_trial_lines(sweep, echo),
+                                  verbose=1 if echo is None or console.verbose() else 0),
     )
+
+
+def _trial_lines(sweep: SweepConfig, echo) -> list:
+    if echo is None:
+        return []
+    from llmrec_dist.sweep.progress import TrialLines
+
+    return [TrialLines(echo, sweep.search.metric, list(sweep.search.space), sweep.search.num_trials())]
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -281,8 +293,10 @@ def _absolute_paths(raw: dict) -> dict:
     return raw
 
 
-def run_sweep(sweep: SweepConfig | None = None, resume: str | None = None) -> SweepOutcome:
-    """Run a new sweep (``sweep``) or continue an interrupted one (``resume``: its folder)."""
+def run_sweep(sweep: SweepConfig | None = None, resume: str | None = None, echo=None) -> SweepOutcome:
+    """Run a new sweep (``sweep``) or continue an interrupted one (``resume``: its folder). ``echo``: a
+    function that shows the user a line (the sweep folder, where Ray logs, one line per finished trial);
+    without it those lines are logged and Tune prints its own tables."""
     from llmrec_dist.data.layout import checked_manifest
     from llmrec_dist.ray_setup import init_ray
     from llmrec_dist.tracking import client, end_run, ensure_experiment, resolve_tracking_uri, start_run
@@ -312,6 +326,10 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | None = None) -> Sw
     for note in plan.notes:
         log.warning("%s", note)
     init_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, local_cpus=plan.local_cpus)
+    if echo:
+        from llmrec_dist.ray_setup import describe_ray
+
+        echo(describe_ray())
 
     experiment_id = ensure_experiment(tracking_uri, cfg.mlflow.experiment)
     if not resume:
@@ -325,20 +343,23 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | None = None) -> Sw
     else:
         name = state["name"]
         client(tracking_uri).set_terminated(parent_run_id, "RUNNING")
-    log.info("sweep %s: %d trial(s), %d at once, each %g CPU%s; folder %s", name, sweep.search.num_trials(),
-             plan.concurrency, plan.trial_cpus, f" + {plan.trial_gpus:g} GPU" if plan.trial_gpus else "", folder)
+    (echo or log.info)(f"sweep {name}: {sweep.search.num_trials()} trial(s), {plan.concurrency} at once, each "
+                       f"{plan.trial_cpus:g} CPU{f' + {plan.trial_gpus:g} GPU' if plan.trial_gpus else ''}; "
+                       f"folder {folder} (if interrupted: llmrec-dist tune --resume {folder})")
     context = {"train_raw": sweep.train_raw, "source": sweep.source, "tracking_uri": tracking_uri,
                "experiment_id": experiment_id, "parent_run_id": parent_run_id, "name": name,
                "trials_path": f"{folder}/{TRIALS_DIR}"}
     try:
-        results = _tuner(sweep, context, plan, folder, resume=bool(resume)).fit()
+        tuner = _tuner(sweep, context, plan, folder, resume=bool(resume), echo=echo)
+        console.quiet_libraries()  # Ray Tune's, imported by _tuner
+        results = tuner.fit()
         rows = trial_rows(results, sweep, parent_run_id, tracking_uri, experiment_id)
         _close_child_runs(rows, tracking_uri)
         outcome = SweepOutcome(folder, parent_run_id, tracking_uri, rows, best_row(rows), plan=plan)
         _report(outcome, sweep)
         if outcome.best is None:
-            raise SweepError(f"no trial reported {sweep.search.metric} with a checkpoint; see the trials' "
-                             "errors above")
+            raise SweepError(f"no trial reported {sweep.search.metric} with a checkpoint; see the failed "
+                             "trials' lines above and their errors in the log")
         _publish_best(outcome, sweep, manifest)
     except BaseException:
         end_run(tracking_uri, parent_run_id, "FAILED")
@@ -420,6 +441,7 @@ def _publish_best(outcome: SweepOutcome, sweep: SweepConfig, manifest: dict) -> 
                        "llmrec.best_params": json.dumps(best.params), "llmrec.best_model_uri": outcome.model_uri}.items():
         c.set_tag(outcome.parent_run_id, key, value)
     if cfg.mlflow.registered_model:
+        console.quiet_libraries()  # logging the model turned MLflow's own prints back on
         reg = register_and_promote(outcome.tracking_uri, best.run_id, outcome.model_uri, cfg.mlflow.registered_model,
                                    cfg.mlflow.alias, metric, best.best_value, manifest["content_hash"])
         outcome.registration = reg

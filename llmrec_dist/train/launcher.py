@@ -16,14 +16,16 @@ import dataclasses
 import logging
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from llmrec_dist import storage
+from llmrec_dist import console, storage
 from llmrec_dist.config import Config, absolute, config_from_dict
 from llmrec_dist.data.layout import checked_manifest
-from llmrec_dist.ray_setup import init_ray
+from llmrec_dist.ray_setup import describe_ray, init_ray
+from llmrec_dist.train.progress import EpochLines
 from llmrec_dist.tracking import end_run, resolve_tracking_uri, start_run
 
 log = logging.getLogger(__name__)
@@ -221,14 +223,18 @@ def _oom_stop(err: BaseException, tracking_uri: str, run_id: str, estimate) -> O
     return OutOfMemoryStop(out_of_memory_line(oom, peak, estimate.total_mb if estimate else None))
 
 
-def train(cfg: Config | None = None, resume: str | None = None, force: bool = False) -> TrainOutcome:
+def train(cfg: Config | None = None, resume: str | None = None, force: bool = False,
+          echo=None) -> TrainOutcome:
     """Train, evaluate, log and (if ``mlflow.registered_model`` is set) register one model.
 
     ``resume``: the folder of an interrupted run (``<train.storage_path>/train-<run id>``). The run goes
     on from its latest checkpoint with its saved config, in the same MLflow run. ``force``: start even
-    when the memory estimate says a worker cannot fit (:func:`preflight_memory`).
+    when the memory estimate says a worker cannot fit (:func:`preflight_memory`). ``echo``: a function
+    that shows the user a line (the run folder, where Ray logs, one line per epoch); without it those
+    lines are logged and no epoch lines are made.
     """
     started = time.perf_counter()
+    say = echo or log.info
     if resume:
         folder = absolute(resume.rstrip("/"))
         state = read_run_state(folder)
@@ -242,7 +248,7 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
     if resume:
         tracking_uri, run_id = state["tracking_uri"], state["run_id"]
         _reopen_run(tracking_uri, run_id, folder)
-        log.info("resuming MLflow run %s from the latest checkpoint in %s", run_id, folder)
+        say(f"resuming MLflow run {run_id} from the latest checkpoint in {folder}")
     else:
         tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
         run_id = start_run(tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name,
@@ -252,19 +258,24 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
         folder = storage.join(cfg.train.storage_path, run_name(run_id))
         storage.write_json(storage.join(folder, RUN_FILE),
                            {"run_id": run_id, "tracking_uri": tracking_uri, "config": cfg.to_dict()})
-        log.info("MLflow run %s; checkpoints in %s (if interrupted: llmrec-dist train --resume %s)",
-                 run_id, folder, folder)
+        say(f"MLflow run {run_id}; checkpoints in {folder} (if interrupted: llmrec-dist train --resume {folder})")
     try:
-        build_text_cache(cfg)
+        build_text_cache(cfg, say)
         clock = {"process_start": process_start_time(), "ray_init": time.time()}
         init_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
+        if echo:
+            echo(describe_ray())
         check_cluster_memory(cfg, estimate, force)
         clock["ray_ready"] = time.time()
         trainer = build_trainer(cfg, run_id, tracking_uri, run_name=run_name(run_id),
                                 extra_loop_config={"clock": clock})
         clock["trainer_built"] = time.time()  # the trainer holds this dict and sends it to the workers in fit()
+        console.quiet_libraries()  # Ray Data and Ray Train, imported by build_trainer
+        shown = None if cfg.train.refit_epochs else cfg.selection_metric()  # a refit does not validate
+        epoch_lines = EpochLines(tracking_uri, run_id, cfg.epochs_to_run(), shown, echo) if echo else nullcontext()
         try:
-            result = trainer.fit()
+            with epoch_lines:  # one line per epoch, read from what rank 0 logs to MLflow
+                result = trainer.fit()
             if result.error:
                 raise result.error
         except Exception as err:
@@ -290,7 +301,7 @@ def process_start_time() -> float:
     return psutil.Process().create_time()
 
 
-def build_text_cache(cfg: Config) -> None:
+def build_text_cache(cfg: Config, say=log.info) -> None:
     """Compute the pretrained LM's item embeddings (and, for top_k, the lower layers' outputs) once, on
     the driver, so that the workers load them instead of each running the LM over the catalogue."""
     if cfg.model.item_repr == "id":
@@ -299,8 +310,8 @@ def build_text_cache(cfg: Config) -> None:
 
     started = time.perf_counter()
     features = load_text_features(cfg)
-    log.info("text features (%s, %s): %s in %.1f s", cfg.model.text_encoder, cfg.model.freeze,
-             "cache hit" if features.cache_hit else "computed", time.perf_counter() - started)
+    say(f"text features ({cfg.model.text_encoder}, {cfg.model.freeze}): "
+        f"{'cache hit' if features.cache_hit else 'computed'} in {time.perf_counter() - started:.1f} s")
 
 
 def _publish(cfg: Config, outcome: TrainOutcome, checkpoint_dir: Path, manifest: dict) -> None:
@@ -313,6 +324,7 @@ def _publish(cfg: Config, outcome: TrainOutcome, checkpoint_dir: Path, manifest:
         package = build_model_package(checkpoint_dir, cfg.data.path, Path(tmp) / "package", cfg.eval)
         outcome.model_uri = log_model_package(package, outcome.tracking_uri, outcome.run_id)
     if cfg.mlflow.registered_model:
+        console.quiet_libraries()  # logging the model turned MLflow's own prints back on
         metric_key = cfg.selection_metric()
         outcome.registration = register_and_promote(
             outcome.tracking_uri, outcome.run_id, outcome.model_uri, cfg.mlflow.registered_model,
