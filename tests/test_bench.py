@@ -172,6 +172,28 @@ def test_a_hand_written_report_detail_ends_the_row(tmp_path):
             "the training row's items only |") in text
 
 
+def test_lm_memory_and_startup_results_get_rows(tmp_path):
+    case = {"freeze": "full", "batch_per_worker": 32, "lm_items_per_step": 0, "lm_items": 1451,
+            "peak_rss_mb": 3000.0, "estimate_mb": 2700.0, "estimate_error": -0.1, "seconds_per_step": 12.345,
+            "num_items": 9724, "max_distinct_items": 1195}
+    _result(tmp_path, "lm-memory", {"rows": [case, {**case, "freeze": "frozen", "lm_items": None,
+                                                    "peak_rss_mb": 900.0, "estimate_mb": 990.0,
+                                                    "estimate_error": 0.1},
+                                             {"overrides": [], "error": "boom", "returncode": 1}],
+                                    "slopes": {"full": {"mb_per_lm_item": 1.234, "intercept_mb": 1500.0,
+                                                        "points": 3}}}, label="small")
+    _result(tmp_path, "startup", {"rows": [{"run": "quiet", "seconds": 100.0, "lines": 20},
+                                           {"run": "loaded", "seconds": 150.0, "lines": 21}],
+                                  "busy": 2, "cores": 2, "ratio": 1.5, "startup_ratio": 1.25})
+    text = report.render(common.read_results(tmp_path))
+    assert ("| LM memory: full, batch 32, 1,451 LM items (every distinct item) (small) | peak 3,000 MB · "
+            "estimate 2,700 MB (-10%) | 12.35 s/step; 9,724 items, 1,195 distinct in the largest step |") in text
+    assert "| LM memory: frozen, batch 32 (small) | peak 900 MB · estimate 990 MB (+10%) |" in text
+    assert "| LM memory: full slope (small) | 1.23 MB per LM item per step | +1,500 MB; 3 points |" in text
+    assert ("| quickstart under load | 100 s quiet · 150 s beside 2 busy processes (1.50×; start-up 1.25×) | "
+            "20 and 21 lines printed; 2 cores |") in text
+
+
 def test_a_refit_gets_its_own_row_after_the_validated_run(tmp_path):
     _result(tmp_path, "quality", {"test_ndcg_at_10": 0.19, "test_hr_at_10": 0.33, "test_mrr_at_10": 0.15,
                                   "best_epoch": 18, "epochs_run": 20, "wall_seconds": 1800,

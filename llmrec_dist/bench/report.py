@@ -134,8 +134,38 @@ def _towers_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _lm_memory_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
+    """One row per measured case: peak RSS against the estimate; one row per fitted slope."""
+    f = data["figures"]
+    rows = []
+    for r in f.get("rows", []):
+        if "peak_rss_mb" not in r:
+            continue
+        lm = "" if r["freeze"] in ("id", "frozen") else \
+            f", {r['lm_items']:,} LM items" + (" (every distinct item)" if not r["lm_items_per_step"] else "")
+        rows.append((f"LM memory: {r['freeze']}, batch {r['batch_per_worker']}{lm}",
+                     f"peak {r['peak_rss_mb']:,.0f} MB · estimate {r['estimate_mb']:,.0f} MB "
+                     f"({r['estimate_error']:+.0%})",
+                     f"{r['seconds_per_step']:.2f} s/step; {r['num_items']:,} items, "
+                     f"{r['max_distinct_items']:,} distinct in the largest step"))
+    for freeze, fit in sorted(f.get("slopes", {}).items()):
+        rows.append((f"LM memory: {freeze} slope", f"{fit['mb_per_lm_item']:.2f} MB per LM item per step",
+                     f"+{fit['intercept_mb']:,.0f} MB; {fit['points']} points"))
+    return rows
+
+
+def _startup_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
+    f = data["figures"]
+    quiet, loaded = f["rows"]
+    startup = f"; start-up {f['startup_ratio']:.2f}×" if "startup_ratio" in f else ""
+    return [("quickstart under load",
+             f"{quiet['seconds']:.0f} s quiet · {loaded['seconds']:.0f} s beside {f['busy']} busy processes "
+             f"({f['ratio']:.2f}×{startup})",
+             f"{quiet['lines']} and {loaded['lines']} lines printed; {f['cores']} cores")]
+
+
 RENDERERS = {"quality": _quality_rows, "speed": _speed_rows, "ingest": _ingest_rows, "memory": _memory_rows,
-             "towers": _towers_rows}
+             "lm-memory": _lm_memory_rows, "startup": _startup_rows, "towers": _towers_rows}
 
 
 def render(results: dict[str, dict]) -> str:
