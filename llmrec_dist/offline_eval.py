@@ -3,7 +3,6 @@ in this process or sharded over Ray Train workers (same numbers either way)."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -11,88 +10,28 @@ import torch
 
 from llmrec_dist.config import EvalConfig, absolute
 from llmrec_dist.data.layout import num_items as manifest_num_items
-from llmrec_dist.data.layout import checked_manifest, read_items, read_manifest
+from llmrec_dist.data.layout import checked_manifest, read_manifest
 from llmrec_dist.evaluation import evaluate, load_eval_rows
-from llmrec_dist.model import SequenceRecommender
-from llmrec_dist.model_io import TEXT_CACHE_DIR, TEXT_ENCODER_DIR, build_for_weights, load_weights_strict, model_config, serving_config
-from llmrec_dist.registry.recommender import check_remote_code, read_safetensors
-from llmrec_dist.text_tower import text_cache_dir
-from llmrec_dist.train import checkpoint as ckpt
+from llmrec_dist.saved_model import MODEL_META_FILE, WEIGHTS_FILE, check_saved_model, load_model
 
 
 def resolve_model_folder(model: str, tracking_uri: str = "") -> Path:
     """A local folder holding ``model.safetensors`` + ``model.json``, downloading an MLflow model if needed."""
     path = Path(model)
     if path.is_dir():
-        found = next((p.parent for p in sorted(path.rglob(ckpt.MODEL_META))), None)
-        if found is None or not (found / ckpt.MODEL_FILE).is_file():
-            raise FileNotFoundError(f"{model}: no {ckpt.MODEL_META} + {ckpt.MODEL_FILE} found in this folder")
+        found = next((p.parent for p in sorted(path.rglob(MODEL_META_FILE))), None)
+        if found is None or not (found / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{model}: no {MODEL_META_FILE} + {WEIGHTS_FILE} found in this folder")
         return found
     if "://" not in model and not model.startswith("models:/"):
         raise FileNotFoundError(f"{model}: not a folder and not an MLflow model URI (models:/NAME@ALIAS, runs:/…)")
     import mlflow
 
-    from llmrec_dist.registry.pyfunc import use_tracking_uri
-    from llmrec_dist.tracking import resolve_tracking_uri
+    from llmrec_dist.tracking import resolve_tracking_uri, use_tracking_uri
 
     with use_tracking_uri(resolve_tracking_uri(tracking_uri)):
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
     return resolve_model_folder(str(local))
-
-
-def _read_meta(folder: Path) -> dict:
-    """``model.json`` of a checkpoint or package, checked enough to build the model from."""
-    try:
-        meta = ckpt.read_meta(folder)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{folder / ckpt.MODEL_META}: not valid UTF-8 JSON ({err})") from None
-    if not isinstance(meta, dict) or not {"model", "num_items"} <= set(meta):
-        raise ValueError(f"{folder / ckpt.MODEL_META}: expected a JSON object with model and num_items")
-    if isinstance(meta["num_items"], bool) or not isinstance(meta["num_items"], int) or meta["num_items"] < 1:
-        raise ValueError(f"{folder / ckpt.MODEL_META}: num_items must be a positive integer, "
-                         f"got {meta['num_items']!r}")
-    return meta
-
-
-def _check_saved_model(folder: Path, trust_remote_code: bool) -> dict:
-    """The cheap part of :func:`load_model`: ``model.json`` valid, remote code allowed if asked for, and
-    the weights file a safetensors file (its header only is read). Returns the meta."""
-    from safetensors import SafetensorError, safe_open
-
-    meta = _read_meta(folder)
-    cfg = model_config(meta, str(folder / ckpt.MODEL_META))
-    check_remote_code(cfg.trust_remote_code, trust_remote_code, folder / ckpt.MODEL_META)
-    try:
-        with safe_open(str(folder / ckpt.MODEL_FILE), framework="pt"):
-            pass
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{folder / ckpt.MODEL_FILE}: not a safetensors weights file ({err}); weights are "
-                         "loaded only from safetensors, never unpickled") from None
-    return meta
-
-
-def load_model(folder: Path, data_path: str | None = None,
-               trust_remote_code: bool = False) -> tuple[SequenceRecommender, dict]:
-    """The model saved in a checkpoint or package folder. A text model built from a checkpoint reads
-    its item texts from the dataset at ``data_path`` (a package carries its own items and encoder).
-
-    Weights load only from safetensors. A saved model whose text encoder needs its own Python code
-    (``model.trust_remote_code`` in its ``model.json``) is refused unless ``trust_remote_code``.
-    """
-    folder = Path(folder)
-    meta = _check_saved_model(folder, trust_remote_code)
-    cfg = serving_config(model_config(meta, str(folder / ckpt.MODEL_META)), folder)
-    is_package = (folder / TEXT_ENCODER_DIR).is_dir()
-    texts, cache = None, None
-    if cfg.item_repr != "id":
-        source = folder if is_package else data_path
-        if source is None:
-            raise ValueError(f"{folder}: a text model's checkpoint needs its dataset for the item texts")
-        texts = [str(t) for t in read_items(source).sort_by("item_idx").column("text").to_pylist()]
-        cache = folder / TEXT_CACHE_DIR if is_package else text_cache_dir(str(data_path))
-    model = build_for_weights(cfg, meta["num_items"], texts, cache)
-    load_weights_strict(model, read_safetensors(folder / ckpt.MODEL_FILE), str(folder / ckpt.MODEL_FILE))
-    return model.eval(), meta
 
 
 def _check_dataset(meta: dict, manifest: dict, data_path: str) -> None:
@@ -135,7 +74,7 @@ def evaluate_saved_model(folder: Path, data_path: str, split: str, cfg: EvalConf
     manifest = checked_manifest(data_path, verify)
     if num_workers <= 1:
         return evaluate_here(folder, data_path, split, cfg, trust_remote_code=trust_remote_code)
-    _check_dataset(_check_saved_model(Path(folder), trust_remote_code), manifest, data_path)
+    _check_dataset(check_saved_model(Path(folder), trust_remote_code), manifest, data_path)
     import dataclasses
 
     from ray.train import RunConfig, ScalingConfig

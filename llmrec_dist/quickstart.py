@@ -76,7 +76,7 @@ def run_quickstart(workdir: str | Path = "llmrec-quickstart", overrides: list[st
     import mlflow.pyfunc
     import pandas as pd
 
-    from llmrec_dist.registry.pyfunc import use_tracking_uri
+    from llmrec_dist.tracking import use_tracking_uri
 
     with use_tracking_uri(tracking_uri):  # no global MLflow setting leaks to the caller
         model = mlflow.pyfunc.load_model(alias_uri)

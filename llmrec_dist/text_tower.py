@@ -31,7 +31,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from llmrec_dist import storage
-from llmrec_dist.model import PAD, ItemEncoder, id_embedding
+from llmrec_dist.item_encoder import PAD, ItemEncoder, id_embedding
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +393,7 @@ class TextItemEncoder(ItemEncoder):
             raise ValueError(f"model.freeze: unknown {self.strategy!r}; valid: frozen, top_k, full, lora")
         self.text_norm = nn.LayerNorm(features.lm_hidden)
         # The normalised text has unit variance per dimension, so these draws give projected text
-        # vectors of std init_std per dimension, the scale of the ID vectors (see model.id_embedding).
+        # vectors of std init_std per dimension, the scale of the ID vectors (see item_encoder.id_embedding).
         width = features.lm_hidden
         self.text_hidden = None
         if adaptor == "mlp":  # normalised text -> GELU layer of 2 x hidden (unit variance) -> projection

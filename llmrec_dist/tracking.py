@@ -7,9 +7,11 @@ through :class:`RunLogger`. Other ranks get a logger that does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +127,28 @@ class RunLogger:
             return
         self._client.log_artifact(self.run_id, str(path), artifact_path)
 
+
+_TRACKING_ENV = "MLFLOW_TRACKING_URI"
+
+
+@contextlib.contextmanager
+def use_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for the ``with`` body, then restore the previous state.
+
+    ``mlflow.set_tracking_uri`` also writes $MLFLOW_TRACKING_URI; both are put back afterwards, so
+    library calls do not leak a global setting into the caller's process.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous_uri = getattr(tracking_utils, "_tracking_uri", None)
+    previous_env = os.environ.get(_TRACKING_ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop(_TRACKING_ENV, None)
+        else:
+            os.environ[_TRACKING_ENV] = previous_env

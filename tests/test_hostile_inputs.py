@@ -578,7 +578,7 @@ def test_pyfunc_from_the_registry_refuses_bad_input_and_changes_nothing(registry
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from llmrec_dist.registry.pyfunc import use_tracking_uri
+    from llmrec_dist.tracking import use_tracking_uri
 
     with use_tracking_uri(registry["uri"]):
         model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")

@@ -113,7 +113,7 @@ def registered(mlflow_server, packages):
 def test_logging_keeps_the_run_open_and_pickles_nothing(registered, tmp_path):
     import mlflow.artifacts
 
-    from llmrec_dist.registry.pyfunc import use_tracking_uri
+    from llmrec_dist.tracking import use_tracking_uri
 
     assert registered["status_after_logging"] == "RUNNING"
     with use_tracking_uri(registered["uri"]):

@@ -260,7 +260,7 @@ def package(tmp_path_factory):
 @pytest.mark.parametrize("how", ["pickle_renamed_to_safetensors", "pickle_bin_instead"])
 def test_package_with_pickled_weights_is_refused(package, tmp_path, capsys, how):
     from llmrec_dist.cli import main as cli_main
-    from llmrec_dist.offline_eval import load_model
+    from llmrec_dist.saved_model import load_model
     from llmrec_dist.registry.recommender import Recommender
 
     marker = tmp_path / "ran"
@@ -358,7 +358,7 @@ def test_text_encoder_pickled_weights_are_not_unpickled(tmp_path):
 
 def test_package_asking_for_remote_code_is_refused_unless_allowed(package, tmp_path, capsys):
     from llmrec_dist.cli import main as cli_main
-    from llmrec_dist.offline_eval import load_model
+    from llmrec_dist.saved_model import load_model
     from llmrec_dist.registry.recommender import Recommender
 
     folder = Path(shutil.copytree(package, tmp_path / "package"))
@@ -413,7 +413,8 @@ def _forbid_unpickling(monkeypatch) -> None:
 def test_pyfunc_loads_from_code_without_unpickling(package, tmp_path, monkeypatch):
     import mlflow
 
-    from llmrec_dist.registry.pyfunc import MODEL_CODE_FILE, _MODEL_CODE, log_model_package, use_tracking_uri
+    from llmrec_dist.registry.pyfunc import MODEL_CODE_FILE, _MODEL_CODE, log_model_package
+    from llmrec_dist.tracking import use_tracking_uri
     from llmrec_dist.tracking import end_run, start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

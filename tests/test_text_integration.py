@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from llmrec_dist.config import load_config
 from llmrec_dist.data.layout import read_items
-from llmrec_dist.train import checkpoint as ckpt
+from llmrec_dist.saved_model import WEIGHTS_FILE
 from text_fixtures import make_tiny_encoder
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def runs(ray_cluster, cold_world):
 
 
 def _weights(outcome):
-    return load_file(str(Path(outcome.checkpoint_path) / ckpt.MODEL_FILE))
+    return load_file(str(Path(outcome.checkpoint_path) / WEIGHTS_FILE))
 
 
 def test_every_strategy_trains_and_reports_cold_metrics(runs):
@@ -113,7 +113,7 @@ def test_registered_lora_model_serves_like_the_evaluated_one(runs, cold_world):
     offline = evaluate_here(folder, str(data), "test", EvalConfig())
     assert offline["test_ndcg_at_10"] == pytest.approx(outcome.metrics["test_ndcg_at_10"], abs=1e-6)
     assert offline["test_cold_ndcg_at_10"] == pytest.approx(outcome.metrics["test_cold_ndcg_at_10"], abs=1e-6)
-    from llmrec_dist.registry.pyfunc import use_tracking_uri
+    from llmrec_dist.tracking import use_tracking_uri
 
     with use_tracking_uri(outcome.tracking_uri):
         model = mlflow.pyfunc.load_model(outcome.model_uri)

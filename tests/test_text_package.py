@@ -13,7 +13,7 @@ import torch
 
 from llmrec_dist.config import ModelConfig
 from llmrec_dist.model import build_model
-from llmrec_dist.model_io import TEXT_ENCODER_DIR
+from llmrec_dist.saved_model import TEXT_ENCODER_DIR
 from llmrec_dist.registry.package import build_model_package
 from llmrec_dist.registry.recommender import Recommender
 from llmrec_dist.text_tower import prepare_text_features, text_cache_dir

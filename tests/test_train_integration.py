@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmrec_dist.config import EvalConfig, load_config
+from llmrec_dist.saved_model import MODEL_META_FILE, WEIGHTS_FILE
 from llmrec_dist.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.integration
@@ -86,7 +87,7 @@ def test_training_logs_every_epoch_and_registers(trained):
 def test_checkpoints_hold_resumable_state(trained):
     outcome, _, _ = trained
     final = Path(outcome.checkpoint_path)
-    for name in (ckpt.MODEL_FILE, ckpt.BEST_FILE, ckpt.MODEL_META, ckpt.STATE_FILE):
+    for name in (WEIGHTS_FILE, ckpt.BEST_FILE, MODEL_META_FILE, ckpt.STATE_FILE):
         assert (final / name).is_file(), name
     state = ckpt.read_state(final)
     assert state["finished"] and [row["epoch"] for row in state["history"]] == [0, 1]

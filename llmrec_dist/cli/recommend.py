@@ -83,7 +83,8 @@ def load(model: str, tracking_uri: str, catalogue: str = "", trust_remote_code: 
     is moved onto that catalogue first (:meth:`Recommender.with_catalogue`). ``trust_remote_code``
     allows a model whose text encoder runs its own Python code (refused otherwise).
     """
-    from llmrec_dist.registry.recommender import RECOMMENDER_FILE, Recommender
+    from llmrec_dist.registry.recommender import Recommender
+    from llmrec_dist.saved_model import RECOMMENDER_FILE
 
     folder = Path(model)
     is_uri = "://" in model or ":/" in model
@@ -98,7 +99,8 @@ def load(model: str, tracking_uri: str, catalogue: str = "", trust_remote_code: 
 
     import mlflow
 
-    from llmrec_dist.registry.pyfunc import RecommenderPyfunc, use_tracking_uri
+    from llmrec_dist.registry.pyfunc import RecommenderPyfunc
+    from llmrec_dist.tracking import use_tracking_uri
 
     with use_tracking_uri(tracking_uri):
         # model_config reaches RecommenderPyfunc.load_context; it is passed only when the user opted in.

@@ -1,7 +1,8 @@
 """Assemble a self-contained model package from a checkpoint and its dataset.
 
 The package is what the registry stores (as the pyfunc's ``package`` artifact) and what
-:class:`llmrec_dist.registry.recommender.Recommender` loads; its layout is documented there.
+:class:`llmrec_dist.registry.recommender.Recommender` loads; its files are the saved-model format
+(:mod:`llmrec_dist.saved_model`).
 """
 
 from __future__ import annotations
@@ -15,28 +16,27 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmrec_dist.config import EvalConfig
 from llmrec_dist.data.layout import read_items, read_manifest, write_manifest, write_parquet
 from llmrec_dist.model import build_model
-from llmrec_dist.model_io import (
-    LM_PREFIXES,
-    TEXT_CACHE_DIR,
-    TEXT_ENCODER_DIR,
-    build_for_weights,
-    load_weights_strict,
-    model_config,
-    serving_config,
-)
-from llmrec_dist.registry.recommender import (
+from llmrec_dist.saved_model import (
     ITEMS_FILE,
+    LM_PREFIXES,
     MODEL_META_FILE,
     PACKAGE_FORMAT_VERSION,
     RECOMMENDER_FILE,
+    TEXT_CACHE_DIR,
+    TEXT_ENCODER_DIR,
     WEIGHTS_FILE,
+    build_for_weights,
+    load_weights_strict,
+    model_config,
+    read_model_meta,
+    read_safetensors,
+    serving_config,
 )
-from llmrec_dist.train.checkpoint import MODEL_FILE, read_meta, read_weights
 
 DEFAULT_K = 10
 
@@ -54,10 +54,9 @@ def build_model_package(checkpoint_dir: str | Path, dataset_path: str | os.PathL
     out_dir = Path(out_dir).absolute()
     eval_cfg = eval_cfg or EvalConfig()
 
-    meta = read_meta(checkpoint_dir)
-    missing = [key for key in ("model", "num_items", "dataset_hash") if key not in meta]
-    if missing:
-        raise ValueError(f"{checkpoint_dir / MODEL_META_FILE}: lacks {', '.join(missing)}")
+    meta = read_model_meta(checkpoint_dir)
+    if "dataset_hash" not in meta:
+        raise ValueError(f"{checkpoint_dir / MODEL_META_FILE}: lacks dataset_hash")
     manifest = read_manifest(dataset_path)
     if meta["dataset_hash"] != manifest["content_hash"]:
         raise ValueError(
@@ -72,7 +71,7 @@ def build_model_package(checkpoint_dir: str | Path, dataset_path: str | os.PathL
                          f"has {items.num_rows} items")
 
     model_cfg = model_config(meta, str(checkpoint_dir / MODEL_META_FILE))
-    weights = read_weights(checkpoint_dir / MODEL_FILE)
+    weights = read_safetensors(checkpoint_dir / WEIGHTS_FILE)
     texts = [str(t) for t in items.sort_by("item_idx").column("text").to_pylist()]
     settings = {
         "format_version": PACKAGE_FORMAT_VERSION,
@@ -93,9 +92,9 @@ def build_model_package(checkpoint_dir: str | Path, dataset_path: str | os.PathL
             try:
                 skeleton.load_state_dict(weights, strict=True, assign=True)
             except RuntimeError as err:
-                raise ValueError(f"{checkpoint_dir / MODEL_FILE} does not fit the model in "
+                raise ValueError(f"{checkpoint_dir / WEIGHTS_FILE} does not fit the model in "
                                  f"{MODEL_META_FILE}: {err}") from None
-            shutil.copyfile(checkpoint_dir / MODEL_FILE, temp / WEIGHTS_FILE)
+            shutil.copyfile(checkpoint_dir / WEIGHTS_FILE, temp / WEIGHTS_FILE)
         else:
             meta = {**meta, "trained_freeze": model_cfg.freeze,
                     "model": _export_text_model(model_cfg, weights, num_items, texts, dataset_path,
@@ -125,7 +124,7 @@ def _export_text_model(cfg, weights: dict, num_items: int, texts: list[str], dat
     from llmrec_dist.text_tower import load_text_encoder, text_cache_dir
 
     trained = build_for_weights(cfg, num_items, texts, text_cache_dir(str(dataset_path)))
-    load_weights_strict(trained, weights, str(checkpoint_dir / MODEL_FILE))
+    load_weights_strict(trained, weights, str(checkpoint_dir / WEIGHTS_FILE))
     base_lm, tokenizer = load_text_encoder(cfg.text_encoder, cfg.trust_remote_code)
     encoder = trained.items.export_encoder(base_lm)
     with _no_progress_bars():  # transformers' "Writing model shards" bar, for one file, on the user's console
@@ -137,7 +136,7 @@ def _export_text_model(cfg, weights: dict, num_items: int, texts: list[str], dat
     # Rebuild from what was written (this also fills text_cache/) and check it scores like the
     # trained model did: the package must serve exactly what was evaluated.
     served = build_for_weights(serving_config(serving, temp), num_items, texts, temp / TEXT_CACHE_DIR)
-    load_weights_strict(served, load_file(str(temp / WEIGHTS_FILE)), str(temp / WEIGHTS_FILE))
+    load_weights_strict(served, read_safetensors(temp / WEIGHTS_FILE), str(temp / WEIGHTS_FILE))
     probe = torch.arange(1, min(num_items, 8) + 1).unsqueeze(0)
     with torch.no_grad():
         expected, got = trained.eval().score_next(probe), served.eval().score_next(probe)

@@ -70,7 +70,7 @@ def register_and_promote(tracking_uri: str, run_id: str, model_uri: str, name: s
     """
     import mlflow
 
-    from llmrec_dist.registry.pyfunc import use_tracking_uri
+    from llmrec_dist.tracking import use_tracking_uri
 
     metric_value = float(metric_value)
     if not math.isfinite(metric_value):

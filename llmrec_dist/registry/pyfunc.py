@@ -10,11 +10,8 @@ library-backed MLflow flavour.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -23,9 +20,6 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Schema
 
 import llmrec_dist
-
-_TRACKING_ENV = "MLFLOW_TRACKING_URI"
-
 
 def model_signature() -> ModelSignature:
     """Input: ``history`` (list of item id strings) + optional ``k``; output: ``item_ids``, ``scores``."""
@@ -94,28 +88,6 @@ def as_frame(model_input) -> pd.DataFrame:
                      f"{{'history': [...], 'k': ...}} dicts, or one such dict; got {type(model_input).__name__}")
 
 
-@contextlib.contextmanager
-def use_tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API at ``uri`` for the ``with`` body, then restore the previous state.
-
-    ``mlflow.set_tracking_uri`` also writes $MLFLOW_TRACKING_URI; both are put back afterwards, so
-    library calls do not leak a global setting into the caller's process.
-    """
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    previous_uri = getattr(tracking_utils, "_tracking_uri", None)
-    previous_env = os.environ.get(_TRACKING_ENV)
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
-        if previous_env is None:
-            os.environ.pop(_TRACKING_ENV, None)
-        else:
-            os.environ[_TRACKING_ENV] = previous_env
-
-
 # MLflow "models from code": this file is stored with the model and executed at load time, so
 # nothing is unpickled (the PythonModel is built by importing llmrec_dist, which must be installed).
 _MODEL_CODE = """\
@@ -139,8 +111,8 @@ def log_model_package(package_dir: str | Path, tracking_uri: str, run_id: str, n
     logged model's ``models:/<model_id>``, which :func:`llmrec_dist.registry.promotion.register_and_promote`
     and ``mlflow.pyfunc.load_model`` accept.
     """
-    from llmrec_dist.registry.recommender import PACKAGE_FILES
-    from llmrec_dist.tracking import client
+    from llmrec_dist.saved_model import PACKAGE_FILES
+    from llmrec_dist.tracking import client, use_tracking_uri
 
     package_dir = Path(package_dir)
     missing = [f for f in PACKAGE_FILES if not (package_dir / f).is_file()]

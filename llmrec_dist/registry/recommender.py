@@ -1,15 +1,10 @@
 """Top-K recommendations from a model package, in plain Python (no MLflow needed).
 
-A *model package* is the folder written by :func:`llmrec_dist.registry.package.build_model_package`::
+A *model package* is the folder written by :func:`llmrec_dist.registry.package.build_model_package`;
+its files are listed in :mod:`llmrec_dist.saved_model`, which reads them.
 
-    model.safetensors   weights (loaded with safetensors only, never pickle)
-    model.json          {"model": ModelConfig fields, "num_items": N, "dataset_hash": ...}
-    items.parquet       item_idx (1..N), item_id (original id), text, popularity
-    manifest.json       the dataset's manifest
-    recommender.json    {"format_version": 1, "exclude_seen": true, "default_k": 10, ...}
-
-The contract (DESIGN.md, "Registry contract"): a history is a list of ORIGINAL item ids, most recent
-last. Unknown ids are skipped with one warning per call; a history with no known item gets the
+The registry contract (README.md, "recommend, and the registry contract"): a history is a list of
+ORIGINAL item ids, most recent last. Unknown ids are skipped with one warning per call; a history with no known item gets the
 popularity fallback; items already in the history are never recommended when ``exclude_seen``; only
 the last ``max_len`` known items feed the model, but every seen item is excluded.
 
@@ -30,7 +25,6 @@ Hostile input, decided:
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import warnings
@@ -41,26 +35,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from llmrec_dist.batching import left_pad
 from llmrec_dist.data.layout import ITEMS_SCHEMA, conform_table, read_parquet_file
 from llmrec_dist.model import SequenceRecommender
-from llmrec_dist.model_io import TEXT_CACHE_DIR, build_for_weights, load_weights_strict, model_config, serving_config
-
-PACKAGE_FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-MODEL_META_FILE = "model.json"
-ITEMS_FILE = "items.parquet"
-MANIFEST_FILE = "manifest.json"
-RECOMMENDER_FILE = "recommender.json"
-PACKAGE_FILES = (WEIGHTS_FILE, MODEL_META_FILE, ITEMS_FILE, MANIFEST_FILE, RECOMMENDER_FILE)
+from llmrec_dist.saved_model import (
+    ITEMS_FILE,
+    NOT_A_PACKAGE,
+    PACKAGE_FILES,
+    PACKAGE_FORMAT_VERSION,
+    RECOMMENDER_FILE,
+    TEXT_CACHE_DIR,
+    build_for_weights,
+    read_json,
+    read_model_meta,
+    restore_model,
+    saved_model_config,
+    short_repr,
+)
 
 _MAX_NAMED_UNKNOWN = 5
 _MAX_REPORTED_PROBLEMS = 10
-_MAX_SHOWN_VALUE = 60  # characters of a bad value quoted in an error (a value may be huge)
-_NOT_A_PACKAGE = "the model package is damaged: log or build it again"
 _SCORE_BUDGET = 1 << 26  # float32 scores held at once (256 MB)
 
 
@@ -114,28 +108,26 @@ class Recommender:
         missing = [name for name in PACKAGE_FILES if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{str(folder)!r} is not a model package: it lacks {', '.join(missing)}")
-        settings = _read_json(folder / RECOMMENDER_FILE)
+        settings = read_json(folder / RECOMMENDER_FILE, NOT_A_PACKAGE)
         version = settings.get("format_version")
         if version != PACKAGE_FORMAT_VERSION:
             raise ValueError(f"{folder / RECOMMENDER_FILE}: unsupported format_version {version!r}; "
                              f"this llmrec_dist reads format_version {PACKAGE_FORMAT_VERSION}")
         exclude_seen, default_k = _serving_settings(settings, folder / RECOMMENDER_FILE)
-        meta = _read_json(folder / MODEL_META_FILE)
-        num_items = _num_items(meta, folder / MODEL_META_FILE)
-        model_cfg = serving_config(model_config(meta, str(folder / MODEL_META_FILE)), folder)
-        check_remote_code(model_cfg.trust_remote_code, trust_remote_code, folder / MODEL_META_FILE)
+        meta = read_model_meta(folder, NOT_A_PACKAGE)
+        num_items = meta["num_items"]
+        model_cfg = saved_model_config(folder, meta, trust_remote_code)
 
         items_file = folder / ITEMS_FILE
-        items = conform_table(read_parquet_file(items_file, remedy=_NOT_A_PACKAGE), ITEMS_SCHEMA, items_file,
-                              "items", remedy=_NOT_A_PACKAGE).sort_by("item_idx")
+        items = conform_table(read_parquet_file(items_file, remedy=NOT_A_PACKAGE), ITEMS_SCHEMA, items_file,
+                              "items", remedy=NOT_A_PACKAGE).sort_by("item_idx")
         idx = items.column("item_idx").to_numpy()
         if len(idx) != num_items or not np.array_equal(idx, np.arange(1, num_items + 1)):
             raise ValueError(f"{items_file}: item_idx must run 1..{num_items} "
                              f"(model.json num_items), got {len(idx)} rows")
 
         texts = [str(t) for t in items.column("text").to_pylist()]
-        model = build_for_weights(model_cfg, num_items, texts, folder / TEXT_CACHE_DIR)
-        load_weights_strict(model, read_safetensors(folder / WEIGHTS_FILE), str(folder / WEIGHTS_FILE))
+        model = restore_model(folder, model_cfg, num_items, texts, folder / TEXT_CACHE_DIR)
         rec = cls(model, items.column("item_id").to_pylist(), texts, items.column("popularity").to_numpy(),
                   exclude_seen=exclude_seen, default_k=default_k, dataset_hash=str(meta.get("dataset_hash", "")))
         rec.model_cfg, rec.folder, rec.num_trained_items = model_cfg, folder, num_items
@@ -218,7 +210,7 @@ class Recommender:
         recent, seen, unknown = self._to_indices(checked)
         if unknown:
             first = _first_distinct(unknown, _MAX_NAMED_UNKNOWN)
-            named = ", ".join(_short(u) for u in first)
+            named = ", ".join(short_repr(u) for u in first)
             more = len(set(unknown)) - len(first)
             warnings.warn(f"skipped {len(unknown)} unknown item id(s) not in the model's catalogue: "
                           f"{named}{f' and {more} more' if more else ''}", UnknownItemWarning,
@@ -342,7 +334,7 @@ def _as_history(value: Any) -> tuple[list[str], str | None]:
     if all(issubclass(t, str) for t in set(map(type, value))):
         return list(value), None
     pos, item = next((pos, item) for pos, item in enumerate(value) if not isinstance(item, str))
-    return [], f"history[{pos}] must be an item id string, got {type(item).__name__} ({_short(item)})"
+    return [], f"history[{pos}] must be an item id string, got {type(item).__name__} ({short_repr(item)})"
 
 
 def _first_distinct(values: list[str], n: int) -> list[str]:
@@ -355,66 +347,15 @@ def _first_distinct(values: list[str], n: int) -> list[str]:
     return list(found)
 
 
-def _short(value: Any) -> str:
-    """``repr(value)`` cut to a readable length (a bad value may be a list of a million items)."""
-    text = repr(value) if not isinstance(value, (list, tuple, dict)) or len(value) < 100 else \
-        f"<{type(value).__name__} of {len(value)} values>"
-    return text if len(text) <= _MAX_SHOWN_VALUE else text[:_MAX_SHOWN_VALUE - 3] + "..."
-
-
 # ------------------------------------------------------------------------------------ package files
-def _read_json(path: Path) -> dict:
-    """A package's JSON file as a dict, or a ValueError naming it."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid UTF-8 JSON ({err}); {_NOT_A_PACKAGE}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}; {_NOT_A_PACKAGE}")
-    return data
-
-
-def _num_items(meta: dict, path: Path) -> int:
-    missing = [key for key in ("model", "num_items") if key not in meta]
-    if missing:
-        raise ValueError(f"{path}: lacks {', '.join(missing)}; {_NOT_A_PACKAGE}")
-    value = meta["num_items"]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{path}: num_items must be a positive integer, got {_short(value)}; {_NOT_A_PACKAGE}")
-    return value
-
-
 def _serving_settings(settings: dict, path: Path) -> tuple[bool, int]:
     """``(exclude_seen, default_k)`` from recommender.json, checked."""
     exclude_seen, default_k = settings.get("exclude_seen", True), settings.get("default_k", 10)
     if not isinstance(exclude_seen, bool):
-        raise ValueError(f"{path}: exclude_seen must be true or false, got {_short(exclude_seen)}")
+        raise ValueError(f"{path}: exclude_seen must be true or false, got {short_repr(exclude_seen)}")
     if isinstance(default_k, bool) or not isinstance(default_k, int) or default_k < 1:
-        raise ValueError(f"{path}: default_k must be a positive integer, got {_short(default_k)}")
+        raise ValueError(f"{path}: default_k must be a positive integer, got {short_repr(default_k)}")
     return exclude_seen, default_k
-
-
-def check_remote_code(requested: bool, allowed: bool, where: str | Path) -> None:
-    """Refuse a saved model whose text encoder needs its own Python code unless the caller allowed it.
-
-    ``requested`` comes from the saved ``model.json`` (data that may come from anyone); ``allowed`` from
-    the person loading it. The code would run on load, so the default is to refuse.
-    """
-    if requested and not allowed:
-        raise ValueError(f"{where}: model.trust_remote_code is true: loading this model would run Python code "
-                         "shipped with its text encoder; refused (allow it explicitly with trust_remote_code=True "
-                         "only for a model whose origin you trust)")
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Weights from a safetensors file; anything else (a pickle renamed, a damaged file) is refused, never
-    unpickled."""
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise ValueError(f"{path}: not a safetensors weights file ({reason}); weights are loaded only from "
-                         "safetensors, never unpickled") from None
 
 
 def _is_missing(value: Any) -> bool:
@@ -436,12 +377,12 @@ def _catalogue_columns(items: Any) -> tuple[list[str], dict[str, str], dict[str,
         if _is_missing(text):
             raise ValueError(f"items: row {row}: missing text (an item with no text cannot be represented)")
         if not isinstance(text, str):
-            raise ValueError(f"items: row {row}: text must be a string, got {type(text).__name__} ({_short(text)})")
+            raise ValueError(f"items: row {row}: text must be a string, got {type(text).__name__} ({short_repr(text)})")
     ids = [str(i) for i in ids]
     seen: dict[str, int] = {}
     for row, item_id in enumerate(ids):
         if item_id in seen:
-            raise ValueError(f"items: row {row}: item_id {_short(item_id)} repeats row {seen[item_id]}; "
+            raise ValueError(f"items: row {row}: item_id {short_repr(item_id)} repeats row {seen[item_id]}; "
                              "item_id values must be unique")
         seen[item_id] = row
     popularity: dict[str, int] = {}
@@ -449,6 +390,6 @@ def _catalogue_columns(items: Any) -> tuple[list[str], dict[str, str], dict[str,
         for row, (item_id, value) in enumerate(zip(ids, items["popularity"].tolist())):
             number = value if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
             if number is None or not math.isfinite(number) or number < 0 or not float(number).is_integer():
-                raise ValueError(f"items: row {row}: popularity must be a non-negative integer, got {_short(value)}")
+                raise ValueError(f"items: row {row}: popularity must be a non-negative integer, got {short_repr(value)}")
             popularity[item_id] = int(number)
     return ids, dict(zip(ids, texts)), popularity

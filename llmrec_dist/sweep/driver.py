@@ -407,12 +407,13 @@ def _best_folder(row: TrialRow, tmp: Path) -> Path:
 
     from ray.train import Checkpoint
 
+    from llmrec_dist.saved_model import WEIGHTS_FILE
     from llmrec_dist.train import checkpoint as ckpt
 
     local = tmp / "checkpoint"
     Checkpoint(row.checkpoint_path).to_directory(str(local))
     if row.status != "completed":  # stopped early: the last epoch's checkpoint holds the best so far apart
-        shutil.copyfile(local / ckpt.BEST_FILE, local / ckpt.MODEL_FILE)
+        shutil.copyfile(local / ckpt.BEST_FILE, local / WEIGHTS_FILE)
     return local
 
 

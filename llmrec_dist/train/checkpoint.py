@@ -1,9 +1,9 @@
 """Checkpoint folders: what a training run saves each epoch and what a model package is built from.
 
-Layout of one checkpoint folder:
+Layout of one checkpoint folder (the first two files are the saved-model format, :mod:`llmrec_dist.saved_model`):
   model.safetensors       weights of this epoch (unwrapped module)
-  best_model.safetensors  best weights so far by the validation metric (what gets evaluated/registered)
   model.json              {"model": ModelConfig fields, "num_items": N, "dataset_hash": ...}
+  best_model.safetensors  best weights so far by the validation metric (what gets evaluated/registered)
   state.pt                optimiser, scheduler, epoch, best metric, history (tensors and plain types
                           only: loaded with torch.load(weights_only=True)); randomness is re-seeded
                           from (seed, epoch, rank) each epoch, so no RNG state is needed
@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-MODEL_FILE = "model.safetensors"
+from llmrec_dist.saved_model import MODEL_META_FILE, WEIGHTS_FILE
+
 BEST_FILE = "best_model.safetensors"
-MODEL_META = "model.json"
 STATE_FILE = "state.pt"
 
 
@@ -44,19 +44,15 @@ def load_weights(model: nn.Module, path: Path) -> None:
 def write_checkpoint(folder: Path, *, weights: dict, best_weights: dict, meta: dict,
                      state: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    save_weights(weights, folder / MODEL_FILE)
+    save_weights(weights, folder / WEIGHTS_FILE)
     save_weights(best_weights, folder / BEST_FILE)
-    (folder / MODEL_META).write_text(json.dumps(meta, indent=2))
+    (folder / MODEL_META_FILE).write_text(json.dumps(meta, indent=2))
     torch.save(state, folder / STATE_FILE)
     return folder
 
 
 def read_state(folder: Path) -> dict[str, Any]:
     return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-
-
-def read_meta(folder: Path) -> dict:
-    return json.loads((Path(folder) / MODEL_META).read_text())
 
 
 def folder_bytes(folder: Path) -> int:

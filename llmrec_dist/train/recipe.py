@@ -38,9 +38,10 @@ from llmrec_dist.model import build_model, count_parameters, softmax_negatives
 from llmrec_dist.sharding import refresh_text_cache
 from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.tracking import RunLogger
+from llmrec_dist.saved_model import WEIGHTS_FILE
 from llmrec_dist.train import checkpoint as ckpt
 from llmrec_dist.train.optim import build_optimizer, build_scheduler
-from llmrec_dist.train.profiling import StepProfiler, region
+from llmrec_dist.profiling import StepProfiler, region
 
 
 class TrainingPairs:
@@ -181,7 +182,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, a
                     profiler: StepProfiler | None = None) -> dict[str, float]:
     """One pass over this worker's shard; returns summed loss/positions/sequences for all-reduce and
     the wall-clock times at which the first batch arrived and the first optimiser step finished.
-    Phases are marked with :func:`llmrec_dist.train.profiling.region` for ``profiler``
+    Phases are marked with :func:`llmrec_dist.profiling.region` for ``profiler``
     (``train.profile_steps``)."""
     model.train()
     loss_sum = positions = sequences = 0.0
@@ -270,7 +271,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         with restored.as_directory() as folder:
             folder = Path(folder)
             state = ckpt.read_state(folder)
-            ckpt.load_weights(core, folder / ckpt.MODEL_FILE)
+            ckpt.load_weights(core, folder / WEIGHTS_FILE)
             best_weights = ckpt.read_weights(folder / ckpt.BEST_FILE)
         if state.get("finished"):
             return state["result"]

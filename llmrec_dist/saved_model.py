@@ -1,0 +1,203 @@
+"""The saved-model format: the files a trained model is kept in, and the one way to read it back.
+
+Two folders hold a saved model. Both have the model part; a package adds what serving needs::
+
+    model.safetensors   weights (loaded with safetensors only, never unpickled)
+    model.json          {"model": ModelConfig fields, "num_items": N, "dataset_hash": ...}
+
+    checkpoint folder (written each epoch by the per-worker recipe, :mod:`llmrec_dist.worker.checkpoint`)
+      + best_model.safetensors, state.pt; a text model reads its item texts from the dataset
+    model package (:func:`llmrec_dist.registry.package.build_model_package`; what the registry stores)
+      + items.parquet     item_idx (1..N), item_id (original id), text, popularity
+      + manifest.json     the dataset's manifest
+      + recommender.json  {"format_version": 1, "exclude_seen": true, "default_k": 10, ...}
+      + text_encoder/     a text model's trained LM (plain Hugging Face encoder + tokenizer)
+      + text_cache/       its cached item-text embeddings
+
+A saved model is data, not code: weights load only from safetensors; a damaged ``model.json`` is an
+error naming the file; one whose text encoder needs its own Python code (``model.trust_remote_code``)
+is refused unless the person loading it allows it. Offline evaluation (:func:`load_model`), packaging
+and serving (:meth:`llmrec_dist.registry.recommender.Recommender.from_folder`) all read through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from llmrec_dist.config import ModelConfig, config_from_dict
+from llmrec_dist.data.layout import ITEMS_FILE, MANIFEST_FILE, read_items
+from llmrec_dist.model import SequenceRecommender, build_model
+
+WEIGHTS_FILE = "model.safetensors"
+MODEL_META_FILE = "model.json"
+TEXT_ENCODER_DIR = "text_encoder"  # a package's trained LM (plain HF encoder + tokenizer)
+TEXT_CACHE_DIR = "text_cache"      # a package's cached item-text embeddings
+LM_PREFIXES = ("items.lm.", "items.top_layers.")  # weights of the LM tower's LM (a package keeps them in text_encoder/)
+
+PACKAGE_FORMAT_VERSION = 1
+RECOMMENDER_FILE = "recommender.json"
+PACKAGE_FILES = (WEIGHTS_FILE, MODEL_META_FILE, ITEMS_FILE, MANIFEST_FILE, RECOMMENDER_FILE)
+NOT_A_PACKAGE = "the model package is damaged: log or build it again"
+
+_MAX_SHOWN_VALUE = 60  # characters of a bad value quoted in an error (a value may be huge)
+
+
+def short_repr(value: Any) -> str:
+    """A bad value as quoted in an error: at most a line."""
+    text = repr(value) if not isinstance(value, (list, tuple, dict)) or len(value) < 100 else \
+        f"<{type(value).__name__} of {len(value)} values>"
+    return text if len(text) <= _MAX_SHOWN_VALUE else text[:_MAX_SHOWN_VALUE - 3] + "..."
+
+
+def _with(remedy: str) -> str:
+    return f"; {remedy}" if remedy else ""
+
+
+def read_json(path: Path, remedy: str = "") -> dict:
+    """A JSON object from ``path``, or a ValueError naming the file (and ``remedy``)."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid UTF-8 JSON ({err}){_with(remedy)}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}{_with(remedy)}")
+    return data
+
+
+def read_model_meta(folder: str | os.PathLike, remedy: str = "") -> dict:
+    """``model.json`` of a checkpoint or package, checked enough to build the model from."""
+    path = Path(folder) / MODEL_META_FILE
+    meta = read_json(path, remedy)
+    missing = [key for key in ("model", "num_items") if key not in meta]
+    if missing:
+        raise ValueError(f"{path}: lacks {', '.join(missing)}{_with(remedy)}")
+    value = meta["num_items"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{path}: num_items must be a positive integer, got {short_repr(value)}{_with(remedy)}")
+    return meta
+
+
+def model_config(meta: dict, source: str) -> ModelConfig:
+    """The ``model`` section recorded in a ``model.json``, validated."""
+    return config_from_dict({"model": meta["model"]}, source, require_data_path=False).model
+
+
+def serving_config(cfg: ModelConfig, folder: str | os.PathLike) -> ModelConfig:
+    """A package's config with its text encoder resolved to the package's own ``text_encoder/``."""
+    encoder = Path(folder) / TEXT_ENCODER_DIR
+    return dataclasses.replace(cfg, text_encoder=str(encoder)) if encoder.is_dir() else cfg
+
+
+def check_remote_code(requested: bool, allowed: bool, where: str | Path) -> None:
+    """Refuse a saved model whose text encoder needs its own Python code unless the caller allowed it.
+
+    ``requested`` comes from the saved ``model.json`` (data that may come from anyone); ``allowed`` from
+    the person loading it. The code would run on load, so the default is to refuse.
+    """
+    if requested and not allowed:
+        raise ValueError(f"{where}: model.trust_remote_code is true: loading this model would run Python code "
+                         "shipped with its text encoder; refused (allow it explicitly with trust_remote_code=True "
+                         "only for a model whose origin you trust)")
+
+
+def saved_model_config(folder: Path, meta: dict, trust_remote_code: bool) -> ModelConfig:
+    """The model config of a saved model, ready to build: validated, remote code refused unless allowed,
+    a package's text encoder resolved to its own copy."""
+    where = folder / MODEL_META_FILE
+    cfg = serving_config(model_config(meta, str(where)), folder)
+    check_remote_code(cfg.trust_remote_code, trust_remote_code, where)
+    return cfg
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from a safetensors file; anything else (a pickle renamed, a damaged file) is refused, never
+    unpickled."""
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"{path}: not a safetensors weights file ({reason}); weights are loaded only from "
+                         "safetensors, never unpickled") from None
+
+
+def build_for_weights(cfg: ModelConfig, num_items: int, texts: list[str] | None,
+                      cache_dir: str | os.PathLike | None) -> SequenceRecommender:
+    """A model shaped like ``cfg`` for ``num_items`` ID rows; ``texts`` (one per catalogue item, may be
+    more than ``num_items`` for a refreshed catalogue) feed the LM tower when the model reads text."""
+    text = None
+    if cfg.item_repr != "id":
+        from llmrec_dist.text_tower import prepare_text_features
+
+        if texts is None:
+            raise ValueError(f"model.item_repr={cfg.item_repr!r}: item texts are needed to rebuild the model")
+        text = prepare_text_features(cfg, texts, cache_dir=cache_dir)
+    return build_model(cfg, num_items, text=text)
+
+
+def load_weights_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{where} does not fit the model it describes: {err}") from None
+
+
+def restore_model(folder: Path, cfg: ModelConfig, num_items: int, texts: list[str] | None,
+                  cache_dir: str | os.PathLike | None) -> SequenceRecommender:
+    """The model saved in ``folder`` (``cfg`` from :func:`saved_model_config`), in eval mode on CPU."""
+    model = build_for_weights(cfg, num_items, texts, cache_dir)
+    load_weights_strict(model, read_safetensors(folder / WEIGHTS_FILE), str(folder / WEIGHTS_FILE))
+    return model.eval()
+
+
+def check_saved_model(folder: Path, trust_remote_code: bool) -> dict:
+    """The cheap part of :func:`load_model`: ``model.json`` valid, remote code allowed if asked for, and
+    the weights file a safetensors file (its header only is read). Returns the meta."""
+    from safetensors import safe_open
+
+    meta = read_model_meta(folder)
+    saved_model_config(folder, meta, trust_remote_code)
+    try:
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{folder / WEIGHTS_FILE}: not a safetensors weights file ({err}); weights are "
+                         "loaded only from safetensors, never unpickled") from None
+    return meta
+
+
+def is_package(folder: Path) -> bool:
+    """A package of a text model carries its own encoder; a checkpoint reads the dataset's."""
+    return (folder / TEXT_ENCODER_DIR).is_dir()
+
+
+def load_model(folder: str | os.PathLike, data_path: str | None = None,
+               trust_remote_code: bool = False) -> tuple[SequenceRecommender, dict]:
+    """The model saved in a checkpoint or package folder, and its ``model.json``. A text model built
+    from a checkpoint reads its item texts from the dataset at ``data_path`` (a package carries its own
+    items and encoder).
+
+    Weights load only from safetensors. A saved model whose text encoder needs its own Python code
+    (``model.trust_remote_code`` in its ``model.json``) is refused unless ``trust_remote_code``.
+    """
+    folder = Path(folder)
+    meta = check_saved_model(folder, trust_remote_code)
+    cfg = saved_model_config(folder, meta, trust_remote_code)
+    texts, cache = None, None
+    if cfg.item_repr != "id":
+        from llmrec_dist.text_tower import text_cache_dir
+
+        packaged = is_package(folder)
+        source = folder if packaged else data_path
+        if source is None:
+            raise ValueError(f"{folder}: a text model's checkpoint needs its dataset for the item texts")
+        texts = [str(t) for t in read_items(source).sort_by("item_idx").column("text").to_pylist()]
+        cache = folder / TEXT_CACHE_DIR if packaged else text_cache_dir(str(data_path))
+    return restore_model(folder, cfg, meta["num_items"], texts, cache), meta
