@@ -172,6 +172,18 @@ def test_a_hand_written_report_detail_ends_the_row(tmp_path):
             "the training row's items only |") in text
 
 
+def test_quality_is_shown_next_to_its_own_datasets_published_figures():
+    from llmrec_dist.bench.quality import anchor_rows, anchor_set
+
+    beauty = {"users": 22363, "items": 12101, "interactions": 198502}
+    rows = anchor_rows({"test_ndcg_at_10": 0.05, "test_hr_at_10": 0.09}, "ours", beauty)
+    assert [r["model"] for r in rows][:2] == ["SASRec (BCE)", "ICLRec"] and rows[-1]["ndcg"] == 0.0531
+    assert {"model": "ours", "ndcg": 0.05, "hr": 0.09} in rows
+    assert anchor_set({"users": 6040, "items": 3416, "interactions": 999611})[0] == "ml-1m"
+    assert anchor_set({"users": 610, "items": 9724, "interactions": 100836}) == (None, None)
+    assert anchor_rows({"test_ndcg_at_10": 0.1}, "ours", {"users": 1}) == [{"model": "ours", "ndcg": 0.1, "hr": None}]
+
+
 def test_lm_memory_and_startup_results_get_rows(tmp_path):
     case = {"freeze": "full", "batch_per_worker": 32, "lm_items_per_step": 0, "lm_items": 1451,
             "peak_rss_mb": 3000.0, "estimate_mb": 2700.0, "estimate_error": -0.1, "seconds_per_step": 12.345,

@@ -183,10 +183,10 @@ def run(args) -> int:
         from llmrec_dist.bench.quality import ANCHOR_COLUMNS, anchor_rows, run_quality
         from llmrec_dist.bench.report import freq_cell, test_cell
 
-        figures = run_quality(cfg, refit=args.refit)
+        figures = run_quality(cfg, refit=args.refit, counts=dataset["counts"])
         print(f"best epoch {figures['best_epoch']} of {figures['epochs_run']}, {figures['wall_seconds'] / 60:.1f} min")
         name = f"llmrec_dist ({args.label or cfg.model.item_repr})"
-        print(common.table(anchor_rows(figures, name), ANCHOR_COLUMNS))
+        print(common.table(anchor_rows(figures, name, dataset["counts"]), ANCHOR_COLUMNS))
         if cell := freq_cell(figures):
             print(f"test {cell}")
         if "refit" in figures:
