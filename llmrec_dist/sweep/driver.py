@@ -418,15 +418,13 @@ def _best_folder(row: TrialRow, tmp: Path) -> Path:
 
 
 def _publish_best(outcome: SweepOutcome, sweep: SweepConfig, manifest: dict) -> None:
-    """Test metrics of the best trial, its pyfunc in its child run, registration behind the alias gate."""
+    """Test metrics of the best trial, then the publish path of ``train`` (package, pyfunc in the best
+    trial's child run, registration behind the alias gate), then the parent run's summary."""
     from llmrec_dist.offline_eval import evaluate_here
-    from llmrec_dist.registry.package import build_model_package
-    from llmrec_dist.registry.promotion import register_and_promote
-    from llmrec_dist.registry.pyfunc import log_model_package
+    from llmrec_dist.registry.publish import publish_model
     from llmrec_dist.tracking import RunLogger, client
 
     best, cfg, metric = outcome.best, sweep.base, sweep.search.metric
-    parent = RunLogger(outcome.tracking_uri, outcome.parent_run_id)
     with tempfile.TemporaryDirectory() as tmp:
         folder = _best_folder(best, Path(tmp))
         test = {k: v for k, v in best.metrics.items() if k.startswith("test_")}
@@ -434,18 +432,16 @@ def _publish_best(outcome: SweepOutcome, sweep: SweepConfig, manifest: dict) -> 
             test = evaluate_here(folder, cfg.data.path, "test", cfg.eval)
             RunLogger(outcome.tracking_uri, best.run_id).metrics(test, step=0)
         outcome.test_metrics = test
-        package = build_model_package(folder, cfg.data.path, Path(tmp) / "package", cfg.eval)
-        outcome.model_uri = log_model_package(package, outcome.tracking_uri, best.run_id)
-    parent.metrics({f"best_{metric}": best.best_value, **{f"best_{k}": v for k, v in test.items()}}, step=0)
+        published = publish_model(folder, cfg, outcome.tracking_uri, best.run_id, metric,
+                                  {metric: best.best_value}, manifest["content_hash"])
+    outcome.model_uri, outcome.registration = published.model_uri, published.registration
+    RunLogger(outcome.tracking_uri, outcome.parent_run_id).metrics(
+        {f"best_{metric}": best.best_value, **{f"best_{k}": v for k, v in test.items()}}, step=0)
+    tags = {"llmrec.best_trial_id": best.trial_id, "llmrec.best_run_id": best.run_id,
+            "llmrec.best_params": json.dumps(best.params), "llmrec.best_model_uri": outcome.model_uri}
+    if published.registration:
+        tags["llmrec.registered_version"] = str(published.registration["version"])
+        tags["llmrec.promoted"] = str(published.registration["promoted"]).lower()
     c = client(outcome.tracking_uri)
-    for key, value in {"llmrec.best_trial_id": best.trial_id, "llmrec.best_run_id": best.run_id,
-                       "llmrec.best_params": json.dumps(best.params), "llmrec.best_model_uri": outcome.model_uri}.items():
+    for key, value in tags.items():
         c.set_tag(outcome.parent_run_id, key, value)
-    if cfg.mlflow.registered_model:
-        console.quiet_libraries()  # logging the model turned MLflow's own prints back on
-        reg = register_and_promote(outcome.tracking_uri, best.run_id, outcome.model_uri, cfg.mlflow.registered_model,
-                                   cfg.mlflow.alias, metric, best.best_value, manifest["content_hash"])
-        outcome.registration = reg
-        c.set_tag(outcome.parent_run_id, "llmrec.registered_version", str(reg["version"]))
-        c.set_tag(outcome.parent_run_id, "llmrec.promoted", str(reg["promoted"]).lower())
-

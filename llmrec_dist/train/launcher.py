@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from llmrec_dist import console, storage
 from llmrec_dist.config import Config, absolute, config_from_dict
 from llmrec_dist.data.layout import checked_manifest
 from llmrec_dist.ray_setup import describe_ray, init_ray
+from llmrec_dist.registry.publish import publish_model
 from llmrec_dist.train.progress import EpochLines
 from llmrec_dist.tracking import end_run, resolve_tracking_uri, start_run
 
@@ -285,7 +285,9 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
         metrics = dict(result.return_value or result.metrics or {})
         outcome = TrainOutcome(run_id, tracking_uri, metrics, result.checkpoint.path)
         with result.checkpoint.as_directory() as checkpoint_dir:
-            _publish(cfg, outcome, Path(checkpoint_dir), manifest)
+            published = publish_model(Path(checkpoint_dir), cfg, tracking_uri, run_id, cfg.selection_metric(),
+                                      metrics, manifest["content_hash"])
+        outcome.model_uri, outcome.registration = published.model_uri, published.registration
     except BaseException:
         end_run(tracking_uri, run_id, "FAILED")
         raise
@@ -312,20 +314,3 @@ def build_text_cache(cfg: Config, say=log.info) -> None:
     features = load_text_features(cfg)
     say(f"text features ({cfg.model.text_encoder}, {cfg.model.freeze}): "
         f"{'cache hit' if features.cache_hit else 'computed'} in {time.perf_counter() - started:.1f} s")
-
-
-def _publish(cfg: Config, outcome: TrainOutcome, checkpoint_dir: Path, manifest: dict) -> None:
-    """Log the best model as a pyfunc and, if configured, register it and gate the alias."""
-    from llmrec_dist.registry.package import build_model_package
-    from llmrec_dist.registry.pyfunc import log_model_package
-    from llmrec_dist.registry.promotion import register_and_promote
-
-    with tempfile.TemporaryDirectory() as tmp:
-        package = build_model_package(checkpoint_dir, cfg.data.path, Path(tmp) / "package", cfg.eval)
-        outcome.model_uri = log_model_package(package, outcome.tracking_uri, outcome.run_id)
-    if cfg.mlflow.registered_model:
-        console.quiet_libraries()  # logging the model turned MLflow's own prints back on
-        metric_key = cfg.selection_metric()
-        outcome.registration = register_and_promote(
-            outcome.tracking_uri, outcome.run_id, outcome.model_uri, cfg.mlflow.registered_model,
-            cfg.mlflow.alias, metric_key, outcome.metrics[metric_key], manifest["content_hash"])
