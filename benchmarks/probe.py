@@ -28,10 +28,10 @@ from llmrec_dist.data.layout import num_items, read_manifest, read_split
 from llmrec_dist.evaluation import EvalRows, evaluate, load_eval_rows
 from llmrec_dist.sharding import refresh_text_cache
 from llmrec_dist.text_tower import load_text_features
-from llmrec_dist.train.optim import build_optimizer, build_scheduler
-from llmrec_dist.train.recipe import (TrainingPairs, autocast_for, build_recommender, steps_per_epoch,
+from llmrec_dist.worker.optim import build_optimizer, build_scheduler
+from llmrec_dist.worker.recipe import (TrainingPairs, autocast_for, build_recommender, steps_per_epoch,
                                       train_one_epoch)
-from llmrec_dist.train.rows import windowed_table
+from llmrec_dist.train.training_rows import windowed_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:

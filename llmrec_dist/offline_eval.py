@@ -41,10 +41,12 @@ def _check_dataset(meta: dict, manifest: dict, data_path: str) -> None:
 
 
 def evaluate_here(folder: Path, data_path: str, split: str, cfg: EvalConfig, rank: int = 0,
-                  world: int = 1, device: torch.device | str = "cpu",
-                  trust_remote_code: bool = False) -> dict[str, float]:
+                  world: int = 1, device: torch.device | str = "cpu", trust_remote_code: bool = False,
+                  manifest: dict | None = None) -> dict[str, float]:
+    """Metrics of the saved model in ``folder`` on this rank's share of ``split``. ``manifest``: the
+    dataset's, when the caller has already read it."""
     model, meta = load_model(folder, data_path, trust_remote_code)
-    manifest = read_manifest(data_path)
+    manifest = manifest or read_manifest(data_path)
     _check_dataset(meta, manifest, data_path)
     rows = load_eval_rows(data_path, split, rank, world)
     return evaluate(model.to(device), rows, manifest_num_items(manifest), cfg, meta["model"]["max_len"],
@@ -58,7 +60,7 @@ def _eval_loop_per_worker(config: dict) -> dict:
     ctx = ray.train.get_context()
     return evaluate_here(Path(config["folder"]), config["data_path"], config["split"],
                          EvalConfig(**config["eval"]), ctx.get_world_rank(), ctx.get_world_size(),
-                         ray.train.torch.get_device(), config["trust_remote_code"])
+                         ray.train.torch.get_device(), config["trust_remote_code"], config["manifest"])
 
 
 def evaluate_saved_model(folder: Path, data_path: str, split: str, cfg: EvalConfig,
@@ -73,7 +75,7 @@ def evaluate_saved_model(folder: Path, data_path: str, split: str, cfg: EvalConf
     """
     manifest = checked_manifest(data_path, verify)
     if num_workers <= 1:
-        return evaluate_here(folder, data_path, split, cfg, trust_remote_code=trust_remote_code)
+        return evaluate_here(folder, data_path, split, cfg, trust_remote_code=trust_remote_code, manifest=manifest)
     _check_dataset(check_saved_model(Path(folder), trust_remote_code), manifest, data_path)
     import dataclasses
 
@@ -88,7 +90,7 @@ def evaluate_saved_model(folder: Path, data_path: str, split: str, cfg: EvalConf
             _eval_loop_per_worker,
             train_loop_config={"folder": str(Path(folder).resolve()), "data_path": absolute(data_path),
                                "split": split, "eval": dataclasses.asdict(cfg),
-                               "trust_remote_code": trust_remote_code},
+                               "trust_remote_code": trust_remote_code, "manifest": manifest},
             scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": cpus_per_worker}),
             run_config=RunConfig(storage_path=storage),
         )

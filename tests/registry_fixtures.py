@@ -25,7 +25,7 @@ from llmrec_dist.data.layout import (
     write_parquet,
 )
 from llmrec_dist.model import build_model
-from llmrec_dist.train.checkpoint import cpu_state_dict, write_checkpoint
+from llmrec_dist.worker.checkpoint import cpu_state_dict, write_checkpoint
 
 NUM_ITEMS = 30
 TINY_MODEL = ModelConfig(hidden_size=16, num_layers=2, num_heads=2, max_len=20, dropout=0.0)

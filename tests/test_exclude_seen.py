@@ -13,8 +13,8 @@ import pyarrow as pa
 from llmrec_dist.batching import earlier_items, history_windows, next_item_batch
 from llmrec_dist.config import ModelConfig, config_from_dict
 from llmrec_dist.model import build_model
-from llmrec_dist.train.recipe import TrainingPairs, build_recommender
-from llmrec_dist.train.rows import windowed_table
+from llmrec_dist.worker.recipe import TrainingPairs, build_recommender
+from llmrec_dist.train.training_rows import windowed_table
 
 TINY = ModelConfig(hidden_size=16, num_layers=2, num_heads=2, max_len=6, dropout=0.0)
 LLAMA = dataclasses.replace(TINY, block="llama", activation="silu")

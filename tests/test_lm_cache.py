@@ -21,7 +21,7 @@ from llmrec_dist.config import ModelConfig, TrainConfig
 from llmrec_dist.model import build_model
 from llmrec_dist.sharding import refresh_text_cache
 from llmrec_dist.text_tower import TextItemEncoder, prepare_text_features
-from llmrec_dist.train.optim import build_optimizer
+from llmrec_dist.worker.optim import build_optimizer
 from text_fixtures import make_tiny_encoder
 
 TEXTS = [f"item {i} about {'space robots' if i % 2 else 'old castles'} number {i % 7}" for i in range(1, 31)]
@@ -462,7 +462,7 @@ def test_the_default_config_leaves_the_cold_items_out_of_the_negatives(tmp_path,
     from llmrec_dist.data.layout import read_items
     from llmrec_dist.data.prepare import prepare_dataset
     from llmrec_dist.text_tower import load_text_features
-    from llmrec_dist.train.recipe import build_recommender
+    from llmrec_dist.worker.recipe import build_recommender
 
     data = tmp_path / "cold"
     manifest = prepare_dataset("synthetic", data, synthetic={"n_users": 150, "n_items": 60}, seed=1, cold_items=0.1)

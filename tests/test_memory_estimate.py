@@ -234,7 +234,7 @@ import torch
 from llmrec_dist.config import ModelConfig, TrainConfig
 from llmrec_dist.model import build_model
 from llmrec_dist.text_tower import TextFeatures, load_text_encoder, tokenize_items
-from llmrec_dist.train.optim import build_optimizer
+from llmrec_dist.worker.optim import build_optimizer
 
 def status(key):
     with open("/proc/self/status") as fh:

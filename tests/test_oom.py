@@ -174,13 +174,14 @@ def test_a_memory_kill_is_not_retried_where_an_ordinary_failure_is(ray_cluster, 
                                                                    kind, starts):
     """``train.max_failures=2``: an ordinary failure starts the worker group 3 times; a memory kill
     once, and ``fit()`` raises an error holding the :class:`WorkerOutOfMemory` of rank 0."""
+    from llmrec_dist.data.layout import read_manifest
     from llmrec_dist.train.launcher import build_trainer
 
     cfg = load_config(QUICKSTART, [f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}",
                                    "scaling.num_workers=1", "train.batch_size=64", "train.max_failures=2",
                                    "mlflow.registered_model="])
     record = tmp_path / "starts.txt"
-    trainer = build_trainer(cfg, run_id=f"oom-test-{kind}", tracking_uri="unused", run_name=f"oom-{kind}",
+    trainer = build_trainer(cfg, read_manifest(synthetic_dataset), run_id=f"oom-test-{kind}", tracking_uri="unused", run_name=f"oom-{kind}",
                             loop=_failing_loop(str(record), kind), extra_loop_config={"message": KILLED})
     error = None
     try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmrec_dist.config import ConfigError, TrainConfig, config_from_dict
-from llmrec_dist.train.optim import build_optimizer, build_scheduler, warmup_then
+from llmrec_dist.worker.optim import build_optimizer, build_scheduler, warmup_then
 
 
 def test_cosine_warms_up_then_decays_to_the_floor():

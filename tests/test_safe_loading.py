@@ -238,7 +238,7 @@ def test_the_payload_is_real(tmp_path):
 
 
 def test_checkpoint_state_with_code_is_refused(tmp_path):
-    from llmrec_dist.train.checkpoint import STATE_FILE, read_state
+    from llmrec_dist.worker.checkpoint import STATE_FILE, read_state
 
     marker = tmp_path / "ran"
     _pickled_payload(tmp_path / STATE_FILE, marker)
@@ -283,7 +283,7 @@ def test_package_with_pickled_weights_is_refused(package, tmp_path, capsys, how)
 
 
 def test_training_checkpoint_with_pickled_weights_is_refused(tmp_path):
-    from llmrec_dist.train.checkpoint import read_weights
+    from llmrec_dist.worker.checkpoint import read_weights
 
     marker = tmp_path / "ran"
     _pickled_payload(tmp_path / "model.safetensors", marker)

@@ -17,7 +17,7 @@ from llmrec_dist.saved_model import TEXT_ENCODER_DIR
 from llmrec_dist.registry.package import build_model_package
 from llmrec_dist.registry.recommender import Recommender
 from llmrec_dist.text_tower import prepare_text_features, text_cache_dir
-from llmrec_dist.train.checkpoint import cpu_state_dict, write_checkpoint
+from llmrec_dist.worker.checkpoint import cpu_state_dict, write_checkpoint
 from registry_fixtures import NUM_ITEMS, item_id, item_text, write_dataset
 from text_fixtures import make_tiny_encoder
 

@@ -18,7 +18,7 @@ from llmrec_dist.text_tower import (
     prepare_text_features,
     resolve_text_encoder,
 )
-from llmrec_dist.train.optim import build_optimizer
+from llmrec_dist.worker.optim import build_optimizer
 from text_fixtures import make_tiny_encoder
 
 TEXTS = [f"item {i} about {'space robots' if i % 2 else 'old castles'} number {i % 7}" for i in range(1, 31)]
@@ -267,7 +267,7 @@ def test_a_cold_item_is_reachable_only_through_its_text(tmp_path, item_repr, mas
     ("id", "frozen", "sum"), ("text", "frozen", "sum"), ("id+text", "frozen", "gate"),
     ("id+text", "top_k", "concat"), ("text", "full", "sum"), ("id+text", "lora", "sum")])
 def test_every_trainable_parameter_gets_a_gradient(encoder, backbone, item_repr, freeze, fusion):
-    """Why DDP runs with find_unused_parameters=False (llmrec_dist.train.recipe.ddp_kwargs): one training
+    """Why DDP runs with find_unused_parameters=False (llmrec_dist.worker.recipe.ddp_kwargs): one training
     step reaches every trainable parameter, for each backbone, item representation, fusion and strategy."""
     cfg = cfg_for(encoder, backbone=backbone, item_repr=item_repr, freeze=freeze, fusion=fusion, freeze_k=1)
     features = None if item_repr == "id" else prepare_text_features(cfg, TEXTS)

@@ -12,7 +12,7 @@ import pytest
 
 from llmrec_dist.config import EvalConfig, load_config
 from llmrec_dist.saved_model import MODEL_META_FILE, WEIGHTS_FILE
-from llmrec_dist.train import checkpoint as ckpt
+from llmrec_dist.worker import checkpoint as ckpt
 
 pytestmark = pytest.mark.integration
 
@@ -162,7 +162,7 @@ def test_windows_are_cut_before_the_split_alike_on_every_read_path(ray_cluster, 
     from llmrec_dist.batching import history_windows
     from llmrec_dist.data.layout import read_manifest, read_split
     from llmrec_dist.train.launcher import train_dataset
-    from llmrec_dist.train.rows import training_rows
+    from llmrec_dist.train.training_rows import training_rows
 
     base = [f"data.path={synthetic_dataset}", "data.windows=true", "model.max_len=8"]
     histories = read_split(synthetic_dataset, "train").column("items").to_pylist()
@@ -233,7 +233,7 @@ def test_quality_refit_trains_through_the_validation_item_for_the_chosen_epochs(
     from llmrec_dist.data.layout import items_seen_in_training, read_manifest, read_split
     from llmrec_dist.offline_eval import evaluate_saved_model
     from llmrec_dist.train.launcher import train, train_dataset
-    from llmrec_dist.train.rows import training_rows
+    from llmrec_dist.train.training_rows import training_rows
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = [f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={uri}",

@@ -11,7 +11,7 @@ import torch
 from llmrec_dist.batching import next_item_batch
 from llmrec_dist.config import Config, ModelConfig, ScalingConfig, TrainConfig
 from llmrec_dist.model import build_model
-from llmrec_dist.train.recipe import autocast_for, ddp_kwargs, train_one_epoch
+from llmrec_dist.worker.recipe import autocast_for, ddp_kwargs, train_one_epoch
 
 MODEL = ModelConfig(hidden_size=16, num_heads=2, num_layers=1, max_len=8, dropout=0.0)
 SEQS = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [2, 4, 6, 8, 1], [3, 5, 7, 9, 2]]  # equal lengths

@@ -23,13 +23,13 @@ def ingest_loop_per_worker(loop_config: dict) -> dict:
     import ray.train
     import torch.distributed as dist
 
-    from llmrec_dist.data.layout import num_items, read_manifest
-    from llmrec_dist.train.recipe import epoch_batches, epoch_seeds
+    from llmrec_dist.data.layout import num_items
+    from llmrec_dist.worker.recipe import epoch_batches, epoch_seeds
 
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    mask_id = num_items(read_manifest(cfg.data.path)) + 1
+    mask_id = num_items(loop_config["manifest"]) + 1
     shard = ray.train.get_dataset_shard("train")
     epochs = []
     for epoch in range(loop_config["epochs"]):
@@ -55,13 +55,14 @@ def ingest_loop_per_worker(loop_config: dict) -> dict:
 
 def run_ingest(cfg: Config, epochs: int = 3) -> dict:
     """Run the ingest-only loop with ``cfg``'s workers and data settings; returns the figures."""
+    from llmrec_dist.data.layout import read_manifest
     from llmrec_dist.ray_setup import init_ray
     from llmrec_dist.train.launcher import build_trainer, with_absolute_paths
 
     cfg = with_absolute_paths(cfg)
     init_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
     started = time.perf_counter()
-    trainer = build_trainer(cfg, run_id="", tracking_uri="", run_name=f"bench-ingest-{int(time.time())}",
+    trainer = build_trainer(cfg, read_manifest(cfg.data.path), run_id="", tracking_uri="", run_name=f"bench-ingest-{int(time.time())}",
                             loop=ingest_loop_per_worker, extra_loop_config={"epochs": epochs})
     setup_seconds = time.perf_counter() - started  # read_parquet (+ materialize when data.materialize)
     result = trainer.fit()

@@ -61,11 +61,11 @@ def measure_case(config: str, overrides: list[str], steps: int = 2, eval_users: 
     from llmrec_dist.model import count_parameters
     from llmrec_dist.sharding import refresh_text_cache
     from llmrec_dist.text_tower import load_text_features
-    from llmrec_dist.train import checkpoint as ckpt
+    from llmrec_dist.worker import checkpoint as ckpt
     from llmrec_dist.train.memory import estimate_worker_memory, lm_shape, peak_step
-    from llmrec_dist.train.optim import build_optimizer, build_scheduler
-    from llmrec_dist.train.recipe import TrainingPairs, autocast_for, build_recommender, train_one_epoch
-    from llmrec_dist.train.rows import windowed_table
+    from llmrec_dist.worker.optim import build_optimizer, build_scheduler
+    from llmrec_dist.worker.recipe import TrainingPairs, autocast_for, build_recommender, train_one_epoch
+    from llmrec_dist.train.training_rows import windowed_table
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

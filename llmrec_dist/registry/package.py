@@ -42,13 +42,15 @@ DEFAULT_K = 10
 
 
 def build_model_package(checkpoint_dir: str | Path, dataset_path: str | os.PathLike,
-                        out_dir: str | Path, eval_cfg: EvalConfig | None = None) -> Path:
+                        out_dir: str | Path, eval_cfg: EvalConfig | None = None,
+                        manifest: dict | None = None) -> Path:
     """Write a model package folder to ``out_dir`` and return its path.
 
     ``checkpoint_dir`` is the FINAL checkpoint of a run (its ``model.safetensors`` holds the best
     weights). Refuses (ValueError) a checkpoint trained on another dataset than ``dataset_path``,
     weights that do not fit the checkpoint's model config, and an items table that does not match
-    ``num_items``. ``out_dir`` must not exist or be empty; it appears only when complete.
+    ``num_items``. ``out_dir`` must not exist or be empty; it appears only when complete. ``manifest``:
+    the dataset's, when the caller has already read it.
     """
     checkpoint_dir = Path(checkpoint_dir)
     out_dir = Path(out_dir).absolute()
@@ -57,7 +59,7 @@ def build_model_package(checkpoint_dir: str | Path, dataset_path: str | os.PathL
     meta = read_model_meta(checkpoint_dir)
     if "dataset_hash" not in meta:
         raise ValueError(f"{checkpoint_dir / MODEL_META_FILE}: lacks dataset_hash")
-    manifest = read_manifest(dataset_path)
+    manifest = manifest or read_manifest(dataset_path)
     if meta["dataset_hash"] != manifest["content_hash"]:
         raise ValueError(
             f"checkpoint {str(checkpoint_dir)!r} was trained on dataset {meta['dataset_hash']}, but "

@@ -22,10 +22,10 @@ class Published:
     registration: dict = field(default_factory=dict)   # register_and_promote's answer; {} when not registered
 
 
-def publish_model(checkpoint_dir: Path, cfg: Config, tracking_uri: str, run_id: str, metric_key: str,
-                  metrics: Mapping[str, float], dataset_hash: str) -> Published:
+def publish_model(checkpoint_dir: Path, cfg: Config, manifest: dict, tracking_uri: str, run_id: str,
+                  metric_key: str, metrics: Mapping[str, float]) -> Published:
     """Package the model of ``checkpoint_dir`` (its ``model.safetensors`` holds the weights to serve) with
-    the dataset ``cfg.data.path``, log it into run ``run_id``, and register it under
+    the dataset ``cfg.data.path`` (``manifest``: as the driver read it), log it into run ``run_id``, and register it under
     ``cfg.mlflow.registered_model`` if set, moving ``cfg.mlflow.alias`` only if ``metrics[metric_key]``
     beats the holder's on the same dataset."""
     from llmrec_dist.registry.package import build_model_package
@@ -33,11 +33,11 @@ def publish_model(checkpoint_dir: Path, cfg: Config, tracking_uri: str, run_id: 
     from llmrec_dist.registry.pyfunc import log_model_package
 
     with tempfile.TemporaryDirectory() as tmp:
-        package = build_model_package(checkpoint_dir, cfg.data.path, Path(tmp) / "package", cfg.eval)
+        package = build_model_package(checkpoint_dir, cfg.data.path, Path(tmp) / "package", cfg.eval, manifest)
         published = Published(log_model_package(package, tracking_uri, run_id))
     if cfg.mlflow.registered_model:
         console.quiet_libraries()  # logging the model turned MLflow's own prints back on
         published.registration = register_and_promote(
             tracking_uri, run_id, published.model_uri, cfg.mlflow.registered_model, cfg.mlflow.alias,
-            metric_key, metrics[metric_key], dataset_hash)
+            metric_key, metrics[metric_key], manifest["content_hash"])
     return published

@@ -346,7 +346,7 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | None = None, echo=
     (echo or log.info)(f"sweep {name}: {sweep.search.num_trials()} trial(s), {plan.concurrency} at once, each "
                        f"{plan.trial_cpus:g} CPU{f' + {plan.trial_gpus:g} GPU' if plan.trial_gpus else ''}; "
                        f"folder {folder} (if interrupted: llmrec-dist tune --resume {folder})")
-    context = {"train_raw": sweep.train_raw, "source": sweep.source, "tracking_uri": tracking_uri,
+    context = {"train_raw": sweep.train_raw, "source": sweep.source, "manifest": manifest, "tracking_uri": tracking_uri,
                "experiment_id": experiment_id, "parent_run_id": parent_run_id, "name": name,
                "trials_path": f"{folder}/{TRIALS_DIR}"}
     try:
@@ -408,7 +408,7 @@ def _best_folder(row: TrialRow, tmp: Path) -> Path:
     from ray.train import Checkpoint
 
     from llmrec_dist.saved_model import WEIGHTS_FILE
-    from llmrec_dist.train import checkpoint as ckpt
+    from llmrec_dist.worker import checkpoint as ckpt
 
     local = tmp / "checkpoint"
     Checkpoint(row.checkpoint_path).to_directory(str(local))
@@ -429,11 +429,11 @@ def _publish_best(outcome: SweepOutcome, sweep: SweepConfig, manifest: dict) -> 
         folder = _best_folder(best, Path(tmp))
         test = {k: v for k, v in best.metrics.items() if k.startswith("test_")}
         if not test:
-            test = evaluate_here(folder, cfg.data.path, "test", cfg.eval)
+            test = evaluate_here(folder, cfg.data.path, "test", cfg.eval, manifest=manifest)
             RunLogger(outcome.tracking_uri, best.run_id).metrics(test, step=0)
         outcome.test_metrics = test
-        published = publish_model(folder, cfg, outcome.tracking_uri, best.run_id, metric,
-                                  {metric: best.best_value}, manifest["content_hash"])
+        published = publish_model(folder, cfg, manifest, outcome.tracking_uri, best.run_id, metric,
+                                  {metric: best.best_value})
     outcome.model_uri, outcome.registration = published.model_uri, published.registration
     RunLogger(outcome.tracking_uri, outcome.parent_run_id).metrics(
         {f"best_{metric}": best.best_value, **{f"best_{k}": v for k, v in test.items()}}, step=0)

@@ -92,7 +92,7 @@ def run_trial(params: dict, sweep: dict) -> None:
     pin_cluster_address()
     try:
         build_text_cache(cfg)
-        trainer = build_trainer(cfg, run_id, sweep["tracking_uri"], run_name=trial_id,
+        trainer = build_trainer(cfg, sweep["manifest"], run_id, sweep["tracking_uri"], run_name=trial_id,
                                 callbacks=[TuneReportCallback()])
         result = trainer.fit()
         if result.error:

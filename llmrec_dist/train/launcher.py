@@ -58,23 +58,24 @@ def _data_config(cfg: Config):
 def _train_loop(loop_config: dict):
     """Each worker's entry point: the recipe, imported in the worker. The driver never imports it
     (transformers and the model code: about 5 s on 2 cores), so the workers start that much sooner."""
-    from llmrec_dist.train.recipe import train_loop_per_worker
+    from llmrec_dist.worker.recipe import train_loop_per_worker
 
     return train_loop_per_worker(loop_config)
 
 
-def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, callbacks: list | None = None,
-                  loop=None, extra_loop_config: dict | None = None):
+def build_trainer(cfg: Config, manifest: dict, run_id: str, tracking_uri: str, run_name: str,
+                  callbacks: list | None = None, loop=None, extra_loop_config: dict | None = None):
     """The TorchTrainer for ``cfg``: train split streamed through Ray Data, evaluation splits read per rank.
+    ``manifest``: the dataset's, as the driver read (and checked) it; it travels to the workers with the
+    loop config, so no one reads it again.
     ``callbacks``: Ray Train callbacks (a sweep passes Tune's report callback). ``loop``: another
     per-worker function than the training recipe (the ingest benchmark's), given the same loop config
     plus ``extra_loop_config``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from llmrec_dist.data.layout import read_manifest
     from llmrec_dist.train.oom import StopOnOutOfMemory
-    from llmrec_dist.train.rows import training_rows
+    from llmrec_dist.train.training_rows import training_rows
 
     train_ds = train_dataset(cfg)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
@@ -83,8 +84,8 @@ def build_trainer(cfg: Config, run_id: str, tracking_uri: str, run_name: str, ca
     return TorchTrainer(
         loop or _train_loop,
         # rows of an epoch, counted once here (with data.windows that reads the histories' lengths)
-        train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri,
-                           "train_rows": training_rows(cfg, read_manifest(cfg.data.path)),
+        train_loop_config={"config": cfg.to_dict(), "manifest": manifest, "run_id": run_id,
+                           "tracking_uri": tracking_uri, "train_rows": training_rows(cfg, manifest),
                            **(extra_loop_config or {})},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
@@ -117,7 +118,7 @@ def train_dataset(cfg: Config):
     import ray.data
 
     from llmrec_dist.data.layout import split_files
-    from llmrec_dist.train.rows import windowed_table
+    from llmrec_dist.train.training_rows import windowed_table
 
     if cfg.data.deterministic:  # blocks keep file order, so every worker gets the same rows every run
         ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -267,7 +268,7 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
             echo(describe_ray())
         check_cluster_memory(cfg, estimate, force)
         clock["ray_ready"] = time.time()
-        trainer = build_trainer(cfg, run_id, tracking_uri, run_name=run_name(run_id),
+        trainer = build_trainer(cfg, manifest, run_id, tracking_uri, run_name=run_name(run_id),
                                 extra_loop_config={"clock": clock})
         clock["trainer_built"] = time.time()  # the trainer holds this dict and sends it to the workers in fit()
         console.quiet_libraries()  # Ray Data and Ray Train, imported by build_trainer
@@ -285,8 +286,8 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
         metrics = dict(result.return_value or result.metrics or {})
         outcome = TrainOutcome(run_id, tracking_uri, metrics, result.checkpoint.path)
         with result.checkpoint.as_directory() as checkpoint_dir:
-            published = publish_model(Path(checkpoint_dir), cfg, tracking_uri, run_id, cfg.selection_metric(),
-                                      metrics, manifest["content_hash"])
+            published = publish_model(Path(checkpoint_dir), cfg, manifest, tracking_uri, run_id,
+                                      cfg.selection_metric(), metrics)
         outcome.model_uri, outcome.registration = published.model_uri, published.registration
     except BaseException:
         end_run(tracking_uri, run_id, "FAILED")

@@ -91,7 +91,7 @@ def peak_step(cfg: Config, rows: list, seed: int = 0, max_rows: int = 200_000) -
     batches exactly as training does, and return the maximum of each shape over the batches. At most
     ``max_rows`` rows are read (a random sample of larger splits keeps the batch statistics)."""
     from llmrec_dist.batching import shuffled_batches
-    from llmrec_dist.train.recipe import TrainingPairs
+    from llmrec_dist.worker.recipe import TrainingPairs
 
     rng = np.random.default_rng(seed)
     share = rows[::cfg.scaling.num_workers]
@@ -295,7 +295,7 @@ def estimate_for_dataset(cfg: Config, manifest: dict) -> MemoryEstimate:
     """The estimate for ``cfg`` on its dataset: batch shapes from the training rows, the LM's shape from
     its config file, the text width from its tokenizer (no model weights are loaded)."""
     from llmrec_dist.data.layout import num_items, read_items, read_split
-    from llmrec_dist.train.rows import windowed_table
+    from llmrec_dist.train.training_rows import windowed_table
 
     table = read_split(cfg.data.path, cfg.training_split())
     rows = (windowed_table(table, cfg) if cfg.data.windows else table).column("items").to_pylist()

@@ -1,6 +1,6 @@
 """One line per epoch on the driver's console, read from the MLflow run that rank 0 logs into.
 
-Rank 0 already logs every epoch's figures to MLflow (:mod:`llmrec_dist.train.recipe`), so the driver
+Rank 0 already logs every epoch's figures to MLflow (:mod:`llmrec_dist.worker.recipe`), so the driver
 reads them from there while ``fit()`` runs instead of opening a second channel from the workers:
 a background thread polls the run's ``train_loss`` history every couple of seconds and prints each
 new epoch once::

@@ -32,15 +32,15 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from llmrec_dist.batching import cloze_batch, earlier_items, length_bucketed, next_item_batch
 from llmrec_dist.config import Config, config_from_dict
 from llmrec_dist.data.layout import num_items as manifest_num_items
-from llmrec_dist.data.layout import item_counts, read_manifest
+from llmrec_dist.data.layout import item_counts
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import build_model, count_parameters, softmax_negatives
 from llmrec_dist.sharding import refresh_text_cache
 from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.tracking import RunLogger
 from llmrec_dist.saved_model import WEIGHTS_FILE
-from llmrec_dist.train import checkpoint as ckpt
-from llmrec_dist.train.optim import build_optimizer, build_scheduler
+from llmrec_dist.worker import checkpoint as ckpt
+from llmrec_dist.worker.optim import build_optimizer, build_scheduler
 from llmrec_dist.profiling import StepProfiler, region
 
 
@@ -240,7 +240,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     clock = loop_config.get("clock")
     reached = {"loop_start": time.time()}  # start-up milestones of this worker (wall clock)
 
-    manifest = read_manifest(cfg.data.path)
+    manifest = loop_config["manifest"]  # read and checked once, by the driver
     n_items = manifest_num_items(manifest)
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     random.seed(cfg.train.seed)
