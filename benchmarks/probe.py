@@ -24,7 +24,7 @@ import torch
 
 from llmrec_dist.batching import shuffled_batches
 from llmrec_dist.config import ConfigError, load_config
-from llmrec_dist.data.layout import num_items, read_manifest, read_split
+from llmrec_dist.data.dataset_format import num_items, read_manifest, read_split
 from llmrec_dist.evaluation import EvalRows, evaluate, load_eval_rows
 from llmrec_dist.sharding import refresh_text_cache
 from llmrec_dist.text_tower import load_text_features
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @torch.no_grad()
 def cold_report(model, cfg, manifest, valid: EvalRows) -> dict:
     """Unseen ("cold") items against the items of the training histories, after training."""
-    from llmrec_dist.data.layout import items_seen_in_training
+    from llmrec_dist.data.dataset_format import items_seen_in_training
     from llmrec_dist.metrics import rankable_scores
     from llmrec_dist.batching import eval_batch
 

@@ -388,13 +388,15 @@ def _coerce(value: Any, tp) -> tuple[Any, str | None]:
     return None, f"expected {_type_name(tp)}; got {value!r}"
 
 
-def _unknown(key: str, valid: list[str], prefix: str) -> str:
+def unknown_key(key: str, valid: list[str], prefix: str) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
     return f"{prefix}{key}: unknown key{hint}; valid keys: {', '.join(valid)}"
 
 
-def _build_section(cls, values: Any, name: str, problems: list[str]):
+def build_section(cls, values: Any, name: str, problems: list[str]):
+    """The section dataclass ``cls`` from its raw mapping: unknown keys, wrong types and each field's
+    ``check`` are appended to ``problems`` under their dotted key (``name.key``); defaults fill the rest."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -405,7 +407,7 @@ def _build_section(cls, values: Any, name: str, problems: list[str]):
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            problems.append(_unknown(str(key), list(fields), f"{name}."))
+            problems.append(unknown_key(str(key), list(fields), f"{name}."))
             continue
         converted, err = _coerce(value, hints[key])
         if err:
@@ -465,9 +467,9 @@ def config_from_dict(raw: Any, source: str = "", require_data_path: bool = True)
     built = {}
     for key, value in raw.items():
         if key not in sections:
-            problems.append(_unknown(str(key), list(sections), ""))
+            problems.append(unknown_key(str(key), list(sections), ""))
     for name, factory in sections.items():
-        built[name] = _build_section(type(factory()), raw.get(name), name, problems)
+        built[name] = build_section(type(factory()), raw.get(name), name, problems)
     cfg = Config(**built)
     if not problems:
         problems.extend(_cross_checks(cfg))

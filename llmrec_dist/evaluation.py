@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from llmrec_dist.batching import eval_batch
 from llmrec_dist.config import EvalConfig
-from llmrec_dist.data.layout import COLD_FIELD, item_popularity, split_files, with_cold_column
+from llmrec_dist.data.dataset_format import COLD_FIELD, item_popularity, split_files, with_cold_column
 from llmrec_dist.metrics import RankingAccumulator, rankable_scores, target_ranks
 from llmrec_dist.sharding import refresh_text_cache
 

@@ -1,6 +1,6 @@
 """Full-ranking metrics: HR@K, NDCG@K, MRR@K and catalogue coverage@K.
 
-Protocol (DESIGN.md): every item of the catalogue is ranked (no sampled negatives); items already in
+Protocol: every item of the catalogue is ranked (no sampled negatives); items already in
 the user's history are excluded when ``exclude_seen`` (the target itself always stays rankable); the
 padding item 0 is never ranked. Ties count against the target (pessimistic rank), so a model that
 scores everything equally gets nothing.

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from llmrec_dist.config import EvalConfig, absolute
-from llmrec_dist.data.layout import num_items as manifest_num_items
-from llmrec_dist.data.layout import checked_manifest, read_manifest
+from llmrec_dist.data.dataset_format import num_items as manifest_num_items
+from llmrec_dist.data.dataset_format import checked_manifest, read_manifest
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.saved_model import MODEL_META_FILE, WEIGHTS_FILE, check_saved_model, load_model
 

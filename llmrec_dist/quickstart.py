@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from llmrec_dist.config import load_config
-from llmrec_dist.data.layout import read_items, read_manifest
+from llmrec_dist.data.dataset_format import read_items, read_manifest
 
 QUICKSTART_CONFIG = resources.files("llmrec_dist") / "configs" / "quickstart.yaml"
 
@@ -20,7 +20,7 @@ def sample_history(data_path: str, length: int = 8) -> list[str]:
     """The original ids of a test user's most recent items (a realistic request)."""
     import pyarrow.parquet as pq
 
-    from llmrec_dist.data.layout import split_files
+    from llmrec_dist.data.dataset_format import split_files
 
     items = read_items(data_path).to_pydict()
     id_of = dict(zip(items["item_idx"], items["item_id"]))

@@ -25,11 +25,11 @@ def worker_env() -> dict:
 # Ray starts its worker processes at niceness 15 (its `worker_niceness` setting) and its own daemons at
 # 0. Beside any normal-priority process on the same cores, the training workers, the Ray Train
 # controller and the actors it starts then get almost no CPU: on a 2-core machine the quickstart took
-# 6 min next to a 2-thread job at niceness 0 and 77 s next to the same job at 15
-# (../shared/STACK-NOTES.md); the controller's 5 s resource request to Ray's AutoscalingCoordinator
-# (an actor that must start first) times out on the way ("Failed to send resource request",
-# GetTimeoutError). A local Ray that we start runs only our own work, so its workers run at the
-# niceness of the command that started it. A cluster (RAY_ADDRESS) keeps its own setting.
+# 6 min next to a 2-thread job at niceness 0 and 77 s next to the same job at 15; the controller's 5 s
+# resource request to Ray's AutoscalingCoordinator (an actor that must start first) times out on the way
+# ("Failed to send resource request", GetTimeoutError). A local Ray that we start runs only our own work,
+# so its workers run at the niceness of the command that started it. A cluster (RAY_ADDRESS) keeps its own
+# setting.
 LOCAL_RAY_ENV = {"RAY_worker_niceness": "0"}
 
 
@@ -37,7 +37,7 @@ def local_cpus_needed(num_workers: int, cpus_per_worker: float) -> int:
     """Logical CPUs a local Ray must advertise: the workers plus one left for Ray Data's read tasks.
 
     On a 2-core machine two 1-CPU workers would otherwise leave Ray Data nothing and the read
-    backpressures forever (../shared/STACK-NOTES.md), so we oversubscribe logical CPUs instead.
+    backpressures forever, so we oversubscribe logical CPUs instead.
     """
     return max(os.cpu_count() or 1, math.ceil(num_workers * cpus_per_worker) + 1)
 

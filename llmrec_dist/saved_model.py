@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from llmrec_dist.config import ModelConfig, config_from_dict
-from llmrec_dist.data.layout import ITEMS_FILE, MANIFEST_FILE, read_items
+from llmrec_dist.data.dataset_format import ITEMS_FILE, MANIFEST_FILE, read_items
 from llmrec_dist.model import SequenceRecommender, build_model
 
 WEIGHTS_FILE = "model.safetensors"

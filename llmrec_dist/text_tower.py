@@ -541,11 +541,6 @@ class TextItemEncoder(ItemEncoder):
             return copy.deepcopy(self.lm).eval()
         return copy.deepcopy(self.lm).merge_and_unload().eval()
 
-    def head_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights of everything but the LM (projection, ID table, fusion), keyed as in a frozen tower."""
-        skip = ("top_layers.", "lm.")
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
-
 
 def text_cache_dir(dataset_path: str) -> str:
     """Text caches live next to the dataset (``<dataset>/cache/text``), a local folder or a URI: the
@@ -557,7 +552,7 @@ def load_text_features(cfg, manifest: dict | None = None) -> TextFeatures | None
     """The text features a run's model needs (None for ``item_repr=id``), from the dataset's items."""
     if cfg.model.item_repr == "id":
         return None
-    from llmrec_dist.data.layout import read_items
+    from llmrec_dist.data.dataset_format import read_items
 
     items = read_items(cfg.data.path).sort_by("item_idx")
     texts = [str(t) for t in items.column("text").to_pylist()]

@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from llmrec_dist.config import ModelConfig
-from llmrec_dist.data.layout import (
+from llmrec_dist.data.dataset_format import (
     FORMAT_VERSION,
     ITEMS_FILE,
     ITEMS_SCHEMA,

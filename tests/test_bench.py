@@ -275,7 +275,7 @@ def test_head_scaling_runs_each_case_in_its_own_process_and_skips_what_cannot_fi
 @pytest.mark.integration
 def test_ingest_benchmark_streams_every_training_row_on_every_worker(ray_cluster, synthetic_dataset):
     from llmrec_dist.bench.ingest import run_ingest
-    from llmrec_dist.data.layout import num_train_rows, read_manifest
+    from llmrec_dist.data.dataset_format import num_train_rows, read_manifest
 
     cfg = load_config(None, [f"data.path={synthetic_dataset}", "scaling.num_workers=2", "train.batch_size=32"])
     out = run_ingest(cfg, epochs=2)

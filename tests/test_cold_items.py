@@ -14,7 +14,7 @@ import torch
 
 from llmrec_dist.cli import prepare as prepare_cli
 from llmrec_dist.config import EvalConfig
-from llmrec_dist.data import layout
+from llmrec_dist.data import dataset_format
 from llmrec_dist.data.errors import PrepareError
 from llmrec_dist.data.prepare import prepare_dataset
 from llmrec_dist.evaluation import EvalRows, evaluate, load_eval_rows
@@ -57,11 +57,11 @@ def generic(tmp_path, interactions: str, name: str = "ds", **kwargs):
 
 
 def rows(dataset, split):
-    return layout.read_split(dataset, split).to_pylist()
+    return dataset_format.read_split(dataset, split).to_pylist()
 
 
 def cold_set(dataset) -> set[int]:
-    return {r["item_idx"] for r in layout.read_items(dataset).to_pylist() if r["cold"]}
+    return {r["item_idx"] for r in dataset_format.read_items(dataset).to_pylist() if r["cold"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def test_exact_rows_by_hand(tmp_path):
     # target, but in both train sequences of users 1 and 2) are cold
     assert np.random.default_rng(1).permutation(np.arange(1, 6)).tolist() == [5, 1, 2, 3, 4]
     manifest, ds = generic(tmp_path, TARGETS_45, cold_items=0.4, num_shards=2, seed=1)
-    items = layout.read_items(ds).to_pylist()
+    items = dataset_format.read_items(ds).to_pylist()
     assert [r["cold"] for r in items] == [True, False, False, False, True]
     assert [r["popularity"] for r in items] == [0, 2, 2, 0, 0]  # train: [2, 3] twice
     # user 3's train sequence [5] held only a cold item: its train row is gone, valid/test stay
@@ -85,20 +85,20 @@ def test_exact_rows_by_hand(tmp_path):
     assert [(r["user_idx"], r["items"], r["target"], r["cold"]) for r in rows(ds, "test")] == [
         (1, [2, 3], 4, False), (2, [2, 3, 4], 5, True), (3, [4], 5, True)]
     # item 1, cold but no target, appears nowhere in the splits
-    assert all(1 not in r["items"] and r.get("target") != 1 for s in layout.SPLITS for r in rows(ds, s))
+    assert all(1 not in r["items"] and r.get("target") != 1 for s in dataset_format.SPLITS for r in rows(ds, s))
     assert manifest["cold_items"] == {
         "fraction": 0.4, "seed": 1, "chosen_from": "all items", "items": 2,
         "valid_targets": 1, "test_targets": 2, "train_interactions_removed": 3, "train_rows_dropped": 1,
     }
     assert manifest["counts"]["train_interactions"] == 4 and manifest["counts"]["users"] == 3
     assert manifest["counts"]["items"] == 5
-    assert layout.num_train_rows(manifest) == 2
+    assert dataset_format.num_train_rows(manifest) == 2
     # shards cut users 1-2 | 3 for every split; train's second part is empty but readable
-    parts = {s: [pq.read_table(f).column("user_idx").to_pylist() for f in layout.split_files(ds, s)]
-             for s in layout.SPLITS}
+    parts = {s: [pq.read_table(f).column("user_idx").to_pylist() for f in dataset_format.split_files(ds, s)]
+             for s in dataset_format.SPLITS}
     assert parts == {"train": [[1, 2], []], "valid": [[1, 2], [3]], "test": [[1, 2], [3]]}
-    assert pq.read_schema(layout.split_files(ds, "train")[1]).remove_metadata() == layout.TRAIN_SCHEMA
-    assert layout.verify_dataset(ds)["content_hash"] == manifest["content_hash"]
+    assert pq.read_schema(dataset_format.split_files(ds, "train")[1]).remove_metadata() == dataset_format.TRAIN_SCHEMA
+    assert dataset_format.verify_dataset(ds)["content_hash"] == manifest["content_hash"]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_cold_items_only_remain_as_targets(cold_pair):
     assert len(cold) == manifest["cold_items"]["items"] == math.floor(0.1 * n + 0.5) > 0
     # drawn from all items 1..n: the first ones of the seed's permutation
     assert cold == set(np.random.default_rng(1).permutation(np.arange(1, n + 1))[: len(cold)].tolist())
-    in_sequences = {i for s in layout.SPLITS for r in rows(ds, s) for i in r["items"]}
+    in_sequences = {i for s in dataset_format.SPLITS for r in rows(ds, s) for i in r["items"]}
     assert not cold & in_sequences
     targets = {r["target"] for s in ("valid", "test") for r in rows(ds, s)}
     assert cold & targets  # the cold-start subset is not empty
@@ -128,7 +128,7 @@ def test_cold_items_only_remain_as_targets(cold_pair):
         assert all(a == b for a, b in flags)
         assert sum(a for a, _ in flags) == manifest["cold_items"][f"{split}_targets"] > 0
     # every sequence is the plain one with the cold items filtered out; targets are unchanged
-    for split in layout.SPLITS:
+    for split in dataset_format.SPLITS:
         expected = [(r["user_idx"], [i for i in r["items"] if i not in cold], r.get("target"))
                     for r in rows(plain_ds, split)]
         if split == "train":
@@ -136,20 +136,20 @@ def test_cold_items_only_remain_as_targets(cold_pair):
         assert [(r["user_idx"], r["items"], r.get("target")) for r in rows(ds, split)] == expected
     dropped = manifest["counts"]["users"] - len(rows(ds, "train"))
     assert manifest["cold_items"]["train_rows_dropped"] == dropped
-    assert layout.num_train_rows(manifest) == len(rows(ds, "train"))
+    assert dataset_format.num_train_rows(manifest) == len(rows(ds, "train"))
     # popularity counts only what training sees
     train_counts = np.bincount([i for r in rows(ds, "train") for i in r["items"]], minlength=n + 1)[1:]
-    assert layout.read_items(ds).column("popularity").to_pylist() == train_counts.tolist()
+    assert dataset_format.read_items(ds).column("popularity").to_pylist() == train_counts.tolist()
     assert manifest["counts"]["train_interactions"] == train_counts.sum()
     removed = manifest["cold_items"]["train_interactions_removed"]
     assert removed > 0 and manifest["counts"]["train_interactions"] + removed == sum(
         len(r["items"]) for r in rows(plain_ds, "train"))
     # part k of every split holds users of the same range
-    ranges = {s: [pq.read_table(f).column("user_idx").to_pylist() for f in layout.split_files(ds, s)]
-              for s in layout.SPLITS}
+    ranges = {s: [pq.read_table(f).column("user_idx").to_pylist() for f in dataset_format.split_files(ds, s)]
+              for s in dataset_format.SPLITS}
     for train_part, valid_part in zip(ranges["train"], ranges["valid"]):
         assert set(train_part) <= set(valid_part) and valid_part == sorted(valid_part)
-    assert layout.verify_dataset(ds)["content_hash"] == manifest["content_hash"]
+    assert dataset_format.verify_dataset(ds)["content_hash"] == manifest["content_hash"]
 
 
 def test_choice_is_seeded_deterministic_and_nested(cold_pair, tmp_path):
@@ -175,9 +175,9 @@ def test_no_cold_items_is_unchanged(cold_pair, tmp_path):
         "fraction": 0.0, "seed": None, "chosen_from": "all items", "items": 0,
         "valid_targets": 0, "test_targets": 0, "train_interactions_removed": 0, "train_rows_dropped": 0,
     }
-    assert not any(layout.read_items(plain_ds).column("cold").to_pylist())
+    assert not any(dataset_format.read_items(plain_ds).column("cold").to_pylist())
     assert not any(r["cold"] for s in ("valid", "test") for r in rows(plain_ds, s))
-    assert layout.num_train_rows(plain) == plain["counts"]["users"] == len(rows(plain_ds, "train"))
+    assert dataset_format.num_train_rows(plain) == plain["counts"]["users"] == len(rows(plain_ds, "train"))
     # the content hash of a dataset without cold items is the one from before the cold columns
     manifest, _ = generic(tmp_path, HAND_BUILT, name="hb")
     assert manifest["content_hash"] == HAND_BUILT_HASH
@@ -189,12 +189,13 @@ def test_datasets_without_cold_columns_still_read_and_verify(cold_pair, tmp_path
     (plain, plain_ds), (cold, cold_ds) = cold_pair
     legacy = tmp_path / "legacy"
     shutil.copytree(plain_ds, legacy)
-    for file in [legacy / layout.ITEMS_FILE] + layout.split_files(legacy, "valid") + layout.split_files(legacy, "test"):
+    splits = dataset_format.split_files(legacy, "valid") + dataset_format.split_files(legacy, "test")
+    for file in [legacy / dataset_format.ITEMS_FILE] + splits:
         table = pq.read_table(file)
         pq.write_table(table.drop_columns(["cold"]), file)
-    assert "cold" not in pq.read_schema(legacy / layout.ITEMS_FILE).names
-    assert layout.verify_dataset(legacy)["content_hash"] == plain["content_hash"]
-    assert not any(layout.read_items(legacy).column("cold").to_pylist())
+    assert "cold" not in pq.read_schema(legacy / dataset_format.ITEMS_FILE).names
+    assert dataset_format.verify_dataset(legacy)["content_hash"] == plain["content_hash"]
+    assert not any(dataset_format.read_items(legacy).column("cold").to_pylist())
     rows_ = load_eval_rows(str(legacy), "test")
     assert rows_.cold.dtype == bool and len(rows_) == plain["counts"]["users"] and not rows_.cold.any()
     # a cold dataset: load_eval_rows gives the file's flags, sharded by rank
@@ -209,12 +210,12 @@ def test_flipping_a_cold_flag_changes_the_hash(cold_pair, tmp_path):
     (plain, plain_ds), _ = cold_pair
     ds = tmp_path / "ds"
     shutil.copytree(plain_ds, ds)
-    file = layout.split_files(ds, "test")[0]
+    file = dataset_format.split_files(ds, "test")[0]
     table = pq.read_table(file)
     flags = [True] + [False] * (table.num_rows - 1)
     pq.write_table(table.set_column(table.column_names.index("cold"), "cold", pa.array(flags)), file)
     with pytest.raises(ValueError, match="does not match its manifest"):
-        layout.verify_dataset(ds)
+        dataset_format.verify_dataset(ds)
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5, float("nan"), "lots"])
@@ -280,7 +281,7 @@ def test_cli_cold_items_summary_and_help(tmp_path, capsys):
     assert run_cli("--source", "synthetic", "--output", str(out), "--synthetic-users", "120",
                    "--synthetic-items", "60", "--cold-items", "0.1", "--seed", "4") == 0
     summary = capsys.readouterr().out
-    manifest = layout.verify_dataset(out)
+    manifest = dataset_format.verify_dataset(out)
     cold = manifest["cold_items"]
     assert cold["fraction"] == 0.1 and cold["seed"] == 4
     assert cold["items"] == math.floor(0.1 * manifest["counts"]["items"] + 0.5) == len(cold_set(out))

@@ -10,7 +10,7 @@ import torch
 
 from llmrec_dist.bench import common, report, towers
 from llmrec_dist.config import ConfigError, EvalConfig, config_from_dict, describe, parse_override
-from llmrec_dist.data import layout
+from llmrec_dist.data import dataset_format
 from llmrec_dist.evaluation import EvalRows, evaluate, freq_bucket_names, load_eval_rows, row_subsets
 from test_cold_items import TARGETS_45, _NoTower, generic
 
@@ -155,15 +155,15 @@ def test_load_eval_rows_reads_the_train_popularity(tmp_path):
     # TARGETS_45 (test_cold_items): user 1 trains on [2, 1, 3], user 2 on [1, 2, 3], user 3 on [5], so
     # items 1-5 have popularity 2, 2, 2, 0, 1; the test targets are 4, 5, 5
     _, ds = generic(tmp_path, TARGETS_45)
-    assert layout.read_items(ds).column("popularity").to_pylist() == [2, 2, 2, 0, 1]
-    assert layout.item_popularity(ds).tolist() == [0, 2, 2, 2, 0, 1]
+    assert dataset_format.read_items(ds).column("popularity").to_pylist() == [2, 2, 2, 0, 1]
+    assert dataset_format.item_popularity(ds).tolist() == [0, 2, 2, 2, 0, 1]
     rows = load_eval_rows(str(ds), "test")
     assert rows.targets.tolist() == [4, 5, 5] and rows.freq.tolist() == [0, 1, 1]
     assert load_eval_rows(str(ds), "test", rank=1, world_size=2).freq.tolist() == [1]
     assert load_eval_rows(str(ds), "valid").freq.tolist() == [1, 0, 0]  # valid targets 5, 4, 4
     # the train split's counts, also for items that appear in valid/test histories only (item 4)
-    assert 4 in layout.read_split(ds, "test").column("items").to_pylist()[1]
-    assert layout.items_seen_in_training(ds).tolist() == [False, True, True, True, False, True]
+    assert 4 in dataset_format.read_split(ds, "test").column("items").to_pylist()[1]
+    assert dataset_format.items_seen_in_training(ds).tolist() == [False, True, True, True, False, True]
 
 
 # ---------------------------------------------------------------------------------------------

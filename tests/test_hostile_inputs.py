@@ -35,7 +35,8 @@ import pytest
 
 from llmrec_dist.cli import main as cli_main
 from llmrec_dist.config import ConfigError, load_config
-from llmrec_dist.data import layout
+from llmrec_dist.data import dataset_format
+from llmrec_dist.data.dataset_format import DatasetError
 from llmrec_dist.data.errors import PrepareError
 from llmrec_dist.registry.recommender import Recommender, UnknownItemWarning
 from registry_fixtures import NUM_ITEMS, item_id, make_package, write_tiny_checkpoint
@@ -177,31 +178,31 @@ def _manifest_latin1(folder: Path) -> None:
 
 # name -> (damage, expected error type, message fragment (regex), detected by check_files too)
 DATASET_CASES = {
-    "truncated_shard": (_truncate, layout.DatasetError,
+    "truncated_shard": (_truncate, DatasetError,
                         r"train/part-00000\.parquet: not a readable Parquet file \(Parquet magic bytes", True),
-    "garbage_shard": (_garbage, layout.DatasetError, r"valid/part-00001\.parquet: not a readable Parquet file", True),
+    "garbage_shard": (_garbage, DatasetError, r"valid/part-00001\.parquet: not a readable Parquet file", True),
     "missing_shard": (_missing, FileNotFoundError, r"test/part-00000\.parquet: missing; the dataset is damaged", True),
-    "garbage_items": (_garbage_items, layout.DatasetError, r"items\.parquet: not a readable Parquet file", True),
-    "wrong_schema_shard": (_wrong_schema, layout.DatasetError,
+    "garbage_items": (_garbage_items, DatasetError, r"items\.parquet: not a readable Parquet file", True),
+    "wrong_schema_shard": (_wrong_schema, DatasetError,
                            r"train/part-00001\.parquet: does not have the train schema", True),
-    "hash_mismatch": (_hash_mismatch, layout.DatasetError,
+    "hash_mismatch": (_hash_mismatch, DatasetError,
                       r"does not match its manifest: manifest content_hash sha256:\w+, files hash to sha256:", False),
-    "manifest_traversal": (_edit_manifest(shards_train=["../../../../etc/passwd"]), layout.DatasetError,
+    "manifest_traversal": (_edit_manifest(shards_train=["../../../../etc/passwd"]), DatasetError,
                            r"shards\.train\[0\]: '\.\./\.\./\.\./\.\./etc/passwd' is not a Parquet file inside "
                            r"the train/ folder", True),
-    "manifest_inner_traversal": (_edit_manifest(shards_valid=["valid/../../../x.parquet"]), layout.DatasetError,
+    "manifest_inner_traversal": (_edit_manifest(shards_valid=["valid/../../../x.parquet"]), DatasetError,
                                  r"shards\.valid\[0\]: 'valid/\.\./\.\./\.\./x\.parquet' is not a Parquet file", True),
-    "manifest_absolute_path": (_edit_manifest(shards_test=["/etc/passwd"]), layout.DatasetError,
+    "manifest_absolute_path": (_edit_manifest(shards_test=["/etc/passwd"]), DatasetError,
                                r"shards\.test\[0\]: '/etc/passwd' is not a Parquet file inside the test/ folder", True),
-    "manifest_uri": (_edit_manifest(shards_train=["s3://bucket/part.parquet"]), layout.DatasetError,
+    "manifest_uri": (_edit_manifest(shards_train=["s3://bucket/part.parquet"]), DatasetError,
                      r"shards\.train\[0\]: 's3://bucket/part\.parquet' is not a Parquet file", True),
     "manifest_wrong_types": (_edit_manifest(counts="many", shards_test="test/part-00000.parquet"),
-                             layout.DatasetError,
+                             DatasetError,
                              r"counts: expected an object, got str; shards\.test: expected a list of part files", True),
-    "manifest_not_json": (_manifest_bytes(b"{not json"), layout.DatasetError, r"manifest\.json: not valid JSON", True),
-    "manifest_not_object": (_manifest_bytes(b"[1, 2]"), layout.DatasetError,
+    "manifest_not_json": (_manifest_bytes(b"{not json"), DatasetError, r"manifest\.json: not valid JSON", True),
+    "manifest_not_object": (_manifest_bytes(b"[1, 2]"), DatasetError,
                             r"manifest\.json: expected a JSON object, got list", True),
-    "manifest_not_utf8": (_manifest_latin1, layout.DatasetError, r"manifest\.json: not UTF-8 text \(byte offset \d+", True),
+    "manifest_not_utf8": (_manifest_latin1, DatasetError, r"manifest\.json: not UTF-8 text \(byte offset \d+", True),
 }
 
 
@@ -211,12 +212,12 @@ def test_damaged_dataset_is_named_and_left_alone(dataset, case):
     damage(dataset)
     before = listing(dataset)
     with pytest.raises(error, match=message):
-        layout.verify_dataset(dataset)
+        dataset_format.verify_dataset(dataset)
     if cheap_check_sees_it:  # the footer-only check for data.verify_hash=false
         with pytest.raises(error, match=message):
-            layout.check_files(dataset)
+            dataset_format.check_files(dataset)
     else:
-        layout.check_files(dataset)
+        dataset_format.check_files(dataset)
     assert listing(dataset) == before  # reading never writes
 
 
@@ -225,7 +226,7 @@ def test_damaged_dataset_is_named_and_left_alone(dataset, case):
 def test_evaluate_cli_refuses_a_damaged_dataset(dataset, tmp_path, capsys, case, workers):
     """Refused on the driver, before any Ray worker would start (``--workers 2``)."""
     damage, _, message, _ = DATASET_CASES[case]
-    manifest = layout.read_manifest(dataset)
+    manifest = dataset_format.read_manifest(dataset)
     checkpoint = write_tiny_checkpoint(tmp_path / "ckpt", manifest["content_hash"],
                                        num_items=manifest["counts"]["items"])
     damage(dataset)
@@ -240,12 +241,12 @@ def test_evaluate_cli_refuses_a_damaged_dataset(dataset, tmp_path, capsys, case,
 def test_manifest_traversal_never_reads_outside(dataset, tmp_path):
     """A listed ``../secret.parquet`` that exists and is valid Parquet is still refused, unread."""
     secret = dataset.parent / "secret.parquet"
-    pq.write_table(layout.TRAIN_SCHEMA.empty_table(), secret)
+    pq.write_table(dataset_format.TRAIN_SCHEMA.empty_table(), secret)
     _edit_manifest(shards_train=["train/../../secret.parquet"])(dataset)
-    with pytest.raises(layout.DatasetError, match=r"not a Parquet file inside the train/ folder"):
-        layout.split_files(dataset, "train")
-    with pytest.raises(layout.DatasetError, match=r"not a Parquet file inside the train/ folder"):
-        layout.read_split(dataset, "train")
+    with pytest.raises(DatasetError, match=r"not a Parquet file inside the train/ folder"):
+        dataset_format.split_files(dataset, "train")
+    with pytest.raises(DatasetError, match=r"not a Parquet file inside the train/ folder"):
+        dataset_format.read_split(dataset, "train")
 
 
 # ============================================================================ prepare input
@@ -276,9 +277,9 @@ def test_prepare_non_utf8_csv_names_file_row_and_offset(tmp_path, capsys):
     # The suggested fix works: the text arrives intact.
     code, _ = run_cli(capsys, *_generic_args(events, items, tmp_path / "out", "--encoding", "latin-1"))
     assert code == 0
-    texts = layout.read_items(tmp_path / "out").column("text").to_pylist()
+    texts = dataset_format.read_items(tmp_path / "out").column("text").to_pylist()
     assert "Caf\u00e9 3" in texts
-    assert layout.read_manifest(tmp_path / "out")["source"]["parameters"]["encoding"] == "iso8859-1"
+    assert dataset_format.read_manifest(tmp_path / "out")["source"]["parameters"]["encoding"] == "iso8859-1"
 
 
 def test_prepare_non_utf8_far_into_a_big_file_is_located_exactly(tmp_path):
@@ -680,7 +681,7 @@ def test_training_refuses_a_dataset_failing_its_hash(dataset, registry, tmp_path
     from llmrec_dist.train.launcher import train
 
     _hash_mismatch(dataset)
-    with pytest.raises(layout.DatasetError, match="does not match its manifest"):
+    with pytest.raises(DatasetError, match="does not match its manifest"):
         train(_train_config(dataset, registry, tmp_path))
     assert not (tmp_path / "runs").exists()  # nothing written before the check
     assert MlflowClient(registry["uri"]).get_experiment_by_name("hostile-train") is None  # no run created
@@ -720,7 +721,7 @@ def test_corrupt_shard_without_hash_check_does_not_hurt_ray_or_registry(ray_clus
     assert registry_state(registry["uri"]) == registry["state"]
 
 
-# With data.verify_hash=false the launcher still reads every file's Parquet footer (layout.check_files)
+# With data.verify_hash=false the launcher still reads every file's Parquet footer (dataset_format.check_files)
 # before the MLflow run, run.json or Ray exist.
 @pytest.mark.integration
 def test_corrupt_shard_without_hash_check_is_named_before_anything_starts(ray_cluster, dataset, registry, tmp_path):
@@ -729,7 +730,7 @@ def test_corrupt_shard_without_hash_check_is_named_before_anything_starts(ray_cl
     from llmrec_dist.train.launcher import train
 
     _truncate(dataset)
-    with pytest.raises(layout.DatasetError, match=r"train/part-00000\.parquet: not a readable Parquet file"):
+    with pytest.raises(DatasetError, match=r"train/part-00000\.parquet: not a readable Parquet file"):
         train(_train_config(dataset, registry, tmp_path, "data.verify_hash=false"))
     assert not (tmp_path / "runs").exists()
     assert MlflowClient(registry["uri"]).get_experiment_by_name("hostile-train") is None

@@ -459,7 +459,7 @@ def test_the_default_config_leaves_the_cold_items_out_of_the_negatives(tmp_path,
     ``train.negatives_from=trained`` flags exactly the items that do (popularity > 0), so the cold ones
     are unflagged; ``catalogue`` flags nothing out."""
     from llmrec_dist.config import load_config
-    from llmrec_dist.data.layout import read_items
+    from llmrec_dist.data.dataset_format import read_items
     from llmrec_dist.data.prepare import prepare_dataset
     from llmrec_dist.text_tower import load_text_features
     from llmrec_dist.worker.recipe import build_recommender

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from llmrec_dist.config import load_config
-from llmrec_dist.data.layout import read_manifest
+from llmrec_dist.data.dataset_format import read_manifest
 from text_fixtures import make_tiny_encoder
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -39,7 +39,7 @@ def world(tmp_path_factory):
     GiB."""
     from transformers import BertConfig
 
-    from llmrec_dist.data.layout import read_items
+    from llmrec_dist.data.dataset_format import read_items
     from llmrec_dist.data.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("memory")

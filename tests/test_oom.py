@@ -174,7 +174,7 @@ def test_a_memory_kill_is_not_retried_where_an_ordinary_failure_is(ray_cluster, 
                                                                    kind, starts):
     """``train.max_failures=2``: an ordinary failure starts the worker group 3 times; a memory kill
     once, and ``fit()`` raises an error holding the :class:`WorkerOutOfMemory` of rank 0."""
-    from llmrec_dist.data.layout import read_manifest
+    from llmrec_dist.data.dataset_format import read_manifest
     from llmrec_dist.train.launcher import build_trainer
 
     cfg = load_config(QUICKSTART, [f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}",

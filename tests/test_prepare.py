@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmrec_dist.data import layout
+from llmrec_dist.data import dataset_format
 from llmrec_dist.data.errors import PrepareError
 from llmrec_dist.data.prepare import prepare_dataset
 
@@ -23,7 +23,7 @@ def write(path, text: str, encoding: str = "utf-8"):
 
 
 def rows(dataset, split: str) -> list[dict]:
-    return layout.read_split(dataset, split).to_pylist()
+    return dataset_format.read_split(dataset, split).to_pylist()
 
 
 def generic_files(tmp_path, interactions: str, items: str | None = None):
@@ -65,7 +65,7 @@ def test_leave_one_out_exact_rows(tmp_path):
     # user 9 has 2 interactions and is dropped; user 2's tie at t=10 keeps file order (20, 10).
     manifest, ds = prepare_generic(tmp_path, HAND_BUILT, min_interactions=3, num_shards=1)
 
-    items = layout.read_items(ds).to_pylist()
+    items = dataset_format.read_items(ds).to_pylist()
     assert [(r["item_idx"], r["item_id"]) for r in items] == [(1, "10"), (2, "20"), (3, "30"), (4, "40"), (5, "50")]
     # user_idx in numeric order of original ids: "2" -> 1, "7" -> 2 (string order would swap them)
     train = [(r["user_idx"], r["items"]) for r in rows(ds, "train")]
@@ -87,14 +87,14 @@ def test_leave_one_out_exact_rows(tmp_path):
 
 def test_written_schema_and_layout(tmp_path):
     manifest, ds = prepare_generic(tmp_path, HAND_BUILT, min_interactions=3)
-    assert layout.read_manifest(ds)["content_hash"] == manifest["content_hash"]
-    assert pq.read_schema(ds / "items.parquet").remove_metadata() == layout.ITEMS_FILE_SCHEMA
-    for split in layout.SPLITS:
-        files = layout.split_files(ds, split)
+    assert dataset_format.read_manifest(ds)["content_hash"] == manifest["content_hash"]
+    assert pq.read_schema(ds / "items.parquet").remove_metadata() == dataset_format.ITEMS_FILE_SCHEMA
+    for split in dataset_format.SPLITS:
+        files = dataset_format.split_files(ds, split)
         assert len(files) == 2 and all(f.startswith(str(ds.absolute())) for f in files)
-        assert pq.read_schema(files[0]).remove_metadata() == layout.SPLIT_SCHEMAS[split]
-    assert layout.num_items(manifest) == 5
-    assert manifest["format_version"] == layout.FORMAT_VERSION == 1
+        assert pq.read_schema(files[0]).remove_metadata() == dataset_format.SPLIT_SCHEMAS[split]
+    assert dataset_format.num_items(manifest) == 5
+    assert manifest["format_version"] == dataset_format.FORMAT_VERSION == 1
 
 
 def test_min_interactions_filter(tmp_path):
@@ -117,7 +117,7 @@ def test_item_k_core_is_iterative(tmp_path):
     )
     manifest, ds = prepare_generic(tmp_path, data, min_interactions=3, item_min_interactions=2)
     assert manifest["counts"]["users"] == 2
-    assert [r["item_id"] for r in layout.read_items(ds).to_pylist()] == ["1", "2", "3"]
+    assert [r["item_id"] for r in dataset_format.read_items(ds).to_pylist()] == ["1", "2", "3"]
     assert manifest["split"]["item_min_interactions"] == 2
     # without the k-core, C and D stay (and items 4 and 8 with them)
     manifest, _ = prepare_generic(tmp_path, data, name="plain", min_interactions=3)
@@ -223,8 +223,8 @@ def test_generic_parquet_custom_columns_and_iso_times(tmp_path):
         user_col="customer", item_col="sku", time_col="when", item_id_col="sku", text_cols=["title", "blurb"],
     )
     manifest, ds = prepare_dataset("generic", tmp_path / "ds", generic=options, min_interactions=3), tmp_path / "ds"
-    id_of = {r["item_idx"]: r["item_id"] for r in layout.read_items(ds).to_pylist()}
-    text_of = {r["item_id"]: r["text"] for r in layout.read_items(ds).to_pylist()}
+    id_of = {r["item_idx"]: r["item_id"] for r in dataset_format.read_items(ds).to_pylist()}
+    text_of = {r["item_id"]: r["text"] for r in dataset_format.read_items(ds).to_pylist()}
     assert text_of == {"w": "Wok. hot", "x": "Xylo", "y": "Yarn. soft", "z": "Zip"}
     # user 11: 2021-03-04 00:00 (y) < 2021-03-04 10:00 (x) < 2021-03-04 22:00 UTC (z)
     # user 12: 1614800000 = 2021-03-03T19:33Z, so order y, x, w, z
@@ -328,7 +328,7 @@ def test_synthetic_has_sequential_and_text_signal(tmp_path):
     transitions = np.zeros((n, n))
     for row in train:
         np.add.at(transitions, (row["items"][:-1], row["items"][1:]), 1)
-    popularity = np.asarray(layout.read_items(tmp_path / "syn").column("popularity").to_pylist(), float)
+    popularity = np.asarray(dataset_format.read_items(tmp_path / "syn").column("popularity").to_pylist(), float)
     hits_markov = hits_pop = 0
     for row in valid:
         seen = set(row["items"])
@@ -342,7 +342,7 @@ def test_synthetic_has_sequential_and_text_signal(tmp_path):
                     hits_pop += 1
     assert hits_markov > 3 * hits_pop and hits_markov / len(valid) > 0.4
     # text reflects the latent attributes: consecutive items mostly share their "about ..." theme
-    texts = layout.read_items(tmp_path / "syn").column("text").to_pylist()
+    texts = dataset_format.read_items(tmp_path / "syn").column("text").to_pylist()
     theme = {idx: t.split(" about ", 1)[1].split(";")[0] for idx, t in enumerate(texts, start=1)}
     pairs = [(a, b) for row in train for a, b in zip(row["items"], row["items"][1:])]
     same = sum(theme[a] == theme[b] for a, b in pairs) / len(pairs)
@@ -357,13 +357,13 @@ def test_synthetic_has_sequential_and_text_signal(tmp_path):
 def test_refuses_to_overwrite_then_overwrites(tmp_path):
     data = HAND_BUILT + "9,30,7\n"  # user 9 now has 3 interactions
     _, ds = prepare_generic(tmp_path, data, min_interactions=3)
-    first = layout.read_manifest(ds)
+    first = dataset_format.read_manifest(ds)
     assert first["counts"]["users"] == 3
     with pytest.raises(FileExistsError, match="--overwrite"):
         prepare_generic(tmp_path, data, min_interactions=4)
-    assert layout.read_manifest(ds) == first
+    assert dataset_format.read_manifest(ds) == first
     second, _ = prepare_generic(tmp_path, data, min_interactions=4, overwrite=True)
-    assert layout.read_manifest(ds) == second and second["counts"]["users"] == 2
+    assert dataset_format.read_manifest(ds) == second and second["counts"]["users"] == 2
     assert second["content_hash"] != first["content_hash"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "interactions.csv", "items.csv"]
 
@@ -380,46 +380,46 @@ def test_overwrite_refuses_a_folder_that_is_not_a_dataset(tmp_path):
 def test_no_partial_output_on_failure(tmp_path, monkeypatch, existing):
     if existing:
         prepare_generic(tmp_path, HAND_BUILT, min_interactions=3)
-        before = layout.verify_dataset(tmp_path / "ds")
+        before = dataset_format.verify_dataset(tmp_path / "ds")
 
     def fail(folder, manifest):
         assert any((folder / "train").iterdir())  # shards were already written
         raise RuntimeError("disk full (injected)")
 
-    monkeypatch.setattr(layout, "write_manifest", fail)
+    monkeypatch.setattr(dataset_format, "write_manifest", fail)
     with pytest.raises(RuntimeError, match="injected"):
         prepare_generic(tmp_path, HAND_BUILT, min_interactions=4, overwrite=True)
     monkeypatch.undo()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
     if existing:
-        assert layout.verify_dataset(tmp_path / "ds") == before
+        assert dataset_format.verify_dataset(tmp_path / "ds") == before
     else:
         assert not (tmp_path / "ds").exists()
 
 
 def test_verify_dataset_detects_tampering(tmp_path):
     manifest, ds = prepare_generic(tmp_path, HAND_BUILT, min_interactions=3)
-    assert layout.verify_dataset(ds)["content_hash"] == manifest["content_hash"]
-    shard = layout.split_files(ds, "valid")[0]
+    assert dataset_format.verify_dataset(ds)["content_hash"] == manifest["content_hash"]
+    shard = dataset_format.split_files(ds, "valid")[0]
     table = pq.read_table(shard)
     tampered = table.set_column(3, "target", pa.array([1] * table.num_rows, pa.int32()))
     pq.write_table(tampered, shard)
     with pytest.raises(ValueError) as err:
-        layout.verify_dataset(ds)
+        dataset_format.verify_dataset(ds)
     assert manifest["content_hash"] in str(err.value) and "sha256:" in str(err.value).split("files hash to")[1]
 
 
 def test_read_manifest_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        layout.read_manifest(tmp_path / "missing")
+        dataset_format.read_manifest(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a prepared dataset folder"):
-        layout.read_manifest(tmp_path / "empty")
+        dataset_format.read_manifest(tmp_path / "empty")
     _, ds = prepare_generic(tmp_path, HAND_BUILT, min_interactions=3)
     manifest = json.loads((ds / "manifest.json").read_text())
     (ds / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(ValueError, match="unsupported format_version 99"):
-        layout.read_manifest(ds)
+        dataset_format.read_manifest(ds)
     with pytest.raises(ValueError, match="unknown split"):
-        layout.split_files(ds, "holdout")
+        dataset_format.split_files(ds, "holdout")

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from llmrec_dist.cli import prepare as prepare_cli
-from llmrec_dist.data import layout
+from llmrec_dist.data import dataset_format
 
 
 def run_cli(*argv: str) -> int:
@@ -36,7 +36,7 @@ def test_synthetic_summary_and_refused_overwrite(tmp_path, capsys):
                    "--synthetic-items", "60", "--shards", "3", "--seed", "5") == 0
     summary = capsys.readouterr().out
     assert str(out) in summary and "120 users" in summary and " s:" in summary
-    manifest = layout.verify_dataset(out)
+    manifest = dataset_format.verify_dataset(out)
     assert len(manifest["shards"]["train"]) == 3 and manifest["source"]["parameters"]["seed"] == 5
 
     assert run_cli("--source", "synthetic", "--output", str(out)) == 2
@@ -66,8 +66,8 @@ def test_generic_success_with_text_cols(tmp_path, capsys):
                    "--item-col", "i", "--time-col", "", "--item-id-col", "sku", "--text-cols", "title, text",
                    "--min-interactions", "3", "--user-hash-key", "k")
     assert code == 0, capsys.readouterr().err
-    assert layout.read_items(tmp_path / "ds").column("text").to_pylist() == ["A. x", "B. y"]
-    assert layout.read_manifest(tmp_path / "ds")["split"]["time_order"] == "file_order"
+    assert dataset_format.read_items(tmp_path / "ds").column("text").to_pylist() == ["A. x", "B. y"]
+    assert dataset_format.read_manifest(tmp_path / "ds")["split"]["time_order"] == "file_order"
 
 
 @pytest.mark.parametrize(

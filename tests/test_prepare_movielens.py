@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmrec_dist.data import layout
+from llmrec_dist.data import dataset_format
 from llmrec_dist.data.errors import PrepareError
 from llmrec_dist.data.movielens import read_movielens
 from llmrec_dist.data.prepare import prepare_dataset
@@ -17,15 +17,15 @@ SHARED = Path("/work/shared/data/movielens")
 
 def sequences(dataset) -> dict[str, list[str]]:
     """Full chronological sequence (original item ids) per user_idx, rebuilt from the test split."""
-    id_of = {r["item_idx"]: r["item_id"] for r in layout.read_items(dataset).to_pylist()}
+    id_of = {r["item_idx"]: r["item_id"] for r in dataset_format.read_items(dataset).to_pylist()}
     return {
         r["user_idx"]: [id_of[i] for i in r["items"]] + [id_of[r["target"]]]
-        for r in layout.read_split(dataset, "test").to_pylist()
+        for r in dataset_format.read_split(dataset, "test").to_pylist()
     }
 
 
 def texts(dataset) -> dict[str, str]:
-    return {r["item_id"]: r["text"] for r in layout.read_items(dataset).to_pylist()}
+    return {r["item_id"]: r["text"] for r in dataset_format.read_items(dataset).to_pylist()}
 
 
 def test_ml100k_folder(tmp_path):
@@ -162,5 +162,5 @@ def test_real_movielens_published_counts(tmp_path, name, users, items, interacti
         # user 1's last line in the sequences file is its test target
         last = [line.split()[1] for line in (source / "ml-1m-sequences.txt").read_text().splitlines()
                 if line.split()[0] == "1"][-1]
-        id_of = {r["item_idx"]: r["item_id"] for r in layout.read_items(tmp_path / name).to_pylist()}
-        assert id_of[layout.read_split(tmp_path / name, "test").to_pylist()[0]["target"]] == last
+        id_of = {r["item_idx"]: r["item_id"] for r in dataset_format.read_items(tmp_path / name).to_pylist()}
+        assert id_of[dataset_format.read_split(tmp_path / name, "test").to_pylist()[0]["target"]] == last

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmrec_dist.data import layout
+from llmrec_dist.data import dataset_format
 from llmrec_dist.data.errors import PrepareError
 from llmrec_dist.data.prepare import prepare_dataset
 from test_prepare_cli import run_cli
@@ -39,7 +39,7 @@ def cli_args(seq, cat, out, *extra):
 
 
 def split_rows(ds, split):
-    return [(r["user_idx"], r["items"], r.get("target")) for r in layout.read_split(ds, split).to_pylist()]
+    return [(r["user_idx"], r["items"], r.get("target")) for r in dataset_format.read_split(ds, split).to_pylist()]
 
 
 @pytest.mark.parametrize("suffix", [".tsv", ".csv"])
@@ -48,7 +48,7 @@ def test_split_tables_by_hand(tmp_path, suffix):
     manifest = prepare_dataset("sequences", tmp_path / "ds", min_interactions=3, num_shards=1,
                                sequences=options(seq, cat))
     ds = tmp_path / "ds"
-    items = layout.read_items(ds).to_pylist()
+    items = dataset_format.read_items(ds).to_pylist()
     # Ids stay strings; they sort numerically when all are integers, else as strings:
     # "0012" < "12" < "a" < "b" < "c" < "d". Item "12" has no interaction and is not kept.
     assert [(r["item_idx"], r["item_id"], r["text"]) for r in items] == [
@@ -70,7 +70,7 @@ def test_split_tables_by_hand(tmp_path, suffix):
     assert manifest["split"]["time_order"] == "file_order"
     assert manifest["counts"] == {"users": 2, "items": 5, "interactions": 8, "train_interactions": 4,
                                   "raw_interactions": 10, "raw_users": 3, "raw_items": 5}
-    layout.verify_dataset(ds)
+    dataset_format.verify_dataset(ds)
 
 
 def test_parquet_string_column_and_item_k_core(tmp_path):
@@ -84,7 +84,7 @@ def test_parquet_string_column_and_item_k_core(tmp_path):
     manifest = prepare_dataset("sequences", tmp_path / "ds", min_interactions=3, item_min_interactions=3,
                                sequences=opts)
     assert manifest["counts"]["users"] == 3 and manifest["counts"]["interactions"] == 9
-    assert [r["item_id"] for r in layout.read_items(tmp_path / "ds").to_pylist()] == ["10", "20", "30"]
+    assert [r["item_id"] for r in dataset_format.read_items(tmp_path / "ds").to_pylist()] == ["10", "20", "30"]
     assert split_rows(tmp_path / "ds", "test") == [(1, [1, 2], 3), (2, [1, 2], 3), (3, [3, 1], 2)]
 
 
@@ -105,7 +105,7 @@ def test_cold_items(tmp_path):
     )
     manifest = prepare_dataset("sequences", tmp_path / "ds", cold_items=0.2, sequences=options(seq, cat))
     assert manifest["cold_items"]["items"] == 4 and manifest["cold_items"]["test_targets"] > 0
-    assert sum(r["cold"] for r in layout.read_items(tmp_path / "ds").to_pylist()) == 4
+    assert sum(r["cold"] for r in dataset_format.read_items(tmp_path / "ds").to_pylist()) == 4
 
 
 def test_option_checks(tmp_path):
@@ -125,7 +125,7 @@ def test_cli_happy_path(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"prepared {tmp_path / 'ds'} (sequences) in ")
     assert "2 users, 5 items, 8 interactions (4 train; 10 read), 2 shards per split, sha256:" in out
-    assert layout.read_manifest(tmp_path / "ds")["split"]["time_order"] == "file_order"
+    assert dataset_format.read_manifest(tmp_path / "ds")["split"]["time_order"] == "file_order"
 
 
 @pytest.mark.parametrize(

@@ -106,7 +106,7 @@ def test_package_refuses_non_empty_output(tmp_path, package):
 
 
 def test_package_from_prepared_dataset(tmp_path):
-    from llmrec_dist.data.layout import read_items
+    from llmrec_dist.data.dataset_format import read_items
     from llmrec_dist.data.prepare import prepare_dataset
 
     manifest = prepare_dataset("synthetic", tmp_path / "data", synthetic={"n_users": 200, "n_items": 60})

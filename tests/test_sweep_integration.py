@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmrec_dist.data.layout import read_items
+from llmrec_dist.data.dataset_format import read_items
 from llmrec_dist.registry.promotion import champion_info
 from llmrec_dist.sweep.driver import STATE_FILE, SweepError, run_sweep
 from llmrec_dist.sweep.search import load_sweep

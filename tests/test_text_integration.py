@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from llmrec_dist.config import load_config
-from llmrec_dist.data.layout import read_items
+from llmrec_dist.data.dataset_format import read_items
 from llmrec_dist.saved_model import WEIGHTS_FILE
 from text_fixtures import make_tiny_encoder
 

@@ -160,7 +160,7 @@ def test_windows_are_cut_before_the_split_alike_on_every_read_path(ray_cluster, 
     """data.windows: the driver read, Ray Data's read tasks and the streamed read give the same windowed
     rows, and the workers' row count (which sizes the lr schedule) counts exactly those rows."""
     from llmrec_dist.batching import history_windows
-    from llmrec_dist.data.layout import read_manifest, read_split
+    from llmrec_dist.data.dataset_format import read_manifest, read_split
     from llmrec_dist.train.launcher import train_dataset
     from llmrec_dist.train.training_rows import training_rows
 
@@ -191,7 +191,7 @@ def test_windowed_training_on_two_workers_steps_through_every_window(ray_cluster
     from mlflow.tracking import MlflowClient
 
     from llmrec_dist.batching import history_windows
-    from llmrec_dist.data.layout import read_split
+    from llmrec_dist.data.dataset_format import read_split
     from llmrec_dist.train.launcher import train
 
     cfg = load_config(QUICKSTART, [f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}",
@@ -230,7 +230,7 @@ def test_quality_refit_trains_through_the_validation_item_for_the_chosen_epochs(
     from mlflow.tracking import MlflowClient
 
     from llmrec_dist.bench.quality import run_quality
-    from llmrec_dist.data.layout import items_seen_in_training, read_manifest, read_split
+    from llmrec_dist.data.dataset_format import items_seen_in_training, read_manifest, read_split
     from llmrec_dist.offline_eval import evaluate_saved_model
     from llmrec_dist.train.launcher import train, train_dataset
     from llmrec_dist.train.training_rows import training_rows

@@ -64,7 +64,7 @@ def measure_steps(config: str, overrides: list[str], steps: int, warmup: int = 2
 
     from llmrec_dist.batching import next_item_batch
     from llmrec_dist.config import load_config
-    from llmrec_dist.data.layout import read_manifest, read_split
+    from llmrec_dist.data.dataset_format import read_manifest, read_split
     from llmrec_dist.text_tower import load_text_features
     from llmrec_dist.worker.optim import build_optimizer, build_scheduler
     from llmrec_dist.worker.recipe import autocast_for, build_recommender, train_one_epoch

@@ -73,7 +73,7 @@ def describe_machine(info: dict) -> str:
 
 def dataset_info(path: str) -> dict[str, Any]:
     """The prepared dataset a benchmark ran on, as its manifest describes it (no raw data)."""
-    from llmrec_dist.data.layout import read_manifest
+    from llmrec_dist.data.dataset_format import read_manifest
 
     manifest = read_manifest(path)
     source = manifest.get("source", {})

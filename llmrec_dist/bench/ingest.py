@@ -23,7 +23,7 @@ def ingest_loop_per_worker(loop_config: dict) -> dict:
     import ray.train
     import torch.distributed as dist
 
-    from llmrec_dist.data.layout import num_items
+    from llmrec_dist.data.dataset_format import num_items
     from llmrec_dist.worker.recipe import epoch_batches, epoch_seeds
 
     cfg = config_from_dict(loop_config["config"])
@@ -55,7 +55,7 @@ def ingest_loop_per_worker(loop_config: dict) -> dict:
 
 def run_ingest(cfg: Config, epochs: int = 3) -> dict:
     """Run the ingest-only loop with ``cfg``'s workers and data settings; returns the figures."""
-    from llmrec_dist.data.layout import read_manifest
+    from llmrec_dist.data.dataset_format import read_manifest
     from llmrec_dist.ray_setup import init_ray
     from llmrec_dist.train.launcher import build_trainer, with_absolute_paths
 

@@ -56,7 +56,7 @@ def measure_case(config: str, overrides: list[str], steps: int = 2, eval_users: 
 
     from llmrec_dist.batching import shuffled_batches
     from llmrec_dist.config import load_config
-    from llmrec_dist.data.layout import num_items, read_manifest, read_split
+    from llmrec_dist.data.dataset_format import num_items, read_manifest, read_split
     from llmrec_dist.evaluation import EvalRows, evaluate, load_eval_rows
     from llmrec_dist.model import count_parameters
     from llmrec_dist.sharding import refresh_text_cache

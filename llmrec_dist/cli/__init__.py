@@ -9,7 +9,7 @@ import sys
 from llmrec_dist import __version__, console
 from llmrec_dist.cli import bench, evaluate, prepare, quickstart, recommend, train, tune
 from llmrec_dist.config import ConfigError
-from llmrec_dist.data.layout import DatasetError
+from llmrec_dist.data.dataset_format import DatasetError
 
 VERBS = {"prepare": prepare, "train": train, "evaluate": evaluate, "recommend": recommend,
          "tune": tune, "quickstart": quickstart, "bench": bench}

@@ -144,7 +144,7 @@ def add_parser(sub) -> None:
                         "(default: print the table)")
 
 
-def _command(args) -> str:
+def _command() -> str:
     return "llmrec-dist bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
 
 
@@ -162,7 +162,7 @@ def run(args) -> int:
         print(f"sampled softmax faster from {figures['sampled_faster_from']} items; full softmax does not fit "
               f"from {figures['full_does_not_fit_from']} items")
         path = common.write_result(args.out, "memory", label=args.label, config=_memory_settings(args),
-                                   figures=figures, command=_command(args))
+                                   figures=figures, command=_command())
         print(f"wrote {path}")
         return 0
 
@@ -253,7 +253,7 @@ def run(args) -> int:
         figures = {"rows": run_matrix(args.config, args.overrides, cells)}
         print(common.table(figures["rows"], table_columns(figures["rows"])))
     path = common.write_result(args.out, args.kind, label=args.label, config=config, figures=figures,
-                               dataset=dataset, command=_command(args))
+                               dataset=dataset, command=_command())
     print(f"wrote {path}")
     return 0
 
@@ -271,7 +271,7 @@ def _startup(args) -> int:
         print(f"--- {row['run']}: {row['lines']} lines printed")
         print("\n".join(row["output"]))
     path = common.write_result(args.out, "startup", label=args.label, config={"overrides": args.overrides},
-                               figures=figures, command=_command(args))
+                               figures=figures, command=_command())
     print(f"wrote {path}")
     return 0
 

@@ -38,7 +38,7 @@ def run(args) -> int:
 
     if (code := config_or_resume_error("train", "run", args)) is not None:
         return code
-    from llmrec_dist.data.layout import DatasetError
+    from llmrec_dist.data.dataset_format import DatasetError
     from llmrec_dist.train.launcher import TrainError, read_run_state, train
     from llmrec_dist.train.memory import MemoryPreflightError
 
@@ -64,7 +64,7 @@ def run(args) -> int:
 
 def print_memory_estimate(cfg) -> None:
     """The pre-flight estimate, part by part, and the local budget it is checked against."""
-    from llmrec_dist.data.layout import checked_manifest
+    from llmrec_dist.data.dataset_format import checked_manifest
     from llmrec_dist.train.launcher import with_absolute_paths
     from llmrec_dist.train.memory import estimate_for_dataset, local_worker_budget_mb
 

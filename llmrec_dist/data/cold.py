@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmrec_dist.data import layout
+from llmrec_dist.data import dataset_format
 from llmrec_dist.data.errors import PrepareError
 
 
@@ -85,7 +85,7 @@ def _set_items(table: pa.Table, items: pa.ListArray) -> pa.Table:
 
 def _with_cold_targets(table: pa.Table, cold: np.ndarray) -> pa.Table:
     flags = cold[table.column("target").to_numpy()]
-    return table.append_column(layout.COLD_FIELD, pa.array(flags, pa.bool_()))
+    return table.append_column(dataset_format.COLD_FIELD, pa.array(flags, pa.bool_()))
 
 
 def apply_cold_items(splits: dict[str, pa.Table], num_items: int, fraction: float, seed: int,

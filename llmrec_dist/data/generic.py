@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmrec_dist.data.errors import PrepareError
-from llmrec_dist.data.layout import arrow_error_reason, sha256_file
+from llmrec_dist.data.dataset_format import arrow_error_reason, sha256_file
 
 CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet", ".pq")

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from llmrec_dist.data.errors import PrepareError
-from llmrec_dist.data.layout import sha256_file
+from llmrec_dist.data.dataset_format import sha256_file
 from llmrec_dist.data.generic import (
     ROW,
     check_items_known,

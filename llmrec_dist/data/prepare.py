@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 
 import llmrec_dist
-from llmrec_dist.data import layout
+from llmrec_dist.data import dataset_format
 from llmrec_dist.data.cold import apply_cold_items, check_fraction
 from llmrec_dist.data.errors import PrepareError
 from llmrec_dist.data.generic import read_generic
@@ -239,19 +239,20 @@ def write_dataset(
     The users 1..U (one valid row each) are cut into ``num_shards`` equal ranges, the same for
     every split; a train split that lacks some users (cold items) gets fewer rows in a part.
     """
-    layout.write_parquet(items, folder / layout.ITEMS_FILE)
+    dataset_format.write_parquet(items, folder / dataset_format.ITEMS_FILE)
     num_users = splits["valid"].num_rows
     bounds = np.linspace(0, num_users, num_shards + 1).round().astype(int)
     shards: dict[str, list[str]] = {}
-    for split in layout.SPLITS:
-        table = splits[split].select(layout.SPLIT_SCHEMAS[split].names).cast(layout.SPLIT_SCHEMAS[split])
+    for split in dataset_format.SPLITS:
+        schema = dataset_format.SPLIT_SCHEMAS[split]
+        table = splits[split].select(schema.names).cast(schema)
         # Row positions of the user range starts (user_idx = bound + 1); rows are sorted by user_idx.
         rows = np.searchsorted(table.column("user_idx").to_numpy(), bounds + 1, side="left")
         shards[split] = []
         for index in range(num_shards):
-            relative = layout.shard_relpath(split, index)
+            relative = dataset_format.shard_relpath(split, index)
             part = table.slice(rows[index], rows[index + 1] - rows[index])
-            layout.write_parquet(part, folder / relative)
+            dataset_format.write_parquet(part, folder / relative)
             shards[split].append(relative)
     return shards
 
@@ -272,7 +273,7 @@ def prepare_dataset(
     cold_items: float = 0.0,
     sequences: dict | None = None,
 ) -> dict:
-    """Prepare a dataset folder (see ``llmrec_dist.data.layout``); returns its manifest.
+    """Prepare a dataset folder (see ``llmrec_dist.data.dataset_format``); returns its manifest.
 
     Args:
         source: ``"synthetic"``, ``"movielens"``, ``"generic"`` or ``"sequences"``.
@@ -319,7 +320,7 @@ def prepare_dataset(
     cold_items = check_fraction(cold_items)
     if cold_items > 0 and seed < 0:
         raise ValueError(f"seed must be >= 0 (it seeds the cold-item choice), got {seed}")
-    layout.check_output_free(output, overwrite)  # fail before the (possibly long) read
+    dataset_format.check_output_free(output, overwrite)  # fail before the (possibly long) read
     hash_key, user_ids_info = resolve_user_hash_key(user_hash_key)
 
     interactions, items, info, input_display = read_source(
@@ -364,14 +365,14 @@ def prepare_dataset(
             "popularity": pa.array(np.bincount(train_values, minlength=len(item_ids) + 1)[1:].astype(np.int64)),
             "cold": pa.array(cold[1:]),
         },
-        schema=layout.ITEMS_FILE_SCHEMA,
+        schema=dataset_format.ITEMS_FILE_SCHEMA,
     )
 
     num_users = len(keys)
     shards_count = min(num_shards, num_users) if num_shards else default_num_shards(num_users)
     time_order = info.pop("time_order", "timestamp")
     manifest = {
-        "format_version": layout.FORMAT_VERSION,
+        "format_version": dataset_format.FORMAT_VERSION,
         "source": info,
         "counts": {
             "users": num_users,
@@ -389,12 +390,12 @@ def prepare_dataset(
         "cold_items": cold_info,
         "user_ids": user_ids_info,
         "shards": {},
-        "content_hash": layout.compute_content_hash(items_table, splits),
+        "content_hash": dataset_format.compute_content_hash(items_table, splits),
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "llmrec_dist_version": llmrec_dist.__version__,
     }
-    with layout.atomic_output_dir(output, overwrite) as folder:
+    with dataset_format.atomic_output_dir(output, overwrite) as folder:
         manifest["shards"] = write_dataset(folder, items_table, splits, shards_count)
-        layout.write_manifest(folder, manifest)
+        dataset_format.write_manifest(folder, manifest)
     log.info("prepared %s: %s", output, manifest["counts"])
     return manifest

@@ -36,7 +36,7 @@ from llmrec_dist.data.generic import (
     check_unique_items,
     normalise_ids,
 )
-from llmrec_dist.data.layout import sha256_file
+from llmrec_dist.data.dataset_format import sha256_file
 
 
 def _check_parquet_sequence_column(path: Path, column: str) -> None:

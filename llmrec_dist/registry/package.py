@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from llmrec_dist.config import EvalConfig
-from llmrec_dist.data.layout import read_items, read_manifest, write_manifest, write_parquet
+from llmrec_dist.data.dataset_format import read_items, read_manifest, write_manifest, write_parquet
 from llmrec_dist.model import build_model
 from llmrec_dist.saved_model import (
     ITEMS_FILE,

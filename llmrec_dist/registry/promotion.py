@@ -1,8 +1,7 @@
 """Register a model version and move an alias (e.g. ``champion``) only when it is earned.
 
-The rule (DESIGN.md, "Registry contract"): the alias moves to the new version only if no version
-holds it, or the holder was evaluated on the SAME dataset (``dataset_hash`` tag), with the same
-metric, and scored strictly lower. A holder from another dataset is never displaced: its metric is
+The rule: the alias moves to the new version only if no version holds it, or the holder was evaluated
+on the SAME dataset (``dataset_hash`` tag), with the same metric, and scored strictly lower. A holder from another dataset is never displaced: its metric is
 not comparable. Every version is tagged with its dataset hash, metric name, metric value and run id.
 
 Two promotions racing on the same alias are not serialised (MLflow has no compare-and-set on

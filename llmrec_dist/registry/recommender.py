@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 from llmrec_dist.batching import left_pad
-from llmrec_dist.data.layout import ITEMS_SCHEMA, conform_table, read_parquet_file
+from llmrec_dist.data.dataset_format import ITEMS_SCHEMA, conform_table, read_parquet_file
 from llmrec_dist.model import SequenceRecommender
 from llmrec_dist.saved_model import (
     ITEMS_FILE,

@@ -56,8 +56,7 @@ def plan_resources(sweep: SweepConfig, capacity: dict) -> ResourcePlan:
 
     Refuses (SweepError) a trial larger than the cluster or a worker larger than any node. On an
     existing cluster one CPU is left to Ray Data's read tasks when the cluster has it (without it the
-    read starves: ../shared/STACK-NOTES.md); a local Ray is started with enough logical CPUs for the
-    trials plus one.
+    read starves); a local Ray is started with enough logical CPUs for the trials plus one.
     """
     s, search = sweep.base.scaling, sweep.search
     worker_cpus = s.num_workers * s.cpus_per_worker
@@ -297,7 +296,7 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | None = None, echo=
     """Run a new sweep (``sweep``) or continue an interrupted one (``resume``: its folder). ``echo``: a
     function that shows the user a line (the sweep folder, where Ray logs, one line per finished trial);
     without it those lines are logged and Tune prints its own tables."""
-    from llmrec_dist.data.layout import checked_manifest
+    from llmrec_dist.data.dataset_format import checked_manifest
     from llmrec_dist.ray_setup import init_ray
     from llmrec_dist.tracking import client, end_run, ensure_experiment, resolve_tracking_uri, start_run
 

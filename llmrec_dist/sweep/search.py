@@ -25,18 +25,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from llmrec_dist.config import (
     Config,
     ConfigError,
-    _unknown,
+    _f,
     apply_overrides,
+    build_section,
     config_from_dict,
     load_raw_yaml,
     metric_names,
     plain_name_problem,
+    unknown_key,
 )
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -44,19 +46,40 @@ DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 NOT_SEARCHABLE = ("scaling.", "mlflow.", "data.path", "train.storage_path")
 
 
+def _sweep_folder_name(v: str) -> str | None:
+    """The name is a folder under storage_path: it must not climb out of it or hide itself."""
+    if not v:
+        return None
+    return plain_name_problem(v) or ("must not start with '.'" if v.startswith(".") else None)
+
+
 @dataclass
 class SearchConfig:
-    space: dict[str, dict[str, list]] = field(default_factory=dict)
-    num_samples: int = 1
-    metric: str = ""                 # "" = the training config's selection metric (valid_<eval.metric>)
-    scheduler: str = "asha"          # asha | none
-    grace_period: int = 1            # ASHA: epochs every trial runs before it can be stopped
-    reduction_factor: float = 2.0    # ASHA: keep the top 1/reduction_factor at each rung
-    max_concurrent_trials: int = 0   # 0 = as many as the cluster fits
-    trial_driver_cpus: float = 0.1   # CPU of each trial's driver (the Tune function); workers are extra
-    storage_path: str = "llmrec_sweeps"
-    name: str = ""                   # sweep folder under storage_path; "" = sweep-<time>
-    seed: int = 0                    # seeds the sampling of the random distributions
+    """The ``search`` section, validated like the training config's sections (``build_section``); the
+    space is checked against the training config it extends (:func:`parse_search`)."""
+
+    space: dict[str, dict[str, list]] = _f(
+        factory=dict, doc="dotted config key -> {loguniform|uniform|randint: [lo, hi]} or {choice|grid: [values]}")
+    num_samples: int = _f(1, "samples of the random distributions per grid point (trials = grid points x "
+                             "num_samples)", check=lambda v: None if v >= 1 else "must be >= 1")
+    metric: str = _f("", "validation metric maximised by the sweep and by the champion gate (default "
+                         "valid_<eval.metric>)")
+    scheduler: str = _f("asha", "'asha' (stop weak trials early) or 'none'",
+                        check=lambda v: None if v in ("asha", "none") else "expected 'asha' or 'none'")
+    grace_period: int = _f(1, "ASHA: epochs a trial runs before it can be stopped",
+                           check=lambda v: None if v >= 1 else "must be >= 1")
+    reduction_factor: float = _f(2.0, "ASHA: at each rung only the top 1/reduction_factor continue",
+                                 check=lambda v: None if v > 1 else "must be > 1")
+    max_concurrent_trials: int = _f(0, "trials at once (0 = as many as the cluster fits)",
+                                    check=lambda v: None if v >= 0 else "must be >= 0 (0 = as many as fit)")
+    trial_driver_cpus: float = _f(0.1, "CPUs held by each trial's driver process (> 0; workers hold "
+                                       "scaling.cpus_per_worker)",
+                                  check=lambda v: None if v > 0 else "must be > 0 (Ray refuses 0 for a trial)")
+    storage_path: str = _f("llmrec_sweeps", "folder or URI under which the sweep keeps its state, trials and "
+                                            "checkpoints")
+    name: str = _f("", "the sweep's folder name under storage_path ('' = sweep-<date>-<time>)",
+                   check=_sweep_folder_name)
+    seed: int = _f(0, "seed of the random sampling")
 
     def grid_size(self) -> int:
         return math.prod(len(spec["grid"]) for spec in self.space.values() if "grid" in spec) or 1
@@ -65,23 +88,8 @@ class SearchConfig:
         return self.grid_size() * self.num_samples
 
 
-_DOCS = {
-    "space": "dotted config key -> {loguniform|uniform|randint: [lo, hi]} or {choice|grid: [values]}",
-    "num_samples": "samples of the random distributions per grid point (trials = grid points x num_samples)",
-    "metric": "validation metric maximised by the sweep and by the champion gate (default valid_<eval.metric>)",
-    "scheduler": "'asha' (stop weak trials early) or 'none'",
-    "grace_period": "ASHA: epochs a trial runs before it can be stopped",
-    "reduction_factor": "ASHA: at each rung only the top 1/reduction_factor continue",
-    "max_concurrent_trials": "trials at once (0 = as many as the cluster fits)",
-    "trial_driver_cpus": "CPUs held by each trial's driver process (> 0; workers hold scaling.cpus_per_worker)",
-    "storage_path": "folder or URI under which the sweep keeps its state, trials and checkpoints",
-    "name": "the sweep's folder name under storage_path ('' = sweep-<date>-<time>)",
-    "seed": "seed of the random sampling",
-}
-
-
 def describe_search() -> str:
-    return "\n".join(f"  search.{k}: {v}" for k, v in _DOCS.items())
+    return "\n".join(f"  search.{f.name}: {f.metadata['doc']}" for f in dataclasses.fields(SearchConfig))
 
 
 def _number(value: Any) -> float | None:
@@ -146,43 +154,8 @@ def parse_search(raw: Any, train_raw: dict, source: str = "") -> SearchConfig:
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise ConfigError([f"search: expected a mapping (space, num_samples, metric, ...); got {raw!r}"], source)
-    fields = {f.name for f in dataclasses.fields(SearchConfig)}
-    for key in raw:
-        if key not in fields:
-            problems.append(_unknown(str(key), sorted(fields), "search."))
-    kwargs: dict[str, Any] = {}
-    scalar_types = {"num_samples": int, "grace_period": int, "max_concurrent_trials": int, "seed": int,
-                    "reduction_factor": float, "trial_driver_cpus": float,
-                    "metric": str, "scheduler": str, "storage_path": str, "name": str}
-    for key, tp in scalar_types.items():
-        if key not in raw:
-            continue
-        value = raw[key]
-        ok = (isinstance(value, tp) and not isinstance(value, bool)) or (tp is float and _number(value) is not None)
-        if not ok:
-            kind = {int: "an integer", float: "a number", str: "a string"}[tp]
-            problems.append(f"search.{key}: expected {kind}; got {value!r}")
-            continue
-        kwargs[key] = float(value) if tp is float else value
-    search = SearchConfig(**kwargs)
-    if search.num_samples < 1:
-        problems.append(f"search.num_samples: must be >= 1; got {search.num_samples}")
-    if search.grace_period < 1:
-        problems.append(f"search.grace_period: must be >= 1; got {search.grace_period}")
-    if search.reduction_factor <= 1:
-        problems.append(f"search.reduction_factor: must be > 1; got {search.reduction_factor}")
-    if search.max_concurrent_trials < 0:
-        problems.append(f"search.max_concurrent_trials: must be >= 0 (0 = as many as fit); "
-                        f"got {search.max_concurrent_trials}")
-    if search.trial_driver_cpus <= 0:
-        problems.append(f"search.trial_driver_cpus: must be > 0 (Ray refuses 0 for a trial); "
-                        f"got {search.trial_driver_cpus}")
-    if search.scheduler not in ("asha", "none"):
-        problems.append(f"search.scheduler: expected 'asha' or 'none'; got {search.scheduler!r}")
-    # The name is a folder under storage_path: it must not climb out of it or hide itself.
-    name_problem = plain_name_problem(search.name) or ("must not start with '.'" if search.name[:1] == "." else None)
-    if search.name and name_problem:
-        problems.append(f"search.name: {name_problem}; got {search.name!r}")
+    # Every key but the space through the typed section (types, ranges, unknown keys); the space below.
+    search = build_section(SearchConfig, {k: v for k, v in raw.items() if k != "space"}, "search", problems)
 
     # The base config must be valid by itself (its errors keep their own dotted keys).
     try:
@@ -211,7 +184,7 @@ def parse_search(raw: Any, train_raw: dict, source: str = "") -> SearchConfig:
     for key, spec in space.items():
         key = str(key)
         if key not in valid_keys:
-            problems.append(_unknown(key, valid_keys, "search.space."))
+            problems.append(unknown_key(key, valid_keys, "search.space."))
             continue
         if key.startswith(NOT_SEARCHABLE):
             problems.append(f"search.space.{key}: cannot be searched (resources, tracking and data are fixed "

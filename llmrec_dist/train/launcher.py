@@ -22,7 +22,7 @@ from pathlib import Path
 
 from llmrec_dist import console, storage
 from llmrec_dist.config import Config, absolute, config_from_dict
-from llmrec_dist.data.layout import checked_manifest
+from llmrec_dist.data.dataset_format import checked_manifest
 from llmrec_dist.ray_setup import describe_ray, init_ray
 from llmrec_dist.registry.publish import publish_model
 from llmrec_dist.train.progress import EpochLines
@@ -117,7 +117,7 @@ def train_dataset(cfg: Config):
     import pyarrow.parquet as pq
     import ray.data
 
-    from llmrec_dist.data.layout import split_files
+    from llmrec_dist.data.dataset_format import split_files
     from llmrec_dist.train.training_rows import windowed_table
 
     if cfg.data.deterministic:  # blocks keep file order, so every worker gets the same rows every run

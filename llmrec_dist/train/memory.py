@@ -294,7 +294,7 @@ def text_token_width(cfg: Config, texts: list[str], sample: int = 20_000, seed: 
 def estimate_for_dataset(cfg: Config, manifest: dict) -> MemoryEstimate:
     """The estimate for ``cfg`` on its dataset: batch shapes from the training rows, the LM's shape from
     its config file, the text width from its tokenizer (no model weights are loaded)."""
-    from llmrec_dist.data.layout import num_items, read_items, read_split
+    from llmrec_dist.data.dataset_format import num_items, read_items, read_split
     from llmrec_dist.train.training_rows import windowed_table
 
     table = read_split(cfg.data.path, cfg.training_split())

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from llmrec_dist.batching import history_windows, num_windows, window_shape
 from llmrec_dist.config import Config
-from llmrec_dist.data.layout import history_lengths, num_train_rows
+from llmrec_dist.data.dataset_format import history_lengths, num_train_rows
 
 
 def training_rows(cfg: Config, manifest: Mapping) -> int:

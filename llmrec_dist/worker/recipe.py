@@ -1,4 +1,4 @@
-"""The per-worker training recipe: setup → epochs (train, validate, checkpoint + report) → test → cleanup.
+"""The per-worker training recipe: setup → resume → epochs (train, validate, checkpoint + report) → test.
 
 A refit (``train.refit_epochs``) trains on the histories through each user's validation item and skips
 validation: its epochs run to the end and the last one is tested.
@@ -16,10 +16,12 @@ import random
 import resource
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray.train
@@ -31,8 +33,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from llmrec_dist.batching import cloze_batch, earlier_items, length_bucketed, next_item_batch
 from llmrec_dist.config import Config, config_from_dict
-from llmrec_dist.data.layout import num_items as manifest_num_items
-from llmrec_dist.data.layout import item_counts
+from llmrec_dist.data.dataset_format import num_items as manifest_num_items
+from llmrec_dist.data.dataset_format import item_counts
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import build_model, count_parameters, softmax_negatives
 from llmrec_dist.sharding import refresh_text_cache
@@ -89,7 +91,7 @@ def _peak_rss_mb(device) -> list[float]:
     return [p.item() for p in peaks]
 
 
-def _worker_nodes(device) -> list[str]:
+def _worker_nodes() -> list[str]:
     """The Ray node id of every rank, in rank order (all ranks take part)."""
     node = ray.get_runtime_context().get_node_id()
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -228,170 +230,258 @@ def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, a
             "first_batch_at": first_batch_at, "first_step_at": first_step_at}
 
 
+# ------------------------------------------------------------------------------------------ the recipe
 def train_loop_per_worker(loop_config: dict) -> dict:
-    # ---------------------------------------------------------------- setup
+    """Every worker runs this: setup → resume → epochs (train, validate, checkpoint + report) → test.
+    Rank, DDP wrap and data shard are taken in :func:`setup`; ``ray.train.report`` (a barrier) is called in
+    :func:`checkpoint_and_report` and :func:`evaluate_best_and_finish`."""
+    run = setup(loop_config)
+    progress = resume_or_start(run)
+    if progress.result is not None:  # the run had finished: a restarted worker group returns at once
+        return progress.result
+    for epoch in range(progress.start_epoch, run.cfg.epochs_to_run()):
+        metrics, once = train_and_validate(run, progress, epoch)
+        stop = progress.record(run, epoch, metrics)
+        checkpoint_and_report(run, progress, epoch, metrics, once)
+        if stop:
+            break
+    return evaluate_best_and_finish(run, progress)
+
+
+@dataclass
+class WorkerRun:
+    """What :func:`setup` builds once per worker and every later step reads."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    amp: Callable                  # the forward pass's autocast context factory
+    log: RunLogger                 # rank 0 logs to MLflow; the other ranks' logger does nothing
+    manifest: Mapping
+    model: torch.nn.Module         # DDP-wrapped when world > 1
+    core: torch.nn.Module          # the unwrapped model (what checkpoints and evaluation see)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_shard: Any               # this worker's Ray Data shard of the train split
+    valid_rows: Any                # None for a refit: it trains on the validation targets
+    test_rows: Any
+    text: Any                      # the LM tower's TextFeatures, None for an ID model
+    nodes: list[str]               # the Ray node of every rank
+    clock: dict | None             # the driver's wall-clock start-up times (train() only)
+    reached: dict = field(default_factory=dict)  # this worker's start-up milestones (wall clock)
+
+    @property
+    def refit(self) -> bool:
+        return self.cfg.train.refit_epochs > 0
+
+    @property
+    def num_items(self) -> int:
+        return manifest_num_items(self.manifest)
+
+    def meta(self) -> dict:
+        """The checkpoint's ``model.json``."""
+        return {"model": self.cfg.to_dict()["model"], "num_items": self.num_items,
+                "dataset_hash": self.manifest["content_hash"]}
+
+
+def setup(loop_config: dict) -> WorkerRun:
+    """Rank, device, model (wrapped for DDP), optimiser and schedule, this worker's data."""
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    amp = autocast_for(cfg, device)
-    log = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
-    # The driver's wall-clock times (train() only): process start, ray.init, Ray ready, trainer built.
-    clock = loop_config.get("clock")
-    reached = {"loop_start": time.time()}  # start-up milestones of this worker (wall clock)
-
+    reached = {"loop_start": time.time()}
     manifest = loop_config["manifest"]  # read and checked once, by the driver
-    n_items = manifest_num_items(manifest)
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     random.seed(cfg.train.seed)
     text = load_text_features(cfg, manifest)
-    model = build_recommender(cfg, manifest, text)
-    meta = {"model": cfg.to_dict()["model"], "num_items": n_items, "dataset_hash": manifest["content_hash"]}
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs(cfg))
-    nodes = _worker_nodes(device)
+    model = ray.train.torch.prepare_model(build_recommender(cfg, manifest, text),
+                                          parallel_strategy_kwargs=ddp_kwargs(cfg))
+    nodes = _worker_nodes()
     core = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(core, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(cfg, loop_config["train_rows"], world))
     reached["model_ready"] = time.time()
-
-    refit = cfg.train.refit_epochs > 0  # trains on the validation targets: nothing left to validate on
+    refit = cfg.train.refit_epochs > 0
     valid_rows = None if refit else load_eval_rows(cfg.data.path, "valid", rank, world)
     test_rows = load_eval_rows(cfg.data.path, "test", rank, world)
     train_shard = ray.train.get_dataset_shard("train")
     reached["eval_rows_ready"] = time.time()
-    selection = cfg.selection_metric()
+    return WorkerRun(cfg, rank, world, device, autocast_for(cfg, device),
+                     RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0),
+                     manifest, model, core, optimizer, scheduler, train_shard, valid_rows, test_rows, text, nodes,
+                     loop_config.get("clock"), reached)
 
-    # ---------------------------------------------------------------- resume
-    start_epoch, best_value, best_epoch, stale = 0, -math.inf, -1, 0
-    best_weights, history = ckpt.cpu_state_dict(core), []
+
+@dataclass
+class Progress:
+    """Where the run stands: what a checkpoint's ``state.pt`` saves and a restart restores."""
+
+    best_weights: dict
+    logged: set                    # epochs already in MLflow (none is logged twice)
+    start_epoch: int = 0
+    best_value: float = -math.inf
+    best_epoch: int = -1
+    stale: int = 0                 # epochs since the selection metric last improved
+    history: list = field(default_factory=list)
+    result: dict | None = None     # set when the restored checkpoint is the finished run's
+
+    def record(self, run: WorkerRun, epoch: int, metrics: dict) -> bool:
+        """Keep the epoch's metrics and the best weights; True when early stopping ends the run."""
+        if run.refit:  # the newest epoch is the model
+            self.best_epoch, self.best_weights = epoch, ckpt.cpu_state_dict(run.core)
+        elif metrics[run.cfg.selection_metric()] > self.best_value:
+            self.best_value, self.best_epoch, self.stale = metrics[run.cfg.selection_metric()], epoch, 0
+            self.best_weights = ckpt.cpu_state_dict(run.core)
+        else:
+            self.stale += 1
+        self.history.append(metrics)
+        return not run.refit and run.cfg.train.patience > 0 and self.stale >= run.cfg.train.patience
+
+    def state(self, run: WorkerRun, epoch: int) -> dict:
+        return {"epoch": epoch, "best_value": self.best_value, "best_epoch": self.best_epoch, "stale": self.stale,
+                "history": self.history, "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict()}
+
+
+def resume_or_start(run: WorkerRun) -> Progress:
+    """Restore Ray Train's latest checkpoint (a restarted worker group or a resumed driver), or log the
+    new run's params; either way tag the run with where it runs."""
+    log, core = run.log, run.core
     # Epochs already in MLflow: a restarted worker group (or a resumed driver) logs none of them twice.
-    logged = log.logged_steps("train_loss")  # logged every epoch, validated (or refit) alike
+    progress = Progress(best_weights=ckpt.cpu_state_dict(core),
+                        logged=log.logged_steps("train_loss"))  # logged every epoch, validated (or refit) alike
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as folder:
             folder = Path(folder)
             state = ckpt.read_state(folder)
             ckpt.load_weights(core, folder / WEIGHTS_FILE)
-            best_weights = ckpt.read_weights(folder / ckpt.BEST_FILE)
+            progress.best_weights = ckpt.read_weights(folder / ckpt.BEST_FILE)
         if state.get("finished"):
-            return state["result"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_value, best_epoch = state["epoch"] + 1, state["best_value"], state["best_epoch"]
-        stale, history = state["stale"], state["history"]
+            progress.result = state["result"]
+            return progress
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        progress.start_epoch, progress.best_value = state["epoch"] + 1, state["best_value"]
+        progress.best_epoch, progress.stale, progress.history = state["best_epoch"], state["stale"], state["history"]
         # Epochs reported before a failure but not yet in MLflow are logged now, none twice. Epochs
         # logged but newer than this checkpoint (Ray Train had not recorded it yet) run again and are
         # not logged again: the re-run repeats them exactly (per-epoch seeds, deterministic data).
-        for row in history:
-            if row["epoch"] not in logged:
+        for row in progress.history:
+            if row["epoch"] not in progress.logged:
                 log.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-        log.metrics({"resumed_at_epoch": start_epoch}, step=start_epoch)
+        log.metrics({"resumed_at_epoch": progress.start_epoch}, step=progress.start_epoch)
     else:
-        if logged:  # restarted before Ray Train had recorded any checkpoint: from scratch, same seeds
+        if progress.logged:  # restarted before Ray Train had recorded any checkpoint: from scratch, same seeds
             log.metrics({"resumed_at_epoch": 0}, step=0)
-        log.params({**cfg.flat(), **count_parameters(core), "dataset.content_hash": manifest["content_hash"]})
-        log.yaml(cfg.to_dict(), "config.yaml")
-        log.yaml(manifest, "dataset_manifest.yaml")
+        log.params({**run.cfg.flat(), **count_parameters(core), "dataset.content_hash": run.manifest["content_hash"]})
+        log.yaml(run.cfg.to_dict(), "config.yaml")
+        log.yaml(dict(run.manifest), "dataset_manifest.yaml")
     # "computed" here means the driver's cache was not found.
-    cache = ("hit" if text.cache_hit else "computed") if text is not None else "-"
-    log.tags({"llmrec.worker_nodes": ",".join(nodes), "llmrec.num_nodes": len(set(nodes)),
-              "llmrec.device": device.type, "llmrec.text_cache": cache})
+    cache = ("hit" if run.text.cache_hit else "computed") if run.text is not None else "-"
+    log.tags({"llmrec.worker_nodes": ",".join(run.nodes), "llmrec.num_nodes": len(set(run.nodes)),
+              "llmrec.device": run.device.type, "llmrec.text_cache": cache})
+    return progress
 
-    # ---------------------------------------------------------------- epochs
-    for epoch in range(start_epoch, cfg.epochs_to_run()):
-        t0 = time.perf_counter()
-        epoch_seed, order_seed = epoch_seeds(cfg.train.seed, epoch, world, rank)
-        torch.manual_seed(epoch_seed)
-        refresh_text_cache(core.items)  # a trainable LM's output cache, if a refit epoch or a restore left it stale
-        batches = epoch_batches(train_shard, cfg, epoch_seed, order_seed, mask_id=core.mask_id)
-        # Epoch 0 may be profiled (train.profile_steps): where a step's time goes.
-        profiler = StepProfiler(model, cfg.train.profile_steps) if cfg.train.profile_steps and epoch == 0 else None
-        with profiler or nullcontext():
-            stats = train_one_epoch(model, batches, optimizer, scheduler, cfg, device, amp, profiler)
-        train_seconds = time.perf_counter() - t0
-        loss_sum, positions, sequences = _all_reduce_sum(
-            [stats["loss_sum"], stats["positions"], stats["sequences"]], device)
-        # Figures of epoch 0 only, logged with its metrics (rank 0): the profile and the start-up cost.
-        once = profiler.summary() if profiler is not None and rank == 0 else {}
-        if epoch == 0 and stats["first_step_at"] and clock:
-            once["startup_seconds"] = stats["first_step_at"] - clock["process_start"]
-            once["ray_init_to_first_step_seconds"] = stats["first_step_at"] - clock["ray_init"]
-            # Where the start-up goes: seconds after ray.init at which each milestone was reached.
-            milestones = {"ray_ready": clock["ray_ready"], "trainer_built": clock["trainer_built"], **reached,
-                          "first_batch": stats["first_batch_at"], "first_step": stats["first_step_at"]}
-            once.update({f"startup_{k}_at_s": t - clock["ray_init"] for k, t in milestones.items()})
 
-        t_valid = time.perf_counter()
-        valid = {} if refit else evaluate(core, valid_rows, n_items, cfg.eval, cfg.model.max_len, device,
-                                          prefix="valid_")
-        peaks = _peak_rss_mb(device)
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(positions, 1),
-            "train_sequences": sequences,
-            "sequences_per_s": sequences / train_seconds,
-            "epoch_seconds": time.perf_counter() - t0,
-            "train_seconds": train_seconds,
-            "lr": scheduler.get_last_lr()[0],
-            "peak_rss_mb": max(peaks),
-            **{f"peak_rss_mb_rank{r}": mb for r, mb in enumerate(peaks)},
-            **valid,
-        }
-        if refit:  # the newest epoch is the model
-            best_epoch, best_weights = epoch, ckpt.cpu_state_dict(core)
-        else:
-            metrics["valid_seconds"] = time.perf_counter() - t_valid
-            if metrics[selection] > best_value:
-                best_value, best_epoch, stale = metrics[selection], epoch, 0
-                best_weights = ckpt.cpu_state_dict(core)
-            else:
-                stale += 1
-        history.append(metrics)
-        stop = not refit and cfg.train.patience > 0 and stale >= cfg.train.patience
+def train_and_validate(run: WorkerRun, progress: Progress, epoch: int) -> tuple[dict, dict]:
+    """One epoch on this worker's shard, its figures summed over the ranks, then validation. Returns the
+    epoch's metrics and the figures logged once (epoch 0's profile and start-up times)."""
+    cfg, core = run.cfg, run.core
+    t0 = time.perf_counter()
+    epoch_seed, order_seed = epoch_seeds(cfg.train.seed, epoch, run.world, run.rank)
+    torch.manual_seed(epoch_seed)
+    refresh_text_cache(core.items)  # a trainable LM's output cache, if a refit epoch or a restore left it stale
+    batches = epoch_batches(run.train_shard, cfg, epoch_seed, order_seed, mask_id=core.mask_id)
+    # Epoch 0 may be profiled (train.profile_steps): where a step's time goes.
+    profiler = StepProfiler(run.model, cfg.train.profile_steps) if cfg.train.profile_steps and epoch == 0 else None
+    with profiler or nullcontext():
+        stats = train_one_epoch(run.model, batches, run.optimizer, run.scheduler, cfg, run.device, run.amp, profiler)
+    train_seconds = time.perf_counter() - t0
+    loss_sum, positions, sequences = _all_reduce_sum(
+        [stats["loss_sum"], stats["positions"], stats["sequences"]], run.device)
+    once = _first_epoch_figures(run, stats, profiler) if epoch == 0 else {}
 
-        # Checkpoint + report: every rank reports (a barrier); only rank 0 attaches files.
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint, written = None, {}
-            if rank == 0:
-                t_write = time.perf_counter()
-                ckpt.write_checkpoint(Path(tmp), weights=ckpt.cpu_state_dict(core), best_weights=best_weights,
-                                      meta=meta, state={
-                                          "epoch": epoch, "best_value": best_value, "best_epoch": best_epoch,
-                                          "stale": stale, "history": history,
-                                          "optimizer": optimizer.state_dict(),
-                                          "scheduler": scheduler.state_dict()})
-                written = {"checkpoint_mb": ckpt.folder_bytes(Path(tmp)) / 2**20,
-                           "checkpoint_write_seconds": time.perf_counter() - t_write}
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            t_report = time.perf_counter()
-            # epochs_done (1-based) is the time axis of a sweep's ASHA scheduler (llmrec_dist.sweep).
-            ray.train.report({**metrics, "best_epoch": best_epoch, "epochs_done": epoch + 1}, checkpoint=checkpoint)
-            # report() uploads the checkpoint to train.storage_path and waits for every rank.
-            written["checkpoint_report_seconds"] = time.perf_counter() - t_report
-        if epoch not in logged:
-            log.metrics({**{k: v for k, v in metrics.items() if k != "epoch"}, **written, **once}, step=epoch)
-            if profiler is not None and rank == 0:
-                log.text(profiler.table(), "profile.txt")
-        if stop:
-            break
+    t_valid = time.perf_counter()
+    valid = {} if run.refit else evaluate(core, run.valid_rows, run.num_items, cfg.eval, cfg.model.max_len,
+                                          run.device, prefix="valid_")
+    peaks = _peak_rss_mb(run.device)
+    metrics = {
+        "epoch": epoch,
+        "train_loss": loss_sum / max(positions, 1),
+        "train_sequences": sequences,
+        "sequences_per_s": sequences / train_seconds,
+        "epoch_seconds": time.perf_counter() - t0,
+        "train_seconds": train_seconds,
+        "lr": run.scheduler.get_last_lr()[0],
+        "peak_rss_mb": max(peaks),
+        **{f"peak_rss_mb_rank{r}": mb for r, mb in enumerate(peaks)},
+        **valid,
+    }
+    if not run.refit:
+        metrics["valid_seconds"] = time.perf_counter() - t_valid
+    if profiler is not None and run.rank == 0 and epoch not in progress.logged:
+        run.log.text(profiler.table(), "profile.txt")
+    return metrics, once
 
-    # ---------------------------------------------------------------- test on the best weights
-    core.load_state_dict(best_weights)
-    best_row = next(row for row in history if row["epoch"] == best_epoch)
+
+def _first_epoch_figures(run: WorkerRun, stats: dict, profiler: StepProfiler | None) -> dict:
+    """Figures of epoch 0 only, logged with its metrics (rank 0): the profile and the start-up cost."""
+    once = profiler.summary() if profiler is not None and run.rank == 0 else {}
+    clock = run.clock
+    if stats["first_step_at"] and clock:
+        once["startup_seconds"] = stats["first_step_at"] - clock["process_start"]
+        once["ray_init_to_first_step_seconds"] = stats["first_step_at"] - clock["ray_init"]
+        # Where the start-up goes: seconds after ray.init at which each milestone was reached.
+        milestones = {"ray_ready": clock["ray_ready"], "trainer_built": clock["trainer_built"], **run.reached,
+                      "first_batch": stats["first_batch_at"], "first_step": stats["first_step_at"]}
+        once.update({f"startup_{k}_at_s": t - clock["ray_init"] for k, t in milestones.items()})
+    return once
+
+
+def checkpoint_and_report(run: WorkerRun, progress: Progress, epoch: int, metrics: dict, once: dict) -> None:
+    """Checkpoint + report: every rank reports (a barrier); only rank 0 attaches files and logs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, written = None, {}
+        if run.rank == 0:
+            t_write = time.perf_counter()
+            ckpt.write_checkpoint(Path(tmp), weights=ckpt.cpu_state_dict(run.core),
+                                  best_weights=progress.best_weights, meta=run.meta(),
+                                  state=progress.state(run, epoch))
+            written = {"checkpoint_mb": ckpt.folder_bytes(Path(tmp)) / 2**20,
+                       "checkpoint_write_seconds": time.perf_counter() - t_write}
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        t_report = time.perf_counter()
+        # epochs_done (1-based) is the time axis of a sweep's ASHA scheduler (llmrec_dist.sweep).
+        ray.train.report({**metrics, "best_epoch": progress.best_epoch, "epochs_done": epoch + 1},
+                         checkpoint=checkpoint)
+        # report() uploads the checkpoint to train.storage_path and waits for every rank.
+        written["checkpoint_report_seconds"] = time.perf_counter() - t_report
+    if epoch not in progress.logged:
+        run.log.metrics({**{k: v for k, v in metrics.items() if k != "epoch"}, **written, **once}, step=epoch)
+
+
+def evaluate_best_and_finish(run: WorkerRun, progress: Progress) -> dict:
+    """Test the best weights, log them, and write the final checkpoint: it holds the best weights as its
+    model and marks the run finished, so a restarted worker group returns at once instead of training
+    again."""
+    cfg, core = run.cfg, run.core
+    core.load_state_dict(progress.best_weights)
+    best_row = next(row for row in progress.history if row["epoch"] == progress.best_epoch)
     best_valid = {k: v for k, v in best_row.items() if k.startswith("valid_")}
-    test = evaluate(core, test_rows, n_items, cfg.eval, cfg.model.max_len, device, prefix="test_")
-    result = {**best_valid, **test, "best_epoch": best_epoch, "epochs_run": len(history)}
-    if refit:
+    test = evaluate(core, run.test_rows, run.num_items, cfg.eval, cfg.model.max_len, run.device, prefix="test_")
+    result = {**best_valid, **test, "best_epoch": progress.best_epoch, "epochs_run": len(progress.history)}
+    if run.refit:
         result["refit_epochs"] = cfg.train.refit_epochs
-    log.metrics({f"best_{k}": v for k, v in best_valid.items()} | test, step=best_epoch)
-
-    # The final checkpoint holds the best weights as its model and marks the run finished, so a
-    # restarted worker group returns at once instead of training again.
+    run.log.metrics({f"best_{k}": v for k, v in best_valid.items()} | test, step=progress.best_epoch)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if rank == 0:
-            ckpt.write_checkpoint(Path(tmp), weights=best_weights, best_weights=best_weights, meta=meta,
-                                  state={"finished": True, "result": result, "history": history})
+        if run.rank == 0:
+            ckpt.write_checkpoint(Path(tmp), weights=progress.best_weights, best_weights=progress.best_weights,
+                                  meta=run.meta(),
+                                  state={"finished": True, "result": result, "history": progress.history})
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**result, "final": 1}, checkpoint=checkpoint)
     return result
