@@ -37,13 +37,13 @@ from llmrec_dist.data.dataset_format import num_items as manifest_num_items
 from llmrec_dist.data.dataset_format import item_counts
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import build_model, count_parameters, softmax_negatives
+from llmrec_dist.profiling import StepProfiler, region
+from llmrec_dist.saved_model import WEIGHTS_FILE
 from llmrec_dist.sharding import refresh_text_cache
 from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.tracking import RunLogger
-from llmrec_dist.saved_model import WEIGHTS_FILE
 from llmrec_dist.worker import checkpoint as ckpt
 from llmrec_dist.worker.optim import build_optimizer, build_scheduler
-from llmrec_dist.profiling import StepProfiler, region
 
 
 class TrainingPairs:
