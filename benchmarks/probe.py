@@ -91,7 +91,7 @@ def cold_report(model, cfg, manifest, valid: EvalRows) -> dict:
     if getattr(items, "trainable_lm", False):  # how far the LM's text vectors moved from the pretrained ones
         from llmrec_dist.text_tower import load_text_features
 
-        pretrained = load_text_features(cfg, manifest).pooled
+        pretrained = load_text_features(cfg).pooled
         cos = torch.nn.functional.cosine_similarity(items.pooled, pretrained, dim=1)
         out["unseen_text_cosine_to_pretrained"] = float(cos[unseen].mean())
         out["seen_text_cosine_to_pretrained"] = float(cos[seen].mean())
@@ -120,7 +120,7 @@ def main(argv=None) -> list[dict]:
     n = min(args.eval_users, len(valid))
     valid = EvalRows(valid.histories[:n], valid.targets[:n], valid.cold[:n], None if valid.freq is None else valid.freq[:n])
     catalogue = num_items(manifest)
-    model = build_recommender(cfg, manifest, load_text_features(cfg, manifest))
+    model = build_recommender(cfg, manifest, load_text_features(cfg))
     optimizer = build_optimizer(model, cfg.train)
     # the configured run's warm-up (one worker), then the peak lr: a probe has no end to decay towards
     scheduler = build_scheduler(optimizer, dataclasses.replace(cfg.train, schedule="constant"),

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from llmrec_dist.config import ModelConfig, config_from_dict
-from llmrec_dist.data.dataset_format import ITEMS_FILE, MANIFEST_FILE, read_items
+from llmrec_dist.data.dataset_format import ITEMS_FILE, MANIFEST_FILE, read_item_texts
 from llmrec_dist.model import SequenceRecommender, build_model
 
 WEIGHTS_FILE = "model.safetensors"
@@ -198,6 +198,6 @@ def load_model(folder: str | os.PathLike, data_path: str | None = None,
         source = folder if packaged else data_path
         if source is None:
             raise ValueError(f"{folder}: a text model's checkpoint needs its dataset for the item texts")
-        texts = [str(t) for t in read_items(source).sort_by("item_idx").column("text").to_pylist()]
+        texts = read_item_texts(source)
         cache = folder / TEXT_CACHE_DIR if packaged else text_cache_dir(str(data_path))
     return restore_model(folder, cfg, meta["num_items"], texts, cache), meta

@@ -548,12 +548,13 @@ def text_cache_dir(dataset_path: str) -> str:
     return storage.join(dataset_path, "cache", "text")
 
 
-def load_text_features(cfg, manifest: dict | None = None) -> TextFeatures | None:
-    """The text features a run's model needs (None for ``item_repr=id``), from the dataset's items."""
+def load_text_features(cfg, texts: list[str] | None = None) -> TextFeatures | None:
+    """The text features a run's model needs (None for ``item_repr=id``) for the dataset's item
+    ``texts`` (in item_idx order; read from ``data.path`` when not given)."""
     if cfg.model.item_repr == "id":
         return None
-    from llmrec_dist.data.dataset_format import read_items
+    if texts is None:
+        from llmrec_dist.data.dataset_format import read_item_texts
 
-    items = read_items(cfg.data.path).sort_by("item_idx")
-    texts = [str(t) for t in items.column("text").to_pylist()]
+        texts = read_item_texts(cfg.data.path)
     return prepare_text_features(cfg.model, texts, cache_dir=text_cache_dir(cfg.data.path))

@@ -476,7 +476,7 @@ def test_the_default_config_leaves_the_cold_items_out_of_the_negatives(tmp_path,
                   ["model.item_repr=id+text", f"model.text_encoder={encoder}", "model.freeze=lora"]):  # sampled
         cfg = load_config(None, [f"data.path={data}", "model.hidden_size=16", *extra])
         assert cfg.train.negatives_from == "trained"
-        model = build_recommender(cfg, manifest, load_text_features(cfg, manifest))
+        model = build_recommender(cfg, manifest, load_text_features(cfg))
         assert model.num_negatives == (0 if cfg.model.item_repr == "id" else cfg.train.num_negatives)
         flags = model.negative_items.numpy()
         assert flags.tolist() == [False] + (popularity > 0).tolist()

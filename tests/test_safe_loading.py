@@ -194,7 +194,7 @@ def test_trust_remote_code_is_off_by_default():
     "pd.read_pickle(path)", "np.load(path, allow_pickle=True)",
     "AutoModel.from_pretrained(name, trust_remote_code=True)",
     "def load(name, trust_remote_code=True): pass", "def load(name, *, trust_remote_code=None): pass",
-    "class C:\n    trust_remote_code: bool = True", "class C:\n    trust_remote_code: bool = _f(True, 'doc')",
+    "class C:\n    trust_remote_code: bool = True", "class C:\n    trust_remote_code: bool = setting(True, 'doc')",
     "options = {'trust_remote_code': True}", "settings.get('trust_remote_code', True)",
     "trust_remote_code = True",
 ])
@@ -207,7 +207,7 @@ def test_the_scan_flags(snippet):
     "torch.load(path, map_location='cpu', weights_only=True)", "np.load(path)", "np.load(path, allow_pickle=False)",
     "load_file(path)", "json.loads(text)", "AutoModel.from_pretrained(name, trust_remote_code=trust)",
     "def load(name, trust_remote_code=False): pass", "def load(name, trust_remote_code: bool): pass",
-    "class C:\n    trust_remote_code: bool = _f(False, 'doc')",
+    "class C:\n    trust_remote_code: bool = setting(False, 'doc')",
     "options = {'trust_remote_code': flag}", "settings.get('trust_remote_code', False)",
 ])
 def test_the_scan_passes(snippet):

@@ -76,7 +76,7 @@ def measure_steps(config: str, overrides: list[str], steps: int, warmup: int = 2
     torch.manual_seed(cfg.train.seed)
     manifest = read_manifest(cfg.data.path)
     rows = read_split(cfg.data.path, "train").column("items").to_pylist()
-    model = build_recommender(cfg, manifest, load_text_features(cfg, manifest))
+    model = build_recommender(cfg, manifest, load_text_features(cfg))
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, dataclasses.replace(cfg.train, schedule="constant", warmup_ratio=0.0),
                                 steps_per_epoch=1)

@@ -76,7 +76,7 @@ def measure_case(config: str, overrides: list[str], steps: int = 2, eval_users: 
     rows = (windowed_table(table, cfg) if cfg.data.windows else table).column("items").to_pylist()
     n_items = num_items(manifest)
 
-    text = load_text_features(cfg, manifest)
+    text = load_text_features(cfg)
     model = build_recommender(cfg, manifest, text)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, 1000)

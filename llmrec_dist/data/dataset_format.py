@@ -295,6 +295,11 @@ def read_items(path: str | os.PathLike) -> pa.Table:
     return conform_table(table, ITEMS_FILE_SCHEMA, location, "items").sort_by("item_idx")
 
 
+def read_item_texts(path: str | os.PathLike) -> list[str]:
+    """Every item's text, in item_idx order (index 0 is item 1)."""
+    return [str(t) for t in read_items(path).column("text").to_pylist()]
+
+
 def history_lengths(path: str | os.PathLike, split: str = "train") -> np.ndarray:
     """The length of every history of ``split`` (only the ``items`` column is read)."""
     lengths = [pc.list_value_length(read_parquet_file(f, columns=["items"]).column("items")).to_numpy()

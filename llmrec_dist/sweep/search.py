@@ -31,13 +31,13 @@ from typing import Any
 from llmrec_dist.config import (
     Config,
     ConfigError,
-    _f,
     apply_overrides,
     build_section,
     config_from_dict,
     load_raw_yaml,
     metric_names,
     plain_name_problem,
+    setting,
     unknown_key,
 )
 
@@ -58,28 +58,28 @@ class SearchConfig:
     """The ``search`` section, validated like the training config's sections (``build_section``); the
     space is checked against the training config it extends (:func:`parse_search`)."""
 
-    space: dict[str, dict[str, list]] = _f(
+    space: dict[str, dict[str, list]] = setting(
         factory=dict, doc="dotted config key -> {loguniform|uniform|randint: [lo, hi]} or {choice|grid: [values]}")
-    num_samples: int = _f(1, "samples of the random distributions per grid point (trials = grid points x "
+    num_samples: int = setting(1, "samples of the random distributions per grid point (trials = grid points x "
                              "num_samples)", check=lambda v: None if v >= 1 else "must be >= 1")
-    metric: str = _f("", "validation metric maximised by the sweep and by the champion gate (default "
+    metric: str = setting("", "validation metric maximised by the sweep and by the champion gate (default "
                          "valid_<eval.metric>)")
-    scheduler: str = _f("asha", "'asha' (stop weak trials early) or 'none'",
+    scheduler: str = setting("asha", "'asha' (stop weak trials early) or 'none'",
                         check=lambda v: None if v in ("asha", "none") else "expected 'asha' or 'none'")
-    grace_period: int = _f(1, "ASHA: epochs a trial runs before it can be stopped",
+    grace_period: int = setting(1, "ASHA: epochs a trial runs before it can be stopped",
                            check=lambda v: None if v >= 1 else "must be >= 1")
-    reduction_factor: float = _f(2.0, "ASHA: at each rung only the top 1/reduction_factor continue",
+    reduction_factor: float = setting(2.0, "ASHA: at each rung only the top 1/reduction_factor continue",
                                  check=lambda v: None if v > 1 else "must be > 1")
-    max_concurrent_trials: int = _f(0, "trials at once (0 = as many as the cluster fits)",
+    max_concurrent_trials: int = setting(0, "trials at once (0 = as many as the cluster fits)",
                                     check=lambda v: None if v >= 0 else "must be >= 0 (0 = as many as fit)")
-    trial_driver_cpus: float = _f(0.1, "CPUs held by each trial's driver process (> 0; workers hold "
+    trial_driver_cpus: float = setting(0.1, "CPUs held by each trial's driver process (> 0; workers hold "
                                        "scaling.cpus_per_worker)",
                                   check=lambda v: None if v > 0 else "must be > 0 (Ray refuses 0 for a trial)")
-    storage_path: str = _f("llmrec_sweeps", "folder or URI under which the sweep keeps its state, trials and "
+    storage_path: str = setting("llmrec_sweeps", "folder or URI under which the sweep keeps its state, trials and "
                                             "checkpoints")
-    name: str = _f("", "the sweep's folder name under storage_path ('' = sweep-<date>-<time>)",
+    name: str = setting("", "the sweep's folder name under storage_path ('' = sweep-<date>-<time>)",
                    check=_sweep_folder_name)
-    seed: int = _f(0, "seed of the random sampling")
+    seed: int = setting(0, "seed of the random sampling")
 
     def grid_size(self) -> int:
         return math.prod(len(spec["grid"]) for spec in self.space.values() if "grid" in spec) or 1

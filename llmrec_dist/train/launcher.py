@@ -22,7 +22,7 @@ from pathlib import Path
 
 from llmrec_dist import console, storage
 from llmrec_dist.config import Config, absolute, config_from_dict
-from llmrec_dist.data.dataset_format import checked_manifest
+from llmrec_dist.data.dataset_format import checked_manifest, read_item_texts
 from llmrec_dist.ray_setup import describe_ray, init_ray
 from llmrec_dist.registry.publish import publish_model
 from llmrec_dist.train.progress import EpochLines
@@ -180,7 +180,7 @@ class OutOfMemoryStop(TrainError):
     """A worker was killed for lack of memory and the run stopped without retrying (one-line message)."""
 
 
-def preflight_memory(cfg: Config, manifest: dict, force: bool = False):
+def preflight_memory(cfg: Config, manifest: dict, force: bool = False, texts: list[str] | None = None):
     """Estimate a worker's peak memory for ``cfg`` (:mod:`llmrec_dist.train.memory`) and, on a local Ray,
     refuse a config that cannot fit before anything starts (``force`` skips the refusal). On a cluster
     (``RAY_ADDRESS``) the check runs once connected (:func:`check_cluster_memory`); on GPUs it is not
@@ -189,7 +189,7 @@ def preflight_memory(cfg: Config, manifest: dict, force: bool = False):
 
     from llmrec_dist.train.memory import check_fits, estimate_for_dataset, local_worker_budget_mb
 
-    estimate = estimate_for_dataset(cfg, manifest)
+    estimate = estimate_for_dataset(cfg, manifest, texts)
     log.info("memory estimate: %s", estimate.summary())
     if not force and not cfg.scaling.use_gpu and not os.environ.get("RAY_ADDRESS"):
         check_fits(estimate, *local_worker_budget_mb(cfg.scaling.num_workers))
@@ -245,7 +245,8 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
     else:
         cfg = with_absolute_paths(cfg)
     manifest = checked_manifest(cfg.data.path, cfg.data.verify_hash)  # before any run is opened
-    estimate = preflight_memory(cfg, manifest, force)  # and before Ray starts
+    texts = read_item_texts(cfg.data.path) if cfg.model.item_repr != "id" else None  # read once, here
+    estimate = preflight_memory(cfg, manifest, force, texts)  # and before Ray starts
     if resume:
         tracking_uri, run_id = state["tracking_uri"], state["run_id"]
         _reopen_run(tracking_uri, run_id, folder)
@@ -261,7 +262,7 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
                            {"run_id": run_id, "tracking_uri": tracking_uri, "config": cfg.to_dict()})
         say(f"MLflow run {run_id}; checkpoints in {folder} (if interrupted: llmrec-dist train --resume {folder})")
     try:
-        build_text_cache(cfg, say)
+        build_text_cache(cfg, say, texts)
         clock = {"process_start": process_start_time(), "ray_init": time.time()}
         init_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
         if echo:
@@ -304,7 +305,7 @@ def process_start_time() -> float:
     return psutil.Process().create_time()
 
 
-def build_text_cache(cfg: Config, say=log.info) -> None:
+def build_text_cache(cfg: Config, say=log.info, texts: list[str] | None = None) -> None:
     """Compute the pretrained LM's item embeddings (and, for top_k, the lower layers' outputs) once, on
     the driver, so that the workers load them instead of each running the LM over the catalogue."""
     if cfg.model.item_repr == "id":
@@ -312,6 +313,6 @@ def build_text_cache(cfg: Config, say=log.info) -> None:
     from llmrec_dist.text_tower import load_text_features
 
     started = time.perf_counter()
-    features = load_text_features(cfg)
+    features = load_text_features(cfg, texts)
     say(f"text features ({cfg.model.text_encoder}, {cfg.model.freeze}): "
         f"{'cache hit' if features.cache_hit else 'computed'} in {time.perf_counter() - started:.1f} s")

@@ -291,10 +291,11 @@ def text_token_width(cfg: Config, texts: list[str], sample: int = 20_000, seed: 
     return max(lengths, default=1)
 
 
-def estimate_for_dataset(cfg: Config, manifest: dict) -> MemoryEstimate:
+def estimate_for_dataset(cfg: Config, manifest: dict, texts: list[str] | None = None) -> MemoryEstimate:
     """The estimate for ``cfg`` on its dataset: batch shapes from the training rows, the LM's shape from
-    its config file, the text width from its tokenizer (no model weights are loaded)."""
-    from llmrec_dist.data.dataset_format import num_items, read_items, read_split
+    its config file, the text width from its tokenizer over the item ``texts`` (read from the dataset
+    when not given; no model weights are loaded)."""
+    from llmrec_dist.data.dataset_format import num_items, read_item_texts, read_split
     from llmrec_dist.train.training_rows import windowed_table
 
     table = read_split(cfg.data.path, cfg.training_split())
@@ -302,7 +303,7 @@ def estimate_for_dataset(cfg: Config, manifest: dict) -> MemoryEstimate:
     lm = tokens = None
     if cfg.model.item_repr != "id":
         lm = lm_shape(cfg.model)
-        tokens = text_token_width(cfg, read_items(cfg.data.path).column("text").to_pylist())
+        tokens = text_token_width(cfg, read_item_texts(cfg.data.path) if texts is None else texts)
     return estimate_worker_memory(cfg, num_items(manifest), peak_step(cfg, rows), lm, text_tokens=tokens)
 
 

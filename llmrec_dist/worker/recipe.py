@@ -295,7 +295,7 @@ def setup(loop_config: dict) -> WorkerRun:
     manifest = loop_config["manifest"]  # read and checked once, by the driver
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     random.seed(cfg.train.seed)
-    text = load_text_features(cfg, manifest)
+    text = load_text_features(cfg)
     model = ray.train.torch.prepare_model(build_recommender(cfg, manifest, text),
                                           parallel_strategy_kwargs=ddp_kwargs(cfg))
     nodes = _worker_nodes()
