@@ -218,6 +218,13 @@ class TrainConfig:
                                      "still train). Bounds a step's LM memory and time whatever the batch "
                                      "or catalogue size. 0 = every distinct item of the step (memory grows "
                                      "with the batch).", check=_non_negative)
+    lm_checkpoint_items: int = setting(64, "Trainable LM tower: in a training step the LM runs over its items "
+                                       "in chunks of this many, and each chunk's activations are recomputed "
+                                       "in the backward pass instead of kept (activation checkpointing): a "
+                                       "step holds one chunk's LM activations, not those of all "
+                                       "train.lm_items_per_step items, for about a third more LM compute. "
+                                       "0 = keep every activation (faster, more memory).",
+                                       check=_non_negative)
     lm_refresh_steps: int = setting(0, "Trainable LM tower: recompute the cached LM output of every item every "
                                   "this many optimiser steps (one LM pass over the catalogue, no gradient, "
                                   "split over the workers); 0 = once per epoch, before validation.",

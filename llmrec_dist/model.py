@@ -312,7 +312,7 @@ def softmax_negatives(model_cfg: ModelConfig, train_cfg: TrainConfig) -> int:
 
 def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int = 0,
                 id_seen=None, exclude_seen: bool = False, lm_items_per_step: int = 0,
-                negative_items=None, lm_anchor: float = 0.0) -> SequenceRecommender:
+                lm_checkpoint_items: int = 0, negative_items=None, lm_anchor: float = 0.0) -> SequenceRecommender:
     """Build the recommender described by ``cfg`` for a catalogue of ``num_items`` items.
 
     ``text``: the :class:`llmrec_dist.text_tower.TextFeatures` of the catalogue, required when
@@ -322,6 +322,8 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
     ``exclude_seen`` (``train.exclude_seen``): the training softmax leaves out the items in view.
     ``lm_items_per_step`` (``train.lm_items_per_step``): a trainable LM tower runs at most this many
     of a step's distinct items with gradient, the rest from its output cache (0 = all of them).
+    ``lm_checkpoint_items`` (``train.lm_checkpoint_items``): it runs them in chunks of this many, each
+    recomputed in the backward pass (0 = no activation checkpointing).
     ``negative_items``: ``num_items + 1`` flags of the items the training softmax may use as negatives
     (``train.negatives_from=trained``: those that occur in training; default every item).
     ``lm_anchor`` (``train.lm_anchor``): weight of a trainable LM's pull toward its pretrained output.
@@ -335,7 +337,8 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
                                 fusion=cfg.fusion, pooling=cfg.text_pooling, freeze_k=cfg.freeze_k, lora_cfg=cfg,
                                 id_seen=id_seen, init_std=cfg.init_std, grad_items=lm_items_per_step,
                                 adaptor=cfg.text_adaptor, id_dropout=cfg.id_dropout, lm_anchor=lm_anchor,
-                                freeze_embeddings=cfg.freeze_lm_embeddings)
+                                freeze_embeddings=cfg.freeze_lm_embeddings,
+                                checkpoint_items=lm_checkpoint_items)
     else:
         raise ValueError(f"model.item_repr: unknown {cfg.item_repr!r}; valid: id, text, id+text")
     return SequenceRecommender(items, cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.dropout,

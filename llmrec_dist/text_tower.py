@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llmrec_dist import storage
 from llmrec_dist.item_encoder import PAD, ItemEncoder, id_embedding
@@ -355,7 +356,7 @@ class TextItemEncoder(ItemEncoder):
                  pooling: str, freeze_k: int = 1, lora_cfg=None, chunk: int = 512,
                  id_seen: torch.Tensor | None = None, init_std: float = 0.02, grad_items: int = 0,
                  adaptor: str = "linear", id_dropout: float = 0.0, lm_anchor: float = 0.0,
-                 freeze_embeddings: bool = False):
+                 freeze_embeddings: bool = False, checkpoint_items: int = 0):
         super().__init__()
         self.hidden_size = hidden_size
         self.strategy = features.strategy
@@ -363,6 +364,7 @@ class TextItemEncoder(ItemEncoder):
         self.num_id_items = num_items
         self.chunk = chunk
         self.grad_items = grad_items
+        self.checkpoint_items = checkpoint_items
         self.register_buffer("token_ids", features.token_ids, persistent=False)
         self.register_buffer("token_mask", features.token_mask, persistent=False)
         if features.pooled is None:
@@ -433,11 +435,19 @@ class TextItemEncoder(ItemEncoder):
 
     # ----------------------------------------------------------------------------------- LM output
     def lm_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """The LM's pooled output [U, H_lm] for 1-D item ids, run now (chunks of ``chunk`` items)."""
+        """The LM's pooled output [U, H_lm] for 1-D item ids, run now, in chunks of ``chunk`` items; with
+        gradient and ``checkpoint_items``, in chunks of that many whose activations are recomputed in
+        the backward pass (so that only one chunk's activations are alive at a time)."""
         if self.strategy == "frozen":
             return self.pooled[ids]
-        return torch.cat([self._run_lm(ids[start:start + self.chunk]) for start in range(0, len(ids), self.chunk)]) \
-            if len(ids) else self.pooled[ids]
+        if not len(ids):
+            return self.pooled[ids]
+        checkpointed = self.checkpoint_items > 0 and torch.is_grad_enabled()
+        size = self.checkpoint_items if checkpointed else self.chunk
+        chunks = [ids[start:start + size] for start in range(0, len(ids), size)]
+        if checkpointed:  # dropout draws the same masks again in the recompute (the RNG state is kept)
+            return torch.cat([checkpoint(self._run_lm, chunk, use_reentrant=False) for chunk in chunks])
+        return torch.cat([self._run_lm(chunk) for chunk in chunks])
 
     def _run_lm(self, ids: torch.Tensor) -> torch.Tensor:
         mask = self.token_mask[ids]

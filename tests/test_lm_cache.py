@@ -552,3 +552,47 @@ def test_cold_items_keep_their_scores_after_the_lm_trains(tmp_path, one_thread, 
     assert sum(rank <= 2 for rank, _ in catalogue) <= 1, catalogue
     assert np.mean([rank for rank, _ in catalogue]) >= 3, catalogue
     assert np.mean([ratio for _, ratio in catalogue]) <= 0.8, catalogue
+
+
+# ---------------------------------------------------------------------------------------------
+# activation checkpointing of the LM (train.lm_checkpoint_items)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dropout_encoder(tmp_path_factory):
+    return make_tiny_encoder(tmp_path_factory.mktemp("enc-dropout") / "tiny-bert", TEXTS, dropout=0.1)
+
+
+@pytest.mark.parametrize("freeze", TRAINABLE)
+def test_checkpointing_the_lm_changes_neither_the_loss_nor_any_gradient(dropout_encoder, one_thread, freeze):
+    """``lm_checkpoint_items=2``: the LM runs a step's 7 items in chunks of 2 whose activations are
+    recomputed in the backward pass. With dropout on in the LM (and in LoRA's adapters) the loss and every
+    gradient equal those of the same step run in the same chunks with every activation kept: the
+    recompute draws the same dropout masks. The LM did run again in the backward pass."""
+    runs = []
+    for checkpoint_items in (0, 2):
+        cfg = cfg_for(dropout_encoder, freeze=freeze, lora_dropout=0.1)
+        torch.manual_seed(0)
+        model = build_model(cfg, N, text=prepare_text_features(cfg, TEXTS), num_negatives=6, lm_items_per_step=7,
+                            lm_checkpoint_items=checkpoint_items)
+        model.items.chunk = 2  # the reference runs the same chunks, without checkpointing
+        calls = []
+        original = model.items._run_lm
+        model.items._run_lm = lambda ids: calls.append(len(ids)) or original(ids)
+        model.train()
+        seq, tgt = next_item_batch(SEQS, 12)
+        torch.manual_seed(2)
+        loss = model(seq, tgt)["loss"]
+        forward_calls = list(calls)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((loss.detach(), grads, forward_calls, calls[len(forward_calls):]))
+    (loss0, grads0, fwd0, bwd0), (loss1, grads1, fwd1, bwd1) = runs
+    assert fwd0 == fwd1 == [2, 2, 2, 1] and bwd0 == [] and sorted(bwd1) == sorted(fwd1)
+    torch.testing.assert_close(loss1, loss0)
+    assert grads1.keys() == grads0.keys()
+    lm = [n for n in grads0 if n.startswith(("items.lm.", "items.top_layers."))]
+    assert lm and any(grads0[n].abs().sum() > 0 for n in lm)  # (LoRA's A gets none while B is 0)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -43,6 +43,11 @@ PROCESS_MB = 620.0
 RAY_WORKER_EXTRA_MB = 360.0
 # Items per LM chunk outside training (cache refresh, evaluation): TextItemEncoder.chunk.
 LM_CHUNK = 512
+# What an LM's blocks hold per token in a training step, over what _block_floats counts: measured by
+# bench lm-memory with all-MiniLM-L6-v2 (sdpa attention, CPU), 9.2 MB per item of 32 tokens through the
+# 6 layers against 5.5 MB counted, about 1.6x: the attention's own saved tensors and the backward's
+# gradient buffers, alive at the peak with what the forward saved.
+LM_BLOCK_OVERHEAD = 1.6
 # glibc keeps part of what a step frees, and the next step's tensors rarely fit the same holes exactly.
 ALLOCATOR_SLACK = 1.15
 
@@ -196,10 +201,14 @@ def estimate_worker_memory(cfg: Config, num_items: int, step: StepShape, lm: LMS
         distinct = step.distinct + negatives if negatives else step.distinct
         lm_items = min(t.lm_items_per_step, distinct) if t.lm_items_per_step else distinct
         depth = m.freeze_k if m.freeze == "top_k" else lm.layers
-        per_token = depth * _block_floats(lm.hidden, lm.intermediate, lm.heads, tokens, gated=False) \
+        per_token = LM_BLOCK_OVERHEAD * depth * _block_floats(lm.hidden, lm.intermediate, lm.heads, tokens,
+                                                              gated=False) \
             + (lm.hidden if m.freeze == "top_k" else 3 * lm.hidden)  # the lower-cache gather / embeddings
-        train[f"LM activations ({lm_items:,} items x {tokens} tokens x {depth} layers)"] = \
-            lm_items * tokens * per_token * F32 / MB
+        # with activation checkpointing one chunk's activations are alive at a time (in its recompute)
+        alive = min(t.lm_checkpoint_items, lm_items) if t.lm_checkpoint_items else lm_items
+        what = f"{alive:,} of {lm_items:,} items" if alive < lm_items else f"{lm_items:,} items"
+        train[f"LM activations ({what} x {tokens} tokens x {depth} layers)"] = \
+            alive * tokens * per_token * F32 / MB
         train["text vectors"] = distinct * (lm.hidden * 3 + m.hidden_size * 4) * F32 / MB
     est.phases["training step"] = train
 
@@ -258,7 +267,7 @@ def _lm_embedding_params(lm: LMShape) -> int:
 RAY_PROCESSES_MB = 1500.0
 # The config keys that shrink each component, named when a config does not fit.
 KEYS = {
-    "LM activations": ("train.lm_items_per_step", "model.text_max_len"),
+    "LM activations": ("train.lm_checkpoint_items", "train.lm_items_per_step", "model.text_max_len"),
     "softmax": ("train.batch_size", "train.loss=sampled", "train.num_negatives"),
     "sequence activations": ("train.batch_size", "model.max_len"),
     "top_k lower-layer cache": ("model.text_max_len", "model.freeze_k"),

@@ -133,6 +133,7 @@ def build_recommender(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
                        num_negatives=softmax_negatives(cfg.model, cfg.train),
                        id_seen=counts >= cfg.model.id_min_count if cfg.model.item_repr == "id+text" else None,
                        exclude_seen=cfg.train.exclude_seen, lm_items_per_step=cfg.train.lm_items_per_step,
+                       lm_checkpoint_items=cfg.train.lm_checkpoint_items,
                        negative_items=trained if cfg.train.negatives_from == "trained" else None,
                        lm_anchor=cfg.train.lm_anchor)
 
