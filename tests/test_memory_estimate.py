@@ -114,7 +114,8 @@ def test_a_config_that_cannot_fit_is_refused_before_anything_starts(world, tmp_p
     line = lines[0]
     assert line.startswith("llmrec-dist train: not started: the config needs about ")
     assert "largest: LM activations (" in line
-    for key in ("train.lm_items_per_step", "model.text_max_len", "train.batch_size", "scaling.num_workers"):
+    for key in ("train.lm_checkpoint_items", "train.lm_items_per_step", "model.text_max_len", "model.text_encoder",
+                "scaling.num_workers"):
         assert key in line, key
     assert line.endswith("or pass --force to start anyway")
     assert not no_ray  # Ray was never started

@@ -271,6 +271,7 @@ KEYS = {
     "softmax": ("train.batch_size", "train.loss=sampled", "train.num_negatives"),
     "sequence activations": ("train.batch_size", "model.max_len"),
     "top_k lower-layer cache": ("model.text_max_len", "model.freeze_k"),
+    "LM loading": ("model.text_encoder",),
     "scores": ("eval.batch_size",),
     "gradients + AdamW state": ("model.freeze",),
     "weights": ("model.freeze",),
