@@ -222,7 +222,8 @@ class TrainConfig:
                                        "in chunks of this many, and each chunk's activations are recomputed "
                                        "in the backward pass instead of kept (activation checkpointing): a "
                                        "step holds one chunk's LM activations, not those of all "
-                                       "train.lm_items_per_step items, for about a third more LM compute. "
+                                       "train.lm_items_per_step items, for about a third more LM compute "
+                                       "(a step whose LM items fit in one chunk is not recomputed). "
                                        "0 = keep every activation (faster, more memory).",
                                        check=_non_negative)
     lm_refresh_steps: int = setting(0, "Trainable LM tower: recompute the cached LM output of every item every "

@@ -436,13 +436,14 @@ class TextItemEncoder(ItemEncoder):
     # ----------------------------------------------------------------------------------- LM output
     def lm_text(self, ids: torch.Tensor) -> torch.Tensor:
         """The LM's pooled output [U, H_lm] for 1-D item ids, run now, in chunks of ``chunk`` items; with
-        gradient and ``checkpoint_items``, in chunks of that many whose activations are recomputed in
-        the backward pass (so that only one chunk's activations are alive at a time)."""
+        gradient and more than ``checkpoint_items`` ids, in chunks of that many whose activations are
+        recomputed in the backward pass (so that only one chunk's activations are alive at a time; ids
+        that fit in one chunk gain nothing from it and are not recomputed)."""
         if self.strategy == "frozen":
             return self.pooled[ids]
         if not len(ids):
             return self.pooled[ids]
-        checkpointed = self.checkpoint_items > 0 and torch.is_grad_enabled()
+        checkpointed = 0 < self.checkpoint_items < len(ids) and torch.is_grad_enabled()
         size = self.checkpoint_items if checkpointed else self.chunk
         chunks = [ids[start:start + size] for start in range(0, len(ids), size)]
         if checkpointed:  # dropout draws the same masks again in the recompute (the RNG state is kept)

@@ -569,9 +569,10 @@ def test_checkpointing_the_lm_changes_neither_the_loss_nor_any_gradient(dropout_
     """``lm_checkpoint_items=2``: the LM runs a step's 7 items in chunks of 2 whose activations are
     recomputed in the backward pass. With dropout on in the LM (and in LoRA's adapters) the loss and every
     gradient equal those of the same step run in the same chunks with every activation kept: the
-    recompute draws the same dropout masks. The LM did run again in the backward pass."""
+    recompute draws the same dropout masks. The LM did run again in the backward pass; with
+    ``lm_checkpoint_items=7`` the items fit in one chunk and nothing is recomputed."""
     runs = []
-    for checkpoint_items in (0, 2):
+    for checkpoint_items in (0, 2, 7):
         cfg = cfg_for(dropout_encoder, freeze=freeze, lora_dropout=0.1)
         torch.manual_seed(0)
         model = build_model(cfg, N, text=prepare_text_features(cfg, TEXTS), num_negatives=6, lm_items_per_step=7,
@@ -588,8 +589,8 @@ def test_checkpointing_the_lm_changes_neither_the_loss_nor_any_gradient(dropout_
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         runs.append((loss.detach(), grads, forward_calls, calls[len(forward_calls):]))
-    (loss0, grads0, fwd0, bwd0), (loss1, grads1, fwd1, bwd1) = runs
-    assert fwd0 == fwd1 == [2, 2, 2, 1] and bwd0 == [] and sorted(bwd1) == sorted(fwd1)
+    (loss0, grads0, fwd0, bwd0), (loss1, grads1, fwd1, bwd1), (_, _, fwd7, bwd7) = runs
+    assert fwd0 == fwd1 == fwd7 == [2, 2, 2, 1] and bwd0 == bwd7 == [] and sorted(bwd1) == sorted(fwd1)
     torch.testing.assert_close(loss1, loss0)
     assert grads1.keys() == grads0.keys()
     lm = [n for n in grads0 if n.startswith(("items.lm.", "items.top_layers."))]
