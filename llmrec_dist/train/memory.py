@@ -209,6 +209,11 @@ def estimate_worker_memory(cfg: Config, num_items: int, step: StepShape, lm: LMS
         what = f"{alive:,} of {lm_items:,} items" if alive < lm_items else f"{lm_items:,} items"
         train[f"LM activations ({what} x {tokens} tokens x {depth} layers)"] = \
             alive * tokens * per_token * F32 / MB
+        if alive < lm_items:  # measured by bench lm-memory, not derived: with checkpointing a step still
+            # grows by about one block's activations per LM item outside the chunk (1.3-1.7 MB per item of
+            # 32 tokens on MiniLM, full and lora alike)
+            train["LM items outside the recomputed chunk"] = (lm_items - alive) * tokens * LM_BLOCK_OVERHEAD \
+                * _block_floats(lm.hidden, lm.intermediate, lm.heads, tokens, gated=False) * F32 / MB
         train["text vectors"] = distinct * (lm.hidden * 3 + m.hidden_size * 4) * F32 / MB
     est.phases["training step"] = train
 
@@ -272,6 +277,7 @@ KEYS = {
     "sequence activations": ("train.batch_size", "model.max_len"),
     "top_k lower-layer cache": ("model.text_max_len", "model.freeze_k"),
     "LM loading": ("model.text_encoder",),
+    "LM items outside": ("train.lm_items_per_step", "model.text_max_len"),
     "scores": ("eval.batch_size",),
     "gradients + AdamW state": ("model.freeze",),
     "weights": ("model.freeze",),
