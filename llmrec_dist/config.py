@@ -152,6 +152,9 @@ class ModelConfig:
     text_adaptor: Literal["linear", "mlp"] = setting("linear", "How the normalised LM output becomes an item vector: "
                                                           "`linear` = one projection; `mlp` = a GELU layer of "
                                                           "2 x model.hidden_size, then the projection.")
+    text_whiten: bool = setting(False, "Whiten the LM output before the projection: a fixed ZCA transform fitted "
+                                       "on the pretrained outputs of the catalogue's items (zero mean, identity "
+                                       "covariance), so that every direction of the text counts alike.")
     id_dropout: float = setting(0.0, "id+text, training only: the share of a step's items whose ID vector is dropped, "
                                      "so that their text alone represents them (trains the text path to carry "
                                      "rare and new items).", check=_fraction)

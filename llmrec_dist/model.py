@@ -338,7 +338,7 @@ def build_model(cfg: ModelConfig, num_items: int, text=None, num_negatives: int 
                                 id_seen=id_seen, init_std=cfg.init_std, grad_items=lm_items_per_step,
                                 adaptor=cfg.text_adaptor, id_dropout=cfg.id_dropout, lm_anchor=lm_anchor,
                                 freeze_embeddings=cfg.freeze_lm_embeddings,
-                                checkpoint_items=lm_checkpoint_items)
+                                checkpoint_items=lm_checkpoint_items, whiten=cfg.text_whiten)
     else:
         raise ValueError(f"model.item_repr: unknown {cfg.item_repr!r}; valid: id, text, id+text")
     return SequenceRecommender(items, cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.dropout,

@@ -330,6 +330,23 @@ class Fusion(nn.Module):
         return gate * id_vec + (1 - gate) * text_vec
 
 
+@torch.no_grad()
+def whitening(vectors: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """ZCA whitening of row vectors [N, H]: (mean [H], matrix [H, H]) such that ``(v - mean) @ matrix``
+    has zero mean and identity covariance over the rows (directions with a variance below ``eps`` x the
+    mean variance are kept at that floor rather than blown up). Pretrained sentence embeddings crowd
+    into a narrow cone (a few directions carry most of the variance); whitened, every direction of
+    the text counts alike."""
+    x = vectors.double()
+    mean = x.mean(0)
+    centred = x - mean
+    cov = centred.T @ centred / max(len(x) - 1, 1)
+    values, vecs = torch.linalg.eigh(cov)
+    floor = eps * values.clamp(min=0).mean().clamp(min=1e-12)
+    matrix = vecs @ torch.diag(values.clamp(min=0).add(floor).rsqrt()) @ vecs.T
+    return mean.float(), matrix.float()
+
+
 class TextItemEncoder(ItemEncoder):
     """Item vectors from text (``item_repr=text``) or ID + text (``id+text``), for any freezing strategy.
 
@@ -356,7 +373,7 @@ class TextItemEncoder(ItemEncoder):
                  pooling: str, freeze_k: int = 1, lora_cfg=None, chunk: int = 512,
                  id_seen: torch.Tensor | None = None, init_std: float = 0.02, grad_items: int = 0,
                  adaptor: str = "linear", id_dropout: float = 0.0, lm_anchor: float = 0.0,
-                 freeze_embeddings: bool = False, checkpoint_items: int = 0):
+                 freeze_embeddings: bool = False, checkpoint_items: int = 0, whiten: bool = False):
         super().__init__()
         self.hidden_size = hidden_size
         self.strategy = features.strategy
@@ -393,6 +410,10 @@ class TextItemEncoder(ItemEncoder):
             self.lm = _apply_lora(features.lm, lora_cfg)
         else:
             raise ValueError(f"model.freeze: unknown {self.strategy!r}; valid: frozen, top_k, full, lora")
+        # whiten: a fixed ZCA transform of the pretrained LM outputs (persistent, so a package carries it)
+        mean, matrix = whitening(features.pooled[1:]) if whiten else (None, None)
+        self.register_buffer("whiten_mean", mean)
+        self.register_buffer("whiten_matrix", matrix)
         self.text_norm = nn.LayerNorm(features.lm_hidden)
         # The normalised text has unit variance per dimension, so these draws give projected text
         # vectors of std init_std per dimension, the scale of the ID vectors (see item_encoder.id_embedding).
@@ -517,7 +538,10 @@ class TextItemEncoder(ItemEncoder):
     def represent(self, ids: torch.Tensor, focus: torch.Tensor | None = None) -> torch.Tensor:
         """Vectors [U, H] for 1-D item ids. ``focus`` (training only): the step's items, among which
         the ones that run the LM with gradient are drawn (default: any of ``ids``)."""
-        text = self.text_norm(self._text(ids, focus).float())
+        text = self._text(ids, focus).float()
+        if self.whiten_matrix is not None:
+            text = (text - self.whiten_mean) @ self.whiten_matrix
+        text = self.text_norm(text)
         text = self.text_proj(text if self.text_hidden is None else self.text_hidden(text))
         if self.id_embedding is None:
             return text

@@ -17,6 +17,7 @@ from llmrec_dist.text_tower import (
     load_text_encoder,
     prepare_text_features,
     resolve_text_encoder,
+    whitening,
 )
 from llmrec_dist.worker.optim import build_optimizer
 from text_fixtures import make_tiny_encoder
@@ -293,3 +294,29 @@ def test_text_and_id_parts_start_at_the_same_scale(encoder, init_std):
     ids = model.items.id_embedding.weight[1:]
     assert ids.std().item() == pytest.approx(init_std, rel=0.1)
     assert text.std().item() == pytest.approx(init_std, rel=0.2)
+
+
+def test_whitening_gives_zero_mean_identity_covariance():
+    """By hand: correlated 3-d vectors (one direction 100x the others) come out centred and white."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 3, generator=g) @ torch.tensor([[10.0, 0, 0], [9.0, 1, 0], [0, 0, 0.5]]) + 5
+    mean, matrix = whitening(x)
+    white = (x - mean) @ matrix
+    assert mean.tolist() == pytest.approx(x.mean(0).tolist(), abs=1e-4)
+    assert torch.allclose(white.T @ white / (len(x) - 1), torch.eye(3), atol=5e-3)
+    assert torch.allclose(matrix, matrix.T, atol=1e-5)  # ZCA: symmetric, the least rotation of the data
+
+
+def test_whitened_tower_is_fitted_on_the_pretrained_items_and_saved(encoder):
+    """model.text_whiten: the transform is fitted on the items' pretrained LM outputs (not the padding
+    row), is applied before the projection, and is a persistent buffer that a state dict carries."""
+    model, features = build(encoder, text_whiten=True)
+    mean, matrix = whitening(features.pooled[1:])
+    assert torch.equal(model.items.whiten_mean, mean) and torch.equal(model.items.whiten_matrix, matrix)
+    state = model.state_dict()
+    assert "items.whiten_matrix" in state and "items.whiten_mean" in state
+    plain, _ = build(encoder)
+    assert "items.whiten_matrix" not in plain.state_dict()
+    with torch.no_grad():  # the same weights, without whitening, give other item vectors
+        plain.load_state_dict({k: v for k, v in state.items() if not k.startswith("items.whiten")})
+        assert not torch.allclose(plain.items.all_items(), model.items.all_items())
