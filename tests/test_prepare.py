@@ -94,7 +94,8 @@ def test_written_schema_and_layout(tmp_path):
         assert len(files) == 2 and all(f.startswith(str(ds.absolute())) for f in files)
         assert pq.read_schema(files[0]).remove_metadata() == dataset_format.SPLIT_SCHEMAS[split]
     assert dataset_format.num_items(manifest) == 5
-    assert manifest["format_version"] == dataset_format.FORMAT_VERSION == 1
+    assert manifest["format_version"] == dataset_format.FORMAT_VERSION == 2
+    assert manifest["feedback"] is None  # no rating or label column given
 
 
 def test_min_interactions_filter(tmp_path):

@@ -24,6 +24,12 @@ def sequences(dataset) -> dict[str, list[str]]:
     }
 
 
+def ratings_of(dataset) -> dict[int, list[float]]:
+    """Every user's ratings in time order (history, then the test target's), from the test split."""
+    return {r["user_idx"]: r["feedback"] + [r["target_feedback"]]
+            for r in dataset_format.read_split(dataset, "test", feedback=True).to_pylist()}
+
+
 def texts(dataset) -> dict[str, str]:
     return {r["item_id"]: r["text"] for r in dataset_format.read_items(dataset).to_pylist()}
 
@@ -75,6 +81,8 @@ def test_ml1m_zip_with_top_level_folder(tmp_path):
     assert len(manifest["source"]["archive_sha256"]) == 64
     # user 2: ties at t=5 keep file order (2 before 1)
     assert sequences(tmp_path / "ds") == {1: ["1", "2", "73"], 2: ["73", "2", "1"]}
+    assert ratings_of(tmp_path / "ds") == {1: [3.0, 4.0, 5.0], 2: [4.0, 4.0, 4.0]}
+    assert manifest["feedback"] == {"kind": "rating", "column": "Rating", "min": 1.0, "max": 5.0, "range": "declared"}
     assert texts(tmp_path / "ds")["73"] == "Misérables, Les (1995). Genres: Drama, Musical."
     assert list(tmp_path.iterdir()) != [] and not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
@@ -88,6 +96,9 @@ def test_ml1m_sasrec_sequences_use_file_order(tmp_path):
     assert manifest["source"]["variant"] == "ml-1m-sasrec"
     assert manifest["split"]["time_order"] == "file_order"
     assert sequences(tmp_path / "ds") == {1: ["73", "1", "2"], 2: ["2", "73", "1"]}
+    assert manifest["feedback"] is None  # the SASRec sequences have no ratings
+    with pytest.raises(dataset_format.DatasetError, match="feedback"):
+        dataset_format.read_split(tmp_path / "ds", "test", feedback=True)
 
 
 def test_ml_latest_crlf_quotes_tags(tmp_path):
@@ -106,6 +117,8 @@ def test_ml_latest_crlf_quotes_tags(tmp_path):
     manifest = prepare_dataset("movielens", tmp_path / "ds", input=str(folder), min_interactions=3)
     assert manifest["source"]["variant"] == "ml-latest-small"
     assert sequences(tmp_path / "ds") == {1: ["2", "3", "1"]}
+    assert ratings_of(tmp_path / "ds") == {1: [3.5, 5.0, 4.0]}
+    assert (manifest["feedback"]["min"], manifest["feedback"]["max"]) == (0.5, 5.0)  # half stars
     assert texts(tmp_path / "ds") == {
         "1": "Toy Story (1995). Genres: Adventure, Animation. Tags: pixar, fun, alpha, beta, gamma.",
         "2": "American President, The (1995). Genres: Comedy, Drama. Tags: politics, satire.",
@@ -133,6 +146,9 @@ def test_unrecognised_folder_lists_what_was_looked_for(tmp_path):
         ("1::1::5::10\n1::2::5::11::7\n", r"ratings\.dat:2: expected 4 fields separated by '::', found 5"),
         ("1::1::5::10\n\n1::2::5\n", r"ratings\.dat:3: cannot parse timestamp ''"),
         ("1::1::5::10\n1::999::5::11\n", r"ratings\.dat:2: item id '999' is not in the items table"),
+        ("1::1::5::10\n1::2::five::11\n", r"ratings\.dat:2: column 'Rating': 'five' is not a rating"),
+        ("1::1::5::10\n1::2::6::11\n", r"ratings\.dat:2: column 'Rating': rating '6' is outside the declared range \[1, 5\]"),
+        ("1::1::5::10\n1::2::nan::11\n", r"ratings\.dat:2: column 'Rating': 'nan' is not a rating"),
     ],
 )
 def test_malformed_ratings_dat(tmp_path, ratings, expected):
@@ -157,6 +173,11 @@ def test_real_movielens_published_counts(tmp_path, name, users, items, interacti
     counts = manifest["counts"]
     assert (counts["users"], counts["items"], counts["interactions"]) == (users, items, interactions)
     assert counts["train_interactions"] == interactions - 2 * users
+    if name == "ml-latest-small":
+        assert manifest["feedback"] == {"kind": "rating", "column": "rating", "min": 0.5, "max": 5.0,
+                                        "range": "declared"}
+        values = dataset_format.read_split(tmp_path / name, "train", feedback=True).column("feedback")
+        assert len(values.combine_chunks().flatten()) == counts["train_interactions"]
     if name == "ml-1m":
         assert manifest["source"]["variant"] == "ml-1m-sasrec"
         # user 1's last line in the sequences file is its test target

@@ -23,8 +23,10 @@ sources:
   synthetic   generated catalogue and users (no input files); sized by --synthetic-users,
               --synthetic-items, reproducible with --seed
   movielens   --input: a MovieLens folder or original .zip (ml-100k, ml-1m, the SASRec ml-1m
-              sequences, ml-latest, ml-latest-small), variant detected from its files
-  generic     --interactions FILE and --items FILE (CSV or Parquet, by extension)
+              sequences, ml-latest, ml-latest-small), variant detected from its files; the rating of
+              every interaction is kept as explicit feedback (not in the SASRec sequences)
+  generic     --interactions FILE and --items FILE (CSV or Parquet, by extension); --rating-col or
+              --label-col keeps a rating or a 0/1 label of every interaction as explicit feedback
   sequences   --sequences FILE: one row per user, its item ids space-separated and oldest first in
               --items-col (CSV/TSV, or Parquet with that column as strings), and --items FILE as for
               generic; the order on a row is the time order, repeats are kept. A user on two rows,
@@ -39,6 +41,8 @@ examples:
   llmrec-dist prepare --source generic --interactions events.parquet --items items.csv \\
       --user-col customer --item-col sku --time-col ts --item-id-col sku \\
       --text-cols title,description --output data/shop
+  llmrec-dist prepare --source generic --interactions ratings.csv --items items.csv \
+      --rating-col stars --rating-range 1,5 --output data/shop-ratings
   llmrec-dist prepare --source sequences --sequences ../shared/data/amazon-beauty-2014/sequences.tsv \\
       --items ../shared/data/amazon-beauty-2014/items.tsv --user-col user_idx --items-col item_seq \\
       --item-id-col item_idx --text-cols title --output data/beauty
@@ -160,6 +164,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="comma-separated columns of --items joined with '. ' into the item text (default: %(default)s)",
     )
     generic.add_argument(
+        "--rating-col", default=None, metavar="C",
+        help="column of --interactions with each interaction's rating, kept as the dataset's explicit "
+        "feedback (a missing or non-numeric value stops prepare with its row)",
+    )
+    generic.add_argument(
+        "--rating-range", default=None, metavar="LOW,HIGH",
+        help="the valid range of --rating-col; a rating outside it stops prepare with its row "
+        "(default: any finite number)",
+    )
+    generic.add_argument(
+        "--label-col", default=None, metavar="C",
+        help="column of --interactions with each interaction's 0/1 label (click or not), kept as the "
+        "dataset's explicit feedback instead of a rating",
+    )
+    generic.add_argument(
         "--encoding", default="utf-8", metavar="NAME",
         help="text encoding of CSV/TSV files, e.g. latin-1 or cp1252 (Parquet text is always UTF-8); a byte "
         "that is not valid in it stops prepare with its file, row and byte offset (default: %(default)s)",
@@ -181,7 +200,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # Flags (dest: default) used by some sources only; the shared ones by both file sources.
-_GENERIC_FLAGS = {"interactions": None, "item_col": "item_id", "time_col": "timestamp"}
+_GENERIC_FLAGS = {"interactions": None, "item_col": "item_id", "time_col": "timestamp",
+                  "rating_col": None, "rating_range": None, "label_col": None}
 _SEQUENCES_FLAGS = {"sequences": None, "items_col": "items"}
 _SHARED_FLAGS = {
     "items": None, "user_col": "user_id", "item_id_col": "item_id", "text_cols": "text", "encoding": "utf-8",
@@ -208,6 +228,11 @@ def _problems(args: argparse.Namespace) -> list[str]:
         ]
         if not any(c.strip() for c in args.text_cols.split(",")):
             problems.append("--text-cols must name at least one column")
+    if args.source == "generic":
+        if args.rating_col and args.label_col:
+            problems.append("--rating-col and --label-col: give one feedback column, not both")
+        if args.rating_range and not args.rating_col:
+            problems.append("--rating-range needs --rating-col")
     for flags, users in ((_GENERIC_FLAGS, ("generic",)), (_SEQUENCES_FLAGS, ("sequences",)),
                          (_SHARED_FLAGS, ("generic", "sequences"))):
         if args.source not in users:
@@ -250,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
         }
         if args.source == "generic":
             generic = {**shared, "interactions": args.interactions, "item_col": args.item_col,
-                       "time_col": args.time_col or None}
+                       "time_col": args.time_col or None, "rating_col": args.rating_col,
+                       "label_col": args.label_col, "rating_range": args.rating_range}
         else:
             sequences = {**shared, "sequences": args.sequences, "items_col": args.items_col}
     synthetic = None
@@ -288,6 +314,10 @@ def run(args: argparse.Namespace) -> int:
         f"interactions ({counts['train_interactions']:,} train; {counts['raw_interactions']:,} read), "
         f"{len(manifest['shards']['train'])} shards per split, {manifest['content_hash']}"
     )
+    feedback = manifest["feedback"]
+    if feedback:
+        print(f"explicit feedback: {feedback['kind']} from column {feedback['column']!r}, "
+              f"{feedback['min']:g} to {feedback['max']:g} ({feedback['range']})")
     cold = manifest["cold_items"]
     if cold["items"]:
         print(

@@ -65,8 +65,9 @@ def choose_cold_items(targets: np.ndarray, num_items: int, fraction: float, seed
     return mask
 
 
-def drop_items(lists: pa.Array | pa.ChunkedArray, drop: np.ndarray) -> tuple[pa.ListArray, np.ndarray]:
-    """``lists`` (list<int32>) without the items where ``drop[item]``; also the new list lengths."""
+def drop_items(lists: pa.Array | pa.ChunkedArray, drop: np.ndarray) -> tuple[pa.ListArray, np.ndarray, np.ndarray]:
+    """``lists`` (list<int32>) without the items where ``drop[item]``; also the new list lengths and
+    the keep mask over the flattened values (to cut lists parallel to these the same way)."""
     if isinstance(lists, pa.ChunkedArray):
         lists = lists.combine_chunks()
     lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -76,11 +77,25 @@ def drop_items(lists: pa.Array | pa.ChunkedArray, drop: np.ndarray) -> tuple[pa.
     new_lengths = np.bincount(row_of_value[keep], minlength=len(lengths))
     offsets = np.concatenate([[0], np.cumsum(new_lengths)]).astype(np.int32)
     kept = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values[keep], pa.int32()))
-    return kept, new_lengths
+    return kept, new_lengths, keep
 
 
-def _set_items(table: pa.Table, items: pa.ListArray) -> pa.Table:
-    return table.set_column(table.column_names.index("items"), "items", items)
+def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    return table.set_column(table.column_names.index(name), name, values)
+
+
+def _without_cold(table: pa.Table, cold: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+    """``table`` with the cold items removed from ``items`` (and the same events from ``feedback``,
+    when the dataset has explicit feedback); also the new history lengths."""
+    items, lengths, keep = drop_items(table.column("items"), cold)
+    table = _set_column(table, "items", items)
+    name = dataset_format.FEEDBACK_FIELD.name
+    if name in table.column_names:
+        values = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        table = _set_column(table, name, pa.ListArray.from_arrays(
+            pa.array(offsets, pa.int32()), pa.array(values[keep], pa.float32())))
+    return table, lengths
 
 
 def _with_cold_targets(table: pa.Table, cold: np.ndarray) -> pa.Table:
@@ -106,7 +121,7 @@ def apply_cold_items(splits: dict[str, pa.Table], num_items: int, fraction: floa
     out = dict(splits)
     dropped_rows = removed = 0
     if cold.any():
-        train_items, lengths = drop_items(splits["train"].column("items"), cold)
+        train, lengths = _without_cold(splits["train"], cold)
         removed = int(pc.sum(pc.list_value_length(splits["train"].column("items"))).as_py() - lengths.sum())
         kept_rows = lengths > 0
         dropped_rows = int((~kept_rows).sum())
@@ -114,9 +129,9 @@ def apply_cold_items(splits: dict[str, pa.Table], num_items: int, fraction: floa
             raise PrepareError(
                 source, None,
                 f"cold_items={fraction}: every train interaction is of a cold item; nothing left to train on")
-        out["train"] = _set_items(splits["train"], train_items).filter(pa.array(kept_rows))
+        out["train"] = train.filter(pa.array(kept_rows))
         for name in ("valid", "test"):
-            out[name] = _set_items(splits[name], drop_items(splits[name].column("items"), cold)[0])
+            out[name] = _without_cold(splits[name], cold)[0]
     for name in ("valid", "test"):
         out[name] = _with_cold_targets(out[name], cold)
     section = {

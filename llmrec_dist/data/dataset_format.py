@@ -10,6 +10,12 @@
       valid/part-*.parquet  user_idx int32, user_key string, items list<int32> (history), target int32, cold bool
       test/part-*.parquet   user_idx int32, user_key string, items list<int32> (history), target int32, cold bool
 
+Explicit feedback (format_version 2, only when the manifest's ``feedback`` is not null): every split
+also has ``feedback list<float32>``, the rating (or 0/1 label) of each event of ``items``, in the same
+order, and valid/test have ``target_feedback float32``, that of the target event. The manifest's
+``feedback`` says what the numbers are: ``{"kind": "rating" | "label", "column": ..., "min": ...,
+"max": ...}``. Datasets of format_version 1 (before feedback existed) read as without feedback.
+
 Rows of every split are sorted by ``user_idx`` and the users are cut into the same contiguous
 ranges for all three splits, so part ``k`` of train, valid and test holds the same users.
 
@@ -41,7 +47,10 @@ import pyarrow.parquet as pq
 
 from llmrec_dist import storage
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this code reads: 1 is 2 without the feedback columns (manifest feedback null).
+READABLE_FORMAT_VERSIONS = (1, 2)
+FEEDBACK_KINDS = ("rating", "label")
 SPLITS = ("train", "valid", "test")
 MANIFEST_FILE = "manifest.json"
 ITEMS_FILE = "items.parquet"
@@ -74,6 +83,14 @@ TRAIN_SCHEMA = pa.schema(
 # ``cold`` on valid/test rows: the target is a cold item.
 EVAL_SCHEMA = TRAIN_SCHEMA.append(pa.field("target", pa.int32(), nullable=False)).append(COLD_FIELD)
 SPLIT_SCHEMAS = {"train": TRAIN_SCHEMA, "valid": EVAL_SCHEMA, "test": EVAL_SCHEMA}
+# Explicit feedback (manifest ``feedback`` not null): per history event, and of the target event.
+FEEDBACK_FIELD = pa.field("feedback", pa.list_(pa.float32()), nullable=False)
+TARGET_FEEDBACK_FIELD = pa.field("target_feedback", pa.float32(), nullable=False)
+FEEDBACK_SPLIT_SCHEMAS = {
+    "train": TRAIN_SCHEMA.append(FEEDBACK_FIELD),
+    "valid": EVAL_SCHEMA.append(FEEDBACK_FIELD).append(TARGET_FEEDBACK_FIELD),
+    "test": EVAL_SCHEMA.append(FEEDBACK_FIELD).append(TARGET_FEEDBACK_FIELD),
+}
 
 _CONTENT_HASH_TAG = b"llmrec_dist dataset content v1\n"
 
@@ -159,6 +176,10 @@ def _manifest_problems(manifest: dict) -> list[str]:
                 problems.append(f"counts.{key}: expected a non-negative integer, got {value!r}")
     if not isinstance(manifest["content_hash"], str):
         problems.append(f"content_hash: expected a string, got {manifest['content_hash']!r}")
+    feedback = manifest.get("feedback")
+    if feedback is not None and (not isinstance(feedback, dict) or feedback.get("kind") not in FEEDBACK_KINDS):
+        problems.append(f"feedback: expected null or an object with kind {' or '.join(FEEDBACK_KINDS)}, "
+                        f"got {feedback!r}")
     if not isinstance(shards, dict):
         return problems + [f"shards: expected an object with {', '.join(SPLITS)}, got {type(shards).__name__}"]
     for split in SPLITS:
@@ -201,10 +222,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict):
         raise DatasetError(f"{location}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READABLE_FORMAT_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_FORMAT_VERSIONS)
         raise DatasetError(
             f"{location}: unsupported format_version {version!r}; this llmrec_dist reads "
-            f"format_version {FORMAT_VERSION} (re-run `llmrec-dist prepare`)"
+            f"format_version {readable} (re-run `llmrec-dist prepare`)"
         )
     problems = _manifest_problems(manifest)
     if problems:
@@ -334,16 +356,29 @@ def items_seen_in_training(path: str | os.PathLike, split: str = "train") -> np.
     return item_counts(path, split) > 0
 
 
-def read_split(path: str | os.PathLike, split: str) -> pa.Table:
+def feedback_of(manifest: Mapping) -> dict | None:
+    """The manifest's explicit-feedback record (``kind``, ``column``, ``min``, ``max``), or None when
+    the dataset has none (also every dataset of format_version 1)."""
+    return manifest.get("feedback")
+
+
+def read_split(path: str | os.PathLike, split: str, *, feedback: bool = False) -> pa.Table:
     """All part files of ``split`` concatenated in one table (small data, tests, evaluation).
+
+    With ``feedback`` the table also has the explicit-feedback columns (``feedback``, and
+    ``target_feedback`` for valid/test); the dataset must have them (manifest ``feedback`` not null).
 
     Raises ``FileNotFoundError`` for a missing part file and :class:`DatasetError` for one that is not
     readable Parquet or lacks the split's columns, each naming the file.
     """
-    schema = SPLIT_SCHEMAS[split]
+    schema = (FEEDBACK_SPLIT_SCHEMAS if feedback else SPLIT_SCHEMAS)[split]
     tables = []
     for file in split_files(path, split):
         table = read_parquet_file(file)
+        if feedback and FEEDBACK_FIELD.name not in table.column_names:
+            raise DatasetError(f"{file}: the dataset has no explicit feedback (no ratings or labels); prepare "
+                               "it from data with ratings (MovieLens ratings files, or --rating-col / "
+                               "--label-col of the generic source)")
         if COLD_FIELD.name in schema.names:
             table = with_cold_column(table)
         tables.append(conform_table(table, schema, file, split))
@@ -356,8 +391,9 @@ def check_files(path: str | os.PathLike) -> dict:
     (``data.verify_hash=false``), so that a damaged shard is named here rather than failing inside a
     Ray Data read or a worker. Raises like :func:`read_split`."""
     manifest = read_manifest(path)
+    schemas = FEEDBACK_SPLIT_SCHEMAS if feedback_of(manifest) is not None else SPLIT_SCHEMAS
     listed = [(_join(path, ITEMS_FILE), ITEMS_SCHEMA, "items")]
-    listed += [(_join(path, relative), SPLIT_SCHEMAS[split], split)
+    listed += [(_join(path, relative), schemas[split], split)
                for split in SPLITS for relative in manifest["shards"][split]]
     for location, schema, what in listed:
         if not storage.is_uri(location) and not Path(location).is_file():
@@ -403,13 +439,17 @@ def compute_content_hash(items_table: pa.Table, split_tables: Mapping[str, pa.Ta
        ``user_idx``: ``user_idx`` (int64), the list lengths of ``items`` (int64), all
        ``items`` values flattened (int64), and ``target`` (int64) for valid and test;
     4. only if some ``cold`` flag is true: ``b"cold\\n"``, then the ``cold`` flags (int64 0/1) of
-       the items (sorted by ``item_idx``), of valid and of test (rows sorted by ``user_idx``).
+       the items (sorted by ``item_idx``), of valid and of test (rows sorted by ``user_idx``);
+    5. only if the split tables have a ``feedback`` column: ``b"feedback\\n"``, then for each split
+       (rows sorted by ``user_idx``) the ``feedback`` values flattened as little-endian float32, and
+       ``target_feedback`` (float32) for valid and test.
 
     ``user_key``, ``popularity`` (derived from train), shard boundaries, Parquet encoding and
     the manifest's ``created_at`` are deliberately left out, so the same input and filters give
     the same hash whatever the user-hash key or shard count. A missing ``cold`` column counts as
     all-false, and all-false flags add nothing, so datasets without cold items keep the hash
-    they had before the ``cold`` columns existed; any true flag changes the hash.
+    they had before the ``cold`` columns existed; any true flag changes the hash. Likewise a
+    dataset without feedback hashes as it did in format_version 1.
     """
     digest = hashlib.sha256(_CONTENT_HASH_TAG)
     items = items_table.sort_by("item_idx")
@@ -431,7 +471,18 @@ def compute_content_hash(items_table: pa.Table, split_tables: Mapping[str, pa.Ta
         digest.update(b"cold\n")
         for flags in cold:
             _hash_ints(digest, flags)
+    if FEEDBACK_FIELD.name in split_tables["train"].column_names:
+        digest.update(b"feedback\n")
+        for split in SPLITS:
+            table = split_tables[split].sort_by("user_idx")
+            _hash_floats(digest, table.column(FEEDBACK_FIELD.name).combine_chunks().flatten())
+            if split != "train":
+                _hash_floats(digest, table.column(TARGET_FEEDBACK_FIELD.name))
     return "sha256:" + digest.hexdigest()
+
+
+def _hash_floats(digest, values) -> None:
+    digest.update(np.asarray(values, dtype="<f4").tobytes())
 
 
 def _cold_flags(table: pa.Table) -> np.ndarray:
@@ -449,7 +500,8 @@ def verify_dataset(path: str | os.PathLike) -> dict:
     ``read_split`` (missing or unreadable files, named).
     """
     manifest = read_manifest(path)
-    actual = compute_content_hash(read_items(path), {s: read_split(path, s) for s in SPLITS})
+    feedback = feedback_of(manifest) is not None
+    actual = compute_content_hash(read_items(path), {s: read_split(path, s, feedback=feedback) for s in SPLITS})
     if actual != manifest["content_hash"]:
         raise DatasetError(
             f"dataset {str(path)!r} does not match its manifest: manifest content_hash "

@@ -204,6 +204,73 @@ def parse_order_key(frame: pd.DataFrame, column: str, display: str) -> np.ndarra
     return numeric
 
 
+def parse_range(value) -> tuple[float, float] | None:
+    """``"LOW,HIGH"`` (or a pair) as two finite floats with LOW <= HIGH; None stays None."""
+    if value is None or value == "":
+        return None
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
+    try:
+        low, high = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"rating_range must be two numbers LOW,HIGH (e.g. 1,5), got {value!r}") from None
+    if not (np.isfinite(low) and np.isfinite(high) and low <= high):
+        raise ValueError(f"rating_range must be finite numbers with LOW <= HIGH, got {value!r}")
+    return low, high
+
+
+def parse_feedback(frame: pd.DataFrame, column: str, display: str, kind: str,
+                   value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """The explicit feedback of every row as float32: a ``rating`` (any finite number, inside
+    ``value_range`` when one is declared) or a click ``label`` (0 or 1).
+
+    A value that is missing, NaN, not a number, out of the range or (labels) neither 0 nor 1 is a
+    ``PrepareError`` naming the row, the column and the value.
+    """
+    values = frame[column]
+    rows = frame[ROW]
+    if pd.api.types.is_bool_dtype(values.dtype):
+        numeric = values.to_numpy(dtype=np.float64)
+    elif pd.api.types.is_numeric_dtype(values.dtype):
+        numeric = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        text = values.astype(str).str.strip()
+        numeric = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan).copy()
+        numeric[values.isna().to_numpy()] = np.nan
+    bad = ~np.isfinite(numeric)
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
+        raw = values.iloc[index]
+        shown = "an empty value" if raw is None or (isinstance(raw, float) and np.isnan(raw)) or str(raw).strip() == "" \
+            else f"{raw!r}"
+        raise PrepareError(display, int(rows.iloc[index]),
+                           f"column {column!r}: {shown} is not a {kind} (expected a finite number)")
+    if kind == "label":
+        bad = (numeric != 0) & (numeric != 1)
+        if bad.any():
+            index = int(np.flatnonzero(bad)[0])
+            raise PrepareError(display, int(rows.iloc[index]),
+                               f"column {column!r}: label {values.iloc[index]!r} is not 0 or 1")
+    elif value_range is not None:
+        low, high = value_range
+        bad = (numeric < low) | (numeric > high)
+        if bad.any():
+            index = int(np.flatnonzero(bad)[0])
+            raise PrepareError(display, int(rows.iloc[index]),
+                               f"column {column!r}: rating {values.iloc[index]!r} is outside the declared "
+                               f"range [{low:g}, {high:g}]")
+    return numeric.astype(np.float32)
+
+
+def feedback_record(kind: str, column: str, values: np.ndarray,
+                    value_range: tuple[float, float] | None = None) -> dict:
+    """The manifest's ``feedback`` section: what the numbers are and their range (declared, else seen)."""
+    low, high = value_range if value_range is not None else (float(values.min()), float(values.max()))
+    if kind == "label":
+        low, high = 0.0, 1.0
+    return {"kind": kind, "column": column, "min": float(low), "max": float(high),
+            "range": "declared" if value_range is not None or kind == "label" else "observed"}
+
+
 def check_unique_items(items: pd.DataFrame, display: str, column: str) -> None:
     """``PrepareError`` naming both rows of the first duplicated item id."""
     duplicated = items["item_id"].duplicated().to_numpy()
@@ -326,6 +393,9 @@ def read_generic(
     item_id_col: str = "item_id",
     text_cols: Sequence[str] = ("text",),
     encoding: str = "utf-8",
+    rating_col: str | None = None,
+    label_col: str | None = None,
+    rating_range=None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Read an interactions table and an items table (CSV or Parquet, chosen by extension).
 
@@ -341,6 +411,11 @@ def read_generic(
         encoding: Text encoding of CSV/TSV files (Parquet strings are always UTF-8). Bytes that
             are not valid in it are a ``PrepareError`` naming the file, the row and the byte
             offset; nothing is replaced or guessed.
+        rating_col: Column of ``interactions`` with explicit ratings, kept per event as the
+            dataset's feedback (``parse_feedback``); ``rating_range`` (``"LOW,HIGH"``) declares the
+            valid range.
+        label_col: Column of ``interactions`` with 0/1 click labels, kept per event as the
+            dataset's feedback. At most one of ``rating_col`` and ``label_col``.
 
     Ids are read as strings: integer ids (``42``, ``42.0`` in a float column) become ``"42"``.
     Parquet id columns must hold strings or numbers; nested columns (lists, structs) are refused.
@@ -351,9 +426,17 @@ def read_generic(
     if not text_cols:
         raise ValueError("text_cols must name at least one column of the items file")
     time_col = time_col or None
+    rating_col, label_col = rating_col or None, label_col or None
+    if rating_col and label_col:
+        raise ValueError("give one feedback column: rating_col (explicit ratings) or label_col (0/1 labels), not both")
+    value_range = parse_range(rating_range)
+    if value_range is not None and not rating_col:
+        raise ValueError("rating_range needs rating_col (the column whose values it bounds)")
+    feedback_col = rating_col or label_col
+    kind = "rating" if rating_col else "label"
     interactions_path, items_path = Path(interactions), Path(items)
 
-    columns = [user_col, item_col] + ([time_col] if time_col else [])
+    columns = [user_col, item_col] + ([time_col] if time_col else []) + ([feedback_col] if feedback_col else [])
     raw = _read_table_file(interactions_path, columns, [user_col, item_col], encoding)
     display = str(interactions_path)
     frame = pd.DataFrame(
@@ -368,6 +451,8 @@ def read_generic(
             "row": raw[ROW].to_numpy(),
         }
     )
+    if feedback_col:
+        frame["feedback"] = parse_feedback(raw, feedback_col, display, kind, value_range)
 
     raw_items = _read_table_file(items_path, [item_id_col, *text_cols], [item_id_col], encoding)
     items_display = str(items_path)
@@ -395,7 +480,12 @@ def read_generic(
             "item_id_col": item_id_col,
             "text_cols": list(text_cols),
             "encoding": encoding,
+            "rating_col": rating_col,
+            "label_col": label_col,
+            "rating_range": list(value_range) if value_range else None,
         },
         "time_order": "timestamp" if time_col else "file_order",
     }
+    if feedback_col:
+        info["feedback"] = feedback_record(kind, feedback_col, frame["feedback"].to_numpy(), value_range)
     return frame, items_frame.drop(columns="row"), info

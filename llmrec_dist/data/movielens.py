@@ -13,7 +13,9 @@ ml-100k       u.data + u.item (+ u.genre)         tab / ``|``-separated, latin-1
 ml-latest     ratings.csv + movies.csv (+ tags)   UTF-8 CSV (CRLF fine), ``-small`` by name
 ============  ==================================  ==========================================
 
-Every rating counts as an interaction (implicit feedback, as in SASRec). Item text is
+Every rating counts as an interaction (implicit feedback, as in SASRec), and the rating itself is kept
+as the dataset's explicit feedback (1-5 stars in ml-100k and ml-1m, 0.5-5 in half stars in ml-latest;
+the SASRec ml-1m sequences have none). Item text is
 ``"Toy Story (1995). Genres: Animation, Children's, Comedy."``, plus ``" Tags: a, b."`` with
 up to five of the most frequent tags when ``tags.csv`` exists.
 """
@@ -34,7 +36,9 @@ from llmrec_dist.data.generic import (
     ROW,
     check_items_known,
     check_unique_items,
+    feedback_record,
     normalise_ids,
+    parse_feedback,
     parse_order_key,
     read_delimited,
     require_columns,
@@ -54,6 +58,14 @@ ML100K_GENRES = (
     "Sci-Fi", "Thriller", "War", "Western",
 )
 MAX_TAGS = 5
+# The rating column and its documented range, per variant that has ratings.
+RATINGS = {
+    "ml-1m": ("Rating", (1.0, 5.0)),
+    "ml-100k": ("rating", (1.0, 5.0)),
+    "ml-latest": ("rating", (0.5, 5.0)),
+}
+STAR_RATINGS = RATINGS["ml-1m"][1]
+HALF_STAR_RATINGS = RATINGS["ml-latest"][1]
 
 
 class _Container:
@@ -145,9 +157,10 @@ class _Reader:
         return data
 
 
-def _interactions(raw: pd.DataFrame, display: str, user: str, item: str, time: str | None) -> pd.DataFrame:
-    require_columns(raw, display, [c for c in (user, item, time) if c])
-    return pd.DataFrame(
+def _interactions(raw: pd.DataFrame, display: str, user: str, item: str, time: str | None,
+                  rating: str | None = None, rating_range: tuple[float, float] | None = None) -> pd.DataFrame:
+    require_columns(raw, display, [c for c in (user, item, time, rating) if c])
+    frame = pd.DataFrame(
         {
             "user_id": normalise_ids(raw, user, display, "user"),
             "item_id": normalise_ids(raw, item, display, "item"),
@@ -155,6 +168,9 @@ def _interactions(raw: pd.DataFrame, display: str, user: str, item: str, time: s
             "row": raw[ROW].to_numpy(),
         }
     )
+    if rating:
+        frame["feedback"] = parse_feedback(raw, rating, display, "rating", rating_range)
+    return frame
 
 
 def movie_text(title: str, genres: list[str], tags: list[str] | None = None) -> str:
@@ -198,7 +214,7 @@ def _read_ml1m(reader: _Reader) -> tuple[pd.DataFrame, pd.DataFrame, str]:
         reader.read("ratings.dat"), display, sep="::",
         names=["UserID", "MovieID", "Rating", "Timestamp"], encoding="latin-1", quoted=False,
     )
-    interactions = _interactions(raw, display, "UserID", "MovieID", "Timestamp")
+    interactions = _interactions(raw, display, "UserID", "MovieID", "Timestamp", "Rating", STAR_RATINGS)
     return interactions, _movies_dat(reader), display
 
 
@@ -218,7 +234,7 @@ def _read_ml100k(reader: _Reader) -> tuple[pd.DataFrame, pd.DataFrame, str]:
         reader.read("u.data"), display, sep="\t", names=["user id", "item id", "rating", "timestamp"],
         encoding="latin-1", quoted=False,
     )
-    interactions = _interactions(raw, display, "user id", "item id", "timestamp")
+    interactions = _interactions(raw, display, "user id", "item id", "timestamp", "rating", STAR_RATINGS)
 
     genres = list(ML100K_GENRES)
     if reader.has("u.genre"):
@@ -269,7 +285,7 @@ def _top_tags(reader: _Reader) -> dict[str, list[str]]:
 def _read_ml_latest(reader: _Reader) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     display = reader.display("ratings.csv")
     raw = read_delimited(reader.read("ratings.csv"), display, sep=",")
-    interactions = _interactions(raw, display, "userId", "movieId", "timestamp")
+    interactions = _interactions(raw, display, "userId", "movieId", "timestamp", "rating", HALF_STAR_RATINGS)
 
     movie_display = reader.display("movies.csv")
     movies = read_delimited(reader.read("movies.csv"), movie_display, sep=",")
@@ -320,5 +336,8 @@ def read_movielens(input: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
     }
     if container.archive is not None:
         info["archive_sha256"] = sha256_file(path)
+    if "feedback" in interactions:
+        column, value_range = RATINGS[variant.removesuffix("-small")]
+        info["feedback"] = feedback_record("rating", column, interactions["feedback"].to_numpy(), value_range)
     return interactions, items.drop(columns="row"), info
 

@@ -37,7 +37,8 @@ SOURCES = ("synthetic", "movielens", "generic", "sequences")
 USER_HASH_ENV = "LLMREC_USER_HASH_KEY"
 USER_HASH_SCHEME = "hmac-sha256-128"  # first 32 hex chars of HMAC-SHA256(key, raw user id)
 USERS_PER_SHARD = 20_000
-GENERIC_KEYS = ("interactions", "items", "user_col", "item_col", "time_col", "item_id_col", "text_cols", "encoding")
+GENERIC_KEYS = ("interactions", "items", "user_col", "item_col", "time_col", "item_id_col", "text_cols", "encoding",
+                "rating_col", "label_col", "rating_range")
 SEQUENCES_KEYS = ("sequences", "items", "user_col", "items_col", "item_id_col", "text_cols", "encoding")
 # File sources: reader, valid option keys, the required file keys (the first one names the input).
 _FILE_SOURCES = {
@@ -150,17 +151,20 @@ def sorted_unique_ids(ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _lists(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+def _lists(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType = pa.int32()) -> pa.ListArray:
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, value_type))
 
 
-def leave_one_out(user_idx: np.ndarray, item_idx: np.ndarray, order_key: np.ndarray) -> dict[str, pa.Table]:
+def leave_one_out(user_idx: np.ndarray, item_idx: np.ndarray, order_key: np.ndarray,
+                  feedback: np.ndarray | None = None) -> dict[str, pa.Table]:
     """Split interactions per user by time: last → test target, second-last → valid target.
 
     ``user_idx`` must be 1..U with every user having at least 3 interactions. Ties in
     ``order_key`` keep the input order. Returns tables (``user_idx``, ``items``, ``target``
-    for valid/test), rows sorted by ``user_idx``; ``user_key`` is added by the caller.
+    for valid/test), rows sorted by ``user_idx``; ``user_key`` is added by the caller. With
+    ``feedback`` (one float per interaction: its rating or label) the tables also have
+    ``feedback`` (per event of ``items``) and, for valid/test, ``target_feedback``.
     """
     order = np.lexsort((np.arange(len(user_idx)), order_key, user_idx))
     users = user_idx[order]
@@ -174,7 +178,7 @@ def leave_one_out(user_idx: np.ndarray, item_idx: np.ndarray, order_key: np.ndar
     test_keep = position < np.repeat(counts - 1, counts)
     user_column = pa.array(np.arange(1, len(counts) + 1, dtype=np.int32))
     train_items = _lists(items[train_keep], counts - 2)
-    return {
+    splits = {
         "train": pa.table({"user_idx": user_column, "items": train_items}),
         "valid": pa.table(
             {"user_idx": user_column, "items": train_items, "target": pa.array(items[ends - 2])}
@@ -187,6 +191,19 @@ def leave_one_out(user_idx: np.ndarray, item_idx: np.ndarray, order_key: np.ndar
             }
         ),
     }
+    if feedback is None:
+        return splits
+    values = np.asarray(feedback, dtype=np.float32)[order]
+    train_feedback = _lists(values[train_keep], counts - 2, pa.float32())
+    histories = {"train": train_feedback, "valid": train_feedback,
+                 "test": _lists(values[test_keep], counts - 1, pa.float32())}
+    targets = {"valid": values[ends - 2], "test": values[ends - 1]}
+    for name, table in splits.items():
+        table = table.append_column(dataset_format.FEEDBACK_FIELD, histories[name])
+        if name in targets:
+            table = table.append_column(dataset_format.TARGET_FEEDBACK_FIELD, pa.array(targets[name], pa.float32()))
+        splits[name] = table
+    return splits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,8 +260,10 @@ def write_dataset(
     num_users = splits["valid"].num_rows
     bounds = np.linspace(0, num_users, num_shards + 1).round().astype(int)
     shards: dict[str, list[str]] = {}
+    has_feedback = dataset_format.FEEDBACK_FIELD.name in splits["train"].column_names
+    schemas = dataset_format.FEEDBACK_SPLIT_SCHEMAS if has_feedback else dataset_format.SPLIT_SCHEMAS
     for split in dataset_format.SPLITS:
-        schema = dataset_format.SPLIT_SCHEMAS[split]
+        schema = schemas[split]
         table = splits[split].select(schema.names).cast(schema)
         # Row positions of the user range starts (user_idx = bound + 1); rows are sorted by user_idx.
         rows = np.searchsorted(table.column("user_idx").to_numpy(), bounds + 1, side="left")
@@ -345,7 +364,8 @@ def prepare_dataset(
 
     user_codes, raw_users = sorted_unique_ids(kept["user_id"])
     item_codes, item_ids = sorted_unique_ids(kept["item_id"])
-    splits = leave_one_out(user_codes + 1, item_codes + 1, kept["order_key"].to_numpy())
+    feedback = kept["feedback"].to_numpy() if "feedback" in kept else None
+    splits = leave_one_out(user_codes + 1, item_codes + 1, kept["order_key"].to_numpy(), feedback)
     keys = pa.array(user_keys(raw_users, hash_key), pa.string())
     splits = {name: table.add_column(1, "user_key", keys) for name, table in splits.items()}
     splits, cold, cold_info = apply_cold_items(splits, len(item_ids), cold_items, seed, input_display)
@@ -371,6 +391,7 @@ def prepare_dataset(
     num_users = len(keys)
     shards_count = min(num_shards, num_users) if num_shards else default_num_shards(num_users)
     time_order = info.pop("time_order", "timestamp")
+    feedback_info = info.pop("feedback", None)
     manifest = {
         "format_version": dataset_format.FORMAT_VERSION,
         "source": info,
@@ -388,6 +409,7 @@ def prepare_dataset(
             "time_order": time_order,
         },
         "cold_items": cold_info,
+        "feedback": feedback_info,
         "user_ids": user_ids_info,
         "shards": {},
         "content_hash": dataset_format.compute_content_hash(items_table, splits),
