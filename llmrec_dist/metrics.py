@@ -115,3 +115,88 @@ class RankingAccumulator:
             out[f"{prefix}coverage_at_{self.coverage_k}"] = (recommended[1:] > 0).sum().item() / num_items
         out[f"{prefix}users"] = count
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Pointwise metrics of the rating and click tasks
+# ---------------------------------------------------------------------------------------------
+# Rating (regression): RMSE and MAE. Click (binary): AUC, GAUC (per-user AUC, weighted by the user's
+# number of pairs, over the users who have both a positive and a negative) and log loss. All take
+# one value per (user, item) pair; a distributed evaluation gathers the pairs first (they are few: a
+# handful per user), so the figures equal a single-process evaluation exactly.
+
+LOWER_IS_BETTER = ("rmse", "mae", "logloss")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` (``valid_rmse``, ``ndcg_at_10``, ...) is the better one."""
+    name = metric.removeprefix("valid_").removeprefix("test_")
+    return name not in LOWER_IS_BETTER
+
+
+def rmse(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """Root mean squared error."""
+    _check_pairs(predictions, targets)
+    return torch.sqrt(((predictions.double() - targets.double()) ** 2).mean()).item()
+
+
+def mae(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean absolute error."""
+    _check_pairs(predictions, targets)
+    return (predictions.double() - targets.double()).abs().mean().item()
+
+
+def log_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean binary cross-entropy of the click probabilities ``sigmoid(logits)`` (from logits, so a
+    confident mistake costs a large finite loss, not infinity)."""
+    _check_pairs(logits, labels)
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits.double(), labels.double()).item()
+
+
+def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve: the probability that a random positive scores above a random negative,
+    ties counting one half (Mann-Whitney U from average ranks). NaN without both classes."""
+    _check_pairs(scores, labels)
+    labels = labels.double()
+    positives = labels.sum().item()
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = _average_ranks(scores.double())
+    return ((ranks[labels == 1].sum().item() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def gauc(scores: torch.Tensor, labels: torch.Tensor, users: torch.Tensor) -> float:
+    """Group AUC: each user's AUC over their own pairs, averaged with the user's pair count as weight,
+    over the users who have both a positive and a negative pair. NaN when no user has both."""
+    _check_pairs(scores, labels)
+    total = weight = 0.0
+    for user in torch.unique(users):
+        rows = users == user
+        value = auc(scores[rows], labels[rows])
+        if value == value:  # not NaN
+            count = int(rows.sum())
+            total += value * count
+            weight += count
+    return total / weight if weight else float("nan")
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``values`` in ascending order, tied values sharing their average rank."""
+    order = torch.argsort(values, stable=True)
+    ordered = values[order]
+    new_group = torch.ones(len(values), dtype=torch.bool)
+    new_group[1:] = ordered[1:] != ordered[:-1]
+    group = torch.cumsum(new_group.long(), 0) - 1
+    positions = torch.arange(1, len(values) + 1, dtype=torch.float64)
+    sums = torch.zeros(int(group[-1]) + 1, dtype=torch.float64).index_add_(0, group, positions)
+    counts = torch.zeros_like(sums).index_add_(0, group, torch.ones_like(positions))
+    ranks = torch.empty(len(values), dtype=torch.float64)
+    ranks[order] = (sums / counts)[group]
+    return ranks
+
+
+def _check_pairs(values: torch.Tensor, targets: torch.Tensor) -> None:
+    if values.shape != targets.shape or values.dim() != 1 or len(values) == 0:
+        raise ValueError(f"expected two non-empty 1-d tensors of one length, got shapes "
+                         f"{tuple(values.shape)} and {tuple(targets.shape)}")
