@@ -64,3 +64,21 @@ def test_auc_equals_the_pairwise_count_on_random_data():
     pos, neg = scores[labels == 1], scores[labels == 0]
     pairwise = ((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).mean()
     assert auc(scores, labels) == pytest.approx(pairwise.item(), abs=1e-12)
+
+
+def test_the_champion_gate_knows_each_metric_direction():
+    from types import SimpleNamespace
+
+    from llmrec_dist.registry.promotion import _decide
+
+    def holder(key, value):
+        return SimpleNamespace(version="3", tags={"dataset_hash": "sha256:d", "metric_key": key, "metric_value": repr(value)})
+
+    assert _decide(holder("valid_ndcg_at_10", 0.20), "champion", "valid_ndcg_at_10", 0.21, "sha256:d")[0]
+    assert not _decide(holder("valid_ndcg_at_10", 0.20), "champion", "valid_ndcg_at_10", 0.19, "sha256:d")[0]
+    promoted, reason = _decide(holder("valid_rmse", 0.90), "champion", "valid_rmse", 0.85, "sha256:d")
+    assert promoted and "beats version 3" in reason
+    promoted, reason = _decide(holder("valid_rmse", 0.90), "champion", "valid_rmse", 0.95, "sha256:d")
+    assert not promoted and "does not beat 0.9" in reason
+    assert not _decide(holder("valid_rmse", 0.90), "champion", "valid_rmse", 0.90, "sha256:d")[0]  # ties keep
+    assert _decide(holder("valid_logloss", 0.5), "champion", "valid_logloss", 0.4, "sha256:d")[0]

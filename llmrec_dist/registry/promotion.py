@@ -1,7 +1,8 @@
 """Register a model version and move an alias (e.g. ``champion``) only when it is earned.
 
 The rule: the alias moves to the new version only if no version holds it, or the holder was evaluated
-on the SAME dataset (``dataset_hash`` tag), with the same metric, and scored strictly lower. A holder from another dataset is never displaced: its metric is
+on the SAME dataset (``dataset_hash`` tag), with the same metric, and scored strictly worse (lower, or
+higher for a metric where lower is better: RMSE, MAE, log loss). A holder from another dataset is never displaced: its metric is
 not comparable. Every version is tagged with its dataset hash, metric name, metric value and run id.
 
 Two promotions racing on the same alias are not serialised (MLflow has no compare-and-set on
@@ -13,6 +14,8 @@ from __future__ import annotations
 import math
 
 from mlflow.exceptions import MlflowException
+
+from llmrec_dist.metrics import higher_is_better
 
 TAG_DATASET = "dataset_hash"
 TAG_METRIC_KEY = "metric_key"
@@ -54,7 +57,8 @@ def _decide(holder, alias: str, metric_key: str, metric_value: float, dataset_ha
         held = float(tags[TAG_METRIC_VALUE])
     except (KeyError, ValueError):
         return False, f"alias {alias!r} stays on version {v}: it has no readable {TAG_METRIC_VALUE} tag"
-    if metric_value > held:
+    better = metric_value > held if higher_is_better(metric_key) else metric_value < held
+    if better:
         return True, f"{metric_key} {metric_value:.6g} beats version {v} ({held:.6g}) on the same dataset"
     return False, (f"alias {alias!r} stays on version {v}: {metric_key} {metric_value:.6g} does not beat "
                    f"{held:.6g}")
