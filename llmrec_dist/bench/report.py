@@ -164,7 +164,12 @@ def _startup_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
              f"{quiet['lines']} and {loaded['lines']} lines printed; {f['cores']} cores")]
 
 
-RENDERERS = {"quality": _quality_rows, "speed": _speed_rows, "ingest": _ingest_rows, "memory": _memory_rows,
+def _rating_baseline_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
+    return [(f"rating baseline: {r['model']}", f"test RMSE {r['test_rmse']:.4f} · MAE {r['test_mae']:.4f}",
+             f"{r['setting']} (chosen on validation RMSE {r['valid_rmse']:.4f})") for r in data["figures"]["rows"]]
+
+
+RENDERERS = {"quality": _quality_rows, "rating-baselines": _rating_baseline_rows, "speed": _speed_rows, "ingest": _ingest_rows, "memory": _memory_rows,
              "lm-memory": _lm_memory_rows, "startup": _startup_rows, "towers": _towers_rows}
 
 

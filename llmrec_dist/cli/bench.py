@@ -12,7 +12,7 @@ from pathlib import Path
 from llmrec_dist.bench.common import DEFAULT_OUT
 from llmrec_dist.bench.memory import DEFAULT_SIZES
 
-KINDS = ("quality", "speed", "ingest", "memory", "lm-memory", "startup", "towers", "report")
+KINDS = ("quality", "speed", "ingest", "memory", "lm-memory", "startup", "towers", "rating-baselines", "report")
 
 
 def _common(p, config_required: bool = True) -> None:
@@ -135,6 +135,16 @@ def add_parser(sub) -> None:
     _common(t)
     t.add_argument("--cells", default="all", help="comma-separated item_repr:freeze cells, e.g. id:-,text:frozen")
 
+    rb = kinds.add_parser("rating-baselines", help="classical rating baselines (mean, biases, SVD, SVD++) on a split",
+                          description="Fit the global mean, user + item biases and, when scikit-surprise is "
+                                      "installed, SVD and SVD++ on the ratings of the train split's events; "
+                                      "choose each one's setting on the validation targets and report RMSE "
+                                      "and MAE on the test targets, the pairs the rating task is scored on. "
+                                      "The dataset needs explicit feedback (ratings).")
+    _common(rb, config_required=False)
+    rb.add_argument("--data", required=True, metavar="DIR", help="prepared dataset with ratings")
+    rb.add_argument("--seed", type=_non_negative, default=0, help="seed of SVD and SVD++ (default 0)")
+
     r = kinds.add_parser("report", help="write the results table (docs/benchmarks.md) from the JSON files",
                          description="Render every benchmark JSON in --results as one Markdown table; with "
                                      "--readme FILE, replace the table between FILE's result markers.")
@@ -168,6 +178,8 @@ def run(args) -> int:
 
     if args.kind == "startup":
         return _startup(args)
+    if args.kind == "rating-baselines":
+        return _rating_baselines(args)
 
     from llmrec_dist.config import load_config
 
@@ -272,6 +284,29 @@ def _startup(args) -> int:
         print("\n".join(row["output"]))
     path = common.write_result(args.out, "startup", label=args.label, config={"overrides": args.overrides},
                                figures=figures, command=_command())
+    print(f"wrote {path}")
+    return 0
+
+
+def _rating_baselines(args) -> int:
+    from llmrec_dist.bench import common
+    from llmrec_dist.bench.rating_baselines import COLUMNS, run_baselines
+    from llmrec_dist.data.dataset_format import DatasetError, feedback_of, read_manifest, read_split
+
+    try:
+        manifest = read_manifest(args.data)
+        if not feedback_of(manifest) or feedback_of(manifest)["kind"] != "rating":
+            raise DatasetError(f"{args.data}: the dataset has no ratings (its manifest's feedback is "
+                               f"{feedback_of(manifest)!r}); prepare MovieLens with ratings, or generic data "
+                               "with --rating-col")
+        tables = {split: read_split(args.data, split, feedback=True) for split in ("train", "valid", "test")}
+    except (OSError, ValueError) as err:
+        print(f"llmrec-dist bench rating-baselines: error: {err}", file=sys.stderr)
+        return 2
+    rows = run_baselines(tables["train"], tables["valid"], tables["test"], seed=args.seed)
+    print(common.table(rows, COLUMNS))
+    path = common.write_result(args.out, "rating-baselines", label=args.label, config={"seed": args.seed},
+                               figures={"rows": rows}, dataset=common.dataset_info(args.data), command=_command())
     print(f"wrote {path}")
     return 0
 
