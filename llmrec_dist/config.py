@@ -154,7 +154,10 @@ class ModelConfig:
                                                           "2 x model.hidden_size, then the projection.")
     text_whiten: bool = setting(False, "Whiten the LM output before the projection: a fixed ZCA transform fitted "
                                        "on the pretrained outputs of the catalogue's items (zero mean, identity "
-                                       "covariance), so that every direction of the text counts alike.")
+                                       "covariance), so that every direction of the text counts alike. Meant "
+                                       "for a frozen LM: a trained one drifts from the outputs it was fitted "
+                                       "on, and the transform magnifies the drift (Beauty, top_k: validation "
+                                       "NDCG@10 0.0092 against 0.0194 unwhitened after one epoch).")
     id_dropout: float = setting(0.0, "id+text, training only: the share of a step's items whose ID vector is dropped, "
                                      "so that their text alone represents them (trains the text path to carry "
                                      "rare and new items).", check=_fraction)
