@@ -94,16 +94,17 @@ def eval_batch(histories: Sequence[Sequence[int]], targets: Sequence[int], max_l
 
 
 def length_bucketed(chunks: Iterable[Sequence[Sequence[int]]], batch_size: int, max_len: int,
-                    rng: np.random.Generator) -> Iterator[list]:
+                    rng: np.random.Generator, length=len) -> Iterator[list]:
     """Cut each chunk of rows into batches of rows with similar (truncated) lengths, in random order.
 
     A chunk of ``k * batch_size`` shuffled rows becomes ``k`` batches, so padding is set by rows of
     similar length instead of by the longest row of a random batch. Every row is used exactly once and
     the number of batches per chunk is ``ceil(len(chunk) / batch_size)``, so DDP workers with equal
-    shards take equal numbers of steps.
+    shards take equal numbers of steps. ``length``: a row's length (rows that carry more than their items,
+    e.g. ``(items, feedback)``, say which part counts).
     """
     for chunk in chunks:
-        lengths = np.fromiter((min(len(r), max_len + 1) for r in chunk), dtype=np.int64, count=len(chunk))
+        lengths = np.fromiter((min(length(r), max_len + 1) for r in chunk), dtype=np.int64, count=len(chunk))
         order = np.argsort(lengths, kind="stable")
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         for j in rng.permutation(len(batches)):

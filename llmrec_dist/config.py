@@ -280,6 +280,39 @@ class EvalConfig:
         check=_increasing_positive)
 
 
+# The metrics each pointwise task reports ({split}_{name}); next-item reports the ranking metrics.
+TASK_METRICS = {"rating": ("rmse", "mae"), "click": ("auc", "gauc", "logloss")}
+
+
+@dataclass
+class TaskConfig:
+    type: Literal["next_item", "rating", "click"] = setting(
+        "next_item", "What the model learns: `next_item` = rank the catalogue for a user's next item (full "
+                     "ranking, HR/NDCG/MRR@K); `rating` = predict the rating of a (history, item) pair "
+                     "(regression, RMSE/MAE; needs a dataset with ratings); `click` = predict whether the "
+                     "user takes the item (binary, AUC/GAUC/log loss). Rating and click use the bi-encoder: "
+                     "the backbone reads the history, the item tower the candidate, a small head combines "
+                     "them; they share the next-item task's leave-one-out split.")
+    loss: Literal["auto", "mse", "huber", "bce"] = setting(
+        "auto", "Pointwise loss: `auto` = mse for rating, bce for click; rating takes mse or huber, click bce.")
+    huber_delta: float = setting(1.0, "Huber loss: where it turns from quadratic to linear (rating units).",
+                                 check=_positive)
+    click_threshold: float = setting(
+        4.0, "Click from ratings: an event is a click when its rating is at least this (0 = ignore the "
+             "ratings and treat every event as a positive with task.negatives sampled negatives). Datasets "
+             "with 0/1 labels use them as they are; datasets without feedback sample negatives.",
+        check=_non_negative)
+    negatives: int = setting(4, "Click from implicit feedback: items the user never interacted with drawn per "
+                                "positive in training (from the items that occur in training).", check=_positive)
+    eval_negatives: int = setting(1, "Click from implicit feedback: negatives per validation/test positive "
+                                     "(seeded by train.seed, the same pairs every epoch).", check=_positive)
+    feedback_input: bool = setting(True, "Rating/click: feed each past event's rating (scaled to [0, 1] by "
+                                         "the declared range) to the backbone with its item, where the data "
+                                         "has ratings.")
+    item_bias: bool = setting(True, "Rating/click: a learned bias per item added to the head's output (an "
+                                    "item never trained on keeps 0).")
+
+
 @dataclass
 class ScalingConfig:
     num_workers: int = setting(2, "Ray Train workers (DDP processes).", check=_positive)
@@ -309,6 +342,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
@@ -448,10 +482,23 @@ def _cross_checks(cfg: Config) -> list[str]:
                         f"got {cfg.model.num_heads}")
     if not cfg.eval.ks or any(k <= 0 for k in cfg.eval.ks):
         problems.append(f"eval.ks: expected a non-empty list of positive integers; got {cfg.eval.ks!r}")
-    names = metric_names(cfg.eval.ks)
+    pointwise = cfg.task.type != "next_item"
+    names = set(TASK_METRICS[cfg.task.type]) if pointwise else metric_names(cfg.eval.ks)
     if cfg.eval.metric not in names:
-        problems.append(f"eval.metric: expected one of {', '.join(sorted(names))}; "
-                        f"got {cfg.eval.metric!r}")
+        problems.append(f"eval.metric: expected one of {', '.join(sorted(names))}"
+                        f"{f' for task.type={cfg.task.type}' if pointwise else ''}; got {cfg.eval.metric!r}")
+    if pointwise:
+        losses = ("auto", "mse", "huber") if cfg.task.type == "rating" else ("auto", "bce")
+        if cfg.task.loss not in losses:
+            problems.append(f"task.loss: task.type={cfg.task.type} takes {', '.join(losses)}; got {cfg.task.loss!r}")
+        if cfg.model.backbone != "causal":
+            problems.append(f"model.backbone: the task.type={cfg.task.type} bi-encoder reads histories causally; "
+                            f"set model.backbone=causal (got {cfg.model.backbone})")
+        for key, value, wanted in (("train.refit_epochs", cfg.train.refit_epochs, 0),
+                                   ("data.windows", cfg.data.windows, False),
+                                   ("mlflow.registered_model", cfg.mlflow.registered_model, "")):
+            if value != wanted:
+                problems.append(f"{key}: not available with task.type={cfg.task.type} yet; set it to {wanted!r}")
     if not cfg.model.text_encoder.strip():
         problems.append("model.text_encoder: must not be empty")
     per_step = cfg.scaling.num_workers * cfg.train.grad_accum

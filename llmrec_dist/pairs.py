@@ -31,12 +31,30 @@ class Pairs:
     history_items: np.ndarray   # int64 [sum of lengths]
     candidate: np.ndarray       # int64 [P]
     label: np.ndarray           # float32 [P]
+    history_feedback: np.ndarray | None = None  # float32, aligned with history_items (tables with feedback)
 
     def __len__(self) -> int:
         return len(self.candidate)
 
     def history(self, row: int) -> np.ndarray:
         return self.history_items[self.history_offsets[row]:self.history_offsets[row + 1]]
+
+    def feedback(self, row: int) -> np.ndarray | None:
+        """The explicit feedback of ``history(row)``'s events, or None without feedback."""
+        if self.history_feedback is None:
+            return None
+        return self.history_feedback[self.history_offsets[row]:self.history_offsets[row + 1]]
+
+    def shard(self, rank: int, world: int) -> "Pairs":
+        """The rows ``rank``, ``rank + world``, ... (a worker's share of a distributed evaluation)."""
+        rows = np.arange(rank, len(self), world)
+        lengths = np.diff(self.history_offsets)[rows]
+        gather = np.concatenate([np.arange(self.history_offsets[r], self.history_offsets[r + 1]) for r in rows]) \
+            if len(rows) else np.zeros(0, dtype=np.int64)
+        gather = gather.astype(np.int64)
+        return Pairs(self.user_idx[rows], np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                     self.history_items[gather], self.candidate[rows], self.label[rows],
+                     None if self.history_feedback is None else self.history_feedback[gather])
 
 
 def click_labels(ratings: np.ndarray, threshold: float = 4.0) -> np.ndarray:
@@ -108,16 +126,20 @@ def eval_pairs(split_tables: dict[str, pa.Table], split: str, task: str, *, num_
     items = table.column("items").combine_chunks()
     lengths = pc.list_value_length(items).to_numpy(zero_copy_only=False).astype(np.int64)
     flat = items.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    flat_feedback = None
+    if "feedback" in table.column_names:
+        flat_feedback = table.column("feedback").combine_chunks().flatten().to_numpy(
+            zero_copy_only=False).astype(np.float32)
     needs_feedback = task == "rating" or threshold is not None
     if needs_feedback and "target_feedback" not in table.column_names:
         raise ValueError(f"task {task!r}{' with a rating threshold' if task == 'click' else ''} needs a dataset "
                          "with explicit feedback (ratings): prepare it from data with ratings")
     if task == "rating":
         labels = table.column("target_feedback").to_numpy().astype(np.float32)
-        return _pairs(users, lengths, flat, targets, labels, repeat=1)
+        return _pairs(users, lengths, flat, targets, labels, repeat=1, flat_feedback=flat_feedback)
     if threshold is not None:
         labels = click_labels(table.column("target_feedback").to_numpy(), threshold)
-        return _pairs(users, lengths, flat, targets, labels, repeat=1)
+        return _pairs(users, lengths, flat, targets, labels, repeat=1, flat_feedback=flat_feedback)
     if ratio < 1:
         raise ValueError(f"click pairs from implicit feedback need ratio >= 1 negatives per positive, got {ratio}")
     seen = interacted_items(split_tables)
@@ -126,10 +148,11 @@ def eval_pairs(split_tables: dict[str, pa.Table], split: str, task: str, *, num_
     candidates = np.concatenate([targets[:, None], negatives], axis=1)
     labels = np.zeros(candidates.shape, dtype=np.float32)
     labels[:, 0] = 1.0
-    return _pairs(users, lengths, flat, candidates.reshape(-1), labels.reshape(-1), repeat=ratio + 1)
+    return _pairs(users, lengths, flat, candidates.reshape(-1), labels.reshape(-1), repeat=ratio + 1,
+                  flat_feedback=flat_feedback)
 
 
-def _pairs(users, lengths, flat, candidates, labels, repeat: int) -> Pairs:
+def _pairs(users, lengths, flat, candidates, labels, repeat: int, flat_feedback=None) -> Pairs:
     """Pairs with each user's history repeated for its ``repeat`` consecutive candidates."""
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     row_lengths = np.repeat(lengths, repeat)
@@ -140,4 +163,6 @@ def _pairs(users, lengths, flat, candidates, labels, repeat: int) -> Pairs:
                  history_offsets=np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int64),
                  history_items=flat[gather.astype(np.int64)] if len(gather) else np.zeros(0, dtype=np.int64),
                  candidate=np.asarray(candidates, dtype=np.int64),
-                 label=np.asarray(labels, dtype=np.float32))
+                 label=np.asarray(labels, dtype=np.float32),
+                 history_feedback=None if flat_feedback is None else
+                 (flat_feedback[gather.astype(np.int64)] if len(gather) else np.zeros(0, dtype=np.float32)))

@@ -169,6 +169,9 @@ def parse_search(raw: Any, train_raw: dict, source: str = "") -> SearchConfig:
     if base.train.refit_epochs or "train.refit_epochs" in (raw.get("space") or {}):
         problems.append("train.refit_epochs: a sweep selects on validation, which a refit trains on; "
                         "keep it 0 and unsearched (refit the chosen trial's config afterwards)")
+    if base.task.type != "next_item" or "task.type" in (raw.get("space") or {}):
+        problems.append(f"task.type: sweeps rank trials by a next-item metric; task.type={base.task.type} "
+                        "(rating, click) is not swept yet")
     if not search.metric:
         search.metric = base.selection_metric()
     names = {f"valid_{name}" for name in metric_names(base.eval.ks)}

@@ -23,6 +23,7 @@ from pathlib import Path
 from llmrec_dist import console, storage
 from llmrec_dist.config import Config, absolute, config_from_dict
 from llmrec_dist.data.dataset_format import checked_manifest, read_item_texts
+from llmrec_dist.metrics import higher_is_better
 from llmrec_dist.ray_setup import describe_ray, init_ray
 from llmrec_dist.registry.publish import publish_model
 from llmrec_dist.train.progress import EpochLines
@@ -98,7 +99,8 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str, tracking_uri: str, r
                                                # a refit has no validation: None keeps the newest
                                                checkpoint_score_attribute=(
                                                    None if cfg.train.refit_epochs else cfg.selection_metric()),
-                                               checkpoint_score_order="max"),
+                                               checkpoint_score_order=(
+                                                   "max" if higher_is_better(cfg.eval.metric) else "min")),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=[StopOnOutOfMemory(), *(callbacks or [])],  # a memory kill is not retried
         ),
@@ -117,16 +119,19 @@ def train_dataset(cfg: Config):
     import pyarrow.parquet as pq
     import ray.data
 
-    from llmrec_dist.data.dataset_format import split_files
+    from llmrec_dist.data.dataset_format import feedback_of, read_manifest, split_files
     from llmrec_dist.train.training_rows import windowed_table
 
     if cfg.data.deterministic:  # blocks keep file order, so every worker gets the same rows every run
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     files = split_files(cfg.data.path, cfg.training_split())
+    columns = ["items"]
+    if cfg.task.type != "next_item" and feedback_of(read_manifest(cfg.data.path)) is not None:
+        columns.append("feedback")  # rating/click: each event's rating or label
     if cfg.data.materialize and sum(map(storage.size, files)) <= cfg.data.driver_read_mb * 2**20:
-        tables = [pq.read_table(f, columns=["items"]) for f in files]
+        tables = [pq.read_table(f, columns=columns) for f in files]
         return ray.data.from_arrow([windowed_table(t, cfg) for t in tables] if cfg.data.windows else tables)
-    train_ds = ray.data.read_parquet(files, columns=["items"])
+    train_ds = ray.data.read_parquet(files, columns=columns)
     if cfg.data.windows:
         train_ds = train_ds.map_batches(partial(windowed_table, cfg=cfg), batch_format="pyarrow")
     return train_ds.materialize() if cfg.data.materialize else train_ds
@@ -286,10 +291,11 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
             raise
         metrics = dict(result.return_value or result.metrics or {})
         outcome = TrainOutcome(run_id, tracking_uri, metrics, result.checkpoint.path)
-        with result.checkpoint.as_directory() as checkpoint_dir:
-            published = publish_model(Path(checkpoint_dir), cfg, manifest, tracking_uri, run_id,
-                                      cfg.selection_metric(), metrics)
-        outcome.model_uri, outcome.registration = published.model_uri, published.registration
+        if cfg.task.type == "next_item":  # rating/click models stay checkpoints: no MLflow model yet
+            with result.checkpoint.as_directory() as checkpoint_dir:
+                published = publish_model(Path(checkpoint_dir), cfg, manifest, tracking_uri, run_id,
+                                          cfg.selection_metric(), metrics)
+            outcome.model_uri, outcome.registration = published.model_uri, published.registration
     except BaseException:
         end_run(tracking_uri, run_id, "FAILED")
         raise

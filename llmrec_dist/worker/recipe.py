@@ -34,9 +34,12 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from llmrec_dist.batching import cloze_batch, earlier_items, length_bucketed, next_item_batch
 from llmrec_dist.config import Config, config_from_dict
 from llmrec_dist.data.dataset_format import num_items as manifest_num_items
-from llmrec_dist.data.dataset_format import item_counts
+from llmrec_dist.data.dataset_format import feedback_of, item_counts, read_split
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import build_model, count_parameters, softmax_negatives
+from llmrec_dist.metrics import higher_is_better
+from llmrec_dist.pairs import eval_pairs
+from llmrec_dist.pointwise import LabelRule, PointwiseRecommender, evaluate_pairs, label_rule, training_batch
 from llmrec_dist.profiling import StepProfiler, region
 from llmrec_dist.saved_model import WEIGHTS_FILE
 from llmrec_dist.sharding import refresh_text_cache
@@ -63,15 +66,45 @@ class TrainingPairs:
             pairs, window = next_item_batch(rows, max_len), max_len + 1
         return (*pairs, earlier_items(rows, window)) if self.exclude_seen else pairs
 
+    @staticmethod
+    def rows_of(batch) -> Any:
+        return batch["items"]
+
+    row_length = staticmethod(len)
+
+
+class PointwisePairs:
+    """Rows of the train split (with their feedback) → the rating/click bi-encoder's
+    ``(seq, seq_feedback, candidates, labels)`` (:func:`llmrec_dist.pointwise.training_batch`);
+    implicit-click negatives come from ``pool`` (the items that occur in training)."""
+
+    def __init__(self, cfg: Config, rule: LabelRule, seed: int, pool: np.ndarray):
+        self.max_len, self.rule, self.pool = cfg.model.max_len, rule, pool
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, rows):
+        items = [row[0] for row in rows]
+        feedback = [row[1] for row in rows] if rows and rows[0][1] is not None else None
+        return training_batch(items, feedback, self.max_len, self.rule, self.rng, self.pool)
+
+    @staticmethod
+    def rows_of(batch) -> list:
+        feedback = batch["feedback"] if "feedback" in batch else [None] * len(batch["items"])
+        return list(zip(batch["items"], feedback))
+
+    @staticmethod
+    def row_length(row) -> int:
+        return len(row[0])
+
 
 class PairsCollate(NumpyBatchCollateFn):
-    """Ray Data collate: a batch of train rows → (inputs, targets) tensors."""
+    """Ray Data collate: a batch of train rows → the training step's tensors."""
 
-    def __init__(self, pairs: TrainingPairs):
+    def __init__(self, pairs):
         self.pairs = pairs
 
     def __call__(self, batch):
-        return self.pairs(batch["items"])
+        return self.pairs(self.pairs.rows_of(batch))
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
@@ -125,6 +158,8 @@ def build_recommender(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
     """The model ``cfg`` trains on this dataset: ``text`` = :func:`load_text_features`' result, the
     softmax's negatives from ``train.loss`` and ``train.negatives_from`` (and ``train.exclude_seen``),
     and for ``id+text`` the items that get an ID vector (``model.id_min_count`` training interactions)."""
+    if cfg.task.type != "next_item":
+        return build_pointwise(cfg, manifest, text)
     counts = None
     if cfg.model.item_repr == "id+text" or cfg.train.negatives_from == "trained":
         counts = item_counts(cfg.data.path, cfg.training_split())
@@ -136,6 +171,42 @@ def build_recommender(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
                        lm_checkpoint_items=cfg.train.lm_checkpoint_items,
                        negative_items=trained if cfg.train.negatives_from == "trained" else None,
                        lm_anchor=cfg.train.lm_anchor)
+
+
+def task_rule(cfg: Config, manifest: Mapping) -> LabelRule:
+    """How the rating/click task labels this dataset's events (:func:`llmrec_dist.pointwise.label_rule`)."""
+    return label_rule(cfg.task.type, feedback_of(manifest), cfg.task.click_threshold, cfg.task.negatives)
+
+
+def build_pointwise(cfg: Config, manifest: Mapping, text) -> PointwiseRecommender:
+    """The rating/click bi-encoder: the configured backbone and item tower, no softmax, plus the head.
+    A rating model starts from the mean of the train split's ratings."""
+    rule = task_rule(cfg, manifest)
+    counts = item_counts(cfg.data.path, cfg.training_split())
+    base = build_model(cfg.model, manifest_num_items(manifest), text=text,
+                       id_seen=counts >= cfg.model.id_min_count if cfg.model.item_repr == "id+text" else None,
+                       lm_items_per_step=cfg.train.lm_items_per_step,
+                       lm_checkpoint_items=cfg.train.lm_checkpoint_items, lm_anchor=cfg.train.lm_anchor)
+    offset = 0.0
+    if rule.task == "rating":
+        train = read_split(cfg.data.path, cfg.training_split(), feedback=True)
+        offset = float(np.mean(train.column("feedback").combine_chunks().flatten().to_numpy(zero_copy_only=False)))
+    loss = cfg.task.loss if cfg.task.loss != "auto" else ("mse" if rule.task == "rating" else "bce")
+    has_feedback = feedback_of(manifest) is not None
+    return PointwiseRecommender(base, rule.task, loss, feedback_input=cfg.task.feedback_input and has_feedback,
+                                item_bias=cfg.task.item_bias, offset=offset, huber_delta=cfg.task.huber_delta,
+                                dropout=cfg.model.dropout, clip=(rule.low, rule.high) if rule.task == "rating" else None)
+
+
+def load_task_pairs(cfg: Config, manifest: Mapping, split: str, rank: int, world: int):
+    """This worker's share of the ``split`` rating/click pairs (:func:`llmrec_dist.pairs.eval_pairs`)."""
+    rule = task_rule(cfg, manifest)
+    has_feedback = feedback_of(manifest) is not None
+    tables = {s: read_split(cfg.data.path, s, feedback=has_feedback) for s in ("train", "valid", "test")}
+    pairs = eval_pairs(tables, split, rule.task, num_items=manifest_num_items(manifest),
+                       ratio=cfg.task.eval_negatives, seed=cfg.train.seed,
+                       threshold=rule.threshold if rule.threshold > 0 else None)
+    return pairs.shard(rank, world)
 
 
 def steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
@@ -152,8 +223,9 @@ def epoch_seeds(seed: int, epoch: int, world: int, rank: int) -> tuple[int, int]
     return seed * 1000 + epoch * world + rank, seed * 1000 + epoch
 
 
-def epoch_batches(shard, cfg: Config, seed: int, order_seed: int, mask_id: int):
-    """This worker's (inputs, targets) batches for one epoch, streamed from its Ray Data shard.
+def epoch_batches(shard, cfg: Config, seed: int, order_seed: int, mask_id: int, task=None):
+    """This worker's training batches for one epoch, streamed from its Ray Data shard: next-item
+    (inputs, targets), or with ``task`` = (label rule, negative pool) the rating/click pairs.
 
     ``seed`` (per rank) drives the shuffle and the per-batch randomness; ``order_seed`` (the same on
     every rank) orders the length buckets. With a shared order every rank takes a batch of the same
@@ -161,14 +233,15 @@ def epoch_batches(shard, cfg: Config, seed: int, order_seed: int, mask_id: int):
     padding to a longer batch."""
     per_worker, shuffle = cfg.per_worker_batch_size(), cfg.data.shuffle_buffer or None
     shuffle_seed = seed if shuffle else None
-    pairs = TrainingPairs(cfg, mask_id, seed)
+    pairs = TrainingPairs(cfg, mask_id, seed) if task is None else PointwisePairs(cfg, task[0], seed, task[1])
     if cfg.data.length_buckets == 1:
         return shard.iter_torch_batches(batch_size=per_worker, collate_fn=PairsCollate(pairs),
                                         local_shuffle_buffer_size=shuffle, local_shuffle_seed=shuffle_seed)
-    chunks = (batch["items"] for batch in shard.iter_batches(
+    chunks = (pairs.rows_of(batch) for batch in shard.iter_batches(
         batch_size=per_worker * cfg.data.length_buckets, batch_format="numpy",
         local_shuffle_buffer_size=shuffle, local_shuffle_seed=shuffle_seed))
-    rows = length_bucketed(chunks, per_worker, cfg.model.max_len, np.random.default_rng(order_seed))
+    rows = length_bucketed(chunks, per_worker, cfg.model.max_len, np.random.default_rng(order_seed),
+                           length=pairs.row_length)
     return (pairs(batch) for batch in rows)
 
 
@@ -202,15 +275,16 @@ def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, a
             first_batch_at = first_batch_at or time.time()
             if pin:
                 batch = [t.pin_memory() for t in batch]
-            # (inputs, targets), and with train.exclude_seen the items before the inputs
-            seq, targets, *earlier = (t.to(device, non_blocking=True) for t in batch)
+            # next item: (inputs, targets), and with train.exclude_seen the items before the inputs;
+            # rating/click: (inputs, their feedback, candidates, labels)
+            tensors = [t.to(device, non_blocking=True) for t in batch]
         micro += 1
         step_now = micro % cfg.train.grad_accum == 0
         # Gradients are all-reduced only on the micro-batch that steps the optimiser.
         sync = nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
         with sync, amp():
             with region("forward"):
-                out = model(seq, targets, *earlier)
+                out = model(*tensors)
             with region("backward"):
                 (out["loss"] / cfg.train.grad_accum).backward()
         if step_now:
@@ -221,7 +295,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, a
         n = out["positions"].item()
         loss_sum += out["loss"].item() * n
         positions += n
-        sequences += len(seq)
+        sequences += len(tensors[0])
         if profiler is not None:
             profiler.step()
     if micro % cfg.train.grad_accum:  # a last, partial accumulation still updates the model
@@ -271,6 +345,14 @@ class WorkerRun:
     nodes: list[str]               # the Ray node of every rank
     clock: dict | None             # the driver's wall-clock start-up times (train() only)
     reached: dict = field(default_factory=dict)  # this worker's start-up milestones (wall clock)
+    task: tuple | None = None      # rating/click: (label rule, the items implicit negatives come from)
+
+    def evaluate(self, rows, prefix: str) -> dict:
+        """The task's metrics on ``rows`` (this worker's share; every rank gets the figures of all)."""
+        if self.task is not None:
+            return evaluate_pairs(self.core, rows, self.task[0], self.cfg.eval.batch_size, self.device, prefix)
+        return evaluate(self.core, rows, self.num_items, self.cfg.eval, self.cfg.model.max_len, self.device,
+                        prefix=prefix)
 
     @property
     def refit(self) -> bool:
@@ -282,8 +364,11 @@ class WorkerRun:
 
     def meta(self) -> dict:
         """The checkpoint's ``model.json``."""
-        return {"model": self.cfg.to_dict()["model"], "num_items": self.num_items,
+        meta = {"model": self.cfg.to_dict()["model"], "num_items": self.num_items,
                 "dataset_hash": self.manifest["content_hash"]}
+        if self.task is not None:
+            meta["task"] = self.cfg.to_dict()["task"]
+        return meta
 
 
 def setup(loop_config: dict) -> WorkerRun:
@@ -305,14 +390,24 @@ def setup(loop_config: dict) -> WorkerRun:
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(cfg, loop_config["train_rows"], world))
     reached["model_ready"] = time.time()
     refit = cfg.train.refit_epochs > 0
-    valid_rows = None if refit else load_eval_rows(cfg.data.path, "valid", rank, world)
-    test_rows = load_eval_rows(cfg.data.path, "test", rank, world)
+    task = None
+    if cfg.task.type == "next_item":
+        valid_rows = None if refit else load_eval_rows(cfg.data.path, "valid", rank, world)
+        test_rows = load_eval_rows(cfg.data.path, "test", rank, world)
+    else:  # rating/click: (history, candidate, label) pairs on the same split
+        valid_rows, test_rows = (load_task_pairs(cfg, manifest, s, rank, world) for s in ("valid", "test"))
+        task = (task_rule(cfg, manifest), np.flatnonzero(item_counts(cfg.data.path, cfg.training_split()) > 0))
     train_shard = ray.train.get_dataset_shard("train")
     reached["eval_rows_ready"] = time.time()
     return WorkerRun(cfg, rank, world, device, autocast_for(cfg, device),
                      RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0),
                      manifest, model, core, optimizer, scheduler, train_shard, valid_rows, test_rows, text, nodes,
-                     loop_config.get("clock"), reached)
+                     loop_config.get("clock"), reached, task)
+
+
+def signed(value: float, metric: str) -> float:
+    """``value`` of ``metric`` as a score where larger is better (RMSE, MAE, log loss are negated)."""
+    return value if higher_is_better(metric) else -value
 
 
 @dataclass
@@ -322,7 +417,7 @@ class Progress:
     best_weights: dict
     logged: set                    # epochs already in MLflow (none is logged twice)
     start_epoch: int = 0
-    best_value: float = -math.inf
+    best_value: float = -math.inf  # the selection metric's best, signed so that larger is better
     best_epoch: int = -1
     stale: int = 0                 # epochs since the selection metric last improved
     history: list = field(default_factory=list)
@@ -332,8 +427,8 @@ class Progress:
         """Keep the epoch's metrics and the best weights; True when early stopping ends the run."""
         if run.refit:  # the newest epoch is the model
             self.best_epoch, self.best_weights = epoch, ckpt.cpu_state_dict(run.core)
-        elif metrics[run.cfg.selection_metric()] > self.best_value:
-            self.best_value, self.best_epoch, self.stale = metrics[run.cfg.selection_metric()], epoch, 0
+        elif (score := signed(metrics[run.cfg.selection_metric()], run.cfg.selection_metric())) > self.best_value:
+            self.best_value, self.best_epoch, self.stale = score, epoch, 0
             self.best_weights = ckpt.cpu_state_dict(run.core)
         else:
             self.stale += 1
@@ -395,7 +490,7 @@ def train_and_validate(run: WorkerRun, progress: Progress, epoch: int) -> tuple[
     epoch_seed, order_seed = epoch_seeds(cfg.train.seed, epoch, run.world, run.rank)
     torch.manual_seed(epoch_seed)
     refresh_text_cache(core.items)  # a trainable LM's output cache, if a refit epoch or a restore left it stale
-    batches = epoch_batches(run.train_shard, cfg, epoch_seed, order_seed, mask_id=core.mask_id)
+    batches = epoch_batches(run.train_shard, cfg, epoch_seed, order_seed, mask_id=core.mask_id, task=run.task)
     # Epoch 0 may be profiled (train.profile_steps): where a step's time goes.
     profiler = StepProfiler(run.model, cfg.train.profile_steps) if cfg.train.profile_steps and epoch == 0 else None
     with profiler or nullcontext():
@@ -406,8 +501,7 @@ def train_and_validate(run: WorkerRun, progress: Progress, epoch: int) -> tuple[
     once = _first_epoch_figures(run, stats, profiler) if epoch == 0 else {}
 
     t_valid = time.perf_counter()
-    valid = {} if run.refit else evaluate(core, run.valid_rows, run.num_items, cfg.eval, cfg.model.max_len,
-                                          run.device, prefix="valid_")
+    valid = {} if run.refit else run.evaluate(run.valid_rows, prefix="valid_")
     peaks = _peak_rss_mb(run.device)
     metrics = {
         "epoch": epoch,
@@ -472,7 +566,7 @@ def evaluate_best_and_finish(run: WorkerRun, progress: Progress) -> dict:
     core.load_state_dict(progress.best_weights)
     best_row = next(row for row in progress.history if row["epoch"] == progress.best_epoch)
     best_valid = {k: v for k, v in best_row.items() if k.startswith("valid_")}
-    test = evaluate(core, run.test_rows, run.num_items, cfg.eval, cfg.model.max_len, run.device, prefix="test_")
+    test = run.evaluate(run.test_rows, prefix="test_")
     result = {**best_valid, **test, "best_epoch": progress.best_epoch, "epochs_run": len(progress.history)}
     if run.refit:
         result["refit_epochs"] = cfg.train.refit_epochs
