@@ -495,7 +495,6 @@ def _cross_checks(cfg: Config) -> list[str]:
             problems.append(f"model.backbone: the task.type={cfg.task.type} bi-encoder reads histories causally; "
                             f"set model.backbone=causal (got {cfg.model.backbone})")
         for key, value, wanted in (("train.refit_epochs", cfg.train.refit_epochs, 0),
-                                   ("data.windows", cfg.data.windows, False),
                                    ("mlflow.registered_model", cfg.mlflow.registered_model, "")):
             if value != wanted:
                 problems.append(f"{key}: not available with task.type={cfg.task.type} yet; set it to {wanted!r}")

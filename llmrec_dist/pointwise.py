@@ -144,6 +144,14 @@ class PointwiseRecommender(nn.Module):
         self.base, self.task, self.loss_name, self.huber_delta, self.clip = base, task, loss, huber_delta, clip
         hidden = base.items.hidden_size
         self.feedback_proj = nn.Linear(1, hidden) if feedback_input else None
+        # The mean of the history's (scaled) ratings, the user's own bias: it starts as "the user's mean
+        # rating" (weight = the rating range, bias = range minimum - offset) and training shrinks it.
+        self.history_mean = None
+        if feedback_input and task == "rating" and clip is not None:
+            self.history_mean = nn.Linear(1, 1)
+            with torch.no_grad():
+                self.history_mean.weight.fill_(clip[1] - clip[0])
+                self.history_mean.bias.fill_(clip[0] - offset)
         self.item_bias = nn.Embedding(base.items.num_items + 1, 1, padding_idx=PAD) if item_bias else None
         if self.item_bias is not None:
             nn.init.zeros_(self.item_bias.weight)
@@ -180,6 +188,11 @@ class PointwiseRecommender(nn.Module):
         out = out + self.offset
         if self.item_bias is not None:
             out = out + self.item_bias(candidates).squeeze(-1)
+        if self.history_mean is not None:
+            real = (seq != PAD).to(seq_feedback.dtype)
+            mean = (seq_feedback * real).cumsum(1) / real.cumsum(1).clamp(min=1)  # causal: events so far
+            mean = mean[:, -1:] if last_only else mean
+            out = out + self.history_mean(mean.unsqueeze(-1).to(out.dtype)).expand_as(out)
         return out[:, 0] if last_only else out
 
     def forward(self, seq, seq_feedback, candidates, labels) -> dict[str, torch.Tensor]:

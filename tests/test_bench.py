@@ -222,6 +222,19 @@ def test_a_refit_gets_its_own_row_after_the_validated_run(tmp_path):
             "(as validation chose), 10 min |") in text
 
 
+def test_rating_and_click_runs_show_their_own_metrics(tmp_path):
+    config = {"file": "c.yaml", "resolved": {"task": {"type": "rating"}, "train": {"exclude_seen": True,
+              "batch_size": 64, "lr": 0.001}}}
+    _result(tmp_path, "quality", {"task": "rating", "test_rmse": 0.9429, "test_mae": 0.7288, "test_pairs": 610,
+                                  "best_epoch": 3, "epochs_run": 8, "wall_seconds": 73}, label="r", config=config)
+    _result(tmp_path, "quality", {"task": "click", "test_auc": 0.85, "test_gauc": 0.84, "test_logloss": 0.39,
+                                  "best_epoch": 4, "epochs_run": 5, "wall_seconds": 60}, label="c")
+    text = report.render(common.read_results(tmp_path))
+    assert ("| quality: r | RMSE 0.9429 · MAE 0.7288 | best epoch 3 of 8, 1 min; batch 64, lr 0.001, cosine; "
+            "rating task, 610 test pairs |") in text
+    assert "| quality: c | AUC 0.8500 · GAUC 0.8400 · log loss 0.3900 | best epoch 4 of 5, 1 min |" in text
+
+
 def test_results_from_two_machines_name_their_machine_on_each_row(tmp_path):
     _result(tmp_path, "quality", {"test_ndcg_at_10": 0.1, "best_epoch": 1, "epochs_run": 2, "wall_seconds": 60},
             label="here")
@@ -337,6 +350,7 @@ def test_bench_towers_unknown_cell_exits_2(tmp_path, synthetic_dataset, capsys):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_bench_speed_command_measures_one_worker_end_to_end(tmp_path, synthetic_dataset):
     """`bench speed` runs a real `llmrec-dist train` process; its JSON has throughput, start-up,
     the per-step profile and per-worker memory."""
@@ -369,6 +383,7 @@ def test_bench_speed_command_measures_one_worker_end_to_end(tmp_path, synthetic_
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_machine_ceiling_times_the_three_cases_in_real_processes(tmp_path, synthetic_dataset):
     """The bare training step: one process at the full batch, one at half, two at half together
     (started by the barrier, each timed while the other runs)."""

@@ -60,6 +60,7 @@ def test_cli_prints_the_table_the_ratio_and_the_lines_and_writes_json(monkeypatc
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_real_startup_benchmark_runs(tmp_path):
     figures = startup.run_startup(busy=1, overrides=["model.item_repr=id", "train.epochs=1"], timeout=1200,
                                   echo=lambda _: None)

@@ -151,3 +151,26 @@ def test_pairs_shard_by_rank_and_keep_their_histories():
     assert first.candidate.tolist() == [1, 3] and second.candidate.tolist() == [2]
     assert first.history(1).tolist() == [7, 8, 9] and first.feedback(1).tolist() == [4, 5, 6]
     assert second.history(0).tolist() == [6] and second.feedback(0).tolist() == [3]
+
+
+def test_windows_cut_the_ratings_with_their_events():
+    import pyarrow as pa
+
+    from llmrec_dist.config import config_from_dict
+    from llmrec_dist.train.training_rows import windowed_table
+
+    cfg = config_from_dict({"data": {"path": "x", "windows": True}, "eval": {"metric": "rmse"},
+                            "model": {"hidden_size": 16, "num_heads": 2, "max_len": 6},
+                            "task": {"type": "rating"}, "train": {"exclude_seen": True}})
+    items = list(range(1, 17))
+    table = pa.table({"items": pa.array([items], type=pa.list_(pa.int32())),
+                      "feedback": pa.array([[i / 2 for i in items]], type=pa.list_(pa.float32()))})
+    out = windowed_table(table, cfg)
+    assert out.column("items").to_pylist() == [list(range(10, 17)), list(range(4, 11)), list(range(1, 5))]
+    assert out.column("feedback").to_pylist() == [[i / 2 for i in w] for w in out.column("items").to_pylist()]
+    # every event but the first is a rating target exactly once over the windows
+    rule = label_rule("rating", RATINGS, 4.0, 0)
+    _, _, cand, _ = training_batch(out.column("items").to_pylist(), out.column("feedback").to_pylist(), 6, rule,
+                                   np.random.default_rng(0))
+    targets = sorted(cand[cand != 0].tolist())
+    assert targets == list(range(2, 17))

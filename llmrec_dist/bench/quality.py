@@ -10,7 +10,7 @@ import dataclasses
 import time
 
 from llmrec_dist.bench.common import freq_ndcg_at_10
-from llmrec_dist.config import Config
+from llmrec_dist.config import TASK_METRICS, Config
 
 # Published test NDCG@10 / HR@10 (leave-one-out, full ranking, history excluded) of the datasets the
 # literature shares, recognised by their (users, items, interactions) after `prepare`.
@@ -72,16 +72,18 @@ def run_quality(cfg: Config, refit: bool = False, counts: dict | None = None) ->
     figures = {
         "run_id": outcome.run_id,
         "model_uri": outcome.model_uri,
-        **{f"test_{name}_at_{k}": m.get(f"test_{name}_at_{k}") for name in ("hr", "ndcg", "mrr")
-           for k in cfg.eval.ks},
-        **{key: m.get(key) for key in freq_ndcg_at_10(cfg.eval.freq_buckets)},
+        **({f"test_{name}_at_{k}": m.get(f"test_{name}_at_{k}") for name in ("hr", "ndcg", "mrr")
+            for k in cfg.eval.ks} if cfg.task.type == "next_item" else
+           {"task": cfg.task.type, "test_pairs": m.get("test_pairs"),
+            **{f"test_{name}": m.get(f"test_{name}") for name in TASK_METRICS[cfg.task.type]}}),
+        **({key: m.get(key) for key in freq_ndcg_at_10(cfg.eval.freq_buckets)} if cfg.task.type == "next_item" else {}),
         "best_epoch": m.get("best_epoch"),
         "epochs_run": m.get("epochs_run"),
         "wall_seconds": wall,
         "mean_epoch_seconds": sum(seconds) / len(seconds) if seconds else None,
         **chosen,
     }
-    name, anchors = anchor_set(counts or {})
+    name, anchors = anchor_set(counts or {}) if cfg.task.type == "next_item" else (None, None)
     if anchors:
         figures.update(anchor_dataset=name, target_ndcg_at_10=anchors["target_ndcg_at_10"],
                        reached_target=(m.get("test_ndcg_at_10") or 0) >= anchors["target_ndcg_at_10"])

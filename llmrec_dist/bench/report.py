@@ -22,7 +22,12 @@ def _fmt(value, spec: str) -> str:
 
 
 def test_cell(f: dict) -> str:
-    """A run's test NDCG/HR/MRR@10 in one line."""
+    """A run's test NDCG/HR/MRR@10 (rating: RMSE/MAE; click: AUC/GAUC/log loss) in one line."""
+    if f.get("task") == "rating":
+        return f"RMSE {_fmt(f.get('test_rmse'), '.4f')} · MAE {_fmt(f.get('test_mae'), '.4f')}"
+    if f.get("task") == "click":
+        return (f"AUC {_fmt(f.get('test_auc'), '.4f')} · GAUC {_fmt(f.get('test_gauc'), '.4f')} · "
+                f"log loss {_fmt(f.get('test_logloss'), '.4f')}")
     return (f"NDCG@10 {_fmt(f.get('test_ndcg_at_10'), '.4f')} · HR@10 {_fmt(f.get('test_hr_at_10'), '.4f')} · "
             f"MRR@10 {_fmt(f.get('test_mrr_at_10'), '.4f')}")
 
@@ -64,7 +69,10 @@ def _quality_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
         detail += f"; hidden {model['hidden_size']}, {model['num_layers']} {kind}, dropout {model['dropout']:g}"
     if resolved.get("data", {}).get("windows"):
         detail += "; windows"
-    if (train or {}).get("exclude_seen"):
+    task = resolved.get("task", {}).get("type", "next_item")
+    if task != "next_item":
+        detail += f"; {task} task, {f.get('test_pairs') or 0:.0f} test pairs"
+    elif (train or {}).get("exclude_seen"):
         detail += "; history left out of the training softmax"
     detail = _with_freq(detail, f)
     if data.get("report_detail"):

@@ -198,7 +198,10 @@ def run(args) -> int:
         figures = run_quality(cfg, refit=args.refit, counts=dataset["counts"])
         print(f"best epoch {figures['best_epoch']} of {figures['epochs_run']}, {figures['wall_seconds'] / 60:.1f} min")
         name = f"llmrec_dist ({args.label or cfg.model.item_repr})"
-        print(common.table(anchor_rows(figures, name, dataset["counts"]), ANCHOR_COLUMNS))
+        if cfg.task.type == "next_item":
+            print(common.table(anchor_rows(figures, name, dataset["counts"]), ANCHOR_COLUMNS))
+        else:
+            print(f"{name}, {cfg.task.type}, {figures['test_pairs']:.0f} test pairs: test {test_cell(figures)}")
         if cell := freq_cell(figures):
             print(f"test {cell}")
         if "refit" in figures:

@@ -97,9 +97,13 @@ def print_outcome(outcome, as_json: bool = False) -> None:
     for split in ("valid", "test", "test_cold"):
         cells = [f"{name}@{k}={m[f'{split}_{name}_at_{k}']:.4f}"
                  for name in ("hr", "ndcg", "mrr") for k in (10,) if f"{split}_{name}_at_{k}" in m]
+        cells += [f"{name}={m[f'{split}_{name}']:.4f}" for name in ("rmse", "mae", "auc", "gauc", "logloss")
+                  if f"{split}_{name}" in m]
         if cells:
             say(f"  {split}: " + "  ".join(cells))
-    say(f"  model: {outcome.model_uri}")
+    say(f"  model: {outcome.model_uri}" if outcome.model_uri else
+        f"  model: the best checkpoint in {outcome.checkpoint_path} (rating/click models are not logged to "
+        "MLflow yet)")
     reg = outcome.registration
     if reg:
         moved = "moved to it" if reg.get("promoted") else "not moved"

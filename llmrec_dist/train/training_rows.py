@@ -26,8 +26,17 @@ def training_rows(cfg: Config, manifest: Mapping) -> int:
 
 def windowed_table(table: pa.Table, cfg: Config) -> pa.Table:
     """``table``'s ``items`` histories cut into training windows, in row order, latest window first.
-    With ``train.exclude_seen`` each window row keeps the history before it (the softmax leaves it out)."""
+    With ``train.exclude_seen`` (next item) each window row keeps the history before it (the softmax
+    leaves it out). A ``feedback`` column (rating/click tasks) is cut with its events."""
     size, stride = window_shape(cfg.model.backbone, cfg.model.max_len)
-    column, prefix = table.column("items"), cfg.train.exclude_seen
-    rows = [w for items in column.to_pylist() for w in history_windows(items, size, stride, prefix)]
-    return pa.table({"items": pa.array(rows, type=column.type)})
+    column, prefix = table.column("items"), cfg.train.exclude_seen and cfg.task.type == "next_item"
+    if "feedback" not in table.column_names:
+        rows = [w for items in column.to_pylist() for w in history_windows(items, size, stride, prefix)]
+        return pa.table({"items": pa.array(rows, type=column.type)})
+    feedback = table.column("feedback")
+    rows, values = [], []
+    for items, events in zip(column.to_pylist(), feedback.to_pylist()):
+        for window in history_windows(range(len(items)), size, stride, prefix):  # event positions
+            rows.append(items[window[0]:window[-1] + 1])
+            values.append(events[window[0]:window[-1] + 1])
+    return pa.table({"items": pa.array(rows, type=column.type), "feedback": pa.array(values, type=feedback.type)})
