@@ -18,7 +18,8 @@ END = "<!-- bench-results:end -->"
 
 
 def _fmt(value, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
+    """A figure, or "–" when there is none (None, or NaN: e.g. GAUC when no user has both classes)."""
+    return "–" if value is None or value != value else format(value, spec)
 
 
 def test_cell(f: dict) -> str:
