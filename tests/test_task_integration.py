@@ -84,3 +84,14 @@ def test_task_config_errors_name_the_key():
     assert "task.loss: task.type=rating takes auto, mse, huber; got 'bce'" in text
     assert "model.backbone: the task.type=rating bi-encoder reads histories causally" in text
     assert "mlflow.registered_model: not available with task.type=rating yet" in text
+
+
+def test_a_rating_task_on_data_without_ratings_stops_before_ray(synthetic_dataset, tmp_path):
+    from llmrec_dist.train.launcher import TrainError, train
+
+    cfg = load_config(QUICKSTART, [f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}",
+                                   f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *TINY,
+                                   "task.type=rating", "eval.metric=rmse"])
+    with pytest.raises(TrainError, match="task.type=rating needs a dataset with ratings"):
+        train(cfg)
+    assert not (tmp_path / "mlflow.db").exists()  # no run was opened

@@ -250,6 +250,7 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
     else:
         cfg = with_absolute_paths(cfg)
     manifest = checked_manifest(cfg.data.path, cfg.data.verify_hash)  # before any run is opened
+    check_task_data(cfg, manifest)
     texts = read_item_texts(cfg.data.path) if cfg.model.item_repr != "id" else None  # read once, here
     estimate = preflight_memory(cfg, manifest, force, texts)  # and before Ray starts
     if resume:
@@ -302,6 +303,19 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
     end_run(tracking_uri, run_id, "FINISHED")
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def check_task_data(cfg: Config, manifest: dict) -> None:
+    """A rating/click task the dataset cannot label (rating without ratings, ...): one line, before Ray."""
+    if cfg.task.type == "next_item":
+        return
+    from llmrec_dist.data.dataset_format import feedback_of
+    from llmrec_dist.pointwise import label_rule
+
+    try:
+        label_rule(cfg.task.type, feedback_of(manifest), cfg.task.click_threshold, cfg.task.negatives)
+    except ValueError as err:
+        raise TrainError(f"{cfg.data.path}: {err}") from None
 
 
 def process_start_time() -> float:
