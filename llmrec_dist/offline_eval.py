@@ -48,6 +48,13 @@ def evaluate_here(folder: Path, data_path: str, split: str, cfg: EvalConfig, ran
     model, meta = load_model(folder, data_path, trust_remote_code)
     manifest = manifest or read_manifest(data_path)
     _check_dataset(meta, manifest, data_path)
+    if meta.get("task") is not None:  # a rating/click model: its task's pairs and metrics
+        from llmrec_dist.pointwise import evaluate_pairs, record_rule, task_pairs
+
+        record = meta["task"]
+        pairs = task_pairs(data_path, manifest, record, split, rank, world)
+        return evaluate_pairs(model.to(device), pairs, record_rule(record, manifest), cfg.batch_size, device,
+                              prefix=f"{split}_")
     rows = load_eval_rows(data_path, split, rank, world)
     return evaluate(model.to(device), rows, manifest_num_items(manifest), cfg, meta["model"]["max_len"],
                     device, prefix=f"{split}_")

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrec_dist.batching import left_pad
+from llmrec_dist.data.dataset_format import feedback_of, num_items as manifest_num_items, read_split
 from llmrec_dist.metrics import auc, gauc, log_loss, mae, rmse
-from llmrec_dist.pairs import Pairs, click_labels
+from llmrec_dist.pairs import Pairs, click_labels, eval_pairs
 
 PAD = 0
 TASK_METRICS = {"rating": ("rmse", "mae"), "click": ("auc", "gauc", "logloss")}
@@ -71,6 +72,37 @@ def label_rule(task: str, feedback: dict | None, click_threshold: float, negativ
     if negatives < 1:
         raise ValueError("task.negatives: click from implicit feedback needs >= 1 negative per positive")
     return LabelRule("click", negatives=negatives, low=low, high=high)
+
+
+def task_record(task: dict, manifest, seed: int) -> dict:
+    """What a saved rating/click model keeps of its task (``model.json``'s ``task``): the config section,
+    ``feedback_input`` as it took effect, the rating range and the seed of the evaluation negatives."""
+    rule = label_rule(task["type"], feedback_of(manifest), task["click_threshold"], task["negatives"])
+    return {**task, "feedback_input": bool(task["feedback_input"] and feedback_of(manifest) is not None),
+            "range": [rule.low, rule.high], "eval_seed": seed}
+
+
+def wrap_model(base: nn.Module, record: dict, offset: float = 0.0, dropout: float = 0.0) -> "PointwiseRecommender":
+    """The bi-encoder around ``base`` for a :func:`task_record` (a saved offset is restored with the weights)."""
+    loss = record["loss"] if record["loss"] != "auto" else ("mse" if record["type"] == "rating" else "bce")
+    return PointwiseRecommender(base, record["type"], loss, feedback_input=record["feedback_input"],
+                                item_bias=record["item_bias"], offset=offset, huber_delta=record["huber_delta"],
+                                dropout=dropout, clip=tuple(record["range"]) if record["type"] == "rating" else None)
+
+
+def task_pairs(data_path: str, manifest, record: dict, split: str, rank: int = 0, world: int = 1) -> Pairs:
+    """This worker's share of the ``split`` pairs of a :func:`task_record`'s task on the dataset."""
+    rule = label_rule(record["type"], feedback_of(manifest), record["click_threshold"], record["negatives"])
+    has_feedback = feedback_of(manifest) is not None
+    tables = {s: read_split(data_path, s, feedback=has_feedback) for s in ("train", "valid", "test")}
+    pairs = eval_pairs(tables, split, rule.task, num_items=manifest_num_items(manifest),
+                       ratio=record["eval_negatives"], seed=record["eval_seed"],
+                       threshold=rule.threshold if rule.threshold > 0 else None)
+    return pairs.shard(rank, world)
+
+
+def record_rule(record: dict, manifest) -> LabelRule:
+    return label_rule(record["type"], feedback_of(manifest), record["click_threshold"], record["negatives"])
 
 
 def training_batch(items, feedback, max_len: int, rule: LabelRule, rng: np.random.Generator,

@@ -3,7 +3,8 @@
 Two folders hold a saved model. Both have the model part; a package adds what serving needs::
 
     model.safetensors   weights (loaded with safetensors only, never unpickled)
-    model.json          {"model": ModelConfig fields, "num_items": N, "dataset_hash": ...}
+    model.json          {"model": ModelConfig fields, "num_items": N, "dataset_hash": ...,
+                         rating/click models: "task": the task section, its rating range, eval seed}
 
     checkpoint folder (written each epoch by the per-worker recipe, :mod:`llmrec_dist.worker.checkpoint`)
       + best_model.safetensors, state.pt; a text model reads its item texts from the dataset
@@ -129,9 +130,10 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def build_for_weights(cfg: ModelConfig, num_items: int, texts: list[str] | None,
-                      cache_dir: str | os.PathLike | None) -> SequenceRecommender:
+                      cache_dir: str | os.PathLike | None, task: dict | None = None) -> SequenceRecommender:
     """A model shaped like ``cfg`` for ``num_items`` ID rows; ``texts`` (one per catalogue item, may be
-    more than ``num_items`` for a refreshed catalogue) feed the LM tower when the model reads text."""
+    more than ``num_items`` for a refreshed catalogue) feed the LM tower when the model reads text.
+    ``task``: a rating/click model's ``model.json`` ``task`` record (the bi-encoder around the model)."""
     text = None
     if cfg.item_repr != "id":
         from llmrec_dist.text_tower import prepare_text_features
@@ -139,7 +141,12 @@ def build_for_weights(cfg: ModelConfig, num_items: int, texts: list[str] | None,
         if texts is None:
             raise ValueError(f"model.item_repr={cfg.item_repr!r}: item texts are needed to rebuild the model")
         text = prepare_text_features(cfg, texts, cache_dir=cache_dir)
-    return build_model(cfg, num_items, text=text)
+    model = build_model(cfg, num_items, text=text)
+    if task is not None:
+        from llmrec_dist.pointwise import wrap_model
+
+        model = wrap_model(model, task)
+    return model
 
 
 def load_weights_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
@@ -150,9 +157,9 @@ def load_weights_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor]
 
 
 def restore_model(folder: Path, cfg: ModelConfig, num_items: int, texts: list[str] | None,
-                  cache_dir: str | os.PathLike | None) -> SequenceRecommender:
+                  cache_dir: str | os.PathLike | None, task: dict | None = None) -> SequenceRecommender:
     """The model saved in ``folder`` (``cfg`` from :func:`saved_model_config`), in eval mode on CPU."""
-    model = build_for_weights(cfg, num_items, texts, cache_dir)
+    model = build_for_weights(cfg, num_items, texts, cache_dir, task)
     load_weights_strict(model, read_safetensors(folder / WEIGHTS_FILE), str(folder / WEIGHTS_FILE))
     return model.eval()
 
@@ -200,4 +207,7 @@ def load_model(folder: str | os.PathLike, data_path: str | None = None,
             raise ValueError(f"{folder}: a text model's checkpoint needs its dataset for the item texts")
         texts = read_item_texts(source)
         cache = folder / TEXT_CACHE_DIR if packaged else text_cache_dir(str(data_path))
-    return restore_model(folder, cfg, meta["num_items"], texts, cache), meta
+    task = meta.get("task")
+    if task is not None and not isinstance(task, dict):
+        raise ValueError(f"{folder / MODEL_META_FILE}: task must be an object, got {short_repr(task)}")
+    return restore_model(folder, cfg, meta["num_items"], texts, cache, task), meta

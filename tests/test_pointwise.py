@@ -10,7 +10,7 @@ from llmrec_dist.config import ModelConfig
 from llmrec_dist.metrics import auc, gauc, log_loss, rmse
 from llmrec_dist.model import build_model
 from llmrec_dist.pairs import Pairs
-from llmrec_dist.pointwise import PointwiseRecommender, evaluate_pairs, label_rule, training_batch
+from llmrec_dist.pointwise import PointwiseRecommender, evaluate_pairs, label_rule, task_record, training_batch
 
 RATINGS = {"kind": "rating", "column": "rating", "min": 1.0, "max": 5.0}
 
@@ -174,3 +174,30 @@ def test_windows_cut_the_ratings_with_their_events():
                                    np.random.default_rng(0))
     targets = sorted(cand[cand != 0].tolist())
     assert targets == list(range(2, 17))
+
+
+def test_a_saved_rating_model_loads_back_with_its_task(tmp_path):
+    import dataclasses
+    import json
+
+    from llmrec_dist.config import TaskConfig
+    from llmrec_dist.saved_model import MODEL_META_FILE, WEIGHTS_FILE, load_model
+    from llmrec_dist.worker.checkpoint import cpu_state_dict, save_weights
+
+    model = tiny(offset=3.25).eval()
+    torch.nn.init.normal_(model.item_bias.weight)  # something the load must restore
+    manifest = {"feedback": {"kind": "rating", "column": "rating", "min": 1.0, "max": 5.0}}
+    record = task_record(dataclasses.asdict(TaskConfig(type="rating")), manifest, seed=7)
+    assert record["range"] == [1.0, 5.0] and record["eval_seed"] == 7 and record["feedback_input"] is True
+    save_weights(cpu_state_dict(model), tmp_path / WEIGHTS_FILE)
+    model_cfg = dataclasses.asdict(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, max_len=6, dropout=0.0))
+    (tmp_path / MODEL_META_FILE).write_text(json.dumps({"model": model_cfg, "num_items": 12, "task": record}))
+    loaded, meta = load_model(tmp_path)
+    assert isinstance(loaded, PointwiseRecommender) and meta["task"]["type"] == "rating"
+    assert loaded.offset.item() == 3.25
+    rule = label_rule("rating", RATINGS, 4.0, 0)
+    args = ([[3, 1, 2], [4]], [[5, 1, 3], [2]], torch.tensor([7, 9]), rule)
+    assert torch.allclose(loaded.predict(*args), model.predict(*args))
+    (tmp_path / MODEL_META_FILE).write_text(json.dumps({"model": model_cfg, "num_items": 12, "task": "rating"}))
+    with pytest.raises(ValueError, match="task must be an object"):
+        load_model(tmp_path)

@@ -63,6 +63,14 @@ def test_rating_trains_with_two_workers_and_beats_the_mean(ray_cluster, rated_da
     assert run_data.metrics["test_rmse"] == pytest.approx(m["test_rmse"])
     assert outcome.model_uri == ""  # rating models are not packaged yet
 
+    # The checkpoint evaluates again offline (one process) to the same figures as on the 2 workers.
+    from llmrec_dist.config import EvalConfig
+    from llmrec_dist.offline_eval import evaluate_saved_model
+
+    again = evaluate_saved_model(Path(outcome.checkpoint_path), str(rated_dataset), "test", EvalConfig())
+    assert again["test_rmse"] == pytest.approx(m["test_rmse"], abs=1e-6)
+    assert again["test_mae"] == pytest.approx(m["test_mae"], abs=1e-6) and again["test_pairs"] == 120
+
 
 def test_click_from_implicit_feedback_learns_with_sampled_negatives(ray_cluster, synthetic_dataset, tmp_path):
     outcome, _ = run(ray_cluster, synthetic_dataset, tmp_path, "task.type=click", "eval.metric=auc",

@@ -1,4 +1,5 @@
-"""`llmrec-dist evaluate`: full-ranking metrics of a saved model on a prepared dataset."""
+"""`llmrec-dist evaluate`: full-ranking metrics of a saved model on a prepared dataset (a rating/click
+model's checkpoint: its task's metrics on the same pairs as in training)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ def add_parser(sub) -> None:
                     "coverage, and HR/NDCG/MRR@K of the rows whose target is a cold item and of those whose "
                     "target's training frequency falls in each bucket 0, 1-4, 5-19, 20+ (the eval.freq_buckets "
                     "default). --model takes an MLflow model URI (models:/NAME@ALIAS, models:/NAME/VERSION, "
-                    "runs:/RUN_ID/model) or a local checkpoint / model-package folder.")
+                    "runs:/RUN_ID/model) or a local checkpoint / model-package folder. A rating or click "
+                    "model's checkpoint (task.type) reports its task's metrics instead (RMSE/MAE or AUC/GAUC/"
+                    "log loss) on the same validation/test pairs as its training run.")
     p.add_argument("--model", required=True, help="MLflow model URI or local checkpoint folder")
     p.add_argument("--data", required=True, help="prepared dataset folder the model was trained on")
     p.add_argument("--split", choices=["valid", "test"], default="test", help="split to rank (default test)")

@@ -38,8 +38,8 @@ from llmrec_dist.data.dataset_format import feedback_of, item_counts, read_split
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import build_model, count_parameters, softmax_negatives
 from llmrec_dist.metrics import higher_is_better
-from llmrec_dist.pairs import eval_pairs
-from llmrec_dist.pointwise import LabelRule, PointwiseRecommender, evaluate_pairs, label_rule, training_batch
+from llmrec_dist.pointwise import (LabelRule, PointwiseRecommender, evaluate_pairs, label_rule, task_pairs,
+                                   task_record, training_batch, wrap_model)
 from llmrec_dist.profiling import StepProfiler, region
 from llmrec_dist.saved_model import WEIGHTS_FILE
 from llmrec_dist.sharding import refresh_text_cache
@@ -181,32 +181,23 @@ def task_rule(cfg: Config, manifest: Mapping) -> LabelRule:
 def build_pointwise(cfg: Config, manifest: Mapping, text) -> PointwiseRecommender:
     """The rating/click bi-encoder: the configured backbone and item tower, no softmax, plus the head.
     A rating model starts from the mean of the train split's ratings."""
-    rule = task_rule(cfg, manifest)
+    record = task_record(cfg.to_dict()["task"], manifest, cfg.train.seed)
     counts = item_counts(cfg.data.path, cfg.training_split())
     base = build_model(cfg.model, manifest_num_items(manifest), text=text,
                        id_seen=counts >= cfg.model.id_min_count if cfg.model.item_repr == "id+text" else None,
                        lm_items_per_step=cfg.train.lm_items_per_step,
                        lm_checkpoint_items=cfg.train.lm_checkpoint_items, lm_anchor=cfg.train.lm_anchor)
     offset = 0.0
-    if rule.task == "rating":
+    if record["type"] == "rating":
         train = read_split(cfg.data.path, cfg.training_split(), feedback=True)
         offset = float(np.mean(train.column("feedback").combine_chunks().flatten().to_numpy(zero_copy_only=False)))
-    loss = cfg.task.loss if cfg.task.loss != "auto" else ("mse" if rule.task == "rating" else "bce")
-    has_feedback = feedback_of(manifest) is not None
-    return PointwiseRecommender(base, rule.task, loss, feedback_input=cfg.task.feedback_input and has_feedback,
-                                item_bias=cfg.task.item_bias, offset=offset, huber_delta=cfg.task.huber_delta,
-                                dropout=cfg.model.dropout, clip=(rule.low, rule.high) if rule.task == "rating" else None)
+    return wrap_model(base, record, offset=offset, dropout=cfg.model.dropout)
 
 
 def load_task_pairs(cfg: Config, manifest: Mapping, split: str, rank: int, world: int):
     """This worker's share of the ``split`` rating/click pairs (:func:`llmrec_dist.pairs.eval_pairs`)."""
-    rule = task_rule(cfg, manifest)
-    has_feedback = feedback_of(manifest) is not None
-    tables = {s: read_split(cfg.data.path, s, feedback=has_feedback) for s in ("train", "valid", "test")}
-    pairs = eval_pairs(tables, split, rule.task, num_items=manifest_num_items(manifest),
-                       ratio=cfg.task.eval_negatives, seed=cfg.train.seed,
-                       threshold=rule.threshold if rule.threshold > 0 else None)
-    return pairs.shard(rank, world)
+    return task_pairs(cfg.data.path, manifest, task_record(cfg.to_dict()["task"], manifest, cfg.train.seed),
+                      split, rank, world)
 
 
 def steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
@@ -366,8 +357,8 @@ class WorkerRun:
         """The checkpoint's ``model.json``."""
         meta = {"model": self.cfg.to_dict()["model"], "num_items": self.num_items,
                 "dataset_hash": self.manifest["content_hash"]}
-        if self.task is not None:
-            meta["task"] = self.cfg.to_dict()["task"]
+        if self.task is not None:  # what loading the model and evaluating it again need
+            meta["task"] = task_record(self.cfg.to_dict()["task"], self.manifest, self.cfg.train.seed)
         return meta
 
 
