@@ -103,3 +103,30 @@ def test_a_rating_task_on_data_without_ratings_stops_before_ray(synthetic_datase
     with pytest.raises(TrainError, match="task.type=rating needs a dataset with ratings"):
         train(cfg)
     assert not (tmp_path / "mlflow.db").exists()  # no run was opened
+
+
+def test_a_rating_sweep_ranks_trials_by_the_lowest_rmse(ray_cluster, rated_dataset, tmp_path):
+    import yaml
+
+    from llmrec_dist.sweep.driver import run_sweep
+    from llmrec_dist.sweep.search import load_sweep
+
+    cfg = {
+        "data": {"path": str(rated_dataset)},
+        "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_len": 12, "dropout": 0.0},
+        "task": {"type": "rating"},
+        "eval": {"metric": "rmse"},
+        "train": {"epochs": 3, "batch_size": 32, "patience": 0, "storage_path": str(tmp_path / "runs")},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "mlflow": {"experiment": "rating-sweep", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "search": {"space": {"train.lr": {"grid": [1e-7, 0.02]}}, "scheduler": "none",
+                   "max_concurrent_trials": 2, "storage_path": str(tmp_path / "sweeps"), "name": "rating"},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    outcome = run_sweep(load_sweep(str(path)))
+    assert [r.status for r in outcome.rows] == ["completed", "completed"]
+    assert outcome.rows[0].best_value < outcome.rows[1].best_value  # best first = the lowest RMSE
+    assert outcome.best.params == {"train.lr": 0.02}
+    assert outcome.best.best_value == min(v for _, v in outcome.best.history)
+    assert outcome.test_metrics["test_rmse"] > 0 and outcome.model_uri == ""

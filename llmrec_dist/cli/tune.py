@@ -80,8 +80,10 @@ def print_outcome(outcome, as_json: bool = False) -> None:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.0f} s"
         print(f"  {r['trial_id']:<14} {r['status']:<13} {value:>8}  epochs {r['epochs']}  {secs:>6}  {r['params']}")
     if outcome.best:
-        test = "  ".join(f"{k}={v:.4f}" for k, v in outcome.test_metrics.items() if k.endswith("_at_10"))
-        print(f"  best: {outcome.best.trial_id} {outcome.best.params}\n  test: {test}\n  model: {outcome.model_uri}")
+        shown = ("_at_10", "_rmse", "_mae", "_auc", "_gauc", "_logloss")
+        test = "  ".join(f"{k}={v:.4f}" for k, v in outcome.test_metrics.items() if k.endswith(shown))
+        model = outcome.model_uri or "the best trial's checkpoint (rating/click models are not logged to MLflow yet)"
+        print(f"  best: {outcome.best.trial_id} {outcome.best.params}\n  test: {test}\n  model: {model}")
     reg = outcome.registration
     if reg:
         moved = "moved to it" if reg.get("promoted") else "not moved"

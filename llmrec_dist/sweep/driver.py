@@ -27,6 +27,7 @@ from pathlib import Path
 
 from llmrec_dist import console, storage
 from llmrec_dist.config import absolute
+from llmrec_dist.metrics import higher_is_better
 from llmrec_dist.sweep.search import SweepConfig, sweep_from_dict
 from llmrec_dist.sweep.trial import TAG_STATUS, TAG_SWEEP, child_runs, run_trial
 
@@ -181,7 +182,8 @@ def _tuner(sweep: SweepConfig, context: dict, plan: ResourcePlan, folder: str, r
     return tune.Tuner(
         trainable,
         param_space=param_space(sweep),
-        tune_config=tune.TuneConfig(metric=search.metric, mode="max", scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=search.metric, mode="max" if higher_is_better(search.metric) else "min",
+                                    scheduler=scheduler,
                                     num_samples=search.num_samples,
                                     # Tune ignores max_concurrent_trials when given a search_alg.
                                     search_alg=BasicVariantGenerator(random_state=search.seed,
@@ -218,6 +220,7 @@ def trial_rows(results, sweep: SweepConfig, parent_run_id: str, tracking_uri: st
     from llmrec_dist.sweep.trial import flatten
 
     metric = sweep.search.metric
+    higher = higher_is_better(metric)
     run_of_trial = child_runs(tracking_uri, experiment_id, parent_run_id)
     rows = []
     for result in results:
@@ -245,9 +248,12 @@ def trial_rows(results, sweep: SweepConfig, parent_run_id: str, tracking_uri: st
             status = "incomplete"
         values = [v for _, v in history] + ([metrics[metric]] if status == "completed" and metric in metrics else [])
         params = {k: v for k, v in flatten(result.config or {}).items() if k in sweep.search.space}
-        rows.append(TrialRow(trial_id, run_of_trial.get(trial_id), status, params, max(values) if values else float("nan"),
+        best = (max(values) if higher else min(values)) if values else float("nan")
+        rows.append(TrialRow(trial_id, run_of_trial.get(trial_id), status, params, best,
                              len(history), history, metrics, checkpoint, seconds))
-    rows.sort(key=lambda r: (math.isnan(r.best_value), -r.best_value if not math.isnan(r.best_value) else 0))
+    # best first: the highest value, or the lowest for RMSE, MAE and log loss
+    rows.sort(key=lambda r: (math.isnan(r.best_value),
+                             (-r.best_value if higher else r.best_value) if not math.isnan(r.best_value) else 0))
     return rows
 
 
@@ -431,16 +437,17 @@ def _publish_best(outcome: SweepOutcome, sweep: SweepConfig, manifest: dict) -> 
             test = evaluate_here(folder, cfg.data.path, "test", cfg.eval, manifest=manifest)
             RunLogger(outcome.tracking_uri, best.run_id).metrics(test, step=0)
         outcome.test_metrics = test
-        published = publish_model(folder, cfg, manifest, outcome.tracking_uri, best.run_id, metric,
-                                  {metric: best.best_value})
-    outcome.model_uri, outcome.registration = published.model_uri, published.registration
+        if cfg.task.type == "next_item":  # rating/click models stay checkpoints (no MLflow model yet)
+            published = publish_model(folder, cfg, manifest, outcome.tracking_uri, best.run_id, metric,
+                                      {metric: best.best_value})
+            outcome.model_uri, outcome.registration = published.model_uri, published.registration
     RunLogger(outcome.tracking_uri, outcome.parent_run_id).metrics(
         {f"best_{metric}": best.best_value, **{f"best_{k}": v for k, v in test.items()}}, step=0)
     tags = {"llmrec.best_trial_id": best.trial_id, "llmrec.best_run_id": best.run_id,
             "llmrec.best_params": json.dumps(best.params), "llmrec.best_model_uri": outcome.model_uri}
-    if published.registration:
-        tags["llmrec.registered_version"] = str(published.registration["version"])
-        tags["llmrec.promoted"] = str(published.registration["promoted"]).lower()
+    if outcome.registration:
+        tags["llmrec.registered_version"] = str(outcome.registration["version"])
+        tags["llmrec.promoted"] = str(outcome.registration["promoted"]).lower()
     c = client(outcome.tracking_uri)
     for key, value in tags.items():
         c.set_tag(outcome.parent_run_id, key, value)

@@ -11,6 +11,7 @@ import math
 
 from ray.tune import Callback
 
+from llmrec_dist.metrics import higher_is_better
 from llmrec_dist.sweep.trial import flatten
 
 
@@ -32,7 +33,7 @@ class TrialLines(Callback):
     def _line(self, trial, status: str) -> None:
         self.done += 1
         params = {k: v for k, v in flatten(trial.config or {}).items() if k in self.space_keys}
-        best = (trial.metric_analysis or {}).get(self.metric, {}).get("max")
+        best = (trial.metric_analysis or {}).get(self.metric, {}).get("max" if higher_is_better(self.metric) else "min")
         self.echo(trial_line(trial.trial_id, status, params, self.metric, best, self.done, self.total))
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -14,23 +14,26 @@ def _columns(sweep) -> list[str]:
     return list(sweep.search.space)
 
 
-def _test_cells(row) -> dict:
-    return {k: row.metrics[k] for k in ("test_ndcg_at_10", "test_hr_at_10") if k in row.metrics}
+TEST_KEYS = {"next_item": ("test_ndcg_at_10", "test_hr_at_10"), "rating": ("test_rmse", "test_mae"),
+             "click": ("test_auc", "test_logloss")}
+
+
+def _test_keys(sweep) -> tuple[str, str]:
+    """The two test metrics a trial's row shows: those of the swept task."""
+    return TEST_KEYS[sweep.base.task.type]
 
 
 def results_csv(rows, sweep) -> str:
     """One line per trial, best first: id, status, searched params, best metric, epochs, test metrics."""
-    metric = sweep.search.metric
+    metric, tests = sweep.search.metric, _test_keys(sweep)
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["rank", "trial_id", "status", *_columns(sweep), f"best_{metric}", "epochs",
-                     "test_ndcg_at_10", "test_hr_at_10", "seconds", "run_id"])
+                     *tests, "seconds", "run_id"])
     for rank, row in enumerate(rows, 1):
-        test = _test_cells(row)
         writer.writerow([rank, row.trial_id, row.status, *(row.params.get(k, "") for k in _columns(sweep)),
                          "" if math.isnan(row.best_value) else f"{row.best_value:.6f}", row.epochs,
-                         f"{test['test_ndcg_at_10']:.6f}" if "test_ndcg_at_10" in test else "",
-                         f"{test['test_hr_at_10']:.6f}" if "test_hr_at_10" in test else "",
+                         *(f"{row.metrics[k]:.6f}" if k in row.metrics else "" for k in tests),
                          "" if math.isnan(row.seconds) else f"{row.seconds:.1f}", row.run_id or ""])
     return out.getvalue()
 
@@ -40,12 +43,13 @@ def _fmt(value) -> str:
 
 
 def results_markdown(rows, sweep) -> str:
-    metric, keys = sweep.search.metric, _columns(sweep)
-    lines = [f"| # | trial | status | {' | '.join(keys)} | {metric} | epochs | test NDCG@10 | seconds |",
+    metric, keys, shown = sweep.search.metric, _columns(sweep), _test_keys(sweep)[0]
+    title = "test NDCG@10" if shown == "test_ndcg_at_10" else shown.replace("_", " ")
+    lines = [f"| # | trial | status | {' | '.join(keys)} | {metric} | epochs | {title} | seconds |",
              "|" + "---|" * (len(keys) + 7)]
     for rank, row in enumerate(rows, 1):
         value = "" if math.isnan(row.best_value) else f"{row.best_value:.4f}"
-        test = row.metrics.get("test_ndcg_at_10")
+        test = row.metrics.get(shown)
         lines.append(f"| {rank} | {row.trial_id} | {row.status} | "
                      + " | ".join(_fmt(row.params.get(k, "")) for k in keys)
                      + f" | {value} | {row.epochs} | {'' if test is None else f'{test:.4f}'} | "

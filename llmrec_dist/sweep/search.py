@@ -8,7 +8,7 @@ A sweep file is a training config (see :mod:`llmrec_dist.config`) plus a ``searc
         model.freeze: {grid: [frozen, lora]}
         model.lora_r: {choice: [4, 8, 16]}
       num_samples: 2              # samples of the random keys per grid point
-      metric: valid_ndcg_at_10    # maximised; also the champion gate's metric
+      metric: valid_ndcg_at_10    # its best wins (the lowest for rmse/mae/logloss); the champion gate's metric
       scheduler: asha             # or none
       grace_period: 1
       max_concurrent_trials: 2
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmrec_dist.config import (
+    TASK_METRICS,
     Config,
     ConfigError,
     apply_overrides,
@@ -62,8 +63,9 @@ class SearchConfig:
         factory=dict, doc="dotted config key -> {loguniform|uniform|randint: [lo, hi]} or {choice|grid: [values]}")
     num_samples: int = setting(1, "samples of the random distributions per grid point (trials = grid points x "
                                   "num_samples)", check=lambda v: None if v >= 1 else "must be >= 1")
-    metric: str = setting("", "validation metric maximised by the sweep and by the champion gate (default "
-                         "valid_<eval.metric>)")
+    metric: str = setting("", "validation metric the sweep and the champion gate select on, the highest value "
+                              "or, for valid_rmse, valid_mae and valid_logloss, the lowest (default "
+                              "valid_<eval.metric>)")
     scheduler: str = setting("asha", "'asha' (stop weak trials early) or 'none'",
                              check=lambda v: None if v in ("asha", "none") else "expected 'asha' or 'none'")
     grace_period: int = setting(1, "ASHA: epochs a trial runs before it can be stopped",
@@ -169,12 +171,13 @@ def parse_search(raw: Any, train_raw: dict, source: str = "") -> SearchConfig:
     if base.train.refit_epochs or "train.refit_epochs" in (raw.get("space") or {}):
         problems.append("train.refit_epochs: a sweep selects on validation, which a refit trains on; "
                         "keep it 0 and unsearched (refit the chosen trial's config afterwards)")
-    if base.task.type != "next_item" or "task.type" in (raw.get("space") or {}):
-        problems.append(f"task.type: sweeps rank trials by a next-item metric; task.type={base.task.type} "
-                        "(rating, click) is not swept yet")
+    if "task.type" in (raw.get("space") or {}):
+        problems.append("search.space.task.type: trials of different tasks have no common metric to rank "
+                        "them by; set task.type in the config")
     if not search.metric:
         search.metric = base.selection_metric()
-    names = {f"valid_{name}" for name in metric_names(base.eval.ks)}
+    names = {f"valid_{name}" for name in (TASK_METRICS[base.task.type] if base.task.type != "next_item"
+                                           else metric_names(base.eval.ks))}
     if search.metric not in names:
         problems.append(f"search.metric: expected one of {', '.join(sorted(names))}; got {search.metric!r}")
 
