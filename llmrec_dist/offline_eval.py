@@ -52,7 +52,7 @@ def evaluate_here(folder: Path, data_path: str, split: str, cfg: EvalConfig, ran
         from llmrec_dist.pointwise import evaluate_pairs, record_rule, task_pairs
 
         record = meta["task"]
-        pairs = task_pairs(data_path, manifest, record, split, rank, world)
+        [pairs] = task_pairs(data_path, manifest, record, (split,), rank, world)
         return evaluate_pairs(model.to(device), pairs, record_rule(record, manifest), cfg.batch_size, device,
                               prefix=f"{split}_")
     rows = load_eval_rows(data_path, split, rank, world)

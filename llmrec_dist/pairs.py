@@ -49,9 +49,7 @@ class Pairs:
         """The rows ``rank``, ``rank + world``, ... (a worker's share of a distributed evaluation)."""
         rows = np.arange(rank, len(self), world)
         lengths = np.diff(self.history_offsets)[rows]
-        gather = np.concatenate([np.arange(self.history_offsets[r], self.history_offsets[r + 1]) for r in rows]) \
-            if len(rows) else np.zeros(0, dtype=np.int64)
-        gather = gather.astype(np.int64)
+        gather = _ranges(self.history_offsets[rows], lengths)
         return Pairs(self.user_idx[rows], np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                      self.history_items[gather], self.candidate[rows], self.label[rows],
                      None if self.history_feedback is None else self.history_feedback[gather])
@@ -152,17 +150,21 @@ def eval_pairs(split_tables: dict[str, pa.Table], split: str, task: str, *, num_
                   flat_feedback=flat_feedback)
 
 
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The int64 indices ``starts[i] .. starts[i] + lengths[i] - 1`` of every row, concatenated."""
+    if not len(starts):
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)]).astype(np.int64)
+
+
 def _pairs(users, lengths, flat, candidates, labels, repeat: int, flat_feedback=None) -> Pairs:
     """Pairs with each user's history repeated for its ``repeat`` consecutive candidates."""
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     row_lengths = np.repeat(lengths, repeat)
-    starts = np.repeat(offsets[:-1], repeat)
-    gather = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, row_lengths)]) if len(starts) else \
-        np.zeros(0, dtype=np.int64)
+    gather = _ranges(np.repeat(offsets[:-1], repeat), row_lengths)
     return Pairs(user_idx=np.repeat(users, repeat),
                  history_offsets=np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int64),
-                 history_items=flat[gather.astype(np.int64)] if len(gather) else np.zeros(0, dtype=np.int64),
+                 history_items=flat[gather].astype(np.int64),
                  candidate=np.asarray(candidates, dtype=np.int64),
                  label=np.asarray(labels, dtype=np.float32),
-                 history_feedback=None if flat_feedback is None else
-                 (flat_feedback[gather.astype(np.int64)] if len(gather) else np.zeros(0, dtype=np.float32)))
+                 history_feedback=None if flat_feedback is None else flat_feedback[gather].astype(np.float32))

@@ -30,7 +30,6 @@ from llmrec_dist.metrics import auc, gauc, log_loss, mae, rmse
 from llmrec_dist.pairs import Pairs, click_labels, eval_pairs
 
 PAD = 0
-TASK_METRICS = {"rating": ("rmse", "mae"), "click": ("auc", "gauc", "logloss")}
 
 
 @dataclass(frozen=True)
@@ -44,10 +43,6 @@ class LabelRule:
     negatives: int = 0
     low: float = 0.0
     high: float = 1.0
-
-    @property
-    def uses_feedback(self) -> bool:
-        return self.task == "rating" or self.threshold > 0
 
     def scaled(self, feedback: np.ndarray) -> np.ndarray:
         return (np.asarray(feedback, dtype=np.float32) - self.low) / max(self.high - self.low, 1e-6)
@@ -74,10 +69,15 @@ def label_rule(task: str, feedback: dict | None, click_threshold: float, negativ
     return LabelRule("click", negatives=negatives, low=low, high=high)
 
 
+def record_rule(record: dict, manifest) -> LabelRule:
+    """The label rule of a task section or :func:`task_record` on the dataset of ``manifest``."""
+    return label_rule(record["type"], feedback_of(manifest), record["click_threshold"], record["negatives"])
+
+
 def task_record(task: dict, manifest, seed: int) -> dict:
     """What a saved rating/click model keeps of its task (``model.json``'s ``task``): the config section,
     ``feedback_input`` as it took effect, the rating range and the seed of the evaluation negatives."""
-    rule = label_rule(task["type"], feedback_of(manifest), task["click_threshold"], task["negatives"])
+    rule = record_rule(task, manifest)
     return {**task, "feedback_input": bool(task["feedback_input"] and feedback_of(manifest) is not None),
             "range": [rule.low, rule.high], "eval_seed": seed}
 
@@ -90,19 +90,17 @@ def wrap_model(base: nn.Module, record: dict, offset: float = 0.0, dropout: floa
                                 dropout=dropout, clip=tuple(record["range"]) if record["type"] == "rating" else None)
 
 
-def task_pairs(data_path: str, manifest, record: dict, split: str, rank: int = 0, world: int = 1) -> Pairs:
-    """This worker's share of the ``split`` pairs of a :func:`task_record`'s task on the dataset."""
-    rule = label_rule(record["type"], feedback_of(manifest), record["click_threshold"], record["negatives"])
+def task_pairs(data_path: str, manifest, record: dict, splits: tuple[str, ...], rank: int = 0,
+               world: int = 1) -> list[Pairs]:
+    """This worker's share of each of ``splits``' pairs of a :func:`task_record`'s task on the dataset
+    (the valid and test tables are read once: they are all the pairs and their negatives need)."""
+    rule = record_rule(record, manifest)
     has_feedback = feedback_of(manifest) is not None
-    tables = {s: read_split(data_path, s, feedback=has_feedback) for s in ("train", "valid", "test")}
-    pairs = eval_pairs(tables, split, rule.task, num_items=manifest_num_items(manifest),
+    tables = {s: read_split(data_path, s, feedback=has_feedback) for s in ("valid", "test")}
+    return [eval_pairs(tables, split, rule.task, num_items=manifest_num_items(manifest),
                        ratio=record["eval_negatives"], seed=record["eval_seed"],
-                       threshold=rule.threshold if rule.threshold > 0 else None)
-    return pairs.shard(rank, world)
-
-
-def record_rule(record: dict, manifest) -> LabelRule:
-    return label_rule(record["type"], feedback_of(manifest), record["click_threshold"], record["negatives"])
+                       threshold=rule.threshold if rule.threshold > 0 else None).shard(rank, world)
+            for split in splits]
 
 
 def training_batch(items, feedback, max_len: int, rule: LabelRule, rng: np.random.Generator,
@@ -117,10 +115,8 @@ def training_batch(items, feedback, max_len: int, rule: LabelRule, rng: np.rando
     nxt = left_pad([r[1:] for r in rows], max_len)
     fb_in = np.zeros(seq.shape, dtype=np.float32)
     fb_next = np.zeros(seq.shape, dtype=np.float32)
-    if rule.uses_feedback or feedback is not None:
-        for b, (row, fb) in enumerate(zip(rows, feedback if feedback is not None else [None] * len(rows))):
-            if fb is None:
-                continue
+    if feedback is not None:
+        for b, (row, fb) in enumerate(zip(rows, feedback)):
             fb = np.asarray(fb, dtype=np.float32)[-len(row):]
             n = len(row) - 1
             if n > 0:

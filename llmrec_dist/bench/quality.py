@@ -51,6 +51,17 @@ def anchor_set(counts: dict) -> tuple[str, dict] | tuple[None, None]:
     return None, None
 
 
+def _test_figures(cfg: Config, m: dict) -> dict:
+    """The test figures a result keeps: HR/NDCG/MRR@K and NDCG@10 by training frequency (next item), or
+    the task's metrics and pair count (rating, click)."""
+    if cfg.task.type != "next_item":
+        return {"task": cfg.task.type, "test_pairs": m.get("test_pairs"),
+                **{f"test_{name}": m.get(f"test_{name}") for name in TASK_METRICS[cfg.task.type]}}
+    return {**{f"test_{name}_at_{k}": m.get(f"test_{name}_at_{k}") for name in ("hr", "ndcg", "mrr")
+               for k in cfg.eval.ks},
+            **{key: m.get(key) for key in freq_ndcg_at_10(cfg.eval.freq_buckets)}}
+
+
 def run_quality(cfg: Config, refit: bool = False, counts: dict | None = None) -> dict:
     """Figures of one run of ``cfg``; with ``refit``, figures["refit"] holds those of the refit after it.
     ``counts``: the dataset manifest's counts, which name the published target (if any) it is held to."""
@@ -72,11 +83,7 @@ def run_quality(cfg: Config, refit: bool = False, counts: dict | None = None) ->
     figures = {
         "run_id": outcome.run_id,
         "model_uri": outcome.model_uri,
-        **({f"test_{name}_at_{k}": m.get(f"test_{name}_at_{k}") for name in ("hr", "ndcg", "mrr")
-            for k in cfg.eval.ks} if cfg.task.type == "next_item" else
-           {"task": cfg.task.type, "test_pairs": m.get("test_pairs"),
-            **{f"test_{name}": m.get(f"test_{name}") for name in TASK_METRICS[cfg.task.type]}}),
-        **({key: m.get(key) for key in freq_ndcg_at_10(cfg.eval.freq_buckets)} if cfg.task.type == "next_item" else {}),
+        **_test_figures(cfg, m),
         "best_epoch": m.get("best_epoch"),
         "epochs_run": m.get("epochs_run"),
         "wall_seconds": wall,

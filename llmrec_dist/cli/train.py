@@ -6,7 +6,7 @@ import argparse
 import json
 
 from llmrec_dist.cli.resumable import config_or_resume_error
-from llmrec_dist.config import config_from_dict, describe, load_config
+from llmrec_dist.config import TASK_METRICS, config_from_dict, describe, load_config
 from llmrec_dist.console import say, say_err
 
 
@@ -97,7 +97,7 @@ def print_outcome(outcome, as_json: bool = False) -> None:
     for split in ("valid", "test", "test_cold"):
         cells = [f"{name}@{k}={m[f'{split}_{name}_at_{k}']:.4f}"
                  for name in ("hr", "ndcg", "mrr") for k in (10,) if f"{split}_{name}_at_{k}" in m]
-        cells += [f"{name}={m[f'{split}_{name}']:.4f}" for name in ("rmse", "mae", "auc", "gauc", "logloss")
+        cells += [f"{name}={m[f'{split}_{name}']:.4f}" for names in TASK_METRICS.values() for name in names
                   if f"{split}_{name}" in m]
         if cells:
             say(f"  {split}: " + "  ".join(cells))

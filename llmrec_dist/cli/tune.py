@@ -8,7 +8,7 @@ import json
 import math
 
 from llmrec_dist.cli.resumable import config_or_resume_error
-from llmrec_dist.config import describe
+from llmrec_dist.config import TASK_METRICS, describe
 
 
 def add_parser(sub) -> None:
@@ -80,7 +80,7 @@ def print_outcome(outcome, as_json: bool = False) -> None:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.0f} s"
         print(f"  {r['trial_id']:<14} {r['status']:<13} {value:>8}  epochs {r['epochs']}  {secs:>6}  {r['params']}")
     if outcome.best:
-        shown = ("_at_10", "_rmse", "_mae", "_auc", "_gauc", "_logloss")
+        shown = ("_at_10", *(f"_{name}" for names in TASK_METRICS.values() for name in names))
         test = "  ".join(f"{k}={v:.4f}" for k, v in outcome.test_metrics.items() if k.endswith(shown))
         model = outcome.model_uri or "the best trial's checkpoint (rating/click models are not logged to MLflow yet)"
         print(f"  best: {outcome.best.trial_id} {outcome.best.params}\n  test: {test}\n  model: {model}")

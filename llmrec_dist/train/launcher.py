@@ -78,7 +78,7 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str, tracking_uri: str, r
     from llmrec_dist.train.oom import StopOnOutOfMemory
     from llmrec_dist.train.training_rows import training_rows
 
-    train_ds = train_dataset(cfg)
+    train_ds = train_dataset(cfg, manifest)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
@@ -107,7 +107,7 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str, tracking_uri: str, r
     )
 
 
-def train_dataset(cfg: Config):
+def train_dataset(cfg: Config, manifest: dict | None = None):
     """The histories trained on (the ``items`` column of :meth:`Config.training_split`) as a Ray Dataset.
 
     Materialised splits up to ``data.driver_read_mb`` are read here with pyarrow and handed to the
@@ -126,7 +126,7 @@ def train_dataset(cfg: Config):
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     files = split_files(cfg.data.path, cfg.training_split())
     columns = ["items"]
-    if cfg.task.type != "next_item" and feedback_of(read_manifest(cfg.data.path)) is not None:
+    if cfg.task.type != "next_item" and feedback_of(manifest or read_manifest(cfg.data.path)) is not None:
         columns.append("feedback")  # rating/click: each event's rating or label
     if cfg.data.materialize and sum(map(storage.size, files)) <= cfg.data.driver_read_mb * 2**20:
         tables = [pq.read_table(f, columns=columns) for f in files]

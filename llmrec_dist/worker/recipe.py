@@ -34,11 +34,11 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from llmrec_dist.batching import cloze_batch, earlier_items, length_bucketed, next_item_batch
 from llmrec_dist.config import Config, config_from_dict
 from llmrec_dist.data.dataset_format import num_items as manifest_num_items
-from llmrec_dist.data.dataset_format import feedback_of, item_counts, read_split
+from llmrec_dist.data.dataset_format import item_counts, read_split
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import build_model, count_parameters, softmax_negatives
 from llmrec_dist.metrics import higher_is_better
-from llmrec_dist.pointwise import (LabelRule, PointwiseRecommender, evaluate_pairs, label_rule, task_pairs,
+from llmrec_dist.pointwise import (LabelRule, PointwiseRecommender, evaluate_pairs, record_rule, task_pairs,
                                    task_record, training_batch, wrap_model)
 from llmrec_dist.profiling import StepProfiler, region
 from llmrec_dist.saved_model import WEIGHTS_FILE
@@ -173,20 +173,17 @@ def build_recommender(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
                        lm_anchor=cfg.train.lm_anchor)
 
 
-def task_rule(cfg: Config, manifest: Mapping) -> LabelRule:
-    """How the rating/click task labels this dataset's events (:func:`llmrec_dist.pointwise.label_rule`)."""
-    return label_rule(cfg.task.type, feedback_of(manifest), cfg.task.click_threshold, cfg.task.negatives)
-
-
 def build_pointwise(cfg: Config, manifest: Mapping, text) -> PointwiseRecommender:
     """The rating/click bi-encoder: the configured backbone and item tower, no softmax, plus the head.
-    A rating model starts from the mean of the train split's ratings."""
+    A rating model starts from the mean of the train split's ratings. The backbone keeps the items that
+    occur in training (``negative_pool``): implicit-click negatives are drawn from them."""
     record = task_record(cfg.to_dict()["task"], manifest, cfg.train.seed)
     counts = item_counts(cfg.data.path, cfg.training_split())
     base = build_model(cfg.model, manifest_num_items(manifest), text=text,
                        id_seen=counts >= cfg.model.id_min_count if cfg.model.item_repr == "id+text" else None,
                        lm_items_per_step=cfg.train.lm_items_per_step,
-                       lm_checkpoint_items=cfg.train.lm_checkpoint_items, lm_anchor=cfg.train.lm_anchor)
+                       lm_checkpoint_items=cfg.train.lm_checkpoint_items, negative_items=counts > 0,
+                       lm_anchor=cfg.train.lm_anchor)
     offset = 0.0
     if record["type"] == "rating":
         train = read_split(cfg.data.path, cfg.training_split(), feedback=True)
@@ -194,10 +191,13 @@ def build_pointwise(cfg: Config, manifest: Mapping, text) -> PointwiseRecommende
     return wrap_model(base, record, offset=offset, dropout=cfg.model.dropout)
 
 
-def load_task_pairs(cfg: Config, manifest: Mapping, split: str, rank: int, world: int):
-    """This worker's share of the ``split`` rating/click pairs (:func:`llmrec_dist.pairs.eval_pairs`)."""
-    return task_pairs(cfg.data.path, manifest, task_record(cfg.to_dict()["task"], manifest, cfg.train.seed),
-                      split, rank, world)
+@dataclass(frozen=True)
+class PointwiseTask:
+    """A rating/click run's task: its record (saved in ``model.json``), label rule and negative pool."""
+
+    record: dict
+    rule: LabelRule
+    pool: np.ndarray               # the items implicit-click negatives are drawn from
 
 
 def steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
@@ -216,7 +216,7 @@ def epoch_seeds(seed: int, epoch: int, world: int, rank: int) -> tuple[int, int]
 
 def epoch_batches(shard, cfg: Config, seed: int, order_seed: int, mask_id: int, task=None):
     """This worker's training batches for one epoch, streamed from its Ray Data shard: next-item
-    (inputs, targets), or with ``task`` = (label rule, negative pool) the rating/click pairs.
+    (inputs, targets), or with ``task`` (a :class:`PointwiseTask`) the rating/click pairs.
 
     ``seed`` (per rank) drives the shuffle and the per-batch randomness; ``order_seed`` (the same on
     every rank) orders the length buckets. With a shared order every rank takes a batch of the same
@@ -224,7 +224,7 @@ def epoch_batches(shard, cfg: Config, seed: int, order_seed: int, mask_id: int, 
     padding to a longer batch."""
     per_worker, shuffle = cfg.per_worker_batch_size(), cfg.data.shuffle_buffer or None
     shuffle_seed = seed if shuffle else None
-    pairs = TrainingPairs(cfg, mask_id, seed) if task is None else PointwisePairs(cfg, task[0], seed, task[1])
+    pairs = TrainingPairs(cfg, mask_id, seed) if task is None else PointwisePairs(cfg, task.rule, seed, task.pool)
     if cfg.data.length_buckets == 1:
         return shard.iter_torch_batches(batch_size=per_worker, collate_fn=PairsCollate(pairs),
                                         local_shuffle_buffer_size=shuffle, local_shuffle_seed=shuffle_seed)
@@ -336,12 +336,12 @@ class WorkerRun:
     nodes: list[str]               # the Ray node of every rank
     clock: dict | None             # the driver's wall-clock start-up times (train() only)
     reached: dict = field(default_factory=dict)  # this worker's start-up milestones (wall clock)
-    task: tuple | None = None      # rating/click: (label rule, the items implicit negatives come from)
+    task: PointwiseTask | None = None  # rating/click runs
 
     def evaluate(self, rows, prefix: str) -> dict:
         """The task's metrics on ``rows`` (this worker's share; every rank gets the figures of all)."""
         if self.task is not None:
-            return evaluate_pairs(self.core, rows, self.task[0], self.cfg.eval.batch_size, self.device, prefix)
+            return evaluate_pairs(self.core, rows, self.task.rule, self.cfg.eval.batch_size, self.device, prefix)
         return evaluate(self.core, rows, self.num_items, self.cfg.eval, self.cfg.model.max_len, self.device,
                         prefix=prefix)
 
@@ -358,7 +358,7 @@ class WorkerRun:
         meta = {"model": self.cfg.to_dict()["model"], "num_items": self.num_items,
                 "dataset_hash": self.manifest["content_hash"]}
         if self.task is not None:  # what loading the model and evaluating it again need
-            meta["task"] = task_record(self.cfg.to_dict()["task"], self.manifest, self.cfg.train.seed)
+            meta["task"] = self.task.record
         return meta
 
 
@@ -386,8 +386,9 @@ def setup(loop_config: dict) -> WorkerRun:
         valid_rows = None if refit else load_eval_rows(cfg.data.path, "valid", rank, world)
         test_rows = load_eval_rows(cfg.data.path, "test", rank, world)
     else:  # rating/click: (history, candidate, label) pairs on the same split
-        valid_rows, test_rows = (load_task_pairs(cfg, manifest, s, rank, world) for s in ("valid", "test"))
-        task = (task_rule(cfg, manifest), np.flatnonzero(item_counts(cfg.data.path, cfg.training_split()) > 0))
+        record = task_record(cfg.to_dict()["task"], manifest, cfg.train.seed)
+        valid_rows, test_rows = task_pairs(cfg.data.path, manifest, record, ("valid", "test"), rank, world)
+        task = PointwiseTask(record, record_rule(record, manifest), core.base.negative_pool.cpu().numpy())
     train_shard = ray.train.get_dataset_shard("train")
     reached["eval_rows_ready"] = time.time()
     return WorkerRun(cfg, rank, world, device, autocast_for(cfg, device),
