@@ -494,10 +494,8 @@ def _cross_checks(cfg: Config) -> list[str]:
         if cfg.model.backbone != "causal":
             problems.append(f"model.backbone: the task.type={cfg.task.type} bi-encoder reads histories causally; "
                             f"set model.backbone=causal (got {cfg.model.backbone})")
-        for key, value, wanted in (("train.refit_epochs", cfg.train.refit_epochs, 0),
-                                   ("mlflow.registered_model", cfg.mlflow.registered_model, "")):
-            if value != wanted:
-                problems.append(f"{key}: not available with task.type={cfg.task.type} yet; set it to {wanted!r}")
+        if cfg.train.refit_epochs:
+            problems.append(f"train.refit_epochs: not available with task.type={cfg.task.type} yet; set it to 0")
     if not cfg.model.text_encoder.strip():
         problems.append("model.text_encoder: must not be empty")
     per_step = cfg.scaling.num_workers * cfg.train.grad_accum

@@ -244,7 +244,8 @@ class PointwiseRecommender(nn.Module):
     @torch.no_grad()
     def predict(self, histories, feedback, candidates: torch.Tensor, rule: LabelRule,
                 device: torch.device | str = "cpu") -> torch.Tensor:
-        """Ratings (clipped to the range) or click logits for one candidate after each history."""
+        """Ratings (clipped to the range) or click logits of ``candidates`` after each history: one per
+        history ``[B]``, or several ``[B, C]`` (a re-ranker scoring a retriever's top C)."""
         max_len = self.base.max_len
         rows = [np.asarray(h, dtype=np.int64)[-max_len:] for h in histories]
         seq = torch.from_numpy(left_pad(rows, max_len)).to(device)
@@ -253,8 +254,9 @@ class PointwiseRecommender(nn.Module):
             for b, (row, values) in enumerate(zip(rows, feedback)):
                 if len(row):
                     fb[b, seq.shape[1] - len(row):] = rule.scaled(np.asarray(values, dtype=np.float32)[-len(row):])
-        out = self.score(seq, torch.from_numpy(fb).to(device), candidates.to(device).view(-1, 1), last_only=True)
-        out = out[:, 0].float()
+        out = self.score(seq, torch.from_numpy(fb).to(device), candidates.to(device).view(len(rows), -1),
+                         last_only=True)
+        out = out.float().view(candidates.shape)
         if self.task == "rating" and self.clip is not None:
             out = out.clamp(*self.clip)
         return out

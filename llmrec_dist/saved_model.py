@@ -41,7 +41,8 @@ WEIGHTS_FILE = "model.safetensors"
 MODEL_META_FILE = "model.json"
 TEXT_ENCODER_DIR = "text_encoder"  # a package's trained LM (plain HF encoder + tokenizer)
 TEXT_CACHE_DIR = "text_cache"      # a package's cached item-text embeddings
-LM_PREFIXES = ("items.lm.", "items.top_layers.")  # weights of the LM tower's LM (a package keeps them in text_encoder/)
+# weights of the LM tower's LM (a package keeps them in text_encoder/); "base." in a rating/click bi-encoder
+LM_PREFIXES = ("items.lm.", "items.top_layers.", "base.items.lm.", "base.items.top_layers.")
 
 PACKAGE_FORMAT_VERSION = 1
 RECOMMENDER_FILE = "recommender.json"

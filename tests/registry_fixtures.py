@@ -87,3 +87,31 @@ def make_package(root: Path, seed: int = 0, salt: str = "", exclude_seen: bool =
     ckpt = write_tiny_checkpoint(root / "checkpoint", manifest["content_hash"], seed=seed, model_cfg=model_cfg)
     return build_model_package(ckpt, root / "dataset", root / "package",
                                EvalConfig(exclude_seen=exclude_seen))
+
+
+def click_record(feedback_input: bool = False) -> dict:
+    """The ``task`` record a click model's checkpoint carries (as :func:`llmrec_dist.pointwise.task_record` writes it)."""
+    return {"type": "click", "loss": "auto", "huber_delta": 1.0, "click_threshold": 0.0, "negatives": 4,
+            "eval_negatives": 1, "feedback_input": feedback_input, "item_bias": True, "range": [0.0, 1.0],
+            "eval_seed": 0}
+
+
+def make_reranker_package(root: Path, dataset: Path, seed: int = 5, feedback_input: bool = False,
+                          model_cfg: ModelConfig = TINY_MODEL) -> Path:
+    """A tiny random click model (the bi-encoder) on ``dataset``, packaged under ``root/package``."""
+    import json
+
+    from llmrec_dist.pointwise import wrap_model
+    from llmrec_dist.registry.package import build_model_package
+
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    torch.manual_seed(seed)
+    record = click_record(feedback_input)
+    model = wrap_model(build_model(model_cfg, NUM_ITEMS), record)
+    with torch.no_grad():  # a visible item bias, so the scores are not all alike
+        model.item_bias.weight[1:].copy_(torch.linspace(-2, 2, NUM_ITEMS)[:, None])
+    weights = cpu_state_dict(model)
+    meta = {"model": dataclasses.asdict(model_cfg), "num_items": NUM_ITEMS,
+            "dataset_hash": manifest["content_hash"], "task": record}
+    ckpt = write_checkpoint(root / "checkpoint", weights=weights, best_weights=weights, meta=meta, state={})
+    return build_model_package(ckpt, dataset, root / "package")

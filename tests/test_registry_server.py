@@ -201,3 +201,53 @@ def test_recommend_cli_against_the_server(registered, packages, monkeypatch, cap
     assert recommend.run(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("llmrec-dist recommend:")
+
+
+def test_a_chain_registers_and_serves_as_one_model(registered, packages, tmp_path, monkeypatch, capsys):
+    """Registry round trip of a retriever + re-ranker chain: logged, registered, loaded by alias through
+    mlflow.pyfunc, answering like the chain built from its parts; `recommend --rerank` chains two URIs."""
+    import mlflow.pyfunc
+
+    from llmrec_dist.cli import recommend
+    from llmrec_dist.registry.promotion import register_and_promote
+    from llmrec_dist.registry.pyfunc import log_model_package
+    from llmrec_dist.registry.reranker import Chain, Reranker, build_chain_package
+    from llmrec_dist.tracking import end_run, start_run
+    from registry_fixtures import make_reranker_package
+
+    uri = registered["uri"]
+    reranker = make_reranker_package(tmp_path / "reranker", packages["b"].parent / "dataset")
+    chain_dir = build_chain_package(packages["b"], reranker, tmp_path / "chain", top_n=6, blend=0.0)
+    run_id = start_run(uri, "registry-test", run_name="chain")
+    chain_uri = log_model_package(chain_dir, uri, run_id, name="chain")
+    reranker_uri = log_model_package(reranker, uri, run_id, name="reranker")
+    outcome = register_and_promote(uri, run_id, chain_uri, "llmrec-chain", "champion", "valid_ndcg_at_10", 0.5,
+                                   _hash(packages["b"]))
+    end_run(uri, run_id)
+    assert outcome["promoted"] and outcome["version"] == 1
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model("models:/llmrec-chain@champion")
+    frame = pd.DataFrame({"history": [[item_id(1), item_id(2)], [item_id(5)]], "k": [8, 3]})
+    expected = Chain(Recommender.from_folder(packages["b"]), Reranker.from_folder(reranker), 6).predict_frame(frame)
+    got = model.predict(frame)
+    assert got["item_ids"].tolist() == expected["item_ids"].tolist()
+    for row_got, row_expected in zip(got["scores"].tolist(), expected["scores"].tolist()):
+        assert row_got == pytest.approx(row_expected)
+    alone = Recommender.from_folder(packages["b"]).predict_frame(frame)
+    assert got["item_ids"].tolist() != alone["item_ids"].tolist()  # the re-ranker changed the order
+    # the re-ranker alone through pyfunc: candidates in, candidates ordered out
+    scored = mlflow.pyfunc.load_model(reranker_uri).predict(
+        pd.DataFrame({"history": [[item_id(1)]], "candidates": [[item_id(2), item_id(29), item_id(3)]]}))
+    assert sorted(scored["item_ids"][0]) == sorted([item_id(2), item_id(29), item_id(3)])
+
+    history = [item_id(1), item_id(2)]
+    capsys.readouterr()  # MLflow's own lines while logging
+    args = _cli_args("--model", f"models:/{NAME}/4", "--rerank", reranker_uri, "--top-n", "6",
+                     "--history", ",".join(history), "-k", "8", "--json")
+    assert recommend.run(args) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [r["item_id"] for r in payload["recommendations"]] == expected["item_ids"][0]
+    args = _cli_args("--model", reranker_uri, "--history", item_id(1))
+    assert recommend.run(args) == 2
+    assert "it scores candidates" in capsys.readouterr().err

@@ -61,20 +61,44 @@ def test_rating_trains_with_two_workers_and_beats_the_mean(ray_cluster, rated_da
     run_data = client.get_run(outcome.run_id).data
     assert run_data.params["task.type"] == "rating"
     assert run_data.metrics["test_rmse"] == pytest.approx(m["test_rmse"])
-    assert outcome.model_uri == ""  # rating models are not packaged yet
 
     # The checkpoint evaluates again offline (one process) to the same figures as on the 2 workers.
     from llmrec_dist.config import EvalConfig
-    from llmrec_dist.offline_eval import evaluate_saved_model
+    from llmrec_dist.offline_eval import evaluate_saved_model, resolve_model_folder
 
     again = evaluate_saved_model(Path(outcome.checkpoint_path), str(rated_dataset), "test", EvalConfig())
     assert again["test_rmse"] == pytest.approx(m["test_rmse"], abs=1e-6)
     assert again["test_mae"] == pytest.approx(m["test_mae"], abs=1e-6) and again["test_pairs"] == 120
 
+    # The logged MLflow model serves the same ratings: its package, scored from original ids, gives the
+    # test RMSE of the run.
+    from llmrec_dist.data.dataset_format import read_manifest
+    from llmrec_dist.pointwise import task_pairs
+    from llmrec_dist.registry.reranker import Reranker
+    from llmrec_dist.saved_model import read_model_meta
 
-def test_click_from_implicit_feedback_learns_with_sampled_negatives(ray_cluster, synthetic_dataset, tmp_path):
-    outcome, _ = run(ray_cluster, synthetic_dataset, tmp_path, "task.type=click", "eval.metric=auc",
-                     "train.epochs=5", "task.eval_negatives=3", "model.max_len=20", "train.lr=0.02")
+    assert outcome.model_uri.startswith("models:/")
+    folder = resolve_model_folder(outcome.model_uri, uri)
+    served = Reranker.from_folder(folder)
+    [pairs] = task_pairs(str(rated_dataset), read_manifest(rated_dataset), read_model_meta(folder)["task"], ("test",))
+    ids = lambda idx: [served.item_ids[i - 1] for i in idx]  # noqa: E731
+    ratings = served.score([ids(pairs.history(r)) for r in range(len(pairs))], [ids([c]) for c in pairs.candidate],
+                           [pairs.feedback(r) for r in range(len(pairs))])
+    error = np.sqrt(np.mean((np.concatenate(ratings) - pairs.label) ** 2))
+    assert error == pytest.approx(m["test_rmse"], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def click_run(ray_cluster, synthetic_dataset, tmp_path_factory):
+    """A click model from implicit feedback on the synthetic dataset: ``(outcome, tracking URI, folder)``."""
+    folder = tmp_path_factory.mktemp("click")
+    outcome, uri = run(ray_cluster, synthetic_dataset, folder, "task.type=click", "eval.metric=auc",
+                       "train.epochs=5", "task.eval_negatives=3", "model.max_len=20", "train.lr=0.02")
+    return outcome, uri, folder
+
+
+def test_click_from_implicit_feedback_learns_with_sampled_negatives(click_run):
+    outcome, _, _ = click_run
     m = outcome.metrics
     assert m["test_pairs"] == 300 * 4  # the positive and 3 unseen negatives per user
     # Ranking the candidates by training popularity gives a validation AUC of 0.62 here; users walk
@@ -86,12 +110,12 @@ def test_click_from_implicit_feedback_learns_with_sampled_negatives(ray_cluster,
 def test_task_config_errors_name_the_key():
     with pytest.raises(ConfigError) as err:
         load_config(QUICKSTART, ["data.path=x", "task.type=rating", "task.loss=bce", "model.backbone=bidirectional",
-                                 "model.block=standard", "mlflow.registered_model=r"])
+                                 "model.block=standard", "train.refit_epochs=1"])
     text = str(err.value)
     assert "eval.metric: expected one of mae, rmse for task.type=rating; got 'ndcg_at_10'" in text
     assert "task.loss: task.type=rating takes auto, mse, huber; got 'bce'" in text
     assert "model.backbone: the task.type=rating bi-encoder reads histories causally" in text
-    assert "mlflow.registered_model: not available with task.type=rating yet" in text
+    assert "train.refit_epochs: not available with task.type=rating yet; set it to 0" in text
 
 
 def test_a_rating_task_on_data_without_ratings_stops_before_ray(synthetic_dataset, tmp_path):
@@ -129,4 +153,38 @@ def test_a_rating_sweep_ranks_trials_by_the_lowest_rmse(ray_cluster, rated_datas
     assert outcome.rows[0].best_value < outcome.rows[1].best_value  # best first = the lowest RMSE
     assert outcome.best.params == {"train.lr": 0.02}
     assert outcome.best.best_value == min(v for _, v in outcome.best.history)
-    assert outcome.test_metrics["test_rmse"] > 0 and outcome.model_uri == ""
+    assert outcome.test_metrics["test_rmse"] > 0 and outcome.model_uri.startswith("models:/")
+
+
+def test_a_click_model_reranks_a_retriever_evaluated_and_registered_as_one(ray_cluster, synthetic_dataset,
+                                                                           click_run, capsys):
+    """The two-stage chain on a real run pair: full-ranking evaluation sharded over 2 Ray workers equals one
+    process's, a huge blend gives the retriever back, and `chain` registers it behind the alias gate."""
+    import mlflow.pyfunc
+
+    from llmrec_dist.cli import main
+    from llmrec_dist.config import EvalConfig
+    from llmrec_dist.offline_eval import Rerank, evaluate_saved_model
+
+    click, uri, folder = click_run
+    retriever, _ = run(ray_cluster, synthetic_dataset, folder, "train.epochs=2", "model.max_len=20")  # same MLflow
+    rerank = Rerank(click.checkpoint_path, top_n=20, blends=(0.0, 1e6))
+    cfg = EvalConfig(freq_buckets=[])
+    one = evaluate_saved_model(Path(retriever.checkpoint_path), str(synthetic_dataset), "valid", cfg, rerank=rerank)
+    two = evaluate_saved_model(Path(retriever.checkpoint_path), str(synthetic_dataset), "valid", cfg,
+                               num_workers=2, verify=False, rerank=rerank)
+    assert two == pytest.approx(one)
+    assert one["valid_ndcg_at_10"] == pytest.approx(retriever.metrics["valid_ndcg_at_10"], abs=1e-6)
+    assert one["valid_rerank_1e+06_ndcg_at_10"] == pytest.approx(one["valid_ndcg_at_10"])
+    assert one["valid_rerank_0_hr_at_20"] == pytest.approx(one["valid_hr_at_20"])  # the top 20 keeps its items
+    assert one["valid_rerank_0_ndcg_at_10"] != one["valid_ndcg_at_10"]  # the click model re-orders them
+
+    code = main(["chain", "--retriever", retriever.model_uri, "--reranker", click.model_uri, "--top-n", "20",
+                 "--data", str(synthetic_dataset), "--register", "synthetic-chain", "--tracking-uri", uri])
+    out = capsys.readouterr().out
+    assert code == 0 and "registered synthetic-chain version 1" in out
+    assert f"chain {one['valid_rerank_0_ndcg_at_10']:.4f}" in out
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model("models:/synthetic-chain@champion")
+    answer = served.predict([{"history": ["1", "2", "3"], "k": 5}])
+    assert len(answer["item_ids"][0]) == 5 and not {"1", "2", "3"} & set(answer["item_ids"][0])

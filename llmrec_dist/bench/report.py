@@ -178,8 +178,23 @@ def _rating_baseline_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
              f"{r['setting']} (chosen on validation RMSE {r['valid_rmse']:.4f})") for r in data["figures"]["rows"]]
 
 
-RENDERERS = {"quality": _quality_rows, "rating-baselines": _rating_baseline_rows, "speed": _speed_rows, "ingest": _ingest_rows, "memory": _memory_rows,
-             "lm-memory": _lm_memory_rows, "startup": _startup_rows, "towers": _towers_rows}
+def _rerank_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
+    f = data["figures"]
+    alone, chain, chosen = f["test_retriever"], f["test_chain"], f["chosen"]
+    setting = "no re-ranking" if chosen["retriever_alone"] else f"top {chosen['top_n']}, blend {chosen['blend']:g}"
+    rows = [("two stages: retriever + re-ranker",
+             f"test NDCG@10 {alone['ndcg_at_10']:.4f} → {chain['ndcg_at_10']:.4f} ({f['lift']:+.1%})",
+             f"{setting}, chosen on validation NDCG@10 {chosen['valid']:.4f}; {int(alone['users'])} users")]
+    for r in f.get("latency", []):
+        rows.append((f"two stages: latency, top {r['top_n']}",
+                     f"{r['chain_p50_ms']:.1f} ms p50 · {r['chain_p95_ms']:.1f} ms p95 per request",
+                     f"retriever alone {r['retriever_p50_ms']:.1f} ms p50; {r['requests']} requests, 1 thread"))
+    return rows
+
+
+RENDERERS = {"quality": _quality_rows, "rating-baselines": _rating_baseline_rows, "speed": _speed_rows,
+             "ingest": _ingest_rows, "memory": _memory_rows, "lm-memory": _lm_memory_rows, "startup": _startup_rows,
+             "towers": _towers_rows, "rerank": _rerank_rows}
 
 
 def render(results: dict[str, dict]) -> str:

@@ -7,12 +7,12 @@ import logging
 import sys
 
 from llmrec_dist import __version__, console
-from llmrec_dist.cli import bench, evaluate, prepare, quickstart, recommend, train, tune
+from llmrec_dist.cli import bench, chain, evaluate, prepare, quickstart, recommend, train, tune
 from llmrec_dist.config import ConfigError
 from llmrec_dist.data.dataset_format import DatasetError
 
 VERBS = {"prepare": prepare, "train": train, "evaluate": evaluate, "recommend": recommend,
-         "tune": tune, "quickstart": quickstart, "bench": bench}
+         "chain": chain, "tune": tune, "quickstart": quickstart, "bench": bench}
 
 log = logging.getLogger(__name__)
 

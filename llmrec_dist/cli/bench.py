@@ -12,7 +12,8 @@ from pathlib import Path
 from llmrec_dist.bench.common import DEFAULT_OUT
 from llmrec_dist.bench.memory import DEFAULT_SIZES
 
-KINDS = ("quality", "speed", "ingest", "memory", "lm-memory", "startup", "towers", "rating-baselines", "report")
+KINDS = ("quality", "speed", "ingest", "memory", "lm-memory", "startup", "towers", "rating-baselines", "rerank",
+         "report")
 
 
 def _common(p, config_required: bool = True) -> None:
@@ -38,6 +39,16 @@ def _positive(text: str) -> int:
     if len(value) != 1:
         raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
     return value[0]
+
+
+def _blends(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative numbers, got {text!r}")
+    return values
 
 
 def _non_negative(text: str) -> int:
@@ -145,6 +156,22 @@ def add_parser(sub) -> None:
     rb.add_argument("--data", required=True, metavar="DIR", help="prepared dataset with ratings")
     rb.add_argument("--seed", type=_non_negative, default=0, help="seed of SVD and SVD++ (default 0)")
 
+    rr = kinds.add_parser("rerank", help="a retriever alone vs retriever + re-ranker (two stages), same users",
+                          description="Score the chain of a next-item model (--retriever) and a rating or click "
+                                      "model (--reranker) that re-orders its top N, for every --top-n x --blend "
+                                      "on validation (full ranking, history left out); choose the best by "
+                                      "NDCG@10 and report it on test next to the retriever alone.")
+    _common(rr, config_required=False)
+    rr.add_argument("--retriever", required=True, help="next-item model: checkpoint/package folder or MLflow URI")
+    rr.add_argument("--reranker", required=True, help="rating/click model: checkpoint folder or MLflow URI")
+    rr.add_argument("--data", required=True, metavar="DIR", help="the prepared dataset both were trained on")
+    rr.add_argument("--top-n", type=_int_list, default=[50, 100, 200], help="retriever items re-ordered (default "
+                                                                             "50,100,200)")
+    rr.add_argument("--blend", type=_blends, default=[0.0, 0.5, 1.0, 2.0],
+                    help="weights of the retriever's standardised score in the chain (default 0,0.5,1,2)")
+    rr.add_argument("--workers", type=_positive, default=1, help="Ray Train workers for the evaluations (default 1)")
+    rr.add_argument("--tracking-uri", default="", help="MLflow tracking URI for models:/ and runs:/ URIs")
+
     r = kinds.add_parser("report", help="write the results table (docs/benchmarks.md) from the JSON files",
                          description="Render every benchmark JSON in --results as one Markdown table; with "
                                      "--readme FILE, replace the table between FILE's result markers.")
@@ -180,6 +207,8 @@ def run(args) -> int:
         return _startup(args)
     if args.kind == "rating-baselines":
         return _rating_baselines(args)
+    if args.kind == "rerank":
+        return _rerank(args)
 
     from llmrec_dist.config import load_config
 
@@ -310,6 +339,43 @@ def _rating_baselines(args) -> int:
     print(common.table(rows, COLUMNS))
     path = common.write_result(args.out, "rating-baselines", label=args.label, config={"seed": args.seed},
                                figures={"rows": rows}, dataset=common.dataset_info(args.data), command=_command())
+    print(f"wrote {path}")
+    return 0
+
+
+def _rerank(args) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from llmrec_dist.bench import common
+    from llmrec_dist.bench.rerank import COLUMNS, run_rerank
+    from llmrec_dist.config import EvalConfig
+    from llmrec_dist.offline_eval import resolve_model_folder
+
+    try:
+        retriever = resolve_model_folder(args.retriever, args.tracking_uri)
+        reranker = resolve_model_folder(args.reranker, args.tracking_uri)
+        figures = run_rerank(retriever, reranker, args.data, args.top_n, args.blend, EvalConfig(), args.workers)
+    except (OSError, ValueError, MlflowException) as err:
+        print(f"llmrec-dist bench rerank: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(common.table([{**r, "top_n": r["top_n"] or "retriever alone"} for r in figures["rows"]], COLUMNS))
+    chosen, alone, chain = figures["chosen"], figures["test_retriever"], figures["test_chain"]
+    print("chosen on validation: " + ("the retriever alone (no re-ranking)" if chosen["retriever_alone"] else
+                                      f"top N {chosen['top_n']}, blend {chosen['blend']:g}"))
+    print(f"test NDCG@10: retriever {alone['ndcg_at_10']:.4f}, chain {chain['ndcg_at_10']:.4f} "
+          f"({figures['lift']:+.1%}); HR@10 {alone['hr_at_10']:.4f} -> {chain['hr_at_10']:.4f} "
+          f"({int(alone['users'])} users)")
+    from llmrec_dist.bench.rerank import LATENCY_COLUMNS, serving_latency
+    from llmrec_dist.saved_model import RECOMMENDER_FILE
+
+    if (retriever / RECOMMENDER_FILE).is_file() and (reranker / RECOMMENDER_FILE).is_file():
+        figures["latency"] = serving_latency(retriever, reranker, args.data, args.top_n)
+        print(common.table(figures["latency"], LATENCY_COLUMNS))
+    else:
+        print("latency: not measured (it serves model packages: pass the runs' MLflow models, not checkpoints)")
+    settings = {"retriever": args.retriever, "reranker": args.reranker, "top_n": args.top_n, "blend": args.blend}
+    path = common.write_result(args.out, "rerank", label=args.label, config=settings, figures=figures,
+                               dataset=common.dataset_info(args.data), command=_command())
     print(f"wrote {path}")
     return 0
 

@@ -32,13 +32,22 @@ def add_parser(sub) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a model whose text encoder runs its own Python code (model.trust_remote_code); "
                         "refused by default")
+    p.add_argument("--rerank", default="", metavar="MODEL",
+                   help="a rating or click model (URI or folder, same dataset) that re-orders --model's top "
+                        "--top-n for each user: reports the retriever alone and the chain (test_rerank_…); "
+                        "the rest of the ranking stays in retriever order")
+    p.add_argument("--top-n", type=int, default=100, help="with --rerank: how many of the retriever's items the "
+                                                          "re-ranker re-orders (default 100)")
+    p.add_argument("--blend", default="0", help="with --rerank: weight of the retriever's standardised score "
+                                                "added to the re-ranker's (0 = re-ranker alone); several, "
+                                                "comma-separated, report one chain each (default 0)")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
 
 
 def run(args) -> int:
     import sys
 
-    from llmrec_dist.offline_eval import evaluate_saved_model, resolve_model_folder
+    from llmrec_dist.offline_eval import Rerank, evaluate_saved_model, resolve_model_folder
 
     try:
         ks = [int(k) for k in args.ks.split(",") if k.strip()]
@@ -48,13 +57,24 @@ def run(args) -> int:
         print(f"llmrec-dist evaluate: --ks must be positive integers and --workers >= 1; got "
               f"--ks {args.ks!r} --workers {args.workers}", file=sys.stderr)
         return 2
+    try:
+        blends = tuple(float(b) for b in args.blend.split(",") if b.strip())
+        if not blends or args.top_n <= 0 or any(b < 0 or b != b for b in blends):
+            raise ValueError
+    except ValueError:
+        print(f"llmrec-dist evaluate: --top-n must be a positive integer and --blend non-negative numbers; got "
+              f"--top-n {args.top_n} --blend {args.blend!r}", file=sys.stderr)
+        return 2
     cfg = EvalConfig(ks=ks, exclude_seen=not args.include_seen, coverage_k=max(ks) if 10 not in ks else 10)
     from mlflow.exceptions import MlflowException
 
     try:
         folder = resolve_model_folder(args.model, args.tracking_uri)
+        rerank = Rerank(str(resolve_model_folder(args.rerank, args.tracking_uri)), args.top_n, blends) \
+            if args.rerank else None
         metrics = evaluate_saved_model(folder, args.data, args.split, cfg, num_workers=args.workers,
-                                       verify=not args.no_verify, trust_remote_code=args.trust_remote_code)
+                                       verify=not args.no_verify, trust_remote_code=args.trust_remote_code,
+                                       rerank=rerank)
     except (OSError, ValueError, MlflowException) as exc:  # bad model, dataset or URI: one line, exit 2
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"llmrec-dist evaluate: {message}", file=sys.stderr)

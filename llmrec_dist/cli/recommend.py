@@ -27,6 +27,16 @@ def add_parser(subparsers) -> None:
                         "catalogue as it is now. Text models then also recommend items added after training "
                         "(from their text alone) and never recommend items missing from the file; "
                         "ID-only models refuse it")
+    p.add_argument("--rerank", default="", metavar="MODEL",
+                   help="a rating or click model (URI or folder, trained on the same dataset) that re-orders "
+                        "--model's top --top-n; the rest keeps --model's order")
+    p.add_argument("--top-n", type=int, default=100, help="with --rerank: items re-ordered (default 100)")
+    p.add_argument("--blend", type=float, default=0.0,
+                   help="with --rerank: weight of the retriever's standardised score added to the re-ranker's "
+                        "(default 0: the re-ranker's order)")
+    p.add_argument("--feedback", default="",
+                   help="with --rerank: comma-separated ratings of the --history items, for a re-ranker that reads "
+                        "them (task.feedback_input)")
     p.add_argument("--json", action="store_true", help="print the recommendations as JSON")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a model whose text encoder runs its own Python code (model.trust_remote_code); "
@@ -75,27 +85,68 @@ def _check_utf8(file: Path, path: str) -> None:
                          f"{err.reason}); re-save it as UTF-8, or pass a Parquet file") from None
 
 
-def load(model: str, tracking_uri: str, catalogue: str = "", trust_remote_code: bool = False):
+def load(model: str, tracking_uri: str, catalogue: str = "", trust_remote_code: bool = False,
+         rerank: str = "", top_n: int = 100, blend: float = 0.0):
     """``(predict_frame, text_of)`` for a model URI or a local folder.
 
     A model-package folder is loaded directly; anything else goes through ``mlflow.pyfunc.load_model``
     with ``tracking_uri`` (used for ``models:/`` and ``runs:/`` URIs). With ``catalogue``, the model
     is moved onto that catalogue first (:meth:`Recommender.with_catalogue`). ``trust_remote_code``
-    allows a model whose text encoder runs its own Python code (refused otherwise).
+    allows a model whose text encoder runs its own Python code (refused otherwise). ``rerank``: a rating
+    or click model (URI or folder) chained after ``model``, re-ordering its ``top_n`` with ``blend``.
     """
     from llmrec_dist.registry.recommender import Recommender
+    from llmrec_dist.registry.reranker import Chain, Reranker
+
+    servable, predict = _servable(model, tracking_uri, trust_remote_code, "--model")
+    if isinstance(servable, Reranker):
+        raise ValueError(f"{model} is a {servable.task} model: it scores candidates, it does not rank the "
+                         "catalogue; chain it after a retriever with --rerank")
+    if rerank:
+        reranker, _ = _servable(rerank, tracking_uri, trust_remote_code, "--rerank")
+        if not isinstance(servable, Recommender) or not isinstance(reranker, Reranker):
+            raise ValueError("--rerank chains a rating or click model (the re-ranker) after a next-item model "
+                             f"(--model); got {_kind(servable)} and {_kind(reranker)}")
+        if catalogue:
+            raise ValueError("--catalogue does not apply to a chain (the re-ranker knows the trained items only)")
+        chain = Chain(servable, reranker, top_n, blend)
+        return chain.predict_frame, chain.text_of
+    if servable is None:
+        if catalogue:
+            raise ValueError(f"{model} is not an llmrec_dist model; --catalogue needs one")
+        return predict, lambda _id: ""
+    if catalogue:
+        if not isinstance(servable, Recommender):
+            raise ValueError(f"--catalogue applies to a next-item model; {model} is {_kind(servable)}")
+        servable = servable.with_catalogue(read_catalogue(catalogue))
+        return servable.predict_frame, servable.text_of
+    return predict, servable.text_of
+
+
+def _kind(servable) -> str:
+    from llmrec_dist.registry.reranker import Chain, Reranker
+
+    if isinstance(servable, Chain):
+        return "a chain"
+    if isinstance(servable, Reranker):
+        return f"a {servable.task} model"
+    return "a next-item model" if servable is not None else "not an llmrec_dist model"
+
+
+def _servable(model: str, tracking_uri: str, trust_remote_code: bool, flag: str):
+    """``(servable, predict)``: the llmrec_dist object behind ``model`` (None for another pyfunc model) and
+    the function that answers a DataFrame (the pyfunc's predict for a URI)."""
+    from llmrec_dist.registry.reranker import load_serving
     from llmrec_dist.saved_model import RECOMMENDER_FILE
 
     folder = Path(model)
     is_uri = "://" in model or ":/" in model
     if not is_uri and not folder.exists():
-        raise FileNotFoundError(f"--model {model}: no such folder, and not an MLflow model URI "
+        raise FileNotFoundError(f"{flag} {model}: no such folder, and not an MLflow model URI "
                                 "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model)")
-    if not is_uri and folder.is_dir() and (folder / RECOMMENDER_FILE).is_file():
-        rec = Recommender.from_folder(folder, trust_remote_code=trust_remote_code)
-        if catalogue:
-            rec = rec.with_catalogue(read_catalogue(catalogue))
-        return rec.predict_frame, rec.text_of
+    if not is_uri and folder.is_dir() and ((folder / RECOMMENDER_FILE).is_file() or (folder / "chain.json").is_file()):
+        servable = load_serving(folder, trust_remote_code)
+        return servable, servable.predict_frame
 
     import mlflow
 
@@ -107,15 +158,7 @@ def load(model: str, tracking_uri: str, catalogue: str = "", trust_remote_code: 
         options = {"model_config": {"trust_remote_code": trust_remote_code}} if trust_remote_code else {}
         loaded = mlflow.pyfunc.load_model(model, **options)
     inner = loaded.unwrap_python_model() if hasattr(loaded, "unwrap_python_model") else None
-    if not isinstance(inner, RecommenderPyfunc):
-        if catalogue:
-            raise ValueError(f"{model} is not an llmrec_dist model; --catalogue needs one")
-        return loaded.predict, lambda _id: ""
-    rec = inner.recommender
-    if catalogue:
-        rec = rec.with_catalogue(read_catalogue(catalogue))
-        return rec.predict_frame, rec.text_of
-    return loaded.predict, rec.text_of
+    return (inner.recommender if isinstance(inner, RecommenderPyfunc) else None), loaded.predict
 
 
 def _clip(text: str, width: int = TEXT_WIDTH) -> str:
@@ -143,8 +186,11 @@ def run(args) -> int:
         if args.k <= 0:
             raise ValueError(f"-k must be a positive integer, got {args.k}")
         predict, text_of = load(args.model, resolve_tracking_uri(args.tracking_uri), args.catalogue,
-                                args.trust_remote_code)
-        out = predict(pd.DataFrame({"history": [history], "k": [args.k]}))
+                                args.trust_remote_code, args.rerank, args.top_n, args.blend)
+        request = {"history": [history], "k": [args.k]}
+        if args.feedback:
+            request["feedback"] = [[float(v) for v in args.feedback.split(",") if v.strip()]]
+        out = predict(pd.DataFrame(request))
     except (ValueError, OSError, MlflowException) as err:
         message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the source
         print(f"llmrec-dist recommend: {message}", file=sys.stderr)

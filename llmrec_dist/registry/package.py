@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 
 from llmrec_dist.config import EvalConfig
 from llmrec_dist.data.dataset_format import read_items, read_manifest, write_manifest, write_parquet
-from llmrec_dist.model import build_model
 from llmrec_dist.saved_model import (
     ITEMS_FILE,
     LM_PREFIXES,
@@ -90,7 +89,7 @@ def build_model_package(checkpoint_dir: str | Path, dataset_path: str | os.PathL
         if model_cfg.item_repr == "id":
             # Fail here, not at serving time, if the weights do not fit the recorded model config.
             with torch.device("meta"):
-                skeleton = build_model(model_cfg, num_items)
+                skeleton = build_for_weights(model_cfg, num_items, None, None, meta.get("task"))
             try:
                 skeleton.load_state_dict(weights, strict=True, assign=True)
             except RuntimeError as err:
@@ -100,7 +99,7 @@ def build_model_package(checkpoint_dir: str | Path, dataset_path: str | os.PathL
         else:
             meta = {**meta, "trained_freeze": model_cfg.freeze,
                     "model": _export_text_model(model_cfg, weights, num_items, texts, dataset_path,
-                                                checkpoint_dir, temp)}
+                                                checkpoint_dir, temp, meta.get("task"))}
         (temp / MODEL_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         write_parquet(items, temp / ITEMS_FILE)  # read + write also works for s3:// datasets
         write_manifest(temp, manifest)
@@ -116,7 +115,7 @@ def build_model_package(checkpoint_dir: str | Path, dataset_path: str | os.PathL
 
 
 def _export_text_model(cfg, weights: dict, num_items: int, texts: list[str], dataset_path, checkpoint_dir: Path,
-                       temp: Path) -> dict:
+                       temp: Path, task: dict | None = None) -> dict:
     """Write the LM-tower model in serving form; returns the ``model`` section of its model.json.
 
     Whatever the training strategy, the package holds the trained LM as one plain Hugging Face
@@ -125,7 +124,7 @@ def _export_text_model(cfg, weights: dict, num_items: int, texts: list[str], dat
     """
     from llmrec_dist.text_tower import load_text_encoder, text_cache_dir
 
-    trained = build_for_weights(cfg, num_items, texts, text_cache_dir(str(dataset_path)))
+    trained = build_for_weights(cfg, num_items, texts, text_cache_dir(str(dataset_path)), task)
     load_weights_strict(trained, weights, str(checkpoint_dir / WEIGHTS_FILE))
     base_lm, tokenizer = load_text_encoder(cfg.text_encoder, cfg.trust_remote_code)
     encoder = trained.items.export_encoder(base_lm)
@@ -137,15 +136,22 @@ def _export_text_model(cfg, weights: dict, num_items: int, texts: list[str], dat
     serving = dataclasses.replace(cfg, freeze="frozen", text_encoder=TEXT_ENCODER_DIR)
     # Rebuild from what was written (this also fills text_cache/) and check it scores like the
     # trained model did: the package must serve exactly what was evaluated.
-    served = build_for_weights(serving_config(serving, temp), num_items, texts, temp / TEXT_CACHE_DIR)
+    served = build_for_weights(serving_config(serving, temp), num_items, texts, temp / TEXT_CACHE_DIR, task)
     load_weights_strict(served, read_safetensors(temp / WEIGHTS_FILE), str(temp / WEIGHTS_FILE))
-    probe = torch.arange(1, min(num_items, 8) + 1).unsqueeze(0)
     with torch.no_grad():
-        expected, got = trained.eval().score_next(probe), served.eval().score_next(probe)
+        expected, got = _probe_scores(trained.eval(), num_items), _probe_scores(served.eval(), num_items)
     if not torch.allclose(expected, got, rtol=1e-4, atol=1e-4):
         raise ValueError("exported text tower does not reproduce the trained model's scores "
                          f"(max difference {(expected - got).abs().max().item():.3g})")
     return dataclasses.asdict(serving)
+
+
+def _probe_scores(model, num_items: int) -> torch.Tensor:
+    """Scores of a few items after a short history: the catalogue's (next-item) or the candidates' (rating/click)."""
+    probe = torch.arange(1, min(num_items, 8) + 1).unsqueeze(0)
+    if hasattr(model, "score_next"):
+        return model.score_next(probe)
+    return model.score(probe, torch.zeros(probe.shape), probe, last_only=True)
 
 
 @contextmanager

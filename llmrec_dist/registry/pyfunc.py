@@ -21,12 +21,29 @@ from mlflow.types.schema import Array, ColSpec, Schema
 
 import llmrec_dist
 
-def model_signature() -> ModelSignature:
-    """Input: ``history`` (list of item id strings) + optional ``k``; output: ``item_ids``, ``scores``."""
+def model_signature(kind: str = "retriever") -> ModelSignature:
+    """Input of a ``retriever``: ``history`` (list of item id strings) + optional ``k``; a ``chain`` also takes
+    an optional ``feedback`` (the history's ratings); a ``reranker`` ``history``, ``candidates`` and optional
+    ``feedback``. Output: ``item_ids``, ``scores``."""
+    history, feedback = ColSpec(Array("string"), "history"), ColSpec(Array("double"), "feedback", required=False)
+    inputs = {"retriever": [history, ColSpec("long", "k", required=False)],
+              "chain": [history, ColSpec("long", "k", required=False), feedback],
+              "reranker": [history, ColSpec(Array("string"), "candidates"), feedback]}[kind]
     return ModelSignature(
-        inputs=Schema([ColSpec(Array("string"), "history"), ColSpec("long", "k", required=False)]),
+        inputs=Schema(inputs),
         outputs=Schema([ColSpec(Array("string"), "item_ids"), ColSpec(Array("double"), "scores")]),
     )
+
+
+def package_kind(folder: str | Path) -> str:
+    """``chain`` (a chain package), ``reranker`` (a rating/click package) or ``retriever`` (next-item)."""
+    from llmrec_dist.registry.reranker import CHAIN_FILE
+    from llmrec_dist.saved_model import read_model_meta
+
+    folder = Path(folder)
+    if (folder / CHAIN_FILE).is_file():
+        return "chain"
+    return "reranker" if read_model_meta(folder).get("task") is not None else "retriever"
 
 
 def pip_requirements() -> list[str]:
@@ -44,7 +61,8 @@ def pip_requirements() -> list[str]:
 
 
 class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
-    """``predict(DataFrame[history, k?]) -> DataFrame[item_ids, scores]`` over a model package.
+    """``predict(DataFrame[history, k?]) -> DataFrame[item_ids, scores]`` over a model package (a chain's
+    also takes ``feedback``; a re-ranker's ``history``, ``candidates``, ``feedback``: registry/reranker.py).
 
     Holds nothing until ``load_context`` (and pickles to nothing even after it), so logging it can
     never store a torch model.
@@ -62,11 +80,11 @@ class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         """Load the package artifact. A package whose text encoder needs its own Python code is refused
         unless the caller opts in: ``mlflow.pyfunc.load_model(uri, model_config={"trust_remote_code": True})``."""
-        from llmrec_dist.registry.recommender import Recommender
+        from llmrec_dist.registry.reranker import load_serving
 
         options = getattr(context, "model_config", None) or {}
-        self.recommender = Recommender.from_folder(context.artifacts["package"],
-                                                   trust_remote_code=options.get("trust_remote_code") is True)
+        self.recommender = load_serving(context.artifacts["package"],
+                                        trust_remote_code=options.get("trust_remote_code") is True)
 
     # pd.DataFrame is a hint MLflow infers no schema from (the explicit signature stays in charge);
     # as_frame still accepts the list-of-dicts / dict conveniences when called directly.
@@ -111,11 +129,13 @@ def log_model_package(package_dir: str | Path, tracking_uri: str, run_id: str, n
     logged model's ``models:/<model_id>``, which :func:`llmrec_dist.registry.promotion.register_and_promote`
     and ``mlflow.pyfunc.load_model`` accept.
     """
+    from llmrec_dist.registry.reranker import CHAIN_FILE
     from llmrec_dist.saved_model import PACKAGE_FILES
     from llmrec_dist.tracking import client, use_tracking_uri
 
     package_dir = Path(package_dir)
-    missing = [f for f in PACKAGE_FILES if not (package_dir / f).is_file()]
+    missing = [f for f in ((CHAIN_FILE,) if (package_dir / CHAIN_FILE).is_file() else PACKAGE_FILES)
+               if not (package_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{str(package_dir)!r} is not a model package: it lacks {', '.join(missing)}")
     c = client(tracking_uri)
@@ -140,7 +160,7 @@ def log_model_package(package_dir: str | Path, tracking_uri: str, run_id: str, n
             model_id=logged.model_id,
             python_model=str(code),
             artifacts={"package": str(package_dir)},
-            signature=model_signature(),  # explicit: otherwise MLflow runs predict to infer one
+            signature=model_signature(package_kind(package_dir)),  # explicit: else MLflow runs predict to infer one
             pip_requirements=pip_requirements(),
             flavor_name="pyfunc.ModelFromCode",  # what mlflow.pyfunc.log_model records
         )

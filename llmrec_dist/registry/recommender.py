@@ -29,6 +29,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from llmrec_dist.data.dataset_format import ITEMS_SCHEMA, conform_table, read_pa
 from llmrec_dist.model import SequenceRecommender
 from llmrec_dist.saved_model import (
     ITEMS_FILE,
+    MODEL_META_FILE,
     NOT_A_PACKAGE,
     PACKAGE_FILES,
     PACKAGE_FORMAT_VERSION,
@@ -102,35 +104,19 @@ class Recommender:
         its own Python code (``model.trust_remote_code`` true in ``model.json``); refused by default,
         because loading such a package runs code shipped inside it.
         """
-        folder = Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model package {str(folder)!r} does not exist or is not a folder")
-        missing = [name for name in PACKAGE_FILES if not (folder / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{str(folder)!r} is not a model package: it lacks {', '.join(missing)}")
-        settings = read_json(folder / RECOMMENDER_FILE, NOT_A_PACKAGE)
-        version = settings.get("format_version")
-        if version != PACKAGE_FORMAT_VERSION:
-            raise ValueError(f"{folder / RECOMMENDER_FILE}: unsupported format_version {version!r}; "
-                             f"this llmrec_dist reads format_version {PACKAGE_FORMAT_VERSION}")
-        exclude_seen, default_k = _serving_settings(settings, folder / RECOMMENDER_FILE)
-        meta = read_model_meta(folder, NOT_A_PACKAGE)
-        num_items = meta["num_items"]
-        model_cfg = saved_model_config(folder, meta, trust_remote_code)
+        return cls.from_package(load_package(path, trust_remote_code))
 
-        items_file = folder / ITEMS_FILE
-        items = conform_table(read_parquet_file(items_file, remedy=NOT_A_PACKAGE), ITEMS_SCHEMA, items_file,
-                              "items", remedy=NOT_A_PACKAGE).sort_by("item_idx")
-        idx = items.column("item_idx").to_numpy()
-        if len(idx) != num_items or not np.array_equal(idx, np.arange(1, num_items + 1)):
-            raise ValueError(f"{items_file}: item_idx must run 1..{num_items} "
-                             f"(model.json num_items), got {len(idx)} rows")
-
-        texts = [str(t) for t in items.column("text").to_pylist()]
-        model = restore_model(folder, model_cfg, num_items, texts, folder / TEXT_CACHE_DIR)
-        rec = cls(model, items.column("item_id").to_pylist(), texts, items.column("popularity").to_numpy(),
-                  exclude_seen=exclude_seen, default_k=default_k, dataset_hash=str(meta.get("dataset_hash", "")))
-        rec.model_cfg, rec.folder, rec.num_trained_items = model_cfg, folder, num_items
+    @classmethod
+    def from_package(cls, package: LoadedPackage) -> Recommender:
+        """The recommender of a next-item package read by :func:`load_package`."""
+        if package.meta.get("task") is not None:
+            raise ValueError(f"{package.folder}: a {package.meta['task'].get('type')} model scores candidate items; "
+                             "load it with llmrec_dist.registry.reranker.Reranker (or chain it after a retriever)")
+        items = package.items
+        rec = cls(package.model, items.column("item_id").to_pylist(), package.texts,
+                  items.column("popularity").to_numpy(), exclude_seen=package.exclude_seen,
+                  default_k=package.default_k, dataset_hash=str(package.meta.get("dataset_hash", "")))
+        rec.model_cfg, rec.folder, rec.num_trained_items = package.model_cfg, package.folder, package.num_items
         return rec
 
     def with_catalogue(self, items: pd.DataFrame) -> Recommender:
@@ -292,12 +278,18 @@ class Recommender:
         per input row (same index) with ``item_ids`` (list[str]) and ``scores`` (list[float]).
         Invalid rows raise one ValueError listing the problems, each naming its row (0-based position).
         """
+        histories, ks = self.frame_requests(df)
+        return result_frame(self._recommend(histories, ks, warn_stacklevel=3), df)
+
+    def frame_requests(self, df: pd.DataFrame, problems: list[str] | None = None) -> tuple[list[list[str]], list[int]]:
+        """``(histories, ks)`` of a :meth:`predict_frame` input, checked; the problems of every row are
+        raised together (``problems``: the caller's own, raised with them)."""
         if not isinstance(df, pd.DataFrame):
             raise ValueError(f"expected a pandas DataFrame with a 'history' column, got {type(df).__name__}")
         if "history" not in df.columns:
             raise ValueError(f"input must have a 'history' column (lists of item id strings); "
                              f"got columns {list(map(str, df.columns))}")
-        histories, ks, problems = [], [], []
+        histories, ks, problems = [], [], list(problems or [])
         k_values = df["k"].tolist() if "k" in df.columns else [None] * len(df)
         for row, (history, k) in enumerate(zip(df["history"].tolist(), k_values)):
             items, problem = _as_history(history)
@@ -311,14 +303,80 @@ class Recommender:
                 ks.append(self.check_k(k))
             except ValueError as err:
                 problems.append(f"row {row}: {err}")
-        if problems:
-            shown = problems[:_MAX_REPORTED_PROBLEMS]
-            if len(problems) > len(shown):
-                shown.append(f"... and {len(problems) - len(shown)} more problems")
-            raise ValueError("invalid input: " + "; ".join(shown))
-        results = self._recommend(histories, ks, warn_stacklevel=3)
-        return pd.DataFrame({"item_ids": [r["item_ids"] for r in results],
-                             "scores": [r["scores"] for r in results]}, index=df.index)
+        raise_problems(problems)
+        return histories, ks
+
+
+def raise_problems(problems: list[str]) -> None:
+    """One ValueError listing the first problems of an input (each naming its row), if there are any."""
+    if problems:
+        shown = problems[:_MAX_REPORTED_PROBLEMS]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more problems")
+        raise ValueError("invalid input: " + "; ".join(shown))
+
+
+def result_frame(results: list[dict], df: pd.DataFrame) -> pd.DataFrame:
+    """The registry's output: ``item_ids`` and ``scores`` per input row, on the input's index."""
+    return pd.DataFrame({"item_ids": [r["item_ids"] for r in results],
+                         "scores": [r["scores"] for r in results]}, index=df.index)
+
+
+@dataclass
+class LoadedPackage:
+    """What every model package holds, read and checked: the model (CPU, eval mode), its items table
+    (sorted by item_idx), texts, ``model.json`` and serving settings."""
+
+    folder: Path
+    model: torch.nn.Module
+    items: Any  # pyarrow Table: item_idx, item_id, text, popularity
+    texts: list[str]
+    meta: dict
+    model_cfg: Any
+    exclude_seen: bool
+    default_k: int
+
+    @property
+    def num_items(self) -> int:
+        return int(self.meta["num_items"])
+
+
+def load_package(path: str | Path, trust_remote_code: bool = False) -> LoadedPackage:
+    """Read a model package folder (weights via safetensors, on CPU, model in eval mode).
+
+    Every file is checked as it is read, and a problem is a ``ValueError`` (``FileNotFoundError`` for a
+    missing file) naming the file. A package whose text encoder needs its own Python code is refused
+    unless ``trust_remote_code``. A rating/click package's model is its bi-encoder.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model package {str(folder)!r} does not exist or is not a folder")
+    missing = [name for name in PACKAGE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{str(folder)!r} is not a model package: it lacks {', '.join(missing)}")
+    settings = read_json(folder / RECOMMENDER_FILE, NOT_A_PACKAGE)
+    version = settings.get("format_version")
+    if version != PACKAGE_FORMAT_VERSION:
+        raise ValueError(f"{folder / RECOMMENDER_FILE}: unsupported format_version {version!r}; "
+                         f"this llmrec_dist reads format_version {PACKAGE_FORMAT_VERSION}")
+    exclude_seen, default_k = _serving_settings(settings, folder / RECOMMENDER_FILE)
+    meta = read_model_meta(folder, NOT_A_PACKAGE)
+    num_items = meta["num_items"]
+    model_cfg = saved_model_config(folder, meta, trust_remote_code)
+    task = meta.get("task")
+    if task is not None and not isinstance(task, dict):
+        raise ValueError(f"{folder / MODEL_META_FILE}: task must be an object, got {short_repr(task)}; {NOT_A_PACKAGE}")
+
+    items_file = folder / ITEMS_FILE
+    items = conform_table(read_parquet_file(items_file, remedy=NOT_A_PACKAGE), ITEMS_SCHEMA, items_file,
+                          "items", remedy=NOT_A_PACKAGE).sort_by("item_idx")
+    idx = items.column("item_idx").to_numpy()
+    if len(idx) != num_items or not np.array_equal(idx, np.arange(1, num_items + 1)):
+        raise ValueError(f"{items_file}: item_idx must run 1..{num_items} "
+                         f"(model.json num_items), got {len(idx)} rows")
+    texts = [str(t) for t in items.column("text").to_pylist()]
+    model = restore_model(folder, model_cfg, num_items, texts, folder / TEXT_CACHE_DIR, task)
+    return LoadedPackage(folder, model, items, texts, meta, model_cfg, exclude_seen, default_k)
 
 
 def _as_history(value: Any) -> tuple[list[str], str | None]:

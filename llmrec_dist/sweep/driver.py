@@ -437,10 +437,9 @@ def _publish_best(outcome: SweepOutcome, sweep: SweepConfig, manifest: dict) -> 
             test = evaluate_here(folder, cfg.data.path, "test", cfg.eval, manifest=manifest)
             RunLogger(outcome.tracking_uri, best.run_id).metrics(test, step=0)
         outcome.test_metrics = test
-        if cfg.task.type == "next_item":  # rating/click models stay checkpoints (no MLflow model yet)
-            published = publish_model(folder, cfg, manifest, outcome.tracking_uri, best.run_id, metric,
-                                      {metric: best.best_value})
-            outcome.model_uri, outcome.registration = published.model_uri, published.registration
+        published = publish_model(folder, cfg, manifest, outcome.tracking_uri, best.run_id, metric,
+                                  {metric: best.best_value})
+        outcome.model_uri, outcome.registration = published.model_uri, published.registration
     RunLogger(outcome.tracking_uri, outcome.parent_run_id).metrics(
         {f"best_{metric}": best.best_value, **{f"best_{k}": v for k, v in test.items()}}, step=0)
     tags = {"llmrec.best_trial_id": best.trial_id, "llmrec.best_run_id": best.run_id,

@@ -292,11 +292,10 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
             raise
         metrics = dict(result.return_value or result.metrics or {})
         outcome = TrainOutcome(run_id, tracking_uri, metrics, result.checkpoint.path)
-        if cfg.task.type == "next_item":  # rating/click models stay checkpoints: no MLflow model yet
-            with result.checkpoint.as_directory() as checkpoint_dir:
-                published = publish_model(Path(checkpoint_dir), cfg, manifest, tracking_uri, run_id,
-                                          cfg.selection_metric(), metrics)
-            outcome.model_uri, outcome.registration = published.model_uri, published.registration
+        with result.checkpoint.as_directory() as checkpoint_dir:
+            published = publish_model(Path(checkpoint_dir), cfg, manifest, tracking_uri, run_id,
+                                      cfg.selection_metric(), metrics)
+        outcome.model_uri, outcome.registration = published.model_uri, published.registration
     except BaseException:
         end_run(tracking_uri, run_id, "FAILED")
         raise
