@@ -98,8 +98,12 @@ def run_trial(params: dict, sweep: dict) -> None:
         if result.error:
             raise result.error
     except Exception:  # a trial stopped by the scheduler is killed, not raised into; the driver tags it
-        client(sweep["tracking_uri"]).set_tag(run_id, TAG_STATUS, "failed")
-        end_run(sweep["tracking_uri"], run_id, "FAILED")
+        c = client(sweep["tracking_uri"])
+        # A trial the scheduler stopped can still be unwinding here after the driver tagged it
+        # early_stopped (seen on a loaded machine): a status the driver already wrote stands.
+        if c.get_run(run_id).data.tags.get(TAG_STATUS) == "running":
+            c.set_tag(run_id, TAG_STATUS, "failed")
+            end_run(sweep["tracking_uri"], run_id, "FAILED")
         raise
     client(sweep["tracking_uri"]).set_tag(run_id, TAG_STATUS, "completed")
     end_run(sweep["tracking_uri"], run_id, "FINISHED")
