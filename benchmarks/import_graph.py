@@ -21,7 +21,7 @@ FLOORS: list[tuple[str, list[str]]] = [
                     "profiling", "data.errors", ""]),  # "": the package itself (__version__)
     ("dataset format", ["data.dataset_format"]),
     ("prepare", ["data"]),
-    ("model", ["item_encoder", "model", "text_tower", "evaluation", "pairs", "pointwise", "rerank", "sharding"]),
+    ("model", ["item_encoder", "model", "text_tower", "evaluation", "pairs", "pointwise", "cross_encoder", "rerank", "sharding"]),
     ("saved model", ["saved_model"]),
     ("per-worker training", ["worker"]),
     ("registry", ["registry"]),

@@ -311,6 +311,17 @@ class TaskConfig:
                                          "has ratings.")
     item_bias: bool = setting(True, "Rating/click: a learned bias per item added to the head's output (an "
                                     "item never trained on keeps 0).")
+    architecture: Literal["bi_encoder", "cross_encoder"] = setting(
+        "bi_encoder", "Rating/click model: `bi_encoder` = the sequence backbone reads the history, the item tower "
+                      "the candidate, a head combines them; `cross_encoder` = one HF encoder "
+                      "(model.text_encoder, model.freeze strategies) reads the recent items' text and the "
+                      "candidate's text as one sequence pair, a head reads its pooled output.")
+    history_items: int = setting(5, "Cross-encoder: the history's most recent items whose text enters the pair.",
+                                 check=_positive)
+    pair_max_len: int = setting(128, "Cross-encoder: tokens of one (history, candidate) pair; the oldest "
+                                     "history text is cut first.", check=_positive)
+    pairs_per_row: int = setting(4, "Cross-encoder: positions of each train row used per epoch (drawn anew "
+                                    "each epoch; the LM runs once per pair).", check=_positive)
 
 
 @dataclass
@@ -487,11 +498,17 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.eval.metric not in names:
         problems.append(f"eval.metric: expected one of {', '.join(sorted(names))}"
                         f"{f' for task.type={cfg.task.type}' if pointwise else ''}; got {cfg.eval.metric!r}")
+    if not pointwise and cfg.task.architecture != "bi_encoder":
+        problems.append("task.architecture: chooses the rating/click model; task.type=next_item has none "
+                        f"(got {cfg.task.architecture})")
     if pointwise:
         losses = ("auto", "mse", "huber") if cfg.task.type == "rating" else ("auto", "bce")
         if cfg.task.loss not in losses:
             problems.append(f"task.loss: task.type={cfg.task.type} takes {', '.join(losses)}; got {cfg.task.loss!r}")
-        if cfg.model.backbone != "causal":
+        if cfg.task.architecture == "cross_encoder" and cfg.model.item_repr != "id":
+            problems.append("model.item_repr: the cross-encoder reads item text through model.text_encoder itself "
+                            f"(model.item_repr is the bi-encoder's item tower); leave it at id, got {cfg.model.item_repr}")
+        if cfg.model.backbone != "causal" and cfg.task.architecture == "bi_encoder":
             problems.append(f"model.backbone: the task.type={cfg.task.type} bi-encoder reads histories causally; "
                             f"set model.backbone=causal (got {cfg.model.backbone})")
         if cfg.train.refit_epochs:

@@ -135,6 +135,12 @@ def build_for_weights(cfg: ModelConfig, num_items: int, texts: list[str] | None,
     """A model shaped like ``cfg`` for ``num_items`` ID rows; ``texts`` (one per catalogue item, may be
     more than ``num_items`` for a refreshed catalogue) feed the LM tower when the model reads text.
     ``task``: a rating/click model's ``model.json`` ``task`` record (the bi-encoder around the model)."""
+    if task is not None and task.get("architecture") == "cross_encoder":
+        from llmrec_dist.cross_encoder import build_cross_encoder
+
+        if texts is None:
+            raise ValueError("the cross-encoder reads item texts: they are needed to rebuild the model")
+        return build_cross_encoder(cfg, task, texts[:num_items])
     text = None
     if cfg.item_repr != "id":
         from llmrec_dist.text_tower import prepare_text_features
@@ -161,8 +167,19 @@ def restore_model(folder: Path, cfg: ModelConfig, num_items: int, texts: list[st
                   cache_dir: str | os.PathLike | None, task: dict | None = None) -> SequenceRecommender:
     """The model saved in ``folder`` (``cfg`` from :func:`saved_model_config`), in eval mode on CPU."""
     model = build_for_weights(cfg, num_items, texts, cache_dir, task)
-    load_weights_strict(model, read_safetensors(folder / WEIGHTS_FILE), str(folder / WEIGHTS_FILE))
+    weights = read_safetensors(folder / WEIGHTS_FILE)
+    if is_cross_encoder(task) and not any(k.startswith(CROSS_LM_PREFIX) for k in weights):
+        # a package keeps the cross-encoder's encoder in text_encoder/ (loaded above), the head here
+        weights |= {k: v for k, v in model.state_dict().items() if k.startswith(CROSS_LM_PREFIX)}
+    load_weights_strict(model, weights, str(folder / WEIGHTS_FILE))
     return model.eval()
+
+
+CROSS_LM_PREFIX = "lm."  # the cross-encoder's encoder weights
+
+
+def is_cross_encoder(task: dict | None) -> bool:
+    return task is not None and task.get("architecture") == "cross_encoder"
 
 
 def check_saved_model(folder: Path, trust_remote_code: bool) -> dict:
@@ -199,7 +216,10 @@ def load_model(folder: str | os.PathLike, data_path: str | None = None,
     meta = check_saved_model(folder, trust_remote_code)
     cfg = saved_model_config(folder, meta, trust_remote_code)
     texts, cache = None, None
-    if cfg.item_repr != "id":
+    task = meta.get("task")
+    if task is not None and not isinstance(task, dict):
+        raise ValueError(f"{folder / MODEL_META_FILE}: task must be an object, got {short_repr(task)}")
+    if cfg.item_repr != "id" or is_cross_encoder(task):
         from llmrec_dist.text_tower import text_cache_dir
 
         packaged = is_package(folder)
@@ -208,7 +228,4 @@ def load_model(folder: str | os.PathLike, data_path: str | None = None,
             raise ValueError(f"{folder}: a text model's checkpoint needs its dataset for the item texts")
         texts = read_item_texts(source)
         cache = folder / TEXT_CACHE_DIR if packaged else text_cache_dir(str(data_path))
-    task = meta.get("task")
-    if task is not None and not isinstance(task, dict):
-        raise ValueError(f"{folder / MODEL_META_FILE}: task must be an object, got {short_repr(task)}")
     return restore_model(folder, cfg, meta["num_items"], texts, cache, task), meta

@@ -116,6 +116,13 @@ def test_task_config_errors_name_the_key():
     assert "task.loss: task.type=rating takes auto, mse, huber; got 'bce'" in text
     assert "model.backbone: the task.type=rating bi-encoder reads histories causally" in text
     assert "train.refit_epochs: not available with task.type=rating yet; set it to 0" in text
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, ["data.path=x", "task.architecture=cross_encoder"])
+    assert "task.architecture: chooses the rating/click model; task.type=next_item has none" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, ["data.path=x", "task.type=click", "eval.metric=auc",
+                                 "task.architecture=cross_encoder", "model.item_repr=text"])
+    assert "model.item_repr: the cross-encoder reads item text through model.text_encoder itself" in str(err.value)
 
 
 def test_a_rating_task_on_data_without_ratings_stops_before_ray(synthetic_dataset, tmp_path):
@@ -188,3 +195,46 @@ def test_a_click_model_reranks_a_retriever_evaluated_and_registered_as_one(ray_c
     served = mlflow.pyfunc.load_model("models:/synthetic-chain@champion")
     answer = served.predict([{"history": ["1", "2", "3"], "k": 5}])
     assert len(answer["item_ids"][0]) == 5 and not {"1", "2", "3"} & set(answer["item_ids"][0])
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from text_fixtures import make_tiny_encoder
+
+    texts = [f"item {i}" for i in range(1, 41)]
+    return make_tiny_encoder(tmp_path_factory.mktemp("bert"), texts, hidden=32, layers=2)
+
+
+@pytest.mark.parametrize("freeze", ["frozen", "top_k", "full", "lora"])
+def test_every_freezing_strategy_trains_the_cross_encoder_on_two_workers(ray_cluster, rated_dataset, tiny_bert,
+                                                                          tmp_path, freeze):
+    """task.architecture=cross_encoder with each model.freeze on 2 Ray workers (DDP) on a tiny BERT: it
+    trains, validates, tests, and its logged model (encoder merged into text_encoder/) serves the test
+    pairs with the run's RMSE."""
+    from llmrec_dist.config import EvalConfig
+    from llmrec_dist.data.dataset_format import read_manifest
+    from llmrec_dist.offline_eval import evaluate_saved_model, resolve_model_folder
+    from llmrec_dist.pointwise import task_pairs
+    from llmrec_dist.registry.reranker import Reranker
+    from llmrec_dist.saved_model import read_model_meta
+
+    outcome, uri = run(ray_cluster, rated_dataset, tmp_path, "task.type=rating", "eval.metric=rmse",
+                       "task.architecture=cross_encoder", f"model.text_encoder={tiny_bert}", f"model.freeze={freeze}",
+                       "model.item_repr=id", "model.text_max_len=4", "task.pair_max_len=32", "task.history_items=3",
+                       "task.pairs_per_row=4", "train.epochs=3", "train.patience=0", "train.lr=0.01",
+                       "train.lm_lr=0.01")
+    m = outcome.metrics
+    assert m["test_pairs"] == 120 and 0 < m["test_mae"] <= m["test_rmse"] < 2.5
+    history_rmse = m["valid_rmse"]
+    assert np.isfinite(history_rmse)
+    folder = resolve_model_folder(outcome.model_uri, uri)
+    saved = read_model_meta(folder)
+    assert saved["trained_freeze"] == freeze and saved["task"]["architecture"] == "cross_encoder"
+    served = Reranker.from_folder(folder)
+    [pairs] = task_pairs(str(rated_dataset), read_manifest(rated_dataset), saved["task"], ("test",))
+    ids = lambda idx: [served.item_ids[i - 1] for i in idx]  # noqa: E731
+    ratings = served.score([ids(pairs.history(r)) for r in range(len(pairs))], [ids([c]) for c in pairs.candidate],
+                           [pairs.feedback(r) for r in range(len(pairs))])
+    assert np.sqrt(np.mean((np.concatenate(ratings) - pairs.label) ** 2)) == pytest.approx(m["test_rmse"], abs=1e-4)
+    again = evaluate_saved_model(Path(outcome.checkpoint_path), str(rated_dataset), "test", EvalConfig())
+    assert again["test_rmse"] == pytest.approx(m["test_rmse"], abs=1e-5)

@@ -29,11 +29,14 @@ from llmrec_dist.saved_model import (
     TEXT_CACHE_DIR,
     TEXT_ENCODER_DIR,
     WEIGHTS_FILE,
+    CROSS_LM_PREFIX,
     build_for_weights,
+    is_cross_encoder,
     load_weights_strict,
     model_config,
     read_model_meta,
     read_safetensors,
+    restore_model,
     serving_config,
 )
 
@@ -86,7 +89,11 @@ def build_model_package(checkpoint_dir: str | Path, dataset_path: str | os.PathL
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temp.mkdir()
     try:
-        if model_cfg.item_repr == "id":
+        if is_cross_encoder(meta.get("task")):
+            meta = {**meta, "trained_freeze": model_cfg.freeze,
+                    "model": _export_cross_encoder(model_cfg, weights, num_items, texts, meta["task"],
+                                                   checkpoint_dir, temp)}
+        elif model_cfg.item_repr == "id":
             # Fail here, not at serving time, if the weights do not fit the recorded model config.
             with torch.device("meta"):
                 skeleton = build_for_weights(model_cfg, num_items, None, None, meta.get("task"))
@@ -146,11 +153,34 @@ def _export_text_model(cfg, weights: dict, num_items: int, texts: list[str], dat
     return dataclasses.asdict(serving)
 
 
+def _export_cross_encoder(cfg, weights: dict, num_items: int, texts: list[str], task: dict, checkpoint_dir: Path,
+                          temp: Path) -> dict:
+    """Write a cross-encoder in serving form: its encoder (LoRA merged) as a plain Hugging Face model +
+    tokenizer in ``text_encoder/``, the head in ``model.safetensors``; returns the ``model`` section."""
+    trained = build_for_weights(cfg, num_items, texts, None, task)
+    load_weights_strict(trained, weights, str(checkpoint_dir / WEIGHTS_FILE))
+    with _no_progress_bars():
+        trained.export_encoder().save_pretrained(temp / TEXT_ENCODER_DIR)
+    trained.tokens.tokenizer.save_pretrained(temp / TEXT_ENCODER_DIR)
+    save_file({k: v.contiguous() for k, v in weights.items() if not k.startswith(CROSS_LM_PREFIX)},
+              str(temp / WEIGHTS_FILE))
+    serving = dataclasses.replace(cfg, freeze="frozen", text_encoder=TEXT_ENCODER_DIR)
+    served = restore_model(temp, serving_config(serving, temp), num_items, texts, None, task)
+    with torch.no_grad():
+        expected, got = _probe_scores(trained.eval(), num_items), _probe_scores(served, num_items)
+    if not torch.allclose(expected, got, rtol=1e-4, atol=1e-4):
+        raise ValueError("exported cross-encoder does not reproduce the trained model's scores "
+                         f"(max difference {(expected - got).abs().max().item():.3g})")
+    return dataclasses.asdict(serving)
+
+
 def _probe_scores(model, num_items: int) -> torch.Tensor:
     """Scores of a few items after a short history: the catalogue's (next-item) or the candidates' (rating/click)."""
     probe = torch.arange(1, min(num_items, 8) + 1).unsqueeze(0)
     if hasattr(model, "score_next"):
         return model.score_next(probe)
+    if hasattr(model, "score_pairs"):  # the cross-encoder
+        return model.predict([probe[0].numpy()], None, probe, None)
     return model.score(probe, torch.zeros(probe.shape), probe, last_only=True)
 
 

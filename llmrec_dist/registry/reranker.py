@@ -61,7 +61,6 @@ class Reranker:
         self.item_ids = [str(i) for i in package.items.column("item_id").to_pylist()]
         self.index = {item_id: idx for idx, item_id in enumerate(self.item_ids, start=1)}
         self.dataset_hash = str(package.meta.get("dataset_hash", ""))
-        self.max_len = self.model.base.max_len
 
     @classmethod
     def from_folder(cls, path: str | Path, trust_remote_code: bool = False) -> Reranker:

@@ -207,7 +207,8 @@ def parse_search(raw: Any, train_raw: dict, source: str = "") -> SearchConfig:
                     problems.append(f"search.space.{key}: value {value!r}: {p.split(': ', 1)[-1]}")
                 break
         search.space[key] = checked
-    if "model.freeze" in search.space and base.model.item_repr == "id" and "model.item_repr" not in search.space:
+    if "model.freeze" in search.space and base.model.item_repr == "id" and "model.item_repr" not in search.space \
+            and base.task.architecture != "cross_encoder":
         problems.append("search.space.model.freeze: has no effect with model.item_repr=id (set model.item_repr "
                         "to text or id+text)")
     if problems:

@@ -17,7 +17,8 @@ def lm_learning_rate(cfg: TrainConfig) -> float:
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; biases, norms and embeddings are not decayed; trainable LM weights (``top_k`` layers,
     ``full``) get their own, lower learning rate."""
-    lm_params = getattr(getattr(model, "items", None), "lm_parameters", lambda: [])()
+    holder = model if hasattr(model, "lm_parameters") else getattr(model, "items", None)  # cross-encoder / tower
+    lm_params = getattr(holder, "lm_parameters", lambda: [])()
     lm_ids = {id(p) for p in lm_params}
     decay, no_decay = [], []
     for name, param in model.named_parameters():

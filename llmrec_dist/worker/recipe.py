@@ -33,8 +33,9 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from llmrec_dist.batching import cloze_batch, earlier_items, length_bucketed, next_item_batch
 from llmrec_dist.config import Config, config_from_dict
+from llmrec_dist.cross_encoder import build_cross_encoder, cross_training_batch
 from llmrec_dist.data.dataset_format import num_items as manifest_num_items
-from llmrec_dist.data.dataset_format import item_counts, read_split
+from llmrec_dist.data.dataset_format import item_counts, read_item_texts, read_split
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import build_model, count_parameters, softmax_negatives
 from llmrec_dist.metrics import higher_is_better
@@ -95,6 +96,20 @@ class PointwisePairs:
     @staticmethod
     def row_length(row) -> int:
         return len(row[0])
+
+
+class CrossPairs(PointwisePairs):
+    """Rows of the train split → the cross-encoder's tokenised (history, candidate) pairs and labels
+    (:func:`llmrec_dist.cross_encoder.cross_training_batch`): ``task.pairs_per_row`` positions per row."""
+
+    def __init__(self, cfg: Config, rule: LabelRule, seed: int, pool: np.ndarray, tokens):
+        super().__init__(cfg, rule, seed, pool)
+        self.tokens, self.pairs_per_row = tokens, cfg.task.pairs_per_row
+
+    def __call__(self, rows):
+        items = [row[0] for row in rows]
+        feedback = [row[1] for row in rows] if rows and rows[0][1] is not None else None
+        return cross_training_batch(items, feedback, self.rule, self.rng, self.pool, self.tokens, self.pairs_per_row)
 
 
 class PairsCollate(NumpyBatchCollateFn):
@@ -173,21 +188,24 @@ def build_recommender(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
                        lm_anchor=cfg.train.lm_anchor)
 
 
-def build_pointwise(cfg: Config, manifest: Mapping, text) -> PointwiseRecommender:
-    """The rating/click bi-encoder: the configured backbone and item tower, no softmax, plus the head.
-    A rating model starts from the mean of the train split's ratings. The backbone keeps the items that
-    occur in training (``negative_pool``): implicit-click negatives are drawn from them."""
+def build_pointwise(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
+    """The rating/click model: the bi-encoder (the configured backbone and item tower, no softmax, plus the
+    head) or, with ``task.architecture=cross_encoder``, the cross-encoder. A rating model starts from the
+    mean of the train split's ratings. The bi-encoder's backbone keeps the items that occur in training
+    (``negative_pool``): implicit-click negatives are drawn from them."""
     record = task_record(cfg.to_dict()["task"], manifest, cfg.train.seed)
+    offset = 0.0
+    if record["type"] == "rating":
+        train = read_split(cfg.data.path, cfg.training_split(), feedback=True)
+        offset = float(np.mean(train.column("feedback").combine_chunks().flatten().to_numpy(zero_copy_only=False)))
+    if cfg.task.architecture == "cross_encoder":
+        return build_cross_encoder(cfg.model, record, read_item_texts(cfg.data.path), offset=offset)
     counts = item_counts(cfg.data.path, cfg.training_split())
     base = build_model(cfg.model, manifest_num_items(manifest), text=text,
                        id_seen=counts >= cfg.model.id_min_count if cfg.model.item_repr == "id+text" else None,
                        lm_items_per_step=cfg.train.lm_items_per_step,
                        lm_checkpoint_items=cfg.train.lm_checkpoint_items, negative_items=counts > 0,
                        lm_anchor=cfg.train.lm_anchor)
-    offset = 0.0
-    if record["type"] == "rating":
-        train = read_split(cfg.data.path, cfg.training_split(), feedback=True)
-        offset = float(np.mean(train.column("feedback").combine_chunks().flatten().to_numpy(zero_copy_only=False)))
     return wrap_model(base, record, offset=offset, dropout=cfg.model.dropout)
 
 
@@ -198,6 +216,13 @@ class PointwiseTask:
     record: dict
     rule: LabelRule
     pool: np.ndarray               # the items implicit-click negatives are drawn from
+    tokens: Any = None             # the cross-encoder's item tokens (its pairs are built from them)
+
+    def pairs(self, cfg: Config, seed: int) -> PointwisePairs:
+        """This epoch's batch builder of the task's model."""
+        if self.tokens is not None:
+            return CrossPairs(cfg, self.rule, seed, self.pool, self.tokens)
+        return PointwisePairs(cfg, self.rule, seed, self.pool)
 
 
 def steps_per_epoch(cfg: Config, train_users: int, world_size: int) -> int:
@@ -224,7 +249,7 @@ def epoch_batches(shard, cfg: Config, seed: int, order_seed: int, mask_id: int, 
     padding to a longer batch."""
     per_worker, shuffle = cfg.per_worker_batch_size(), cfg.data.shuffle_buffer or None
     shuffle_seed = seed if shuffle else None
-    pairs = TrainingPairs(cfg, mask_id, seed) if task is None else PointwisePairs(cfg, task.rule, seed, task.pool)
+    pairs = TrainingPairs(cfg, mask_id, seed) if task is None else task.pairs(cfg, seed)
     if cfg.data.length_buckets == 1:
         return shard.iter_torch_batches(batch_size=per_worker, collate_fn=PairsCollate(pairs),
                                         local_shuffle_buffer_size=shuffle, local_shuffle_seed=shuffle_seed)
@@ -388,7 +413,11 @@ def setup(loop_config: dict) -> WorkerRun:
     else:  # rating/click: (history, candidate, label) pairs on the same split
         record = task_record(cfg.to_dict()["task"], manifest, cfg.train.seed)
         valid_rows, test_rows = task_pairs(cfg.data.path, manifest, record, ("valid", "test"), rank, world)
-        task = PointwiseTask(record, record_rule(record, manifest), core.base.negative_pool.cpu().numpy())
+        if cfg.task.architecture == "cross_encoder":  # negatives: the items that occur in training
+            pool, tokens = np.flatnonzero(item_counts(cfg.data.path, cfg.training_split()) > 0), core.tokens
+        else:
+            pool, tokens = core.base.negative_pool.cpu().numpy(), None
+        task = PointwiseTask(record, record_rule(record, manifest), pool, tokens)
     train_shard = ray.train.get_dataset_shard("train")
     reached["eval_rows_ready"] = time.time()
     return WorkerRun(cfg, rank, world, device, autocast_for(cfg, device),
