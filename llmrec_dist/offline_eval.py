@@ -109,6 +109,15 @@ def chain_prefix(split: str, blend: float, blends) -> str:
     return f"{split}_rerank_" if len(blends) == 1 else f"{split}_rerank_{blend:g}_"
 
 
+def split_chain_figures(figures: dict[str, float], split: str, blend: float,
+                        blends) -> tuple[dict[str, float], dict[str, float]]:
+    """``(retriever alone, chain with blend)`` of :func:`evaluate_chain_here`'s figures, named without the
+    split (``ndcg_at_10``, ...)."""
+    chain, mine = f"{split}_rerank_", chain_prefix(split, blend, blends)
+    alone = {k.removeprefix(f"{split}_"): v for k, v in figures.items() if not k.startswith(chain)}
+    return alone, {k.removeprefix(mine): v for k, v in figures.items() if k.startswith(mine)}
+
+
 def _eval_loop_per_worker(config: dict) -> dict:
     import ray.train
     import ray.train.torch

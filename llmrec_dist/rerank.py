@@ -62,7 +62,12 @@ def chain_ranks(rankable: torch.Tensor, targets: torch.Tensor, top_scores: torch
     """0-based ranks of ``targets`` in the chain's ranking: its position among the re-ordered top N
     (ties pessimistic, as :func:`llmrec_dist.metrics.target_ranks`) or, outside the top N, its
     retriever rank (the top N's re-ordering moves no item past position N)."""
-    chained = chain_scores(top_scores, rerank, blend)
+    return _ranks_in_chain(rankable, targets, top_items, chain_scores(top_scores, rerank, blend))
+
+
+def _ranks_in_chain(rankable: torch.Tensor, targets: torch.Tensor, top_items: torch.Tensor,
+                    chained: torch.Tensor) -> torch.Tensor:
+    """:func:`chain_ranks` from the chain's scores of the top N."""
     hit = top_items == targets[:, None]
     found = hit.any(1)
     target_score = torch.where(hit, chained, 0.0).sum(1, keepdim=True)
@@ -95,8 +100,9 @@ def evaluate_chain(retriever, rescore: Rescore, rows: EvalRows, num_items: int, 
             if key is None:
                 ranks, shown = target_ranks(rankable, batch["targets"]), rankable
             else:
-                ranks = chain_ranks(rankable, batch["targets"], top_scores, top_items, rerank, key)
-                shown = _chain_rankable(rankable, top_scores, top_items, rerank, key)
+                chained = chain_scores(top_scores, rerank, key)
+                ranks = _ranks_in_chain(rankable, batch["targets"], top_items, chained)
+                shown = _chain_rankable(rankable, top_items, chained)
             accs[key].add_ranks(ranks, shown)
             for (_, member), subset_acc in zip(subsets, subset_accs[key]):
                 if (in_batch := member[idx]).any():
@@ -117,11 +123,9 @@ def evaluate_chain(retriever, rescore: Rescore, rows: EvalRows, num_items: int, 
     return out
 
 
-def _chain_rankable(rankable: torch.Tensor, top_scores: torch.Tensor, top_items: torch.Tensor,
-                    rerank: torch.Tensor, blend: float) -> torch.Tensor:
+def _chain_rankable(rankable: torch.Tensor, top_items: torch.Tensor, chained: torch.Tensor) -> torch.Tensor:
     """Scores whose order is the chain's (for coverage): the top N above every other item, in the
-    chain's order among themselves."""
-    chained = chain_scores(top_scores, rerank, blend)
+    chain's order (``chained``) among themselves."""
     lifted = chained - torch.where(torch.isfinite(chained), chained, 0.0).amin(1, keepdim=True) + 1.0
     ceiling = torch.where(torch.isfinite(rankable), rankable, float("-inf")).amax(1, keepdim=True)
     out = rankable.clone()

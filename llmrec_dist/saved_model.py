@@ -42,7 +42,8 @@ MODEL_META_FILE = "model.json"
 TEXT_ENCODER_DIR = "text_encoder"  # a package's trained LM (plain HF encoder + tokenizer)
 TEXT_CACHE_DIR = "text_cache"      # a package's cached item-text embeddings
 # weights of the LM tower's LM (a package keeps them in text_encoder/); "base." in a rating/click bi-encoder
-LM_PREFIXES = ("items.lm.", "items.top_layers.", "base.items.lm.", "base.items.top_layers.")
+# and the cross-encoder's own encoder ("lm.")
+LM_PREFIXES = ("items.lm.", "items.top_layers.", "base.items.lm.", "base.items.top_layers.", "lm.")
 
 PACKAGE_FORMAT_VERSION = 1
 RECOMMENDER_FILE = "recommender.json"
@@ -168,14 +169,12 @@ def restore_model(folder: Path, cfg: ModelConfig, num_items: int, texts: list[st
     """The model saved in ``folder`` (``cfg`` from :func:`saved_model_config`), in eval mode on CPU."""
     model = build_for_weights(cfg, num_items, texts, cache_dir, task)
     weights = read_safetensors(folder / WEIGHTS_FILE)
-    if is_cross_encoder(task) and not any(k.startswith(CROSS_LM_PREFIX) for k in weights):
+    if is_cross_encoder(task) and not any(k.startswith(LM_PREFIXES) for k in weights):
         # a package keeps the cross-encoder's encoder in text_encoder/ (loaded above), the head here
-        weights |= {k: v for k, v in model.state_dict().items() if k.startswith(CROSS_LM_PREFIX)}
+        weights |= {k: v for k, v in model.state_dict().items() if k.startswith(LM_PREFIXES)}
     load_weights_strict(model, weights, str(folder / WEIGHTS_FILE))
     return model.eval()
 
-
-CROSS_LM_PREFIX = "lm."  # the cross-encoder's encoder weights
 
 
 def is_cross_encoder(task: dict | None) -> bool:

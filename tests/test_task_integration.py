@@ -191,8 +191,10 @@ def test_a_click_model_reranks_a_retriever_evaluated_and_registered_as_one(ray_c
     out = capsys.readouterr().out
     assert code == 0 and "registered synthetic-chain version 1" in out
     assert f"chain {one['valid_rerank_0_ndcg_at_10']:.4f}" in out
-    mlflow.set_tracking_uri(uri)
-    served = mlflow.pyfunc.load_model("models:/synthetic-chain@champion")
+    from llmrec_dist.tracking import use_tracking_uri
+
+    with use_tracking_uri(uri):  # not mlflow.set_tracking_uri: it would outlive this test
+        served = mlflow.pyfunc.load_model("models:/synthetic-chain@champion")
     answer = served.predict([{"history": ["1", "2", "3"], "k": 5}])
     assert len(answer["item_ids"][0]) == 5 and not {"1", "2", "3"} & set(answer["item_ids"][0])
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmrec_dist.config import EvalConfig
-from llmrec_dist.offline_eval import Rerank, chain_prefix, evaluate_saved_model
+from llmrec_dist.offline_eval import Rerank, evaluate_saved_model, split_chain_figures
 
 COLUMNS = [("top_n", "top N", ""), ("blend", "blend", "g"), ("valid", "valid NDCG@10", ".4f"),
            ("valid_hr", "valid HR@10", ".4f")]
@@ -22,24 +22,24 @@ def run_rerank(retriever: Path, reranker: Path, data: str, top_ns: list[int], bl
     for top_n in top_ns:
         valid = evaluate_saved_model(retriever, data, "valid", cfg, num_workers=workers,
                                      rerank=Rerank(str(reranker), top_n, tuple(blends)))
-        if not rows:
-            rows.append({"top_n": 0, "blend": None, "valid": valid[f"valid_{metric}"],
-                         "valid_hr": valid["valid_hr_at_10"], "retriever_alone": True})
         for blend in blends:
-            name = chain_prefix("valid", blend, blends)
-            rows.append({"top_n": top_n, "blend": blend, "valid": valid[f"{name}{metric}"],
-                         "valid_hr": valid[f"{name}hr_at_10"], "retriever_alone": False})
+            alone, chain = split_chain_figures(valid, "valid", blend, blends)
+            if not rows:
+                rows.append({"top_n": 0, "blend": None, "valid": alone[metric], "valid_hr": alone["hr_at_10"],
+                             "retriever_alone": True})
+            rows.append({"top_n": top_n, "blend": blend, "valid": chain[metric], "valid_hr": chain["hr_at_10"],
+                         "retriever_alone": False})
     chosen = max(rows, key=lambda r: r["valid"])
-    test = evaluate_saved_model(retriever, data, "test", cfg, num_workers=workers, verify=False,
-                                rerank=Rerank(str(reranker), chosen["top_n"] or top_ns[0],
-                                              (0.0 if chosen["retriever_alone"] else chosen["blend"],)))
-    alone = {k.removeprefix("test_"): v for k, v in test.items() if not k.startswith("test_rerank_")}
-    chain = {k.removeprefix("test_rerank_"): v for k, v in test.items() if k.startswith("test_rerank_")}
-    if chosen["retriever_alone"]:
-        chain = dict(alone)  # validation preferred no re-ranking: the chain serves the retriever's order
+    if chosen["retriever_alone"]:  # validation preferred no re-ranking: the chain serves the retriever's order
+        alone = split_chain_figures(evaluate_saved_model(retriever, data, "test", cfg, num_workers=workers,
+                                                         verify=False), "test", 0.0, (0.0,))[0]
+        chain = dict(alone)
+    else:
+        test = evaluate_saved_model(retriever, data, "test", cfg, num_workers=workers, verify=False,
+                                    rerank=Rerank(str(reranker), chosen["top_n"], (chosen["blend"],)))
+        alone, chain = split_chain_figures(test, "test", chosen["blend"], (chosen["blend"],))
     return {"rows": rows, "chosen": chosen, "metric": metric, "test_retriever": alone, "test_chain": chain,
             "lift": chain[metric] / alone[metric] - 1 if alone[metric] else float("nan")}
-
 
 
 LATENCY_COLUMNS = [("top_n", "top N", ""), ("retriever_p50_ms", "retriever p50 ms", ".1f"),

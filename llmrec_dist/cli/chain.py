@@ -50,7 +50,7 @@ def publish_chain(args) -> str:
     import shutil
 
     from llmrec_dist.config import EvalConfig
-    from llmrec_dist.offline_eval import Rerank, evaluate_saved_model, resolve_model_folder
+    from llmrec_dist.offline_eval import Rerank, evaluate_saved_model, resolve_model_folder, split_chain_figures
     from llmrec_dist.registry.promotion import register_and_promote
     from llmrec_dist.registry.pyfunc import log_model_package
     from llmrec_dist.registry.reranker import build_chain_package
@@ -65,10 +65,8 @@ def publish_chain(args) -> str:
         if args.data:
             figures = evaluate_saved_model(retriever, args.data, "valid", EvalConfig(),
                                            rerank=Rerank(str(reranker), args.top_n, (args.blend,)))
-            metrics = {k.replace("valid_rerank_", "valid_"): v for k, v in figures.items()
-                       if k.startswith("valid_rerank_")}
-            metrics |= {k.replace("valid_", "valid_retriever_"): v for k, v in figures.items()
-                        if not k.startswith("valid_rerank_")}
+            alone, chain = split_chain_figures(figures, "valid", args.blend, (args.blend,))
+            metrics = {f"valid_{k}": v for k, v in chain.items()} | {f"valid_retriever_{k}": v for k, v in alone.items()}
         run_id = start_run(uri, args.experiment, run_name="chain")
         try:
             c = client(uri)

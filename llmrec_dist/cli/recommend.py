@@ -136,7 +136,7 @@ def _kind(servable) -> str:
 def _servable(model: str, tracking_uri: str, trust_remote_code: bool, flag: str):
     """``(servable, predict)``: the llmrec_dist object behind ``model`` (None for another pyfunc model) and
     the function that answers a DataFrame (the pyfunc's predict for a URI)."""
-    from llmrec_dist.registry.reranker import load_serving
+    from llmrec_dist.registry.reranker import CHAIN_FILE, load_serving
     from llmrec_dist.saved_model import RECOMMENDER_FILE
 
     folder = Path(model)
@@ -144,7 +144,7 @@ def _servable(model: str, tracking_uri: str, trust_remote_code: bool, flag: str)
     if not is_uri and not folder.exists():
         raise FileNotFoundError(f"{flag} {model}: no such folder, and not an MLflow model URI "
                                 "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model)")
-    if not is_uri and folder.is_dir() and ((folder / RECOMMENDER_FILE).is_file() or (folder / "chain.json").is_file()):
+    if not is_uri and folder.is_dir() and ((folder / RECOMMENDER_FILE).is_file() or (folder / CHAIN_FILE).is_file()):
         servable = load_serving(folder, trust_remote_code)
         return servable, servable.predict_frame
 

@@ -29,7 +29,6 @@ from llmrec_dist.saved_model import (
     TEXT_CACHE_DIR,
     TEXT_ENCODER_DIR,
     WEIGHTS_FILE,
-    CROSS_LM_PREFIX,
     build_for_weights,
     is_cross_encoder,
     load_weights_strict,
@@ -134,23 +133,8 @@ def _export_text_model(cfg, weights: dict, num_items: int, texts: list[str], dat
     trained = build_for_weights(cfg, num_items, texts, text_cache_dir(str(dataset_path)), task)
     load_weights_strict(trained, weights, str(checkpoint_dir / WEIGHTS_FILE))
     base_lm, tokenizer = load_text_encoder(cfg.text_encoder, cfg.trust_remote_code)
-    encoder = trained.items.export_encoder(base_lm)
-    with _no_progress_bars():  # transformers' "Writing model shards" bar, for one file, on the user's console
-        encoder.save_pretrained(temp / TEXT_ENCODER_DIR)
-    tokenizer.save_pretrained(temp / TEXT_ENCODER_DIR)
-    save_file({k: v.contiguous() for k, v in weights.items() if not k.startswith(LM_PREFIXES)},
-              str(temp / WEIGHTS_FILE))
-    serving = dataclasses.replace(cfg, freeze="frozen", text_encoder=TEXT_ENCODER_DIR)
-    # Rebuild from what was written (this also fills text_cache/) and check it scores like the
-    # trained model did: the package must serve exactly what was evaluated.
-    served = build_for_weights(serving_config(serving, temp), num_items, texts, temp / TEXT_CACHE_DIR, task)
-    load_weights_strict(served, read_safetensors(temp / WEIGHTS_FILE), str(temp / WEIGHTS_FILE))
-    with torch.no_grad():
-        expected, got = _probe_scores(trained.eval(), num_items), _probe_scores(served.eval(), num_items)
-    if not torch.allclose(expected, got, rtol=1e-4, atol=1e-4):
-        raise ValueError("exported text tower does not reproduce the trained model's scores "
-                         f"(max difference {(expected - got).abs().max().item():.3g})")
-    return dataclasses.asdict(serving)
+    return _write_serving_form(trained, trained.items.export_encoder(base_lm), tokenizer, cfg, weights, num_items,
+                               texts, temp, task, temp / TEXT_CACHE_DIR)
 
 
 def _export_cross_encoder(cfg, weights: dict, num_items: int, texts: list[str], task: dict, checkpoint_dir: Path,
@@ -159,17 +143,26 @@ def _export_cross_encoder(cfg, weights: dict, num_items: int, texts: list[str], 
     tokenizer in ``text_encoder/``, the head in ``model.safetensors``; returns the ``model`` section."""
     trained = build_for_weights(cfg, num_items, texts, None, task)
     load_weights_strict(trained, weights, str(checkpoint_dir / WEIGHTS_FILE))
-    with _no_progress_bars():
-        trained.export_encoder().save_pretrained(temp / TEXT_ENCODER_DIR)
-    trained.tokens.tokenizer.save_pretrained(temp / TEXT_ENCODER_DIR)
-    save_file({k: v.contiguous() for k, v in weights.items() if not k.startswith(CROSS_LM_PREFIX)},
+    return _write_serving_form(trained, trained.export_encoder(), trained.tokens.tokenizer, cfg, weights, num_items,
+                               texts, temp, task, None)
+
+
+def _write_serving_form(trained, encoder, tokenizer, cfg, weights: dict, num_items: int, texts: list[str],
+                        temp: Path, task: dict | None, cache_dir: Path | None) -> dict:
+    """``encoder`` + ``tokenizer`` into ``text_encoder/``, the other weights into ``model.safetensors``; then
+    rebuild the served model from what was written (filling ``cache_dir``) and check it scores like
+    ``trained``: the package must serve exactly what was evaluated. Returns the serving ``model`` section."""
+    with _no_progress_bars():  # transformers' "Writing model shards" bar, for one file, on the user's console
+        encoder.save_pretrained(temp / TEXT_ENCODER_DIR)
+    tokenizer.save_pretrained(temp / TEXT_ENCODER_DIR)
+    save_file({k: v.contiguous() for k, v in weights.items() if not k.startswith(LM_PREFIXES)},
               str(temp / WEIGHTS_FILE))
     serving = dataclasses.replace(cfg, freeze="frozen", text_encoder=TEXT_ENCODER_DIR)
-    served = restore_model(temp, serving_config(serving, temp), num_items, texts, None, task)
+    served = restore_model(temp, serving_config(serving, temp), num_items, texts, cache_dir, task)
     with torch.no_grad():
         expected, got = _probe_scores(trained.eval(), num_items), _probe_scores(served, num_items)
     if not torch.allclose(expected, got, rtol=1e-4, atol=1e-4):
-        raise ValueError("exported cross-encoder does not reproduce the trained model's scores "
+        raise ValueError("the exported model does not reproduce the trained model's scores "
                          f"(max difference {(expected - got).abs().max().item():.3g})")
     return dataclasses.asdict(serving)
 
