@@ -184,6 +184,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "that is not valid in it stops prepare with its file, row and byte offset (default: %(default)s)",
     )
 
+    attrs = parser.add_argument_group(
+        "user attributes (for `evaluate --report`)",
+        "MovieLens ml-1m and ml-100k bring theirs (users.dat, u.user: gender, age band, occupation); for "
+        "--source generic or sequences name a table. Written as users.parquet, keyed by the hashed user_key; "
+        "not part of the dataset's content hash",
+    )
+    attrs.add_argument(
+        "--user-attrs", default=None, metavar="FILE",
+        help="user attributes table (.csv, .tsv or .parquet), one row per user, the user id in --user-col",
+    )
+    attrs.add_argument(
+        "--user-attr-cols", default=None, metavar="C1,C2",
+        help="comma-separated attribute columns of --user-attrs, kept as text (bin numeric ones first)",
+    )
+
     sequences = parser.add_argument_group("source sequences")
     sequences.add_argument(
         "--sequences", metavar="FILE",
@@ -233,6 +248,11 @@ def _problems(args: argparse.Namespace) -> list[str]:
             problems.append("--rating-col and --label-col: give one feedback column, not both")
         if args.rating_range and not args.rating_col:
             problems.append("--rating-range needs --rating-col")
+    if args.source in files and bool(args.user_attrs) != bool(args.user_attr_cols):
+        problems.append("--user-attrs and --user-attr-cols go together")
+    if args.source not in files and (args.user_attrs or args.user_attr_cols):
+        problems.append("--user-attrs / --user-attr-cols are only used with --source generic or sequences "
+                        "(MovieLens brings its own users file)")
     for flags, users in ((_GENERIC_FLAGS, ("generic",)), (_SEQUENCES_FLAGS, ("sequences",)),
                          (_SHARED_FLAGS, ("generic", "sequences"))):
         if args.source not in users:
@@ -299,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
             generic=generic,
             sequences=sequences,
             cold_items=args.cold_items,
+            user_attributes={"file": args.user_attrs, "columns": args.user_attr_cols} if args.user_attrs else None,
         )
     except (PrepareError, ValueError, OSError) as err:
         # Bad input, bad option values (e.g. an unknown --encoding), an output that may not be written
@@ -318,6 +339,10 @@ def run(args: argparse.Namespace) -> int:
     if feedback:
         print(f"explicit feedback: {feedback['kind']} from column {feedback['column']!r}, "
               f"{feedback['min']:g} to {feedback['max']:g} ({feedback['range']})")
+    attributes = manifest.get("user_attributes")
+    if attributes:
+        print(f"user attributes: {', '.join(attributes['columns'])} for {attributes['users']:,} users "
+              f"({attributes['users_without']:,} without) in {attributes['file']}")
     cold = manifest["cold_items"]
     if cold["items"]:
         print(

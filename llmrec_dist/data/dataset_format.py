@@ -9,12 +9,18 @@
       train/part-*.parquet  user_idx int32, user_key string, items list<int32>
       valid/part-*.parquet  user_idx int32, user_key string, items list<int32> (history), target int32, cold bool
       test/part-*.parquet   user_idx int32, user_key string, items list<int32> (history), target int32, cold bool
+      users.parquet         optional: user_key string, one string column per user attribute (gender, age, ...)
 
 Explicit feedback (format_version 2, only when the manifest's ``feedback`` is not null): every split
 also has ``feedback list<float32>``, the rating (or 0/1 label) of each event of ``items``, in the same
 order, and valid/test have ``target_feedback float32``, that of the target event. The manifest's
 ``feedback`` says what the numbers are: ``{"kind": "rating" | "label", "column": ..., "min": ...,
 "max": ...}``. Datasets of format_version 1 (before feedback existed) read as without feedback.
+
+``users.parquet`` (user attributes for the fairness report, ``llmrec_dist.data.user_attributes``) is
+written only when the source has user attributes; it is not part of the content hash, so a dataset with
+it keeps the hash (and the models) of the same dataset without it. The manifest's ``user_attributes``
+describes it (null when there is none).
 
 Rows of every split are sorted by ``user_idx`` and the users are cut into the same contiguous
 ranges for all three splits, so part ``k`` of train, valid and test holds the same users.
@@ -54,6 +60,7 @@ FEEDBACK_KINDS = ("rating", "label")
 SPLITS = ("train", "valid", "test")
 MANIFEST_FILE = "manifest.json"
 ITEMS_FILE = "items.parquet"
+USERS_FILE = "users.parquet"
 PADDING_IDX = 0
 
 # Parquet settings: small row groups so Ray Data can stream a shard without reading it whole.
@@ -315,6 +322,17 @@ def read_items(path: str | os.PathLike) -> pa.Table:
     location = _join(path, ITEMS_FILE)
     table = with_cold_column(read_parquet_file(location))
     return conform_table(table, ITEMS_FILE_SCHEMA, location, "items").sort_by("item_idx")
+
+
+def read_users(path: str | os.PathLike) -> pa.Table | None:
+    """``users.parquet`` (``user_key`` + attribute columns as strings), or None when the dataset has none."""
+    location = _join(path, USERS_FILE)
+    if not storage.exists(location):
+        return None
+    table = read_parquet_file(location)
+    if "user_key" not in table.column_names:
+        raise DatasetError(f"{location}: has no user_key column; {_REPREPARE}")
+    return table
 
 
 def read_item_texts(path: str | os.PathLike) -> list[str]:

@@ -30,6 +30,7 @@ from llmrec_dist.data.generic import read_generic
 from llmrec_dist.data.movielens import read_movielens
 from llmrec_dist.data.sequences import read_sequences
 from llmrec_dist.data.synthetic import generate_synthetic
+from llmrec_dist.data.user_attributes import read_generic_users, read_movielens_users, users_table
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,26 @@ def read_source(
 # ---------------------------------------------------------------------------------------------
 # Filtering and indexing
 # ---------------------------------------------------------------------------------------------
+
+
+def _read_user_attributes(source: str, input, options: Mapping | None,
+                          file_options: Mapping | None) -> tuple[pd.DataFrame | None, dict | None]:
+    """The source's user attributes (raw ``user_id`` + attribute columns) and their description, or
+    ``(None, None)``; ``options`` (``file``, ``columns``) for the generic and sequences sources."""
+    if options and source not in _FILE_SOURCES:
+        raise ValueError(f"user_attributes are only given for the generic and sequences sources (got {source!r}); "
+                         "MovieLens brings its own users file")
+    if source == "movielens":
+        return read_movielens_users(input)
+    if not options:
+        return None, None
+    unknown = sorted(set(options) - {"file", "columns"})
+    if unknown or not options.get("file") or not options.get("columns"):
+        raise ValueError("user_attributes needs exactly file= (a CSV/TSV/Parquet table) and columns= (attribute "
+                         f"columns); got {sorted(options)}")
+    file_options = file_options or {}
+    return read_generic_users(options["file"], options["columns"], user_col=file_options.get("user_col", "user_id"),
+                              encoding=file_options.get("encoding", "utf-8"))
 
 
 def filter_interactions(
@@ -291,6 +312,7 @@ def prepare_dataset(
     generic: dict | None = None,
     cold_items: float = 0.0,
     sequences: dict | None = None,
+    user_attributes: dict | None = None,
 ) -> dict:
     """Prepare a dataset folder (see ``llmrec_dist.data.dataset_format``); returns its manifest.
 
@@ -318,6 +340,11 @@ def prepare_dataset(
             removed from every train sequence and valid/test history and stay only as
             valid/test targets (the cold-start subset), flagged by the ``cold`` column of
             items, valid and test. 0 = none.
+        user_attributes: For the ``generic`` and ``sequences`` sources, ``{"file": ..., "columns": [...]}``:
+            a table of user attributes keyed by the interactions' user column (``user_col``), read by
+            :func:`llmrec_dist.data.user_attributes.read_generic_users`. MovieLens ml-1m and ml-100k
+            bring theirs (``users.dat``, ``u.user``). Written as ``users.parquet`` with ``user_key``
+            instead of raw ids; not part of the content hash. None and no users file: no ``users.parquet``.
 
     Raises:
         ValueError: bad arguments (unknown source, ``min_interactions < 3``, ...).
@@ -345,6 +372,7 @@ def prepare_dataset(
     interactions, items, info, input_display = read_source(
         source, input=input, seed=seed, synthetic=synthetic, generic=generic, sequences=sequences
     )
+    attributes, attributes_info = _read_user_attributes(source, input, user_attributes, generic or sequences)
     raw_counts = {
         "raw_interactions": len(interactions),
         "raw_users": int(interactions["user_id"].nunique()),
@@ -366,8 +394,16 @@ def prepare_dataset(
     item_codes, item_ids = sorted_unique_ids(kept["item_id"])
     feedback = kept["feedback"].to_numpy() if "feedback" in kept else None
     splits = leave_one_out(user_codes + 1, item_codes + 1, kept["order_key"].to_numpy(), feedback)
-    keys = pa.array(user_keys(raw_users, hash_key), pa.string())
+    key_list = user_keys(raw_users, hash_key)
+    keys = pa.array(key_list, pa.string())
     splits = {name: table.add_column(1, "user_key", keys) for name, table in splits.items()}
+    users = None
+    if attributes is not None:
+        users, without = users_table(attributes, raw_users, key_list)
+        attributes_info = {"file": dataset_format.USERS_FILE, "source_file": attributes_info["file"],
+                           "columns": attributes_info["columns"], "users": users.num_rows, "users_without": without}
+        if users.num_rows == 0:  # no user of the dataset has attributes: nothing to write
+            users, attributes_info = None, None
     splits, cold, cold_info = apply_cold_items(splits, len(item_ids), cold_items, seed, input_display)
     del raw_users  # raw user ids go no further
 
@@ -411,6 +447,7 @@ def prepare_dataset(
         "cold_items": cold_info,
         "feedback": feedback_info,
         "user_ids": user_ids_info,
+        "user_attributes": attributes_info,
         "shards": {},
         "content_hash": dataset_format.compute_content_hash(items_table, splits),
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -418,6 +455,8 @@ def prepare_dataset(
     }
     with dataset_format.atomic_output_dir(output, overwrite) as folder:
         manifest["shards"] = write_dataset(folder, items_table, splits, shards_count)
+        if users is not None:
+            dataset_format.write_parquet(users, folder / dataset_format.USERS_FILE)
         dataset_format.write_manifest(folder, manifest)
     log.info("prepared %s: %s", output, manifest["counts"])
     return manifest
