@@ -10,6 +10,7 @@ those whose target falls in each bucket of training frequency (``eval.freq_bucke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,7 +132,8 @@ def item_table(model) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, rows: EvalRows, num_items: int, cfg: EvalConfig, max_len: int,
-             device: torch.device | str = "cpu", prefix: str = "") -> dict[str, float]:
+             device: torch.device | str = "cpu", prefix: str = "",
+             observe: Callable[[np.ndarray, torch.Tensor, torch.Tensor], None] | None = None) -> dict[str, float]:
     """Metrics of ``model`` on ``rows``; all-reduced over ranks when torch.distributed is initialised.
 
     Returns ``{prefix}{metric}_at_{k}``, ``{prefix}coverage_at_{coverage_k}`` and ``{prefix}users``
@@ -142,6 +144,9 @@ def evaluate(model, rows: EvalRows, num_items: int, cfg: EvalConfig, max_len: in
 
     Every rank must call this (the all-reduce is a sync point), even one with no rows or no rows of
     some subset: each makes exactly one all-reduce of the same size.
+
+    ``observe(row_indices, ranks, rankable_scores)`` is called once per batch, e.g. by
+    :class:`PerUserResults` to keep every row's rank and top-K list (the fairness report).
     """
     was_training = model.training
     model.eval()
@@ -156,6 +161,8 @@ def evaluate(model, rows: EvalRows, num_items: int, cfg: EvalConfig, max_len: in
                                  batch.get("history"))
         ranks = target_ranks(scores, batch["targets"])
         acc.add_ranks(ranks, scores)
+        if observe is not None:
+            observe(idx, ranks, scores)
         for (_, member), subset_acc in zip(subsets, subset_accs):
             if (in_batch := member[idx]).any():
                 subset_acc.add_ranks(ranks[torch.from_numpy(in_batch).to(device)])
@@ -171,3 +178,19 @@ def evaluate(model, rows: EvalRows, num_items: int, cfg: EvalConfig, max_len: in
         if subset_acc.count(subset_state) > 0:
             out.update(subset_acc.result(subset_state, prefix=f"{prefix}{name}"))
     return out
+
+
+class PerUserResults:
+    """Per-row results of one :func:`evaluate` pass (pass it as ``observe``): ``ranks`` [rows] (0-based,
+    pessimistic, as the metrics use them) and ``top`` [rows, k] (item indices of the top ``k`` of the
+    rankable scores, best first), in the order of the rows. This rank's rows only."""
+
+    def __init__(self, num_rows: int, k: int) -> None:
+        self.k = k
+        self.ranks = np.full(num_rows, -1, dtype=np.int64)
+        self.top = np.zeros((num_rows, k), dtype=np.int64)
+
+    def __call__(self, idx: np.ndarray, ranks: torch.Tensor, scores: torch.Tensor) -> None:
+        self.ranks[idx] = ranks.cpu().numpy()
+        top = scores.topk(min(self.k, scores.shape[1]), dim=1).indices.cpu().numpy()
+        self.top[idx, :top.shape[1]] = top

@@ -61,6 +61,29 @@ def evaluate_here(folder: Path, data_path: str, split: str, cfg: EvalConfig, ran
                     device, prefix=f"{split}_")
 
 
+def evaluate_per_user(folder: Path, data_path: str, split: str, cfg: EvalConfig, k: int = 10, verify: bool = True,
+                      trust_remote_code: bool = False, device: torch.device | str = "cpu"):
+    """The usual metrics of a next-item model (as :func:`evaluate_saved_model` with one worker) and, from
+    the same pass, every user's rank and top-``k`` list: ``(metrics, manifest, rows, PerUserResults)``.
+
+    Single-process only. A rating/click model (``task.type``) is refused with a ``ValueError``: it
+    scores given pairs and ranks no catalogue, so it has no top-K lists to report on.
+    """
+    from llmrec_dist.evaluation import PerUserResults
+
+    manifest = checked_manifest(data_path, verify)
+    model, meta = load_model(folder, data_path, trust_remote_code)
+    _check_dataset(meta, manifest, data_path)
+    if meta.get("task") is not None:
+        raise ValueError(f"{folder}: a {meta['task']['type']} model scores pairs and ranks no catalogue; the "
+                         "fairness report needs a next-item model")
+    rows = load_eval_rows(data_path, split)
+    results = PerUserResults(len(rows), k)
+    metrics = evaluate(model.to(device), rows, manifest_num_items(manifest), cfg, meta["model"]["max_len"],
+                       device, prefix=f"{split}_", observe=results)
+    return metrics, manifest, rows, results
+
+
 @dataclass(frozen=True)
 class Rerank:
     """A re-ranker chained after the evaluated retriever (:mod:`llmrec_dist.rerank`): the saved rating or

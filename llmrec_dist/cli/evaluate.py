@@ -42,6 +42,20 @@ def add_parser(sub) -> None:
                                                 "added to the re-ranker's (0 = re-ranker alone); several, "
                                                 "comma-separated, report one chain each (default 0)")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
+    report = p.add_argument_group(
+        "fairness and bias report",
+        "--report adds NDCG@10/HR@10 by users' training-history length and by each user attribute of the "
+        "dataset's users.parquet (gaps and ratios over groups of >= 20 users), and popularity bias (mean "
+        "popularity and long-tail share of the top-10 against the histories, coverage@10, Gini of "
+        "exposure); writes report.json, report.md, report.png and logs them to the MLflow run "
+        "fairness-<split>. In this process only: not with --workers > 1 or --rerank, nor for rating/click "
+        "models")
+    report.add_argument("--report", action="store_true", help="also write and log the fairness/bias report")
+    report.add_argument("--report-dir", default="", metavar="DIR",
+                        help="where the report files go (default: fairness-report-<split> in the working folder)")
+    report.add_argument("--experiment", default="llmrec", metavar="NAME",
+                        help="MLflow experiment of the report's run (default %(default)s); the run goes to "
+                             "--tracking-uri (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
 
 
 def run(args) -> int:
@@ -65,8 +79,20 @@ def run(args) -> int:
         print(f"llmrec-dist evaluate: --top-n must be a positive integer and --blend non-negative numbers; got "
               f"--top-n {args.top_n} --blend {args.blend!r}", file=sys.stderr)
         return 2
+    refused = [flag for flag, given in (("--workers > 1", args.workers > 1), ("--rerank", bool(args.rerank)))
+               if given]
+    if args.report and refused:
+        print(f"llmrec-dist evaluate: --report runs in this process on the model alone; drop {' and '.join(refused)}",
+              file=sys.stderr)
+        return 2
+    if not args.report and (args.report_dir or args.experiment != "llmrec"):
+        print("llmrec-dist evaluate: --report-dir and --experiment are only used with --report", file=sys.stderr)
+        return 2
     cfg = EvalConfig(ks=ks, exclude_seen=not args.include_seen, coverage_k=max(ks) if 10 not in ks else 10)
     from mlflow.exceptions import MlflowException
+
+    if args.report:
+        return _run_report(args, cfg)
 
     try:
         folder = resolve_model_folder(args.model, args.tracking_uri)
@@ -79,10 +105,53 @@ def run(args) -> int:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"llmrec-dist evaluate: {message}", file=sys.stderr)
         return 2
-    if args.json:
+    _print_metrics(metrics, args.json)
+    return 0
+
+
+def _print_metrics(metrics: dict, as_json: bool) -> None:
+    if as_json:
         print(json.dumps(metrics, indent=2))
-    else:
-        width = max(28, *map(len, metrics))  # bucket keys (valid_freq_20_plus_ndcg_at_10) are longer
-        for key, value in metrics.items():
-            print(f"{key:{width}s} {value:.6f}" if isinstance(value, float) else f"{key:{width}s} {value}")
+        return
+    width = max(28, *map(len, metrics))  # bucket keys (valid_freq_20_plus_ndcg_at_10) are longer
+    for key, value in metrics.items():
+        print(f"{key:{width}s} {value:.6f}" if isinstance(value, float) else f"{key:{width}s} {value}")
+
+
+def _run_report(args, cfg) -> int:
+    """``evaluate --report``: the usual metrics and the fairness/bias report, one pass in this process."""
+    import sys
+
+    from mlflow.exceptions import MlflowException
+
+    from llmrec_dist.fairness_report import fairness_report
+    from llmrec_dist.offline_eval import resolve_model_folder
+    from llmrec_dist.tracking import resolve_tracking_uri
+
+    report_dir = args.report_dir or f"fairness-report-{args.split}"
+    try:
+        folder = resolve_model_folder(args.model, args.tracking_uri)
+        metrics, report, paths, run_id = fairness_report(
+            folder, args.data, args.split, cfg, report_dir, resolve_tracking_uri(args.tracking_uri),
+            args.experiment, model=args.model, verify=not args.no_verify, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, MlflowException) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"llmrec-dist evaluate: {message}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"metrics": metrics, "report": {k: v for k, v in report.items() if k != "metrics"},
+                          "files": [str(p) for p in paths], "run_id": run_id}, indent=2))
+        return 0
+    _print_metrics(metrics, False)
+    k = report["k"]
+    for name, grouping in report["groupings"].items():
+        gap = grouping[f"ndcg_at_{k}"]
+        print(f"fairness {name:22s} NDCG@{k} gap {gap['gap'] if gap['gap'] is not None else float('nan'):.4f} "
+              f"over {gap['groups_compared']} groups (best {gap['best']}, worst {gap['worst']})")
+    pop = report["popularity"]
+    ratio = pop["popularity_ratio"]
+    print(f"popularity ratio {ratio if ratio is not None else float('nan'):.2f}, long tail in top-{k} "
+          f"{pop['long_tail_share_recommended']:.4f} vs histories {pop['long_tail_share_history']:.4f}, "
+          f"coverage@{k} {pop['coverage']:.4f}, Gini of exposure {pop['gini_exposure']:.4f}")
+    print(f"report: {', '.join(str(p) for p in paths)}; MLflow run {run_id} (fairness-{args.split})")
     return 0
