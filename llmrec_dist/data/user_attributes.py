@@ -169,10 +169,8 @@ def read_generic_users(path: str | os.PathLike, columns: str | Sequence[str], *,
     _check_unique_users(users, raw, display)
     frame = pd.DataFrame({"user_id": users.to_numpy()})
     for column in columns:
-        values = raw[column]
-        text = values.astype(object).where(values.notna(), None)
-        text = text.map(lambda v: None if v is None else _as_text(v))
-        frame[column] = text.to_numpy()
+        frame[column] = pd.Series([None if v is None or v != v else _as_text(v) for v in raw[column].tolist()],
+                                  dtype=object)
     return frame, {"file": path.name, "columns": columns}
 
 
