@@ -21,10 +21,12 @@ import pyarrow.compute as pc
 
 from llmrec_dist import fairness
 from llmrec_dist.data import dataset_format
+from llmrec_dist.data.user_attributes import AGE_BANDS
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 ARTIFACT_DIR = "fairness"
 HISTORY_GROUPING = "history_length"
+AGE_ORDER = list(AGE_BANDS.values())  # MovieLens age bands youngest first; other groupings: largest first
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +93,7 @@ def build_report(ranks: np.ndarray, top: np.ndarray, histories: Sequence[np.ndar
         "popularity": fairness.popularity_bias(top[:, :k], histories, popularity),
     }
     for name, labels in groupings.items():
-        order = fairness.bucket_labels(edges) if name == HISTORY_GROUPING else None
+        order = fairness.bucket_labels(edges) if name == HISTORY_GROUPING else AGE_ORDER if name == "age" else None
         rows = fairness.group_table(labels, values, min_users, order)
         report["groupings"][name] = {
             "groups": rows,
@@ -205,7 +207,8 @@ def render_png(report: dict, path: Path) -> Path:
         ax.axhline(report["overall"][f"ndcg_at_{k}"], color="#c44e52", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels([f"{r['group']}\n({r['users']})" for r in rows], fontsize=7,
-                           rotation=45 if len(rows) > 8 else 0, ha="right" if len(rows) > 8 else "center")
+                           rotation=45 if len(rows) > 8 else 0, ha="right" if len(rows) > 8 else "center",
+                           rotation_mode="anchor")
         ax.set_ylabel(f"NDCG@{k}")
         ax.set_title(f"by {name.replace('_', ' ')}", fontsize=10)
     fig.suptitle(f"NDCG@{k} by group (dashed: all users; hatched: < {report['min_group_users']} users)",
