@@ -302,3 +302,58 @@ def test_unknown_exclude_ids_do_not_warn(rec):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnknownItemWarning)
         rec.recommend(HISTORIES[:1], 3, exclude=[["nope"]])
+
+
+# ------------------------------------------------------------------------------------- benchmarks
+def _rows(rec):
+    from llmrec_dist.evaluation import EvalRows
+
+    histories = [np.asarray(indices(rec, h)) for h in HISTORIES]
+    return EvalRows(histories, np.array([6, 10, 13, 27]))
+
+
+def test_bench_diversity_curve_and_choice(rec, tmp_path):
+    from llmrec_dist.bench.diversity import chosen_lambda, diversity_curve, plot
+
+    rows = _rows(rec)
+    curve = diversity_curve(rec, rows, [0.0, 0.5])
+    served = rec.recommend(HISTORIES, 10)
+    lists = [indices(rec, r["item_ids"]) for r in served]
+    hits = [lst.index(t) for lst, t in zip(lists, rows.targets) if t in lst]
+    assert curve[0]["hr_at_10"] == len(hits) / 4
+    assert curve[0]["ndcg_at_10"] == pytest.approx(sum(1 / math.log2(r + 2) for r in hits) / 4)
+    table = torch.cat([torch.zeros(1, 16), torch.from_numpy(rec.item_vectors())])
+    assert curve[0]["ild_at_10"] == pytest.approx(intra_list_diversity(lists, table))
+    assert curve[0]["coverage_at_10"] == pytest.approx(catalogue_coverage(lists, NUM_ITEMS))
+    diverse = [indices(rec, r["item_ids"]) for r in rec.recommend(HISTORIES, 10, diversity=0.5)]
+    assert curve[1]["ild_at_10"] == pytest.approx(intra_list_diversity(diverse, table))
+
+    made = [{"lambda": 0.0, "ndcg_at_10": 0.10, "ild_at_10": 0.5, "coverage_at_10": 0.1},
+            {"lambda": 0.2, "ndcg_at_10": 0.099, "ild_at_10": 0.6, "coverage_at_10": 0.2},
+            {"lambda": 0.5, "ndcg_at_10": 0.097, "ild_at_10": 0.7, "coverage_at_10": 0.3}]
+    chosen = chosen_lambda(made)
+    assert chosen["lambda"] == 0.2 and chosen["ild_gain"] == pytest.approx(0.1)
+    assert chosen["ild_gain_relative"] == pytest.approx(0.2)
+    png = plot(made, chosen, tmp_path / "curve.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_explain_faithfulness_and_latency(rec):
+    from llmrec_dist.bench.explain import explain_latency, faithfulness
+
+    figures = faithfulness(rec, _rows(rec))
+    assert figures["users_single_item"] == 1  # the one-item history has nothing to compare with
+    assert figures["users_compared"] + figures["users_unexplained"] == 3
+    for row in figures["rows"]:
+        assert 0 <= row["rank_rate"] + row["rank_tie_rate"] <= 1 and 0 <= row["score_rate"] <= 1
+    latency = explain_latency(rec, _rows(rec), requests=3)
+    assert [r["mode"] for r in latency] == ["plain", "explain"] and "added_p50_ms" in latency[1]
+
+
+def test_bench_lambdas_argument():
+    from llmrec_dist.cli.bench import _lambdas
+
+    assert _lambdas("0.3,0.1") == [0.0, 0.1, 0.3]
+    for bad in ("", "a", "1.5", "-0.1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _lambdas(bad)

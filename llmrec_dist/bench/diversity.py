@@ -77,7 +77,8 @@ def diversity_curve(rec, rows: EvalRows, lambdas: list[float], k: int = K, batch
         if rec.retired.any():
             scores[:, 1:][:, torch.from_numpy(rec.retired)] = float("-inf")
         pool_scores, pool_idx = scores.topk(min(pool_size(k), scores.shape[1]), dim=1)
-        plain = scores.topk(k, dim=1).indices
+        plain_scores, plain = scores.topk(k, dim=1)
+        plain = plain.masked_fill(~torch.isfinite(plain_scores), 0)  # fewer than k rankable items
         for lam in lambdas:
             if lam == 0:
                 top = plain
