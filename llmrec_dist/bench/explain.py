@@ -6,7 +6,8 @@ again, in a pass of its own, without e, and without a random other item of the m
 its last ``max_len`` known items, not only the 20 positions explanations try), and without the most
 recent other item (the "because you just watched" heuristic). Explanation faithful when removing e
 lowers r's score more than removing the other item, and separately when it pushes r further down the
-ranking (the set of rankable items kept as in the request). Users whose history holds no other item,
+ranking (the set of rankable items kept as in the request); the top item often keeps its rank either
+way, so the rank rate is also given over the users where the two ranks differ. Users whose history holds no other item,
 or whose r no history item raises (no explanation), are counted apart.
 
 Latency: one request (one user, top 10) with and without ``explain``, one thread, CPU, after a warm-up.
@@ -24,6 +25,7 @@ from llmrec_dist.evaluation import EvalRows
 
 COLUMNS = [("baseline", "removed instead of e", ""), ("score_rate", "score drops more without e", ".1%"),
            ("rank_rate", "rank drops more without e", ".1%"), ("rank_tie_rate", "rank ties", ".1%"),
+           ("rank_rate_untied", "rank, users without a tie", ".1%"),
            ("users", "users", "")]
 LATENCY_COLUMNS = [("mode", "request", ""), ("p50_ms", "p50 ms", ".1f"), ("p95_ms", "p95 ms", ".1f")]
 
@@ -75,10 +77,12 @@ def faithfulness(rec, rows: EvalRows, seed: int = 0, batch_size: int = 128) -> d
                 counts[name]["score"] += bool(drop_e > drop_other)
                 counts[name]["rank"] += bool(rank[1] > rank[j])
                 counts[name]["tie"] += bool(rank[1] == rank[j])
-    rows_out = [{"baseline": name, "score_rate": c["score"] / users if users else float("nan"),
-                 "rank_rate": c["rank"] / users if users else float("nan"),
-                 "rank_tie_rate": c["tie"] / users if users else float("nan"), "users": users}
-                for name, c in counts.items()]
+    def rate(count: int, total: int) -> float:
+        return count / total if total else float("nan")
+
+    rows_out = [{"baseline": name, "score_rate": rate(c["score"], users), "rank_rate": rate(c["rank"], users),
+                 "rank_tie_rate": rate(c["tie"], users), "rank_rate_untied": rate(c["rank"], users - c["tie"]),
+                 "users": users} for name, c in counts.items()]
     return {"rows": rows_out, "users_compared": users, "users_unexplained": unexplained,
             "users_single_item": skipped_short}
 

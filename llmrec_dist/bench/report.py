@@ -205,7 +205,7 @@ def _explain_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
     f = data["figures"]
     plain, explained = f["latency"]
     rows = [(f"explanations: faithful vs {r['baseline'].replace('_', ' ')} item",
-             f"rank {_fmt(r['rank_rate'], '.1%')} · score {_fmt(r['score_rate'], '.1%')}",
+             f"rank {_fmt(r['rank_rate_untied'], '.1%')} of untied · score {_fmt(r['score_rate'], '.1%')}",
              f"{r['users']} users; rank ties {_fmt(r['rank_tie_rate'], '.1%')}") for r in f["rows"]]
     rows.append(("explanations: latency", f"+{explained['added_p50_ms']:.1f} ms p50 · "
                  f"+{explained['added_p95_ms']:.1f} ms p95 per request",
