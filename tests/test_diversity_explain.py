@@ -357,3 +357,18 @@ def test_bench_lambdas_argument():
     for bad in ("", "a", "1.5", "-0.1"):
         with pytest.raises(argparse.ArgumentTypeError):
             _lambdas(bad)
+
+
+def test_bench_report_renders_both(rec, tmp_path):
+    from llmrec_dist.bench import common, report
+    from llmrec_dist.bench.diversity import chosen_lambda, diversity_curve
+    from llmrec_dist.bench.explain import explain_latency, faithfulness
+
+    curve = diversity_curve(rec, _rows(rec), [0.0, 0.3])
+    common.write_result(tmp_path, "diversity", config={}, figures={"rows": curve, "chosen": chosen_lambda(curve)})
+    figures = faithfulness(rec, _rows(rec))
+    figures["latency"] = explain_latency(rec, _rows(rec), requests=2)
+    common.write_result(tmp_path, "explain", config={}, figures=figures)
+    text = report.render(common.read_results(tmp_path))
+    assert "| diversity: MMR | λ " in text and "explanations: faithful vs random item" in text
+    assert "explanations: latency" in text
