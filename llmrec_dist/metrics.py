@@ -1,4 +1,4 @@
-"""Full-ranking metrics: HR@K, NDCG@K, MRR@K and catalogue coverage@K.
+"""Full-ranking metrics: HR@K, NDCG@K, MRR@K and catalogue coverage@K; intra-list diversity of top-K lists.
 
 Protocol: every item of the catalogue is ranked (no sampled negatives); items already in
 the user's history are excluded when ``exclude_seen`` (the target itself always stays rankable); the
@@ -115,6 +115,40 @@ class RankingAccumulator:
             out[f"{prefix}coverage_at_{self.coverage_k}"] = (recommended[1:] > 0).sum().item() / num_items
         out[f"{prefix}users"] = count
         return out
+
+
+def intra_list_diversity(lists: list, vectors: torch.Tensor) -> float:
+    """Intra-list diversity (ILD): per list, the mean cosine distance ``1 - cos(v_i, v_j)`` over its
+    pairs of items, averaged over the lists with at least two items (NaN when none has).
+
+    ``lists``: per user the recommended item indices (any sequence of ints, or a [B, K] tensor); ``vectors``
+    [N + 1, H]: the item vectors indexed by those indices (the model's output item vectors).
+    """
+    unit = torch.nn.functional.normalize(vectors.double(), dim=-1)
+    total, counted = 0.0, 0
+    for items in lists:
+        items = torch.as_tensor(items, dtype=torch.long).reshape(-1)
+        n = len(items)
+        if n < 2:
+            continue
+        v = unit[items]
+        similarity = v @ v.T
+        pairs = (similarity.sum() - similarity.diagonal().sum()) / 2
+        total += 1.0 - pairs.item() / (n * (n - 1) / 2)
+        counted += 1
+    return total / counted if counted else float("nan")
+
+
+def catalogue_coverage(lists: list, num_items: int) -> float:
+    """Catalogue coverage: the share of the ``num_items`` items (indices 1..N) that appear in at least
+    one of the ``lists`` (per user the recommended item indices)."""
+    if num_items < 1:
+        raise ValueError(f"num_items must be positive, got {num_items}")
+    shown = set()
+    for items in lists:
+        shown.update(int(i) for i in torch.as_tensor(items, dtype=torch.long).reshape(-1).tolist())
+    shown.discard(PAD)
+    return len(shown) / num_items
 
 
 # ---------------------------------------------------------------------------------------------

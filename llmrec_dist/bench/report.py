@@ -192,9 +192,31 @@ def _rerank_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _diversity_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
+    f = data["figures"]
+    c, base = f["chosen"], next(r for r in f["rows"] if r["lambda"] == 0)
+    return [("diversity: MMR", f"λ {c['lambda']:g}: ILD@10 {base['ild_at_10']:.4f} → {c['ild_at_10']:.4f} "
+             f"({c['ild_gain_relative']:+.1%}) · NDCG@10 {c['ndcg_change']:+.1%}",
+             f"largest λ within {c['max_ndcg_loss']:.0%} NDCG@10 loss; coverage@10 {base['coverage_at_10']:.3f} → "
+             f"{c['coverage_at_10']:.3f}; {int(base['users'])} users")]
+
+
+def _explain_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
+    f = data["figures"]
+    plain, explained = f["latency"]
+    rows = [(f"explanations: faithful vs {r['baseline'].replace('_', ' ')} item",
+             f"rank {_fmt(r['rank_rate_untied'], '.1%')} of untied · score {_fmt(r['score_rate'], '.1%')}",
+             f"{r['users']} users; rank ties {_fmt(r['rank_tie_rate'], '.1%')}") for r in f["rows"]]
+    rows.append(("explanations: latency", f"+{explained['added_p50_ms']:.1f} ms p50 · "
+                 f"+{explained['added_p95_ms']:.1f} ms p95 per request",
+                 f"{plain['p50_ms']:.1f} → {explained['p50_ms']:.1f} ms p50; {plain['requests']} requests, 1 thread"))
+    return rows
+
+
 RENDERERS = {"quality": _quality_rows, "rating-baselines": _rating_baseline_rows, "speed": _speed_rows,
              "ingest": _ingest_rows, "memory": _memory_rows, "lm-memory": _lm_memory_rows, "startup": _startup_rows,
-             "towers": _towers_rows, "rerank": _rerank_rows}
+             "towers": _towers_rows, "rerank": _rerank_rows, "diversity": _diversity_rows,
+             "explain": _explain_rows}
 
 
 def render(results: dict[str, dict]) -> str:

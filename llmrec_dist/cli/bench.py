@@ -13,7 +13,7 @@ from llmrec_dist.bench.common import DEFAULT_OUT
 from llmrec_dist.bench.memory import DEFAULT_SIZES
 
 KINDS = ("quality", "speed", "ingest", "memory", "lm-memory", "startup", "towers", "rating-baselines", "rerank",
-         "report")
+         "diversity", "explain", "report")
 
 
 def _common(p, config_required: bool = True) -> None:
@@ -49,6 +49,16 @@ def _blends(text: str) -> list[float]:
     if not values or any(not v >= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated non-negative numbers, got {text!r}")
     return values
+
+
+def _lambdas(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers between 0 and 1, got {text!r}")
+    return sorted(set(values) | {0.0})  # λ = 0 is the reference the NDCG loss is measured from
 
 
 def _non_negative(text: str) -> int:
@@ -172,6 +182,37 @@ def add_parser(sub) -> None:
     rr.add_argument("--workers", type=_positive, default=1, help="Ray Train workers for the evaluations (default 1)")
     rr.add_argument("--tracking-uri", default="", help="MLflow tracking URI for models:/ and runs:/ URIs")
 
+    for name, help_text, description in (
+            ("diversity", "NDCG@10, HR@10, intra-list diversity and coverage of MMR re-ranking per λ",
+             "Serve the model's top 10 for each user of --split with recommend(diversity=λ) for every --lambdas "
+             "(full ranking, history left out, as evaluate), and report NDCG@10, HR@10, intra-list diversity "
+             "(mean pairwise cosine distance of the model's item vectors) and catalogue coverage@10 per λ, the "
+             "largest λ within 2 % of λ=0's NDCG@10 and its ILD gain; plot NDCG@10 against ILD "
+             "(<out>/diversity[-<label>].png), logged with the JSON to an MLflow run when --tracking-uri is given."),
+            ("explain", "faithfulness of leave-one-out explanations, and their latency per request",
+             "For each user of --split: does removing the top explaining history item of the top recommendation "
+             "lower its score (and, separately, its rank) more than removing a random other history item, or the "
+             "most recent one? Rates over users (goal >= 80 %), plus p50/p95 milliseconds of a request with and "
+             "without explain.")):
+        b = kinds.add_parser(name, help=help_text, description=description)
+        _common(b, config_required=False)
+        b.add_argument("--model", required=True, help="model package folder or MLflow model URI (runs:/…, models:/…)")
+        b.add_argument("--data", required=True, metavar="PREPARED", help="the prepared dataset the model was trained on")
+        b.add_argument("--split", default="test", choices=("valid", "test"), help="split whose users are served "
+                                                                                 "(default test)")
+        b.add_argument("--users", type=_non_negative, default=0, help="first N users of the split (default 0: all)")
+        b.add_argument("--tracking-uri", default="",
+                       help="MLflow tracking URI: resolves models:/ and runs:/ URIs" +
+                            ("; given, the figures and the plot are logged to a run in --experiment" if name == "diversity" else ""))
+        if name == "diversity":
+            b.add_argument("--lambdas", type=_lambdas, default=[0.0, 0.1, 0.2, 0.3, 0.5, 0.7],
+                           help="MMR λ values (default 0,0.1,0.2,0.3,0.5,0.7; 0 is always added)")
+            b.add_argument("--experiment", default="llmrec-bench-diversity",
+                           help="MLflow experiment of the run (default llmrec-bench-diversity)")
+        else:
+            b.add_argument("--requests", type=_positive, default=100, help="requests timed per mode (default 100)")
+            b.add_argument("--seed", type=_non_negative, default=0, help="seed of the random baseline (default 0)")
+
     r = kinds.add_parser("report", help="write the results table (docs/benchmarks.md) from the JSON files",
                          description="Render every benchmark JSON in --results as one Markdown table; with "
                                      "--readme FILE, replace the table between FILE's result markers.")
@@ -209,6 +250,8 @@ def run(args) -> int:
         return _rating_baselines(args)
     if args.kind == "rerank":
         return _rerank(args)
+    if args.kind in ("diversity", "explain"):
+        return _diversity_or_explain(args)
 
     from llmrec_dist.config import load_config
 
@@ -377,6 +420,59 @@ def _rerank(args) -> int:
     path = common.write_result(args.out, "rerank", label=args.label, config=settings, figures=figures,
                                dataset=common.dataset_info(args.data), command=_command())
     print(f"wrote {path}")
+    return 0
+
+
+def _diversity_or_explain(args) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from llmrec_dist.bench import common
+    from llmrec_dist.bench.diversity import eval_rows, load_served
+
+    settings = {"model": args.model, "data": args.data, "split": args.split, "users": args.users}
+    try:
+        rec = load_served(args.model, args.tracking_uri)
+        rows = eval_rows(rec, args.data, args.split, args.users)
+        dataset = common.dataset_info(args.data)
+    except (OSError, ValueError, MlflowException) as err:
+        print(f"llmrec-dist bench {args.kind}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    if args.kind == "explain":
+        from llmrec_dist.bench.explain import COLUMNS, LATENCY_COLUMNS, explain_latency, faithfulness
+
+        figures = faithfulness(rec, rows, seed=args.seed)
+        figures["latency"] = explain_latency(rec, rows, args.requests)
+        print(common.table(figures["rows"], COLUMNS))
+        print(f"{figures['users_compared']} users compared; {figures['users_unexplained']} without an explanation, "
+              f"{figures['users_single_item']} with a single history item")
+        print(common.table(figures["latency"], LATENCY_COLUMNS))
+        settings.update(seed=args.seed, requests=args.requests)
+        path = common.write_result(args.out, "explain", label=args.label, config=settings, figures=figures,
+                                   dataset=dataset, command=_command())
+        print(f"wrote {path}")
+        return 0
+
+    from llmrec_dist.bench.diversity import COLUMNS, chosen_lambda, diversity_curve, log_to_mlflow, plot
+
+    curve = diversity_curve(rec, rows, args.lambdas)
+    chosen = chosen_lambda(curve)
+    print(common.table(curve, COLUMNS))
+    print(f"largest λ within {chosen['max_ndcg_loss']:.0%} of λ=0's NDCG@10: {chosen['lambda']:g} (NDCG@10 "
+          f"{chosen['ndcg_change']:+.1%}, ILD@10 {chosen['ild_at_10']:.4f}, {chosen['ild_gain']:+.4f} = "
+          f"{chosen['ild_gain_relative']:+.1%}; {len(rows)} users)")
+    name = common.result_name("diversity", args.label)
+    png = plot(curve, chosen, Path(args.out) / f"{name}.png",
+               f"MMR on {Path(args.data).name} ({args.split}, {len(rows)} users)")
+    settings["lambdas"] = args.lambdas
+    figures = {"rows": curve, "chosen": chosen, "plot": png.name}
+    if args.tracking_uri:
+        settings["experiment"] = args.experiment
+    path = common.write_result(args.out, "diversity", label=args.label, config=settings, figures=figures,
+                               dataset=dataset, command=_command())
+    print(f"wrote {path} and {png}")
+    if args.tracking_uri:
+        run_id = log_to_mlflow(args.tracking_uri, args.experiment, settings, curve, chosen, [png, path])
+        print(f"logged to MLflow run {run_id} (experiment {args.experiment})")
     return 0
 
 

@@ -37,6 +37,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--feedback", default="",
                    help="with --rerank: comma-separated ratings of the --history items, for a re-ranker that reads "
                         "them (task.feedback_input)")
+    p.add_argument("--exclude", default="",
+                   help="comma-separated item ids never to recommend (e.g. items out of stock); unknown ids are ignored")
+    p.add_argument("--diversity", type=float, default=0.0, metavar="LAMBDA",
+                   help="0..1: re-rank the top max(5k, 50) items by maximal marginal relevance, trading relevance "
+                        "for items less alike (default 0: the plain ranking; not with --rerank)")
+    p.add_argument("--explain", action="store_true",
+                   help="show, for each item, the history items that most caused it (leave-one-out over the last "
+                        "20 history items; not with --rerank)")
     p.add_argument("--json", action="store_true", help="print the recommendations as JSON")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a model whose text encoder runs its own Python code (model.trust_remote_code); "
@@ -167,10 +175,14 @@ def _clip(text: str, width: int = TEXT_WIDTH) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
+    """One line per item; under it ``because: title A; title B`` when the rows were explained."""
     id_width = max([len("item id")] + [len(r["item_id"]) for r in rows])
     lines = [f"{'rank':>4}  {'item id':<{id_width}}  {'score':>10}  text"]
     for r in rows:
         lines.append(f"{r['rank']:>4}  {r['item_id']:<{id_width}}  {r['score']:>10.4f}  {_clip(r['text'])}")
+        if "because" in r:
+            reasons = "; ".join(_clip(b["text"] or b["item_id"], 40) for b in r["because"]) or "-"
+            lines.append(f"{'':>4}  {'':<{id_width}}  {'':>10}  because: {reasons}")
     return "\n".join(lines)
 
 
@@ -188,6 +200,12 @@ def run(args) -> int:
         predict, text_of = load(args.model, resolve_tracking_uri(args.tracking_uri), args.catalogue,
                                 args.trust_remote_code, args.rerank, args.top_n, args.blend)
         request = {"history": [history], "k": [args.k]}
+        if args.exclude:  # only the options asked for, so a model that predates them still answers
+            request["exclude"] = [parse_history(args.exclude)]
+        if args.diversity:
+            request["diversity"] = [args.diversity]
+        if args.explain:
+            request["explain"] = [True]
         if args.feedback:
             request["feedback"] = [[float(v) for v in args.feedback.split(",") if v.strip()]]
         out = predict(pd.DataFrame(request))
@@ -199,6 +217,16 @@ def run(args) -> int:
     item_ids, scores = list(out["item_ids"].iloc[0]), list(out["scores"].iloc[0])
     rows = [{"rank": rank, "item_id": str(item_id), "score": float(score), "text": text_of(str(item_id))}
             for rank, (item_id, score) in enumerate(zip(item_ids, scores), start=1)]
+    if args.explain:
+        because = out["because"].iloc[0] if "because" in out.columns else None
+        if because is None:
+            print("llmrec-dist recommend: the model gave no explanations (it was logged before --explain "
+                  "existed: log it again)", file=sys.stderr)
+            return 2
+        weights = out["because_scores"].iloc[0]
+        for row, ids, values in zip(rows, because, weights):
+            row["because"] = [{"item_id": str(i), "text": text_of(str(i)), "contribution": float(v)}
+                              for i, v in zip(ids, values)]
     if args.json:
         print(json.dumps({"model": args.model, "history": history, "k": args.k, "recommendations": rows},
                          indent=2, ensure_ascii=False))

@@ -22,17 +22,26 @@ from mlflow.types.schema import Array, ColSpec, Schema
 import llmrec_dist
 
 def model_signature(kind: str = "retriever") -> ModelSignature:
-    """Input of a ``retriever``: ``history`` (list of item id strings) + optional ``k``; a ``chain`` also takes
-    an optional ``feedback`` (the history's ratings); a ``reranker`` ``history``, ``candidates`` and optional
-    ``feedback``. Output: ``item_ids``, ``scores``."""
+    """Input of a ``retriever``: ``history`` (list of item id strings) + optional ``k``, ``exclude`` (item ids
+    never to return), ``diversity`` (MMR's λ) and ``explain``; a ``chain`` takes ``history``, ``k``,
+    ``exclude`` and an optional ``feedback`` (the history's ratings); a ``reranker`` ``history``,
+    ``candidates`` and optional ``feedback``. Output: ``item_ids``, ``scores``, and for a retriever the
+    optional ``because`` / ``because_scores`` (present when a row asks to explain).
+
+    Every column added since the first signature is optional, so the frames of older clients still
+    conform. A model logged before them has the older signature, and MLflow drops the columns it does
+    not list: log it again to serve the options through ``mlflow.pyfunc``."""
     history, feedback = ColSpec(Array("string"), "history"), ColSpec(Array("double"), "feedback", required=False)
-    inputs = {"retriever": [history, ColSpec("long", "k", required=False)],
-              "chain": [history, ColSpec("long", "k", required=False), feedback],
+    k, exclude = ColSpec("long", "k", required=False), ColSpec(Array("string"), "exclude", required=False)
+    options = [ColSpec("double", "diversity", required=False), ColSpec("boolean", "explain", required=False)]
+    inputs = {"retriever": [history, k, exclude, *options],
+              "chain": [history, k, feedback, exclude],
               "reranker": [history, ColSpec(Array("string"), "candidates"), feedback]}[kind]
-    return ModelSignature(
-        inputs=Schema(inputs),
-        outputs=Schema([ColSpec(Array("string"), "item_ids"), ColSpec(Array("double"), "scores")]),
-    )
+    outputs = [ColSpec(Array("string"), "item_ids"), ColSpec(Array("double"), "scores")]
+    if kind == "retriever":
+        outputs += [ColSpec(Array(Array("string")), "because", required=False),
+                    ColSpec(Array(Array("double")), "because_scores", required=False)]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
 def package_kind(folder: str | Path) -> str:
@@ -95,7 +104,7 @@ class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def as_frame(model_input) -> pd.DataFrame:
-    """Accept a DataFrame, a list of ``{"history": [...], "k": ...}`` dicts, or one such dict."""
+    """Accept a DataFrame, a list of ``{"history": [...], "k": ...}`` dicts (any input column), or one such dict."""
     if isinstance(model_input, pd.DataFrame):
         return model_input
     if isinstance(model_input, dict):

@@ -18,6 +18,10 @@ Hostile input, decided:
   of the whole history).
 - ``k`` must be an integer in 1..catalogue size (``check_k``); -1, 0, ``'ten'``, 2.5 and a k larger
   than the catalogue are errors, not clipped.
+- ``exclude`` (one list of ids per history, never recommended; unknown ids ignored), ``diversity`` (λ in
+  [0, 1], one or one per history: MMR re-ranking, :mod:`llmrec_dist.diversity`) and ``explain`` (a bool,
+  or one per history: leave-one-out explanations, :mod:`llmrec_dist.explain`) are checked the same way:
+  anything else is a ValueError naming the argument (and the history).
 - A package is data, not code: weights load only from safetensors; JSON and Parquet files that are
   damaged or not shaped as written give an error naming the file; a package whose model asks for
   ``trust_remote_code`` is refused unless the caller allows it explicitly.
@@ -38,6 +42,8 @@ import pandas as pd
 import torch
 from llmrec_dist.batching import left_pad
 from llmrec_dist.data.dataset_format import ITEMS_SCHEMA, conform_table, read_parquet_file
+from llmrec_dist.diversity import mmr_select, pool_size
+from llmrec_dist.explain import because, leave_one_out
 from llmrec_dist.model import SequenceRecommender
 from llmrec_dist.saved_model import (
     ITEMS_FILE,
@@ -93,6 +99,7 @@ class Recommender:
         self.max_len = model.max_len
         self.retired = np.zeros(len(self.item_ids), dtype=bool)  # never recommended (see with_catalogue)
         self.model_cfg, self.folder, self.num_trained_items = None, None, len(self.item_ids)
+        self._item_table: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
@@ -155,6 +162,19 @@ class Recommender:
     def num_items(self) -> int:
         return len(self.item_ids)
 
+    def item_vectors(self) -> np.ndarray:
+        """The vectors the model scores against, [num_items, H] float32, row ``i`` for ``item_ids[i]``: the
+        ID embeddings of an ``id`` model, the fused item representation of a text tower. Diversity (MMR
+        and the ILD metric) measures cosine similarity on them."""
+        return self._table()[1:].numpy().copy()
+
+    def _table(self) -> torch.Tensor:
+        """The model's item table [N + 1, H], computed once (the model is frozen in serving)."""
+        if self._item_table is None:
+            with torch.inference_mode():
+                self._item_table = self.model.items.all_items().detach().float().clone()
+        return self._item_table
+
     def text_of(self, item_id: str) -> str:
         """The text of an item id of the catalogue ('' for an unknown id)."""
         idx = self.index.get(item_id)
@@ -173,20 +193,35 @@ class Recommender:
             raise ValueError(f"{where} must be between 1 and the catalogue size ({self.num_items}), got {k}")
         return k
 
-    def recommend(self, histories: list[list[str]], k: int | list[int] | None = None) -> list[dict]:
+    def recommend(self, histories: list[list[str]], k: int | list[int] | None = None, *,
+                  exclude: list[list[str]] | None = None, diversity: float | list[float] = 0.0,
+                  explain: bool | list[bool] = False) -> list[dict]:
         """Top-K recommendations for each history (original item ids, most recent last).
 
         ``k``: one int for all users, a list with one int per user, or None for the package's
         ``default_k``. Returns one dict per history: ``item_ids`` (list[str]), ``scores``
         (list[float], descending), ``texts`` (list[str]). With ``exclude_seen`` a user may get fewer
         than k items when the history covers nearly the whole catalogue.
-        """
-        return self._recommend(histories, k, warn_stacklevel=3)
 
-    def _recommend(self, histories, k, warn_stacklevel: int) -> list[dict]:
+        ``exclude``: one list of item ids per history that are never recommended to it (unknown ids are
+        ignored). ``diversity``: λ in [0, 1], one for all or one per history: the top k are then picked
+        from the ``max(5k, 50)`` best by maximal marginal relevance (:mod:`llmrec_dist.diversity`), and
+        ``scores`` stay the model's, in pick order (no longer descending); 0 is the plain ranking.
+        ``explain``: True (or one bool per history) adds ``because`` (per item, up to 3 history item ids
+        that raised its score most, by leave-one-out over the last 20 history positions) and
+        ``because_scores`` (the score the item loses without each of them).
+        """
+        return self._recommend(histories, k, warn_stacklevel=3, exclude=exclude, diversity=diversity,
+                               explain=explain)
+
+    def _recommend(self, histories, k, warn_stacklevel: int, exclude=None, diversity: Any = 0.0,
+                   explain: Any = False) -> list[dict]:
         if isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence):
             raise ValueError("histories must be a list of histories (each a list of item id strings)")
         ks = self._per_user_k(k, len(histories))
+        lams = per_history(diversity, len(histories), "diversity", check_diversity)
+        explains = per_history(explain, len(histories), "explain", check_explain)
+        excluded = self._excluded(exclude, len(histories))
         checked = []
         for i, history in enumerate(histories):
             items, problem = _as_history(history)
@@ -202,17 +237,38 @@ class Recommender:
                           f"{named}{f' and {more} more' if more else ''}", UnknownItemWarning,
                           stacklevel=warn_stacklevel)
 
+        # never recommended: every seen item (not only the last max_len) when exclude_seen, the exclude lists
+        masked = [(np.union1d(s, e) if len(e) else s) if self.exclude_seen else e for s, e in zip(seen, excluded)]
         results: list[dict | None] = [None] * len(histories)
         to_score = [i for i, rows in enumerate(recent) if rows]
         for i, rows in enumerate(recent):
             if not rows:
-                results[i] = self._popular(ks[i])
+                results[i] = self._popular(ks[i], excluded[i], lams[i], explains[i])
         for start in range(0, len(to_score), self.batch_size):
             chunk = to_score[start:start + self.batch_size]
-            scored = self._score([recent[i] for i in chunk], [seen[i] for i in chunk], [ks[i] for i in chunk])
+            scored = self._score([recent[i] for i in chunk], [masked[i] for i in chunk], [ks[i] for i in chunk],
+                                 [lams[i] for i in chunk], [explains[i] for i in chunk])
             for i, result in zip(chunk, scored):
                 results[i] = result
         return results  # type: ignore[return-value]
+
+    def _excluded(self, exclude: Any, n: int) -> list[np.ndarray]:
+        """Per history, the known item_idx of its ``exclude`` list (unknown ids are ignored)."""
+        if exclude is None:
+            return [np.zeros(0, dtype=np.int64)] * n
+        if isinstance(exclude, (str, bytes)) or not isinstance(exclude, (Sequence, np.ndarray)):
+            raise ValueError("exclude must be a list with one list of item id strings per history, "
+                             f"got {type(exclude).__name__}")
+        if len(exclude) != n:
+            raise ValueError(f"exclude has {len(exclude)} lists for {n} histories; give one per history")
+        out = []
+        for i, ids in enumerate(exclude):
+            items, problem = _as_history([] if ids is None else ids)
+            if problem:
+                raise ValueError(f"exclude[{i}]: {problem.replace('history', 'exclude list')}")
+            known = [idx for idx in map(self.index.get, items) if idx is not None]
+            out.append(np.unique(np.asarray(known, dtype=np.int64)))
+        return out
 
     def _per_user_k(self, k: Any, n: int) -> list[int]:
         if k is None:
@@ -241,45 +297,104 @@ class Recommender:
             seen.append(np.flatnonzero(counts))
         return recent, seen, unknown
 
-    def _popular(self, k: int) -> dict:
-        top = self._popular_order[:k]
-        return self._result(top, self.popularity[top - 1].astype(np.float64))
+    def _popular(self, k: int, excluded: np.ndarray | None = None, lam: float = 0.0, explain: bool = False) -> dict:
+        """The popularity fallback of an empty history (nothing to explain: ``because`` lists are empty)."""
+        order = self._popular_order
+        if excluded is not None and len(excluded):
+            order = order[~np.isin(order, excluded)]
+        if lam > 0 and len(order):
+            pool = order[:pool_size(k)]
+            relevance = torch.from_numpy(self.popularity[pool - 1].astype(np.float64))[None]
+            picks = mmr_select(relevance, self._table()[torch.from_numpy(pool)][None], k, lam)[0]
+            top = pool[picks[picks >= 0].numpy()]
+        else:
+            top = order[:k]
+        result = self._result(top, self.popularity[top - 1].astype(np.float64))
+        if explain:
+            result.update(because=[[] for _ in top], because_scores=[[] for _ in top])
+        return result
 
     def _result(self, idx: np.ndarray, scores: np.ndarray) -> dict:
         return {"item_ids": [self.item_ids[i - 1] for i in idx],
                 "scores": [float(s) for s in scores],
                 "texts": [self.texts[i - 1] for i in idx]}
 
-    def _score(self, rows: list[list[int]], seen: list[np.ndarray], ks: list[int]) -> list[dict]:
+    def _score(self, rows: list[list[int]], masked: list[np.ndarray], ks: list[int],
+               lams: list[float] | None = None, explains: list[bool] | None = None) -> list[dict]:
         """One forward pass for a batch of non-empty histories: ``rows`` (item_idx lists, at most
-        ``max_len`` each) feed the model, ``seen`` (distinct item_idx of the whole histories) are excluded."""
+        ``max_len`` each) feed the model, ``masked`` (per history the item_idx never to recommend: its seen
+        items and its exclude list) are excluded. ``lams``: MMR's λ per history (0: the plain top k);
+        ``explains``: whether to explain each history's items (one more forward pass, of the ablated
+        histories of all of them)."""
+        lams = lams or [0.0] * len(rows)
+        explains = explains or [False] * len(rows)
         seq = torch.from_numpy(left_pad(rows, self.max_len))
         with torch.inference_mode():
-            scores = self.model.score_next(seq).float()
+            # the options score against the cached item table (the same values score_next computes)
+            table = self._table() if any(explains) or any(lams) else None
+            scores = self.model.score_next(seq, table).float()
             if self.retired.any():
                 scores[:, 1:][:, torch.from_numpy(self.retired)] = float("-inf")
-            if self.exclude_seen:  # every seen item, not only the last max_len
-                user = np.repeat(np.arange(len(rows)), [len(s) for s in seen])
-                scores[torch.from_numpy(user), torch.from_numpy(np.concatenate(seen))] = float("-inf")
+            user = np.repeat(np.arange(len(rows)), [len(s) for s in masked])
+            if len(user):
+                scores[torch.from_numpy(user), torch.from_numpy(np.concatenate(masked))] = float("-inf")
             top_scores, top_idx = scores.topk(max(ks), dim=1)
+            diverse = [u for u, lam in enumerate(lams) if lam > 0]
+            picked = self._diversified(scores, diverse, [ks[u] for u in diverse], [lams[u] for u in diverse])
         out = []
         for u, k in enumerate(ks):
-            s, i = top_scores[u, :k].numpy(), top_idx[u, :k].numpy()
+            if u in picked:
+                i = picked[u]
+                s = scores[u, torch.from_numpy(i)].numpy()
+            else:
+                s, i = top_scores[u, :k].numpy(), top_idx[u, :k].numpy()
             finite = np.isfinite(s)  # excluded items and padding score -inf
             out.append(self._result(i[finite], s[finite]))
+        self._explain([u for u, e in enumerate(explains) if e], rows, scores, out)
         return out
+
+    def _diversified(self, scores: torch.Tensor, users: list[int], ks: list[int], lams: list[float]) -> dict:
+        """``{user: item_idx array}`` picked by MMR from each user's pool of ``pool_size(k)`` best items."""
+        if not users:
+            return {}
+        size = min(pool_size(max(ks)), scores.shape[1])
+        pool_scores, pool_idx = scores[users].topk(size, dim=1)
+        picks = mmr_select(pool_scores, self._table()[pool_idx], max(ks), torch.tensor(lams, dtype=torch.float64))
+        out = {}
+        for row, (u, k) in enumerate(zip(users, ks)):
+            chosen = picks[row, :k]
+            out[u] = pool_idx[row, chosen[chosen >= 0]].numpy()
+        return out
+
+    def _explain(self, users: list[int], rows: list[list[int]], scores: torch.Tensor, out: list[dict]) -> None:
+        """Add ``because`` / ``because_scores`` to the results of ``users`` (leave-one-out, one batch)."""
+        if not users:
+            return
+        items = [np.asarray([self.index[i] for i in out[u]["item_ids"]], dtype=np.int64) for u in users]
+        with torch.inference_mode():
+            found = leave_one_out(self.model, [rows[u] for u in users], items, scores[users], self.max_len,
+                                  self._table())
+        for u, (dropped, contribution) in zip(users, found):
+            reasons = because(rows[u], dropped, contribution)
+            out[u]["because"] = [[self.item_ids[i - 1] for i in ids] for ids, _ in reasons]
+            out[u]["because_scores"] = [values for _, values in reasons]
 
     # ------------------------------------------------------------------------- DataFrame contract
     def predict_frame(self, df: pd.DataFrame) -> pd.DataFrame:
         """The registry's DataFrame contract.
 
         Input: a ``history`` column (each value a list/array of item id strings, most recent last)
-        and an optional ``k`` column (positive ints; missing = the package's default). Output: one row
-        per input row (same index) with ``item_ids`` (list[str]) and ``scores`` (list[float]).
+        and an optional ``k`` column (positive ints; missing = the package's default); optional
+        ``exclude`` (lists of item ids never to return), ``diversity`` (λ in [0, 1]) and ``explain``
+        (bool) columns, a missing value meaning none, 0 and false. Output: one row per input row (same
+        index) with ``item_ids`` (list[str]) and ``scores`` (list[float]), plus ``because`` and
+        ``because_scores`` (per item a list; None on rows that did not ask) when some row asks to explain.
         Invalid rows raise one ValueError listing the problems, each naming its row (0-based position).
         """
-        histories, ks = self.frame_requests(df)
-        return result_frame(self._recommend(histories, ks, warn_stacklevel=3), df)
+        problems: list[str] = []
+        options = frame_options(df, problems)
+        histories, ks = self.frame_requests(df, problems)
+        return result_frame(self._recommend(histories, ks, warn_stacklevel=3, **options), df)
 
     def frame_requests(self, df: pd.DataFrame, problems: list[str] | None = None) -> tuple[list[list[str]], list[int]]:
         """``(histories, ks)`` of a :meth:`predict_frame` input, checked; the problems of every row are
@@ -317,9 +432,69 @@ def raise_problems(problems: list[str]) -> None:
 
 
 def result_frame(results: list[dict], df: pd.DataFrame) -> pd.DataFrame:
-    """The registry's output: ``item_ids`` and ``scores`` per input row, on the input's index."""
-    return pd.DataFrame({"item_ids": [r["item_ids"] for r in results],
-                         "scores": [r["scores"] for r in results]}, index=df.index)
+    """The registry's output: ``item_ids`` and ``scores`` per input row, on the input's index, plus
+    ``because`` and ``because_scores`` when some result explains its items."""
+    columns = {"item_ids": [r["item_ids"] for r in results], "scores": [r["scores"] for r in results]}
+    if any("because" in r for r in results):
+        columns.update(because=[r.get("because") for r in results],
+                       because_scores=[r.get("because_scores") for r in results])
+    return pd.DataFrame(columns, index=df.index)
+
+
+OPTION_COLUMNS = ("exclude", "diversity", "explain")
+
+
+def frame_options(df: Any, problems: list[str]) -> dict:
+    """``exclude``, ``diversity`` and ``explain`` of a :meth:`Recommender.predict_frame` input, one value per
+    row (a missing column or value: none, 0, false), as :meth:`Recommender.recommend` takes them; the
+    problems of each row are appended to ``problems``."""
+    if not isinstance(df, pd.DataFrame):
+        return {}
+    options: dict[str, Any] = {}
+    if "exclude" in df.columns:
+        lists = []
+        for row, value in enumerate(df["exclude"].tolist()):
+            items, problem = ([], None) if _is_missing(value) else _as_history(value)
+            if problem:
+                problems.append(f"row {row}: {problem.replace('history', 'exclude')}")
+            lists.append(items)
+        options["exclude"] = lists
+    for name, check, default in (("diversity", check_diversity, 0.0), ("explain", check_explain, False)):
+        if name not in df.columns:
+            continue
+        values = []
+        for row, value in enumerate(df[name].tolist()):
+            try:
+                values.append(default if _is_missing(value) else check(value, name))
+            except ValueError as err:
+                problems.append(f"row {row}: {err}")
+                values.append(default)
+        options[name] = values
+    return options
+
+
+def check_diversity(value: Any, where: str = "diversity") -> float:
+    """λ of MMR as a float in [0, 1], else ValueError naming ``where``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not 0 <= value <= 1:
+        raise ValueError(f"{where} must be a number between 0 and 1, got {short_repr(value)}")
+    return float(value)
+
+
+def check_explain(value: Any, where: str = "explain") -> bool:
+    """``explain`` as a bool (true/false only: 1 or 'yes' are refused), else ValueError naming ``where``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{where} must be true or false, got {short_repr(value)}")
+    return bool(value)
+
+
+def per_history(value: Any, n: int, name: str, check) -> list:
+    """One checked value for each of ``n`` histories: ``value`` itself for all, or a list of one per history."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} values for {n} histories; give one {name} or one per history")
+        return [check(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    return [check(value, name)] * n
 
 
 @dataclass

@@ -7,8 +7,10 @@ last), ``candidates`` (the item ids to score) and, for a model that reads the hi
 best first, and ``scores`` (predicted ratings, or click probabilities). Unknown history ids are skipped
 with one warning per call (their ratings with them); an unknown candidate is an error naming the row.
 
-Contract of a chain (``Chain.predict_frame``): the retriever's (``history``, optional ``k``), plus
-``feedback`` when its re-ranker reads ratings. The retriever's top ``top_n`` are re-ordered by
+Contract of a chain (``Chain.predict_frame``): the retriever's (``history``, optional ``k`` and
+``exclude``), plus ``feedback`` when its re-ranker reads ratings. ``diversity`` and ``explain`` are
+refused: MMR would re-order what the re-ranker ordered, and leave-one-out explains the retriever's
+scores, not the chain's. The retriever's top ``top_n`` are re-ordered by
 :func:`llmrec_dist.rerank.chain_scores` (re-ranker's score + ``blend`` x the retriever's, standardised
 per user); the rest keeps the retriever's order; a history with no known item gets the retriever's
 popularity fallback unchanged. Scores are the chain's within the top N and the retriever's after it.
@@ -34,6 +36,7 @@ from llmrec_dist.registry.recommender import (
     Recommender,
     UnknownItemWarning,
     _as_history,
+    frame_options,
     load_package,
     raise_problems,
     result_frame,
@@ -151,13 +154,14 @@ class Chain:
                    Reranker.from_folder(folder / RERANKER_DIR, trust_remote_code), top_n, blend)
 
     def recommend(self, histories: list[list[str]], k: int | list[int] | None = None,
-                  feedback: list[list[float]] | None = None) -> list[dict]:
-        """Top-K of the chain per history (see the module docstring); ``Recommender.recommend``'s rules."""
+                  feedback: list[list[float]] | None = None, *, exclude: list[list[str]] | None = None) -> list[dict]:
+        """Top-K of the chain per history (see the module docstring); ``Recommender.recommend``'s rules.
+        ``exclude``: per history, item ids the retriever never returns (so the re-ranker never sees them)."""
         from llmrec_dist.rerank import chain_scores
 
         ks = self.retriever._per_user_k(k, len(histories))
         wide = [max(k_, min(self.top_n, self.retriever.num_items)) for k_ in ks]
-        retrieved = self.retriever._recommend(histories, wide, warn_stacklevel=4)
+        retrieved = self.retriever._recommend(histories, wide, warn_stacklevel=4, exclude=exclude)
         rows = [i for i, h in enumerate(histories) if any(item in self.retriever.index for item in h)]
         heads = [retrieved[i]["item_ids"][:self.top_n] for i in rows]
         rescored = self.reranker.score([histories[i] for i in rows], heads,
@@ -179,13 +183,18 @@ class Chain:
         return retrieved
 
     def predict_frame(self, df: pd.DataFrame) -> pd.DataFrame:
-        """The retriever's contract (``history``, ``k``) plus ``feedback`` for a re-ranker that reads ratings."""
+        """The retriever's contract (``history``, ``k``, ``exclude``) plus ``feedback`` for a re-ranker that
+        reads ratings; a row asking for ``diversity`` or ``explain`` is refused (module docstring)."""
         problems: list[str] = []
         feedback = None
         if self.reranker.reads_feedback and isinstance(df, pd.DataFrame) and "history" in df.columns:
             feedback = frame_feedback(df, _checked(df["history"].tolist(), "history", []), problems)
+        options = frame_options(df, problems)
+        for name in ("diversity", "explain"):
+            if any(options.get(name, [])):
+                problems.append(f"a chain does not support {name} (it applies to a next-item model alone)")
         histories, ks = self.retriever.frame_requests(df, problems)
-        return result_frame(self.recommend(histories, ks, feedback), df)
+        return result_frame(self.recommend(histories, ks, feedback, exclude=options.get("exclude")), df)
 
 
 def check_top_n(value: Any) -> int:
