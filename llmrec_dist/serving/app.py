@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("llmrec_dist.serving")
 
 IMPORT_PATH = "llmrec_dist.serving.app:build"
+DRAIN_LIMIT_BYTES = 64 * 2**20  # an over-limit body is read and dropped up to this size
 app = FastAPI(title="llmrec_dist recommender", docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -57,19 +58,22 @@ async def _unexpected(request: Request, exc: Exception):
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``max_bytes`` (from the
-    Content-Length header, else while it streams in), so a huge body is never held whole."""
+    """The request body, refused with 413 when it exceeds ``max_bytes``. Beyond the limit the body is
+    read on and dropped (up to ``DRAIN_LIMIT_BYTES``) rather than held: a client still sending when the
+    answer comes would get a broken pipe instead of the 413."""
+    from llmrec_dist.serving.app import DRAIN_LIMIT_BYTES
     from llmrec_dist.serving.requests import RequestError
 
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > max_bytes:
-        raise RequestError(413, f"request body of {int(length)} bytes exceeds the limit of {max_bytes} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > max_bytes:
-            raise RequestError(413, f"request body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+        if size <= max_bytes:
+            chunks.append(chunk)
+        elif size > DRAIN_LIMIT_BYTES:
+            break
+    if size > max_bytes:
+        raise RequestError(413, f"request body of {'more than ' if size > DRAIN_LIMIT_BYTES else ''}{size} bytes "
+                                f"exceeds the limit of {max_bytes} bytes")
     return b"".join(chunks)
 
 
