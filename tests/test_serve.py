@@ -177,6 +177,33 @@ def test_concurrent_requests_are_batched_and_all_answered_correctly(served):
         _check_answer(answer, _expected(rec, history, k))
 
 
+def test_bench_serve_against_the_app(served, tmp_path, capsys):
+    """`llmrec-dist bench serve --url`: a few seconds at a low rate; the scenarios the model lacks are
+    skipped with a note, and the JSON result carries the figures."""
+    import argparse
+
+    from llmrec_dist.cli import bench
+
+    histories = tmp_path / "histories.txt"
+    histories.write_text(f"{item_id(1)},{item_id(2)}\n" + json.dumps([item_id(7)]) + "\n\n")
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers(dest="verb"))
+    args = parser.parse_args(["bench", "serve", "--url", served["url"], "--histories", str(histories),
+                              "--rate", "8", "--duration", "2", "--k", "5", "--out", str(tmp_path / "out")])
+    assert bench.run(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "serve.json").read_text())
+    rows = {row["scenario"]: row for row in result["figures"]["rows"]}
+    assert rows["plain"]["sent"] == 16 and rows["plain"]["failures"] == 0 and rows["plain"]["versions"] == {"1": 16}
+    assert rows["plain"]["p50_ms"] <= rows["plain"]["p99_ms"]
+    _, version, _ = _request(f"{served['url']}/version")
+    for option in ("explain", "diversity"):
+        assert (option in rows) == version["options"][option]
+        assert (option in result["figures"]["skipped"]) != version["options"][option]
+        if not version["options"][option]:
+            assert f"skipped {option}: the model does not support {option}" in printed
+
+
 def test_alias_switch_under_load_drops_no_request(served):
     """Concurrent clients send requests while the alias moves to v2: every request gets a 200, each answer
     is exactly what the version it names would give, and once v2 answers, v1 never answers again."""

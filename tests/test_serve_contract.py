@@ -276,3 +276,21 @@ def test_cli_writes_a_serve_deploy_config(tmp_path, package):
     # The builder serve deploy calls accepts the args as written.
     app = build(application["args"])
     assert app is not None
+
+
+def test_bench_histories_from_a_dataset_and_a_file(synthetic_dataset, tmp_path):
+    from llmrec_dist.bench.serve_load import percentiles, read_histories
+    from llmrec_dist.data.dataset_format import read_items
+
+    histories = read_histories(str(synthetic_dataset), limit=50)
+    known = set(read_items(synthetic_dataset).column("item_id").to_pylist())
+    assert len(histories) == 50 and all(h and set(h) <= known for h in histories)
+    lines = tmp_path / "h.txt"
+    lines.write_text('a, b\n["c"]\n{"history": ["d", "e"]}\n\n')
+    assert read_histories(str(lines)) == [["a", "b"], ["c"], ["d", "e"]]
+    lines.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="h.txt:1: expected a list of item id strings"):
+        read_histories(str(lines))
+    with pytest.raises(FileNotFoundError):
+        read_histories(str(tmp_path / "missing"))
+    assert percentiles([0.001, 0.002, 0.003])["p50_ms"] == pytest.approx(2.0)
