@@ -150,7 +150,8 @@ async def run_load(url: str, histories: list[list[str]], *, rate: float, duratio
             bodies = [payload(scenario, rng.choice(histories), k) for _ in range(min(1000, int(rate * duration) + 1))]
             row = await open_loop(session, url, bodies, rate, duration, midway=switch_alias if not rows else None)
             row["scenario"] = scenario
-            row["versions_text"] = ", ".join(f"v{v}: {n}" for v, n in sorted(row["versions"].items(), key=str))
+            row["versions_text"] = ", ".join(f"{f'v{v}' if v else 'unversioned'}: {n}"
+                                             for v, n in sorted(row["versions"].items(), key=str))
             rows.append(row)
         after = await _get_json(session, f"{url}/version")
     return {"model": model, "model_after": after, "rows": rows, "skipped": skipped}

@@ -515,7 +515,7 @@ def _serve_load(args) -> int:
             stop_serving()
     figures["histories"] = {"source": args.histories, "count": len(histories)}
     figures["switch_alias"] = args.switch_alias or None
-    print(f"model {served.get('name')} version {served.get('version')} at {url}; {len(histories)} histories")
+    print(f"model {served.get('name')} version {served.get('version') or '-'} at {url}; {len(histories)} histories")
     print(common.table(figures["rows"], COLUMNS))
     for scenario, why in figures["skipped"].items():
         print(f"skipped {scenario}: {why}")
