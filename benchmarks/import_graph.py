@@ -25,7 +25,7 @@ FLOORS: list[tuple[str, list[str]]] = [
     ("saved model", ["saved_model"]),
     ("per-worker training", ["worker"]),
     ("registry", ["registry"]),
-    ("driver", ["train", "offline_eval", "sweep", "quickstart", "faults"]),
+    ("driver", ["train", "offline_eval", "sweep", "quickstart", "faults", "serving"]),
     ("entry points", ["cli", "bench"]),
 ]
 LEGACY = {"data.layout": "dataset format", "model_io": "saved model", "train.recipe": "per-worker training",

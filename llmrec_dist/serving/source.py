@@ -124,13 +124,13 @@ class ModelSource:
 
     def load(self, version: str | None = None) -> Loaded:
         """Load ``version`` (default: :meth:`current_version`) and check it is a next-item model."""
-        from llmrec_dist.cli.recommend import _servable
+        from llmrec_dist.registry.loading import load_servable
         from llmrec_dist.registry.recommender import Recommender
         from llmrec_dist.registry.reranker import Chain, Reranker
 
         version = self.current_version() if version is None else str(version)
         uri = f"models:/{self.name}/{version}" if self.kind in ("alias", "version") else self.uri
-        servable, _ = _servable(uri, self.tracking_uri, self.trust_remote_code, "--model")
+        servable, _ = load_servable(uri, self.tracking_uri, self.trust_remote_code, "--model")
         if isinstance(servable, Chain):
             raise ModelSourceError(_not_next_item(uri, "a chain"))
         if isinstance(servable, Reranker):
