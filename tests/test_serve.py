@@ -112,6 +112,26 @@ def test_recommend_happy_path(served):
     _check_answer(popular, _expected(served["recommenders"]["a"], [], 10))
 
 
+def test_request_options_reach_the_model_when_it_takes_them(served):
+    """exclude / diversity / explain pass through to Recommender.recommend once it takes them (else 400,
+    checked with the bad requests); ``because`` is returned with explain."""
+    _, version, _ = _request(f"{served['url']}/version")
+    options, rec = version["options"], served["recommenders"]["a"]
+    history = [item_id(3), item_id(9)]
+    if not any(options.values()):
+        pytest.skip("this Recommender.recommend takes none of exclude / diversity / explain")
+    if options["exclude"]:
+        plain = _expected(rec, history, 5)["item_ids"]
+        status, answer, _ = _recommend(served["url"], {"history": history, "k": 5, "exclude": plain[:2]})
+        assert status == 200 and not set(plain[:2]) & {i["item_id"] for i in answer["items"]}
+    if options["explain"]:
+        status, answer, _ = _recommend(served["url"], {"history": history, "k": 3, "explain": True})
+        assert status == 200 and all(set(i["because"]) <= set(history) for i in answer["items"]), answer
+    if options["diversity"]:
+        status, answer, _ = _recommend(served["url"], {"history": history, "k": 5, "diversity": 0.5})
+        assert status == 200 and len(answer["items"]) == 5
+
+
 def test_healthz_and_version(served):
     status, health, _ = _request(f"{served['url']}/healthz")
     assert status == 200 and health["status"] == "ok" and health["model"] == {"name": NAME, "version": "1"}
@@ -175,6 +195,9 @@ def test_concurrent_requests_are_batched_and_all_answered_correctly(served):
     for (history, k), (status, answer, _) in zip(cases, answers):
         assert status == 200, answer
         _check_answer(answer, _expected(rec, history, k))
+    _, health, _ = _request(f"{served['url']}/healthz")
+    assert health["batching"]["largest_batch"] > 1, health["batching"]  # some requests shared a model call
+    assert health["batching"]["batches"] < health["batching"]["requests"]
 
 
 def test_bench_serve_against_the_app(served, tmp_path, capsys):

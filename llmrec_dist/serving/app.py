@@ -130,6 +130,7 @@ class RecommenderServer:
         self._answer.set_max_batch_size(self._cfg.max_batch_size)
         self._answer.set_batch_wait_timeout_s(self._cfg.batch_wait_timeout_s)
         self._poll = {"last_error": None, "last_error_at": None, "last_checked_at": None}
+        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0}  # this replica's, since it started
         # Loaded before the constructor returns: Serve routes no request to a replica until then.
         self._current = self._source.load()
         self._stop = threading.Event()
@@ -190,6 +191,10 @@ class RecommenderServer:
         from llmrec_dist.serving.app import answer_batch
 
         loaded = self._current  # taken once: a swap during this batch does not affect it
+        stats = self._stats
+        stats["requests"] += len(requests)
+        stats["batches"] += 1
+        stats["largest_batch"] = max(stats["largest_batch"], len(requests))
         return await asyncio.to_thread(answer_batch, loaded, requests)
 
     @app.get("/healthz")
@@ -199,7 +204,7 @@ class RecommenderServer:
         loaded = getattr(self, "_current", None)
         body = {"status": "ok" if loaded is not None else "loading",
                 "model": {"name": loaded.name, "version": loaded.version} if loaded is not None else None,
-                "registry_poll": dict(self._poll)}
+                "registry_poll": dict(self._poll), "batching": dict(self._stats)}
         return JSONResponse(body, status_code=200 if loaded is not None else 503)
 
     @app.get("/version")
