@@ -18,14 +18,15 @@ from pathlib import Path
 # where modules lived before issue 22's moves, so the script also reads an older tree.
 FLOORS: list[tuple[str, list[str]]] = [
     ("foundation", ["config", "storage", "console", "batching", "metrics", "tracking", "ray_setup",
-                    "profiling", "data.errors", ""]),  # "": the package itself (__version__)
+                    "profiling", "fairness", "data.errors", ""]),  # "": the package itself (__version__)
     ("dataset format", ["data.dataset_format"]),
     ("prepare", ["data"]),
-    ("model", ["item_encoder", "model", "text_tower", "evaluation", "pairs", "pointwise", "cross_encoder", "rerank", "sharding"]),
+    ("model", ["item_encoder", "model", "text_tower", "evaluation", "pairs", "pointwise", "cross_encoder", "rerank", "sharding",
+               "diversity", "explain"]),
     ("saved model", ["saved_model"]),
     ("per-worker training", ["worker"]),
     ("registry", ["registry"]),
-    ("driver", ["train", "offline_eval", "sweep", "quickstart", "faults"]),
+    ("driver", ["train", "offline_eval", "sweep", "quickstart", "faults", "serving", "fairness_report"]),
     ("entry points", ["cli", "bench"]),
 ]
 LEGACY = {"data.layout": "dataset format", "model_io": "saved model", "train.recipe": "per-worker training",

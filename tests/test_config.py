@@ -21,6 +21,12 @@ def test_every_shipped_config_is_valid(path):
         sweep = load_sweep(str(path), ["data.path=/some/dataset"])
         assert sweep.base.data.path == "/some/dataset" and sweep.search.num_trials() >= 4
         return
+    if "\nserve:" in text:  # a serve file: the serve section only
+        from llmrec_dist.serving.settings import load_serve_config
+
+        serve = load_serve_config(path, flags={"model": "models:/some-model@champion"})
+        assert serve.model == "models:/some-model@champion"
+        return
     cfg = load_config(path, ["data.path=/some/dataset"])
     assert cfg.data.path == "/some/dataset"
 

@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from llmrec_dist.registry.recommender import Recommender
-from ports import free_port
+from mlflow_server import mlflow_server_fixture
 from registry_fixtures import item_id, make_package
 
 pytestmark = pytest.mark.integration
@@ -29,51 +23,9 @@ pytestmark = pytest.mark.integration
 NAME = "llmrec-test"
 ALIAS = "champion"
 METRIC = "valid_ndcg_at_10"
-SERVER_START_TIMEOUT_S = 180  # generous: a loaded 2-core machine can take minutes
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """URL of a fresh `mlflow server` on 127.0.0.1; stopped (whole process group) at teardown."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    mlflow_cli = Path(sys.executable).parent / "mlflow"
-    command = [str(mlflow_cli)] if mlflow_cli.exists() else [sys.executable, "-m", "mlflow"]
-    command += ["server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
-                "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    # No background job consumers (seven extra processes, ~10 s of start-up) and no telemetry.
-    env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not _healthy(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (root / "server.log").read_text(errors="replace")[-3000:]
-                pytest.fail(f"mlflow server did not become healthy (exit {proc.poll()}):\n{tail}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn/gunicorn workers
-            proc.wait(timeout=15)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+mlflow_server = mlflow_server_fixture  # the module's fixture (tests/mlflow_server.py)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import logging
 import sys
 
 from llmrec_dist import __version__, console
-from llmrec_dist.cli import bench, chain, evaluate, prepare, quickstart, recommend, train, tune
+from llmrec_dist.cli import bench, chain, evaluate, prepare, quickstart, recommend, serve, train, tune
 from llmrec_dist.config import ConfigError
 from llmrec_dist.data.dataset_format import DatasetError
 
 VERBS = {"prepare": prepare, "train": train, "evaluate": evaluate, "recommend": recommend,
-         "chain": chain, "tune": tune, "quickstart": quickstart, "bench": bench}
+         "serve": serve, "chain": chain, "tune": tune, "quickstart": quickstart, "bench": bench}
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from llmrec_dist.bench.common import DEFAULT_OUT
 from llmrec_dist.bench.memory import DEFAULT_SIZES
+from llmrec_dist.bench.serve_load import SCENARIOS as SERVE_SCENARIOS
 
 KINDS = ("quality", "speed", "ingest", "memory", "lm-memory", "startup", "towers", "rating-baselines", "rerank",
-         "diversity", "explain", "report")
+         "diversity", "explain", "serve", "report")
 
 
 def _common(p, config_required: bool = True) -> None:
@@ -212,6 +213,32 @@ def add_parser(sub) -> None:
         else:
             b.add_argument("--requests", type=_positive, default=100, help="requests timed per mode (default 100)")
             b.add_argument("--seed", type=_non_negative, default=0, help="seed of the random baseline (default 0)")
+    sv = kinds.add_parser("serve", help="open-loop HTTP load on a served model: latency percentiles, req/s, "
+                                        "failures, versions",
+                          description="Send POST /recommend at a fixed rate (open loop: on schedule, whether or "
+                                      "not earlier requests were answered) to --url, or to --model served here "
+                                      "on Ray Serve for the run, with histories sampled from a prepared dataset's "
+                                      "test split or a file. Scenarios plain, explain and diversity run one after "
+                                      "the other (those the model does not support are skipped, with a note). "
+                                      "Reports p50/p95/p99 latency, answered req/s, failures and the model "
+                                      "versions that answered; --switch-alias moves the served alias half-way "
+                                      "through the first scenario.")
+    _common(sv, config_required=False)
+    target = sv.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running `llmrec-dist serve` (e.g. http://127.0.0.1:8000)")
+    target.add_argument("--model", help="serve this model (models:/NAME@ALIAS, ...) for the run, then stop it")
+    sv.add_argument("--tracking-uri", default="", help="MLflow tracking URI (for --model and --switch-alias)")
+    sv.add_argument("--histories", required=True, metavar="DATASET-OR-FILE",
+                    help="a prepared dataset folder (its test split's histories) or a file with one history per "
+                         "line (JSON list or comma-separated ids)")
+    sv.add_argument("--rate", type=float, default=50.0, help="requests per second (default 50)")
+    sv.add_argument("--duration", type=float, default=30.0, help="seconds per scenario (default 30)")
+    sv.add_argument("--k", type=_positive, default=10, help="items per request (default 10)")
+    sv.add_argument("--scenarios", default=",".join(SERVE_SCENARIOS),
+                    help=f"comma-separated, from {', '.join(SERVE_SCENARIOS)} (default all)")
+    sv.add_argument("--switch-alias", default="", metavar="VERSION",
+                    help="move the served alias to this version half-way through the first scenario")
+    sv.add_argument("overrides", nargs="*", metavar="serve.key=value", help="with --model: serve config overrides")
 
     r = kinds.add_parser("report", help="write the results table (docs/benchmarks.md) from the JSON files",
                          description="Render every benchmark JSON in --results as one Markdown table; with "
@@ -252,6 +279,8 @@ def run(args) -> int:
         return _rerank(args)
     if args.kind in ("diversity", "explain"):
         return _diversity_or_explain(args)
+    if args.kind == "serve":
+        return _serve_load(args)
 
     from llmrec_dist.config import load_config
 
@@ -510,4 +539,87 @@ def _report(args) -> int:
         print(f"llmrec-dist bench report: {err}", file=sys.stderr)
         return 2
     print(f"{args.readme}: {'updated' if changed else 'already up to date'}")
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve_load(args) -> int:
+    import asyncio
+    import json as json_module
+    import urllib.request
+
+    from llmrec_dist.bench import common
+    from llmrec_dist.bench.serve_load import COLUMNS, alias_mover, read_histories, run_load
+    from llmrec_dist.tracking import resolve_tracking_uri
+
+    def refuse(message: str) -> int:
+        print(f"llmrec-dist bench serve: {message}", file=sys.stderr)
+        return 2
+
+    scenarios = [v.strip() for v in args.scenarios.split(",") if v.strip()]
+    if not scenarios or any(v not in SERVE_SCENARIOS for v in scenarios):
+        return refuse(f"--scenarios: expected some of {', '.join(SERVE_SCENARIOS)}, got {args.scenarios!r}")
+    if not args.rate > 0 or not args.duration > 0:
+        return refuse("--rate and --duration must be > 0")
+    if args.overrides and not args.model:
+        return refuse("serve.key=value overrides apply to --model (the server this command starts)")
+    try:
+        histories = read_histories(args.histories)
+    except (ValueError, OSError) as err:
+        return refuse(" ".join(str(err).split()))
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    stop_serving = None
+    url = args.url
+    if args.model:
+        from llmrec_dist.cli.serve import start
+        from llmrec_dist.ray_setup import init_ray
+        from llmrec_dist.serving.settings import load_serve_config
+        from llmrec_dist.serving.source import ModelSource, ModelSourceError
+
+        cfg = load_serve_config(None, args.overrides, {"model": args.model, "tracking_uri": tracking_uri,
+                                                       "port": _free_port(), "app_name": "llmrec-bench"})
+        try:
+            ModelSource(cfg.model, tracking_uri, cfg.trust_remote_code).check()
+        except ModelSourceError as err:
+            return refuse(str(err))
+        init_ray(1, cfg.cpus_per_replica)
+        from ray import serve
+
+        print(f"starting {args.model} on Ray Serve ...", flush=True)
+        url = start(cfg)
+        stop_serving = serve.shutdown
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/version", timeout=30) as response:
+            served = json_module.loads(response.read())
+        switch = None
+        if args.switch_alias:
+            if not served.get("follows_alias"):
+                return refuse(f"--switch-alias: {url} serves {served.get('uri')}, which follows no alias")
+            switch = alias_mover(tracking_uri, served["name"], served["alias"], args.switch_alias)
+        figures = asyncio.run(run_load(url, histories, rate=args.rate, duration=args.duration, k=args.k,
+                                       scenarios=scenarios, switch_alias=switch))
+    finally:
+        if stop_serving is not None:
+            stop_serving()
+    figures["histories"] = {"source": args.histories, "count": len(histories)}
+    figures["switch_alias"] = args.switch_alias or None
+    print(f"model {served.get('name')} version {served.get('version') or '-'} at {url}; {len(histories)} histories")
+    print(common.table(figures["rows"], COLUMNS))
+    for scenario, why in figures["skipped"].items():
+        print(f"skipped {scenario}: {why}")
+    for row in figures["rows"]:
+        if row["errors"]:
+            print(f"{row['scenario']} failures: " + "; ".join(f"{n}x {e}" for e, n in row["errors"].items()))
+    config = {"url": args.url, "model": args.model, "rate": args.rate, "duration": args.duration, "k": args.k,
+              "scenarios": scenarios, "overrides": args.overrides}
+    path = common.write_result(args.out, "serve", label=args.label, config=config, figures=figures,
+                               command=_command())
+    print(f"wrote {path}")
     return 0

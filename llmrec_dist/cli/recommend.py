@@ -142,31 +142,10 @@ def _kind(servable) -> str:
 
 
 def _servable(model: str, tracking_uri: str, trust_remote_code: bool, flag: str):
-    """``(servable, predict)``: the llmrec_dist object behind ``model`` (None for another pyfunc model) and
-    the function that answers a DataFrame (the pyfunc's predict for a URI)."""
-    from llmrec_dist.registry.reranker import CHAIN_FILE, load_serving
-    from llmrec_dist.saved_model import RECOMMENDER_FILE
+    """``(servable, predict)`` of ``model``: :func:`llmrec_dist.registry.loading.load_servable`."""
+    from llmrec_dist.registry.loading import load_servable
 
-    folder = Path(model)
-    is_uri = "://" in model or ":/" in model
-    if not is_uri and not folder.exists():
-        raise FileNotFoundError(f"{flag} {model}: no such folder, and not an MLflow model URI "
-                                "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model)")
-    if not is_uri and folder.is_dir() and ((folder / RECOMMENDER_FILE).is_file() or (folder / CHAIN_FILE).is_file()):
-        servable = load_serving(folder, trust_remote_code)
-        return servable, servable.predict_frame
-
-    import mlflow
-
-    from llmrec_dist.registry.pyfunc import RecommenderPyfunc
-    from llmrec_dist.tracking import use_tracking_uri
-
-    with use_tracking_uri(tracking_uri):
-        # model_config reaches RecommenderPyfunc.load_context; it is passed only when the user opted in.
-        options = {"model_config": {"trust_remote_code": trust_remote_code}} if trust_remote_code else {}
-        loaded = mlflow.pyfunc.load_model(model, **options)
-    inner = loaded.unwrap_python_model() if hasattr(loaded, "unwrap_python_model") else None
-    return (inner.recommender if isinstance(inner, RecommenderPyfunc) else None), loaded.predict
+    return load_servable(model, tracking_uri, trust_remote_code, flag)
 
 
 def _clip(text: str, width: int = TEXT_WIDTH) -> str:
