@@ -212,7 +212,7 @@ def test_bench_serve_against_the_app(served, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     bench.add_parser(parser.add_subparsers(dest="verb"))
     args = parser.parse_args(["bench", "serve", "--url", served["url"], "--histories", str(histories),
-                              "--rate", "8", "--duration", "2", "--k", "5", "--out", str(tmp_path / "out")])
+                              "--rate", "8", "--duration", "2", "--warmup", "0.5", "--k", "5", "--out", str(tmp_path / "out")])
     assert bench.run(args) == 0
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / "out" / "serve.json").read_text())

@@ -232,7 +232,9 @@ def test_deployment_options():
     from llmrec_dist.serving.app import deployment_options
 
     fixed = deployment_options(ServeConfig(num_replicas=3, cpus_per_replica=0.25))
-    assert fixed == {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 32, "num_replicas": 3}
+    assert fixed == {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 32, "num_replicas": 3,
+                     "logging_config": {"enable_access_log": False}}
+    assert deployment_options(ServeConfig(access_log=True))["logging_config"] == {"enable_access_log": True}
     scaled = deployment_options(ServeConfig(autoscaling=True, min_replicas=1, max_replicas=4))
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2.0}
     assert "num_replicas" not in scaled

@@ -130,9 +130,12 @@ async def open_loop(session, url: str, bodies: list[dict], rate: float, duration
 
 
 async def run_load(url: str, histories: list[list[str]], *, rate: float, duration: float, k: int,
-                   scenarios: list[str], switch_alias=None, seed: int = 0) -> dict:
+                   scenarios: list[str], switch_alias=None, seed: int = 0, warmup: float = 0.0,
+                   rates: dict[str, float] | None = None) -> dict:
     """Every scenario the model supports, one after the other; ``switch_alias`` (a plain function) runs
-    half-way through the first. Returns ``{"model": /version, "rows": [...], "skipped": {...}}``."""
+    half-way through the first. Each scenario first runs ``warmup`` seconds at its rate, untimed (first
+    calls of a fresh replica, thread pools, connections). ``rates`` sets a scenario's own rate (else
+    ``rate``). Returns ``{"model": /version, "rows": [...], "skipped": {...}}``."""
     import aiohttp
 
     url = url.rstrip("/")
@@ -147,9 +150,14 @@ async def run_load(url: str, histories: list[list[str]], *, rate: float, duratio
             if scenario != "plain" and not options.get(scenario):
                 skipped[scenario] = f"the model does not support {scenario} (GET /version options)"
                 continue
-            bodies = [payload(scenario, rng.choice(histories), k) for _ in range(min(1000, int(rate * duration) + 1))]
-            row = await open_loop(session, url, bodies, rate, duration, midway=switch_alias if not rows else None)
-            row["scenario"] = scenario
+            scenario_rate = (rates or {}).get(scenario, rate)
+            bodies = [payload(scenario, rng.choice(histories), k)
+                      for _ in range(min(1000, int(scenario_rate * duration) + 1))]
+            if warmup > 0:
+                await open_loop(session, url, bodies, scenario_rate, warmup)
+            row = await open_loop(session, url, bodies, scenario_rate, duration,
+                                  midway=switch_alias if not rows else None)
+            row["scenario"], row["warmup_seconds"] = scenario, warmup
             row["versions_text"] = ", ".join(f"{f'v{v}' if v else 'unversioned'}: {n}"
                                              for v, n in sorted(row["versions"].items(), key=str))
             rows.append(row)

@@ -233,6 +233,11 @@ def add_parser(sub) -> None:
                          "line (JSON list or comma-separated ids)")
     sv.add_argument("--rate", type=float, default=50.0, help="requests per second (default 50)")
     sv.add_argument("--duration", type=float, default=30.0, help="seconds per scenario (default 30)")
+    sv.add_argument("--warmup", type=float, default=5.0,
+                    help="seconds of untimed load at the scenario's rate before each scenario (default 5)")
+    sv.add_argument("--explain-rate", type=float, default=0.0,
+                    help="requests per second of the explain scenario (default: --rate); explanations cost "
+                         "one forward pass per explained history position")
     sv.add_argument("--k", type=_positive, default=10, help="items per request (default 10)")
     sv.add_argument("--scenarios", default=",".join(SERVE_SCENARIOS),
                     help=f"comma-separated, from {', '.join(SERVE_SCENARIOS)} (default all)")
@@ -568,6 +573,8 @@ def _serve_load(args) -> int:
         return refuse(f"--scenarios: expected some of {', '.join(SERVE_SCENARIOS)}, got {args.scenarios!r}")
     if not args.rate > 0 or not args.duration > 0:
         return refuse("--rate and --duration must be > 0")
+    if args.warmup < 0 or args.explain_rate < 0:
+        return refuse("--warmup and --explain-rate must be >= 0")
     if args.overrides and not args.model:
         return refuse("serve.key=value overrides apply to --model (the server this command starts)")
     try:
@@ -603,8 +610,10 @@ def _serve_load(args) -> int:
             if not served.get("follows_alias"):
                 return refuse(f"--switch-alias: {url} serves {served.get('uri')}, which follows no alias")
             switch = alias_mover(tracking_uri, served["name"], served["alias"], args.switch_alias)
+        rates = {"explain": args.explain_rate} if args.explain_rate else None
         figures = asyncio.run(run_load(url, histories, rate=args.rate, duration=args.duration, k=args.k,
-                                       scenarios=scenarios, switch_alias=switch))
+                                       scenarios=scenarios, switch_alias=switch, warmup=args.warmup,
+                                       rates=rates))
     finally:
         if stop_serving is not None:
             stop_serving()
@@ -618,6 +627,7 @@ def _serve_load(args) -> int:
         if row["errors"]:
             print(f"{row['scenario']} failures: " + "; ".join(f"{n}x {e}" for e, n in row["errors"].items()))
     config = {"url": args.url, "model": args.model, "rate": args.rate, "duration": args.duration, "k": args.k,
+              "warmup": args.warmup, "explain_rate": args.explain_rate or args.rate,
               "scenarios": scenarios, "overrides": args.overrides}
     path = common.write_result(args.out, "serve", label=args.label, config=config, figures=figures,
                                command=_command())

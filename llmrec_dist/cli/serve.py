@@ -79,9 +79,9 @@ def start(cfg) -> str:
     """Start Serve's HTTP proxy and the application on the connected Ray; returns the app's URL."""
     from ray import serve
 
-    from llmrec_dist.serving.app import application
+    from llmrec_dist.serving.app import application, logging_config
 
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config(cfg))
     serve.run(application(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
     return cfg.url()
 

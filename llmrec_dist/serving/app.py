@@ -223,10 +223,15 @@ class RecommenderServer:
                              "num_items": loaded.servable.num_items})
 
 
+def logging_config(cfg) -> dict:
+    """Serve's logging settings (proxy and replicas) for ``serve.access_log``."""
+    return {"enable_access_log": bool(cfg.access_log)}
+
+
 def deployment_options(cfg) -> dict:
     """Ray Serve options of the deployment from a :class:`~llmrec_dist.serving.settings.ServeConfig`."""
     options = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica},
-               "max_ongoing_requests": cfg.max_ongoing_requests}
+               "max_ongoing_requests": cfg.max_ongoing_requests, "logging_config": logging_config(cfg)}
     if cfg.autoscaling:
         options["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                                          "target_ongoing_requests": cfg.target_ongoing_requests}
