@@ -18,7 +18,7 @@ from pathlib import Path
 # where modules lived before issue 22's moves, so the script also reads an older tree.
 FLOORS: list[tuple[str, list[str]]] = [
     ("foundation", ["config", "storage", "console", "batching", "metrics", "tracking", "ray_setup",
-                    "profiling", "fairness", "data.errors", ""]),  # "": the package itself (__version__)
+                    "profiling", "fairness", "privacy", "data.errors", ""]),  # "": the package itself (__version__)
     ("dataset format", ["data.dataset_format"]),
     ("prepare", ["data"]),
     ("model", ["item_encoder", "model", "text_tower", "evaluation", "pairs", "pointwise", "cross_encoder", "rerank", "sharding",

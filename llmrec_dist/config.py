@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,10 @@ class DataConfig:
                                    "items: a history becomes consecutive windows in which each item is a target "
                                    "once (ml-1m: 8,617 training rows from 6,040 users, +52% targets). Validation "
                                    "and test are unchanged.")
+    holdout_users: float = setting(0.0, "Share of users left out of training altogether, chosen by a keyed hash "
+                                        "of user_key (the same users on every run): the non-members of the "
+                                        "membership-inference audit (`bench privacy`). Their validation and test "
+                                        "rows are still evaluated, as new users' would be.", check=_fraction)
     verify_hash: bool = setting(True, "Recompute the dataset's content hash on the driver and refuse a mismatch.")
     deterministic: bool = setting(True, "Feed every worker the same rows in the same order on every run (Ray "
                                         "Data keeps block order; shards are not assigned by locality), so a run "
@@ -345,6 +350,35 @@ class MLflowConfig:
     alias: str = setting("champion", "Alias that moves to a new version only if it beats the current holder.",
                          check=_alias)
     run_name: str = setting("", "MLflow run name (empty = generated).", check=one_line_name_problem)
+    replace_private: bool = setting(False, "Let a model trained without differential privacy take the alias from "
+                                           "a version trained with it (tagged privacy_epsilon). Off: the gate "
+                                           "keeps the private holder whatever the metrics say.")
+
+
+def _above_zero_below_one(v):
+    return None if 0 < v < 1 else "must be in (0, 1)"
+
+
+@dataclass
+class PrivacyConfig:
+    """User-level differentially private training (DP-SGD, :mod:`llmrec_dist.privacy`). On when
+    ``epsilon`` or ``noise_multiplier`` is set."""
+
+    epsilon: float | None = setting(None, "Target epsilon of (epsilon, delta)-DP for the whole run "
+                                          "(train.epochs, or train.refit_epochs): the noise multiplier is "
+                                          "calibrated to reach it. null = no DP (unless noise_multiplier is set).",
+                                    check=_positive)
+    noise_multiplier: float | None = setting(None, "Instead of a target epsilon: the Gaussian noise's std as a "
+                                                   "multiple of privacy.max_grad_norm; the epsilon spent is "
+                                                   "reported. Set one of the two.", check=_positive)
+    delta: float | None = setting(None, "delta of (epsilon, delta)-DP; null = 1 / number of training users.",
+                                  check=_above_zero_below_one)
+    max_grad_norm: float = setting(1.0, "Each user's gradient is clipped to this L2 norm before the noise "
+                                        "(it replaces train.grad_clip).", check=_positive)
+    accountant: Literal["prv", "rdp"] = setting("prv", "Opacus privacy accountant: prv (privacy loss random "
+                                                       "variables, tighter) or rdp (Renyi DP).")
+    user_chunk: int = setting(32, "Users whose clipped gradients are computed before they are added up (memory: "
+                                  "this many per-user gradients at a time).", check=_positive)
 
 
 @dataclass
@@ -356,8 +390,13 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     # Derived values are methods, not fields.
+    def private(self) -> bool:
+        """Differentially private training is on (``privacy.epsilon`` or ``privacy.noise_multiplier`` set)."""
+        return self.privacy.epsilon is not None or self.privacy.noise_multiplier is not None
+
     def per_worker_batch_size(self) -> int:
         return self.train.batch_size // (self.scaling.num_workers * self.train.grad_accum)
 
@@ -402,7 +441,18 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- checks
+def _optional_of(tp):
+    """``T`` for ``T | None`` (a setting that may be unset), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
 def _type_name(tp) -> str:
+    if (inner := _optional_of(tp)) is not None:
+        return f"{_type_name(inner)} or null (unset)"
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
@@ -412,6 +462,8 @@ def _type_name(tp) -> str:
 
 def _coerce(value: Any, tp) -> tuple[Any, str | None]:
     """Return (value converted to ``tp``, None) or (None, problem)."""
+    if (inner := _optional_of(tp)) is not None:
+        return (None, None) if value is None else _coerce(value, inner)
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -473,7 +525,7 @@ def build_section(cls, values: Any, name: str, problems: list[str]):
             problems.append(f"{name}.{key}: {err}")
             continue
         check = fields[key].metadata.get("check")
-        err = check(converted) if check else None
+        err = check(converted) if check and converted is not None else None
         if err:
             problems.append(f"{name}.{key}: {err}; got {value!r}")
             continue
@@ -525,9 +577,36 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.train.refit_epochs > cfg.train.epochs:
         problems.append(f"train.refit_epochs: must not exceed train.epochs ({cfg.train.epochs}); "
                         f"got {cfg.train.refit_epochs}")
+    if cfg.private():
+        problems.extend(_privacy_checks(cfg))
     if cfg.train.refit_epochs and cfg.mlflow.registered_model:
         problems.append("mlflow.registered_model: a refit run (train.refit_epochs > 0) has no validation "
                         "metric for the champion gate; register the validation run, or set it to \"\"")
+    return problems
+
+
+def _privacy_checks(cfg: Config) -> list[str]:
+    """What differentially private training cannot honour: anything that makes one user's gradient depend
+    on other users' data, or lets one user count more than once per step (see llmrec_dist.privacy)."""
+    problems = []
+    if cfg.privacy.epsilon is not None and cfg.privacy.noise_multiplier is not None:
+        problems.append("privacy.noise_multiplier: set privacy.epsilon (a target) or privacy.noise_multiplier, "
+                        "not both")
+    if cfg.task.type != "next_item":
+        problems.append(f"privacy.epsilon: differentially private training covers task.type=next_item; got "
+                        f"{cfg.task.type} (its model starts from the mean rating of all users)")
+    if cfg.data.windows:
+        problems.append("data.windows: a history cut into several windows would count its user several times "
+                        "per epoch; with privacy each user trains on one window (set data.windows=false)")
+    if cfg.train.negatives_from == "trained":
+        problems.append("train.negatives_from: `trained` reads which items occur in any user's history (private "
+                        "data) to pick negatives; set train.negatives_from=catalogue with privacy")
+    if cfg.model.item_repr == "id+text" and cfg.model.id_min_count > 1:
+        problems.append("model.id_min_count: which items get an ID vector would depend on every user's history; "
+                        "with privacy every item gets one (set model.id_min_count=1)")
+    if cfg.train.grad_accum != 1:
+        problems.append(f"train.grad_accum: with privacy each step is one Poisson-sampled batch (train.batch_size "
+                        f"is its expected size); set train.grad_accum=1, got {cfg.train.grad_accum}")
     return problems
 
 

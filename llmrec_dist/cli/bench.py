@@ -14,7 +14,7 @@ from llmrec_dist.bench.memory import DEFAULT_SIZES
 from llmrec_dist.bench.serve_load import SCENARIOS as SERVE_SCENARIOS
 
 KINDS = ("quality", "speed", "ingest", "memory", "lm-memory", "startup", "towers", "rating-baselines", "rerank",
-         "diversity", "explain", "serve", "report")
+         "diversity", "explain", "serve", "privacy", "report")
 
 
 def _common(p, config_required: bool = True) -> None:
@@ -183,6 +183,22 @@ def add_parser(sub) -> None:
     rr.add_argument("--workers", type=_positive, default=1, help="Ray Train workers for the evaluations (default 1)")
     rr.add_argument("--tracking-uri", default="", help="MLflow tracking URI for models:/ and runs:/ URIs")
 
+    pv = kinds.add_parser("privacy", help="privacy-utility curve of DP-SGD and a membership-inference audit",
+                          description="Train --config without differential privacy and once per --epsilons target "
+                                      "(privacy.epsilon), all else equal, each leaving the same --holdout share of "
+                                      "users out of training. Report test NDCG@10/HR@10, the share of the "
+                                      "non-private NDCG@10 kept, epsilon spent, seconds per epoch and the AUC of a "
+                                      "loss-threshold membership-inference attack (trained vs held-out users); "
+                                      "plot the curve (<out>/privacy[-<label>].png) and log table, plot and JSON "
+                                      "to an MLflow run in --experiment.")
+    _common(pv)
+    pv.add_argument("--epsilons", type=_blends, default=[1.0, 4.0, 8.0],
+                    help="target epsilons, comma-separated (default 1,4,8)")
+    pv.add_argument("--holdout", type=float, default=0.2,
+                    help="share of users never trained on: the attack's non-members (default 0.2)")
+    pv.add_argument("--experiment", default="llmrec-bench-privacy",
+                    help="MLflow experiment of the summary run (default llmrec-bench-privacy)")
+
     for name, help_text, description in (
             ("diversity", "NDCG@10, HR@10, intra-list diversity and coverage of MMR re-ranking per λ",
              "Serve the model's top 10 for each user of --split with recommend(diversity=λ) for every --lambdas "
@@ -286,6 +302,8 @@ def run(args) -> int:
         return _diversity_or_explain(args)
     if args.kind == "serve":
         return _serve_load(args)
+    if args.kind == "privacy":
+        return _privacy(args)
 
     from llmrec_dist.config import load_config
 
@@ -454,6 +472,47 @@ def _rerank(args) -> int:
     path = common.write_result(args.out, "rerank", label=args.label, config=settings, figures=figures,
                                dataset=common.dataset_info(args.data), command=_command())
     print(f"wrote {path}")
+    return 0
+
+
+def _privacy(args) -> int:
+    from llmrec_dist.bench import common
+    from llmrec_dist.bench.privacy import COLUMNS, goals, log_to_mlflow, plot, run_curve
+    from llmrec_dist.config import ConfigError, load_config
+    from llmrec_dist.tracking import resolve_tracking_uri
+    from llmrec_dist.train.launcher import TrainError
+
+    if not 0 < args.holdout < 1:
+        print(f"llmrec-dist bench privacy: --holdout must be in (0, 1), got {args.holdout}", file=sys.stderr)
+        return 2
+    if any(e <= 0 for e in args.epsilons) or not args.epsilons:
+        print(f"llmrec-dist bench privacy: --epsilons must be positive, got {args.epsilons}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, [*args.overrides, f"privacy.epsilon={max(args.epsilons)}",
+                                        f"data.holdout_users={args.holdout}"])
+        rows = run_curve(args.config, args.overrides, args.epsilons, args.holdout)
+    except (ConfigError, TrainError) as err:
+        print(f"llmrec-dist bench privacy: {err}", file=sys.stderr)
+        return 2
+    text = common.table(rows, COLUMNS)
+    print(text)
+    reached = goals(rows)
+    print(f"at epsilon {reached['epsilon']:g}: {reached['ndcg_kept']:.1%} of the non-private NDCG@10 kept (goal "
+          f">= {reached['keep_goal']:.0%}: {'met' if reached['keep_met'] else 'not met'}); attack AUC "
+          f"{reached['attack_auc']:.3f} against {reached['non_private_attack_auc']:.3f} without DP (goal <= "
+          f"{reached['auc_goal']}: {'met' if reached['auc_met'] else 'not met'}); "
+          f"{reached['cost_ratio']:.1f}x the seconds per epoch")
+    name = common.result_name("privacy", args.label)
+    png = plot(rows, Path(args.out) / f"{name}.png", f"DP-SGD on {Path(cfg.data.path).name}")
+    settings = {"file": args.config, "overrides": args.overrides, "epsilons": args.epsilons,
+                "holdout": args.holdout, "experiment": args.experiment}
+    path = common.write_result(args.out, "privacy", label=args.label, config=settings,
+                               figures={"rows": rows, "goals": reached, "plot": png.name},
+                               dataset=common.dataset_info(cfg.data.path), command=_command())
+    run_id = log_to_mlflow(resolve_tracking_uri(cfg.mlflow.tracking_uri), args.experiment, settings, rows, text,
+                           [png, path])
+    print(f"wrote {path} and {png}; logged to MLflow run {run_id} (experiment {args.experiment})")
     return 0
 
 

@@ -15,6 +15,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from safetensors.torch import save_file
 
@@ -76,6 +77,9 @@ def build_model_package(checkpoint_dir: str | Path, dataset_path: str | os.PathL
     model_cfg = model_config(meta, str(checkpoint_dir / MODEL_META_FILE))
     weights = read_safetensors(checkpoint_dir / WEIGHTS_FILE)
     texts = [str(t) for t in items.sort_by("item_idx").column("text").to_pylist()]
+    if meta.get("privacy"):  # exact counts over every user's history are not private: none ship
+        where = items.schema.get_field_index("popularity")
+        items = items.set_column(where, items.schema.field(where), pa.array([0] * items.num_rows, type=pa.int64()))
     settings = {
         "format_version": PACKAGE_FORMAT_VERSION,
         "exclude_seen": eval_cfg.exclude_seen,

@@ -3,7 +3,10 @@
 The rule: the alias moves to the new version only if no version holds it, or the holder was evaluated
 on the SAME dataset (``dataset_hash`` tag), with the same metric, and scored strictly worse (lower, or
 higher for a metric where lower is better: RMSE, MAE, log loss). A holder from another dataset is never displaced: its metric is
-not comparable. Every version is tagged with its dataset hash, metric name, metric value and run id.
+not comparable. Every version is tagged with its dataset hash, metric name, metric value and run id,
+and a differentially private one with its (``privacy_epsilon``, ``privacy_delta``). A version trained
+without DP never takes the alias from a private holder unless the caller allows it
+(``mlflow.replace_private``), whatever the metrics say.
 
 Two promotions racing on the same alias are not serialised (MLflow has no compare-and-set on
 aliases); run promotions from one driver.
@@ -21,6 +24,8 @@ TAG_DATASET = "dataset_hash"
 TAG_METRIC_KEY = "metric_key"
 TAG_METRIC_VALUE = "metric_value"
 TAG_RUN_ID = "run_id"
+TAG_EPSILON = "privacy_epsilon"
+TAG_DELTA = "privacy_delta"
 
 
 def _client(tracking_uri: str):
@@ -42,10 +47,15 @@ def _alias_holder(client, name: str, alias: str):
         raise
 
 
-def _decide(holder, alias: str, metric_key: str, metric_value: float, dataset_hash: str) -> tuple[bool, str]:
+def _decide(holder, alias: str, metric_key: str, metric_value: float, dataset_hash: str,
+            private: bool = False, replace_private: bool = False) -> tuple[bool, str]:
     if holder is None:
         return True, f"no version held alias {alias!r}"
     tags, v = holder.tags, holder.version
+    if TAG_EPSILON in tags and not private and not replace_private:
+        return False, (f"alias {alias!r} stays on version {v}: it was trained with differential privacy "
+                       f"(epsilon {tags[TAG_EPSILON]}), this version without; set mlflow.replace_private=true "
+                       "to allow it")
     if tags.get(TAG_DATASET) != dataset_hash:
         return False, (f"alias {alias!r} stays on version {v}: it was evaluated on dataset "
                        f"{tags.get(TAG_DATASET, '<untagged>')}, this version on {dataset_hash}; "
@@ -65,8 +75,10 @@ def _decide(holder, alias: str, metric_key: str, metric_value: float, dataset_ha
 
 
 def register_and_promote(tracking_uri: str, run_id: str, model_uri: str, name: str, alias: str,
-                         metric_key: str, metric_value: float, dataset_hash: str) -> dict:
+                         metric_key: str, metric_value: float, dataset_hash: str,
+                         privacy: tuple[float, float] | None = None, replace_private: bool = False) -> dict:
     """Register a new version of ``name`` from ``model_uri`` and move ``alias`` to it if it earns it.
+    ``privacy``: the (epsilon, delta) of a differentially private model (tagged on the version).
 
     Returns ``{"name", "version", "promoted", "reason", "previous"}``; ``previous`` is the version
     that held the alias before this call (None if none). ``version``/``previous`` are ints.
@@ -82,6 +94,8 @@ def register_and_promote(tracking_uri: str, run_id: str, model_uri: str, name: s
         raise ValueError("dataset_hash is required (the content_hash of the dataset the model was evaluated on)")
     tags = {TAG_DATASET: dataset_hash, TAG_METRIC_KEY: metric_key,
             TAG_METRIC_VALUE: repr(metric_value), TAG_RUN_ID: run_id}
+    if privacy is not None:
+        tags[TAG_EPSILON], tags[TAG_DELTA] = f"{privacy[0]:.6g}", f"{privacy[1]:.6g}"
     client = _client(tracking_uri)
     with use_tracking_uri(tracking_uri):
         # register_model creates the registered model if needed and resolves runs:/ and
@@ -89,7 +103,8 @@ def register_and_promote(tracking_uri: str, run_id: str, model_uri: str, name: s
         version = mlflow.register_model(model_uri, name, tags=tags)
 
     holder = _alias_holder(client, name, alias)
-    promoted, reason = _decide(holder, alias, metric_key, metric_value, dataset_hash)
+    promoted, reason = _decide(holder, alias, metric_key, metric_value, dataset_hash,
+                               private=privacy is not None, replace_private=replace_private)
     if promoted:
         client.set_registered_model_alias(name, alias, version.version)
     return {"name": name, "version": int(version.version), "promoted": promoted, "reason": reason,

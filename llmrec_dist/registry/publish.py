@@ -39,5 +39,7 @@ def publish_model(checkpoint_dir: Path, cfg: Config, manifest: dict, tracking_ur
         console.quiet_libraries()  # logging the model turned MLflow's own prints back on
         published.registration = register_and_promote(
             tracking_uri, run_id, published.model_uri, cfg.mlflow.registered_model, cfg.mlflow.alias,
-            metric_key, metrics[metric_key], manifest["content_hash"])
+            metric_key, metrics[metric_key], manifest["content_hash"],
+            privacy=(metrics["privacy_epsilon"], metrics["privacy_delta"]) if "privacy_epsilon" in metrics else None,
+            replace_private=cfg.mlflow.replace_private)
     return published

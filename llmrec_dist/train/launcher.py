@@ -78,7 +78,9 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str, tracking_uri: str, r
     from llmrec_dist.train.oom import StopOnOutOfMemory
     from llmrec_dist.train.training_rows import training_rows
 
-    train_ds = train_dataset(cfg, manifest)
+    # DP-SGD workers read their users themselves (Poisson sampling needs random access to them)
+    privacy = privacy_plan(cfg, manifest)
+    datasets = {} if privacy else {"train": train_dataset(cfg, manifest)}
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
@@ -87,11 +89,11 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str, tracking_uri: str, r
         # rows of an epoch, counted once here (with data.windows that reads the histories' lengths)
         train_loop_config={"config": cfg.to_dict(), "manifest": manifest, "run_id": run_id,
                            "tracking_uri": tracking_uri, "train_rows": training_rows(cfg, manifest),
-                           **(extra_loop_config or {})},
+                           "privacy": privacy.to_dict() if privacy else None, **(extra_loop_config or {})},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
-        datasets={"train": train_ds},
-        dataset_config=_data_config(cfg),
+        datasets=datasets,
+        dataset_config=_data_config(cfg) if datasets else None,
         run_config=RunConfig(
             name=run_name,
             storage_path=cfg.train.storage_path,
@@ -120,18 +122,22 @@ def train_dataset(cfg: Config, manifest: dict | None = None):
     import ray.data
 
     from llmrec_dist.data.dataset_format import feedback_of, read_manifest, split_files
-    from llmrec_dist.train.training_rows import windowed_table
+    from llmrec_dist.train.training_rows import windowed_table, without_holdout
 
     if cfg.data.deterministic:  # blocks keep file order, so every worker gets the same rows every run
         ray.data.DataContext.get_current().execution_options.preserve_order = True
+
     files = split_files(cfg.data.path, cfg.training_split())
-    columns = ["items"]
+    columns = ["items"] + (["user_key"] if cfg.data.holdout_users > 0 else [])
     if cfg.task.type != "next_item" and feedback_of(manifest or read_manifest(cfg.data.path)) is not None:
         columns.append("feedback")  # rating/click: each event's rating or label
+    kept = [c for c in columns if c != "user_key"]  # user_key only picks data.holdout_users' rows
     if cfg.data.materialize and sum(map(storage.size, files)) <= cfg.data.driver_read_mb * 2**20:
-        tables = [pq.read_table(f, columns=columns) for f in files]
+        tables = [without_holdout(pq.read_table(f, columns=columns), cfg).select(kept) for f in files]
         return ray.data.from_arrow([windowed_table(t, cfg) for t in tables] if cfg.data.windows else tables)
     train_ds = ray.data.read_parquet(files, columns=columns)
+    if cfg.data.holdout_users > 0:  # the audit's non-members never reach a worker
+        train_ds = train_ds.map_batches(lambda t: without_holdout(t, cfg).select(kept), batch_format="pyarrow")
     if cfg.data.windows:
         train_ds = train_ds.map_batches(partial(windowed_table, cfg=cfg), batch_format="pyarrow")
     return train_ds.materialize() if cfg.data.materialize else train_ds
@@ -251,6 +257,10 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
         cfg = with_absolute_paths(cfg)
     manifest = checked_manifest(cfg.data.path, cfg.data.verify_hash)  # before any run is opened
     check_task_data(cfg, manifest)
+    if (privacy := privacy_plan(cfg, manifest)) is not None:
+        say(f"privacy: (epsilon {privacy.planned_epsilon:.3g}, delta {privacy.delta:.2g}) over "
+            f"{privacy.epochs} epochs of {privacy.steps_per_epoch} steps, noise multiplier "
+            f"{privacy.noise_multiplier:.3g}, sampling rate {privacy.sample_rate:.3g}")
     texts = read_item_texts(cfg.data.path) if cfg.model.item_repr != "id" else None  # read once, here
     estimate = preflight_memory(cfg, manifest, force, texts)  # and before Ray starts
     if resume:
@@ -302,6 +312,20 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
     end_run(tracking_uri, run_id, "FINISHED")
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def privacy_plan(cfg: Config, manifest: dict):
+    """The DP-SGD schedule of a private run (None otherwise), fixed here on the driver; a target the
+    accountant cannot reach is a :class:`TrainError` naming the key, before Ray starts."""
+    if not cfg.private():
+        return None
+    from llmrec_dist.privacy import PrivacyError, plan
+    from llmrec_dist.train.training_rows import training_rows
+
+    try:
+        return plan(cfg, training_rows(cfg, manifest))
+    except PrivacyError as err:
+        raise TrainError(str(err)) from None
 
 
 def check_task_data(cfg: Config, manifest: dict) -> None:

@@ -18,7 +18,7 @@ import threading
 log = logging.getLogger(__name__)
 
 STEP_KEY = "train_loss"  # logged every epoch, validated or refit alike
-FIGURES = ("train_loss", "epoch_seconds", "sequences_per_s")
+FIGURES = ("train_loss", "epoch_seconds", "sequences_per_s", "privacy_epsilon")
 RANKING_NAMES = {"hr": "HR", "ndcg": "NDCG", "mrr": "MRR"}
 
 
@@ -43,6 +43,8 @@ def epoch_line(epoch: int, epochs: int, figures: dict, metric: str | None = None
         parts.append(f"{seconds:.1f} s")
     if (rate := figures.get("sequences_per_s")) is not None:
         parts.append(f"{rate:,.0f} seq/s")
+    if (epsilon := figures.get("privacy_epsilon")) is not None:  # a DP-SGD run: the privacy spent so far
+        parts.append(f"epsilon {epsilon:.2f}")
     return "  ".join(parts)
 
 

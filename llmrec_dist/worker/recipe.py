@@ -41,6 +41,7 @@ from llmrec_dist.model import build_model, count_parameters, softmax_negatives
 from llmrec_dist.metrics import higher_is_better
 from llmrec_dist.pointwise import (LabelRule, evaluate_pairs, record_rule, task_pairs,
                                    task_record, training_batch, wrap_model)
+from llmrec_dist.privacy import PrivacyPlan, PrivateStep, held_out, poisson_batches, secret_seed, shard_of
 from llmrec_dist.profiling import StepProfiler, region
 from llmrec_dist.saved_model import WEIGHTS_FILE
 from llmrec_dist.sharding import refresh_text_cache
@@ -176,12 +177,15 @@ def build_recommender(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
     if cfg.task.type != "next_item":
         return build_pointwise(cfg, manifest, text)
     counts = None
-    if cfg.model.item_repr == "id+text" or cfg.train.negatives_from == "trained":
+    # With privacy nothing here may read the users' histories: every item gets an ID vector and may be a
+    # negative (the config refuses train.negatives_from=trained and model.id_min_count > 1).
+    if not cfg.private() and (cfg.model.item_repr == "id+text" or cfg.train.negatives_from == "trained"):
         counts = item_counts(cfg.data.path, cfg.training_split())
     trained = None if counts is None else counts > 0
     return build_model(cfg.model, manifest_num_items(manifest), text=text,
                        num_negatives=softmax_negatives(cfg.model, cfg.train),
-                       id_seen=counts >= cfg.model.id_min_count if cfg.model.item_repr == "id+text" else None,
+                       id_seen=counts >= cfg.model.id_min_count if counts is not None and cfg.model.item_repr == "id+text"
+                       else None,
                        exclude_seen=cfg.train.exclude_seen, lm_items_per_step=cfg.train.lm_items_per_step,
                        lm_checkpoint_items=cfg.train.lm_checkpoint_items,
                        negative_items=trained if cfg.train.negatives_from == "trained" else None,
@@ -321,6 +325,60 @@ def train_one_epoch(model, batches, optimizer, scheduler, cfg: Config, device, a
             "first_batch_at": first_batch_at, "first_step_at": first_step_at}
 
 
+def private_rows(cfg: Config, rank: int, world: int) -> list[np.ndarray]:
+    """This worker's users under DP: the training split's histories whose keyed hash falls to ``rank``
+    (not Ray Data's split: Poisson sampling needs every row at hand, and a user's worker must not depend
+    on the other users), less the audit's held-out users."""
+    table = read_split(cfg.data.path, cfg.training_split())
+    keys = table.column("user_key").to_pylist()
+    mine = (shard_of(keys, world) == rank) & ~held_out(keys, cfg.data.holdout_users)
+    items = table.column("items").to_pylist()
+    return [np.asarray(items[i], dtype=np.int64) for i in np.flatnonzero(mine)]
+
+
+def _check_replicas_agree(model: torch.nn.Module, device) -> None:
+    """Without DDP, every rank must hold the same weights (same seeded start, same all-reduced noisy
+    steps); a cheap checksum per epoch catches a rank that drifted (all ranks take part)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1).to(device)
+    sums = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
+    dist.all_gather(sums, total)
+    if max(s.item() for s in sums) - min(s.item() for s in sums) > 1e-6 * max(1.0, abs(total.item())):
+        raise RuntimeError(f"DP-SGD ranks hold different weights (checksums {[s.item() for s in sums]})")
+
+
+def train_one_epoch_private(run: "WorkerRun", seed: int) -> dict[str, float]:
+    """One DP-SGD epoch: ``steps_per_epoch`` Poisson-sampled steps over this worker's users, each user's
+    gradient computed on that user alone (:class:`llmrec_dist.privacy.PrivateStep`). Every rank takes the
+    same number of steps (the noisy sums are all-reduced once per step)."""
+    cfg, core, device = run.cfg, run.core, run.device
+    pairs = TrainingPairs(cfg, core.mask_id, seed)
+    rng = np.random.default_rng(secret_seed())  # the sample must not be reproducible from the config
+
+    def loss_of(row):
+        tensors = [t.to(device) for t in pairs([row])]
+        with run.amp():
+            out = core(*tensors)
+        return out["loss"], out["positions"].item()
+
+    core.train()
+    loss_sum = positions = sequences = 0.0
+    first_batch_at = first_step_at = None
+    for index in poisson_batches(len(run.train_shard), run.privacy.sample_rate, run.privacy.steps_per_epoch, rng):
+        first_batch_at = first_batch_at or time.time()
+        with region("private_step"):
+            step_loss, step_positions = run.dp.step([run.train_shard[i] for i in index], loss_of)
+        run.scheduler.step()
+        first_step_at = first_step_at or time.time()
+        if cfg.train.lm_refresh_steps and run.scheduler.last_epoch % cfg.train.lm_refresh_steps == 0:
+            refresh_text_cache(core.items)
+        loss_sum, positions, sequences = loss_sum + step_loss, positions + step_positions, sequences + len(index)
+    _check_replicas_agree(core, device)
+    return {"loss_sum": loss_sum, "positions": positions, "sequences": sequences,
+            "first_batch_at": first_batch_at, "first_step_at": first_step_at}
+
+
 # ------------------------------------------------------------------------------------------ the recipe
 def train_loop_per_worker(loop_config: dict) -> dict:
     """Every worker runs this: setup → resume → epochs (train, validate, checkpoint + report) → test.
@@ -362,6 +420,8 @@ class WorkerRun:
     clock: dict | None             # the driver's wall-clock start-up times (train() only)
     reached: dict = field(default_factory=dict)  # this worker's start-up milestones (wall clock)
     task: PointwiseTask | None = None  # rating/click runs
+    privacy: PrivacyPlan | None = None  # DP-SGD runs: the schedule the driver fixed
+    dp: PrivateStep | None = None       # ... and the step that clips, noises and accounts
 
     def evaluate(self, rows, prefix: str) -> dict:
         """The task's metrics on ``rows`` (this worker's share; every rank gets the figures of all)."""
@@ -382,6 +442,8 @@ class WorkerRun:
         """The checkpoint's ``model.json``."""
         meta = {"model": self.cfg.to_dict()["model"], "num_items": self.num_items,
                 "dataset_hash": self.manifest["content_hash"]}
+        if self.dp is not None:  # the package of a private model carries no popularity counts
+            meta["privacy"] = {"epsilon": self.dp.epsilon(), "delta": self.privacy.delta}
         if self.task is not None:  # what loading the model and evaluating it again need
             meta["task"] = self.task.record
         return meta
@@ -398,12 +460,18 @@ def setup(loop_config: dict) -> WorkerRun:
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     random.seed(cfg.train.seed)
     text = load_text_features(cfg)
+    privacy = PrivacyPlan(**loop_config["privacy"]) if loop_config.get("privacy") else None
+    # DP-SGD computes each user's gradient on that user alone and all-reduces the noisy sum itself
+    # (Opacus's DistributedDPOptimizer): no DDP wrapper; every rank starts from the same seeded weights.
     model = ray.train.torch.prepare_model(build_recommender(cfg, manifest, text),
-                                          parallel_strategy_kwargs=ddp_kwargs(cfg))
+                                          parallel_strategy=None if privacy else "ddp",
+                                          parallel_strategy_kwargs=None if privacy else ddp_kwargs(cfg))
     nodes = _worker_nodes()
     core = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(core, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(cfg, loop_config["train_rows"], world))
+    steps = privacy.steps_per_epoch if privacy else steps_per_epoch(cfg, loop_config["train_rows"], world)
+    scheduler = build_scheduler(optimizer, cfg.train, steps)
+    dp = PrivateStep(core, optimizer, privacy, world, cfg.privacy.user_chunk) if privacy else None
     reached["model_ready"] = time.time()
     refit = cfg.train.refit_epochs > 0
     task = None
@@ -418,12 +486,12 @@ def setup(loop_config: dict) -> WorkerRun:
         else:
             pool, tokens = core.base.negative_pool.cpu().numpy(), None
         task = PointwiseTask(record, record_rule(record, manifest), pool, tokens)
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = private_rows(cfg, rank, world) if privacy else ray.train.get_dataset_shard("train")
     reached["eval_rows_ready"] = time.time()
     return WorkerRun(cfg, rank, world, device, autocast_for(cfg, device),
                      RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0),
                      manifest, model, core, optimizer, scheduler, train_shard, valid_rows, test_rows, text, nodes,
-                     loop_config.get("clock"), reached, task)
+                     loop_config.get("clock"), reached, task, privacy, dp)
 
 
 def signed(value: float, metric: str) -> float:
@@ -457,9 +525,12 @@ class Progress:
         return not run.refit and run.cfg.train.patience > 0 and self.stale >= run.cfg.train.patience
 
     def state(self, run: WorkerRun, epoch: int) -> dict:
-        return {"epoch": epoch, "best_value": self.best_value, "best_epoch": self.best_epoch, "stale": self.stale,
-                "history": self.history, "optimizer": run.optimizer.state_dict(),
-                "scheduler": run.scheduler.state_dict()}
+        state = {"epoch": epoch, "best_value": self.best_value, "best_epoch": self.best_epoch, "stale": self.stale,
+                 "history": self.history, "optimizer": run.optimizer.state_dict(),
+                 "scheduler": run.scheduler.state_dict()}
+        if run.dp is not None:  # the privacy spent so far goes on after a restart
+            state["accountant"] = run.dp.accountant.state_dict()
+        return state
 
 
 def resume_or_start(run: WorkerRun) -> Progress:
@@ -481,6 +552,8 @@ def resume_or_start(run: WorkerRun) -> Progress:
             return progress
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
+        if run.dp is not None:
+            run.dp.accountant.load_state_dict(state["accountant"])
         progress.start_epoch, progress.best_value = state["epoch"] + 1, state["best_value"]
         progress.best_epoch, progress.stale, progress.history = state["best_epoch"], state["stale"], state["history"]
         # Epochs reported before a failure but not yet in MLflow are logged now, none twice. Epochs
@@ -493,7 +566,12 @@ def resume_or_start(run: WorkerRun) -> Progress:
     else:
         if progress.logged:  # restarted before Ray Train had recorded any checkpoint: from scratch, same seeds
             log.metrics({"resumed_at_epoch": 0}, step=0)
-        log.params({**run.cfg.flat(), **count_parameters(core), "dataset.content_hash": run.manifest["content_hash"]})
+        private = {} if run.privacy is None else {
+            "privacy.noise_multiplier_used": run.privacy.noise_multiplier, "privacy.delta_used": run.privacy.delta,
+            "privacy.sample_rate": run.privacy.sample_rate, "privacy.steps_per_epoch": run.privacy.steps_per_epoch,
+            "privacy.planned_epsilon": run.privacy.planned_epsilon, "privacy.users": run.privacy.users}
+        log.params({**run.cfg.flat(), **count_parameters(core), **private,
+                    "dataset.content_hash": run.manifest["content_hash"]})
         log.yaml(run.cfg.to_dict(), "config.yaml")
         log.yaml(dict(run.manifest), "dataset_manifest.yaml")
     # "computed" here means the driver's cache was not found.
@@ -511,11 +589,16 @@ def train_and_validate(run: WorkerRun, progress: Progress, epoch: int) -> tuple[
     epoch_seed, order_seed = epoch_seeds(cfg.train.seed, epoch, run.world, run.rank)
     torch.manual_seed(epoch_seed)
     refresh_text_cache(core.items)  # a trainable LM's output cache, if a refit epoch or a restore left it stale
-    batches = epoch_batches(run.train_shard, cfg, epoch_seed, order_seed, mask_id=core.mask_id, task=run.task)
+    batches = None if run.dp is not None else epoch_batches(run.train_shard, cfg, epoch_seed, order_seed,
+                                                            mask_id=core.mask_id, task=run.task)
     # Epoch 0 may be profiled (train.profile_steps): where a step's time goes.
     profiler = StepProfiler(run.model, cfg.train.profile_steps) if cfg.train.profile_steps and epoch == 0 else None
     with profiler or nullcontext():
-        stats = train_one_epoch(run.model, batches, run.optimizer, run.scheduler, cfg, run.device, run.amp, profiler)
+        if run.dp is not None:
+            stats = train_one_epoch_private(run, epoch_seed)
+        else:
+            stats = train_one_epoch(run.model, batches, run.optimizer, run.scheduler, cfg, run.device, run.amp,
+                                    profiler)
     train_seconds = time.perf_counter() - t0
     loss_sum, positions, sequences = _all_reduce_sum(
         [stats["loss_sum"], stats["positions"], stats["sequences"]], run.device)
@@ -536,6 +619,8 @@ def train_and_validate(run: WorkerRun, progress: Progress, epoch: int) -> tuple[
         **{f"peak_rss_mb_rank{r}": mb for r, mb in enumerate(peaks)},
         **valid,
     }
+    if run.dp is not None:  # the privacy spent by the end of this epoch
+        metrics["privacy_epsilon"] = run.dp.epsilon()
     if not run.refit:
         metrics["valid_seconds"] = time.perf_counter() - t_valid
     if profiler is not None and run.rank == 0 and epoch not in progress.logged:
@@ -589,6 +674,8 @@ def evaluate_best_and_finish(run: WorkerRun, progress: Progress) -> dict:
     best_valid = {k: v for k, v in best_row.items() if k.startswith("valid_")}
     test = run.evaluate(run.test_rows, prefix="test_")
     result = {**best_valid, **test, "best_epoch": progress.best_epoch, "epochs_run": len(progress.history)}
+    if run.dp is not None:  # every epoch run counts, not only the best one's
+        result["privacy_epsilon"], result["privacy_delta"] = run.dp.epsilon(), run.privacy.delta
     if run.refit:
         result["refit_epochs"] = cfg.train.refit_epochs
     run.log.metrics({f"best_{k}": v for k, v in best_valid.items()} | test, step=progress.best_epoch)
