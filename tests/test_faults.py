@@ -163,3 +163,26 @@ def test_a_killed_driver_resumes_the_same_mlflow_run(baseline, ray_cluster, faul
     again = subprocess.run([sys.executable, "-m", "llmrec_dist.cli", "train", "--resume", folder],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already finished" in again.stderr, again.stderr[-2000:]
+
+
+def test_a_private_run_restarted_after_a_worker_kill_keeps_counting_its_privacy(ray_cluster, fault_dataset,
+                                                                                tmp_path):
+    """The accountant is restored from the checkpoint: the restarted run ends having spent the whole
+    planned epsilon (a fresh accountant would report the epsilon of the epochs after the restart only)."""
+    from mlflow.tracking import MlflowClient
+
+    from llmrec_dist.privacy import epsilon_after
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(_config_file(tmp_path, fault_dataset, uri),
+                      ["privacy.epsilon=6", "train.negatives_from=catalogue", "train.batch_size=60"])
+    outcome, run_id, _ = train_with_worker_kill(cfg, ray_cluster.get_runtime_context().gcs_address, after_epoch=0)
+    client = MlflowClient(uri)
+    assert _history(client, run_id, "resumed_at_epoch")
+    spent = _history(client, run_id, "privacy_epsilon")
+    assert [s for s, _ in spent] == list(range(EPOCHS)) and spent[0][1] < spent[1][1] < spent[2][1]
+    params = client.get_run(run_id).data.params
+    planned = epsilon_after(float(params["privacy.noise_multiplier_used"]), float(params["privacy.sample_rate"]),
+                            EPOCHS * int(params["privacy.steps_per_epoch"]), float(params["privacy.delta_used"]),
+                            "prv")
+    assert outcome.metrics["privacy_epsilon"] == pytest.approx(planned, rel=1e-3) and planned <= 6.0 + 1e-6

@@ -43,10 +43,13 @@ def attack_advantage(member_scores: np.ndarray, other_scores: np.ndarray) -> flo
     """max over thresholds of TPR - FPR (the membership advantage; 0 = no better than guessing)."""
     scores = np.concatenate([member_scores, other_scores])
     labels = np.concatenate([np.ones(len(member_scores)), np.zeros(len(other_scores))])
+    if not len(scores):
+        return float("nan")
     order = np.argsort(-scores, kind="stable")
     tpr = np.cumsum(labels[order]) / max(1, len(member_scores))
     fpr = np.cumsum(1 - labels[order]) / max(1, len(other_scores))
-    return float(np.max(tpr - fpr)) if len(scores) else float("nan")
+    ends = np.flatnonzero(np.r_[np.diff(scores[order]) != 0, True])  # a threshold never splits tied scores
+    return float(max(0.0, np.max(tpr[ends] - fpr[ends])))
 
 
 def user_losses(model, cfg, histories: list[np.ndarray], seed: int = 0) -> np.ndarray:
