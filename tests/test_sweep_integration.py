@@ -176,3 +176,26 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials_and_keeps_the_ch
     # A worse sweep registers its best, but the champion stays with the better one.
     assert outcome.registration["version"] == 2 and not outcome.registration["promoted"]
     assert champion_info(uri, "sweep-model")["version"] == 1
+
+
+def test_a_sweep_over_epsilon_registers_the_best_trial_with_its_privacy(ray_cluster, world):
+    """privacy.epsilon is a knob like any other: each trial trains with DP-SGD at its epsilon, and the
+    best trial's registered version carries that trial's (epsilon, delta)."""
+    root, data, encoder = world
+    path = write_sweep(root, data, encoder, "private", {"privacy.epsilon": {"grid": [2.0, 8.0]}},
+                       scheduler="none")
+    raw = yaml.safe_load(path.read_text())
+    raw["train"].update({"epochs": 1, "negatives_from": "catalogue"})
+    raw["mlflow"]["registered_model"] = "sweep-private"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    outcome = run_sweep(load_sweep(str(path)))
+    c = client(outcome.tracking_uri)
+    spent = {}
+    for run in children(outcome.tracking_uri, outcome.parent_run_id):
+        target = float(run.data.params["privacy.epsilon"])
+        spent[target] = run.data.metrics["privacy_epsilon"]
+        assert 0 < spent[target] <= target + 1e-6
+    assert set(spent) == {2.0, 8.0}
+    version = c.get_model_version("sweep-private", str(outcome.registration["version"]))
+    best_target = float(outcome.best.params["privacy.epsilon"])
+    assert float(version.tags["privacy_epsilon"]) == pytest.approx(spent[best_target], rel=1e-5)

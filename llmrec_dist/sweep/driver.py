@@ -437,8 +437,9 @@ def _publish_best(outcome: SweepOutcome, sweep: SweepConfig, manifest: dict) -> 
             test = evaluate_here(folder, cfg.data.path, "test", cfg.eval, manifest=manifest)
             RunLogger(outcome.tracking_uri, best.run_id).metrics(test, step=0)
         outcome.test_metrics = test
+        privacy = {k: best.metrics[k] for k in ("privacy_epsilon", "privacy_delta") if k in best.metrics}
         published = publish_model(folder, cfg, manifest, outcome.tracking_uri, best.run_id, metric,
-                                  {metric: best.best_value})
+                                  {metric: best.best_value, **privacy})  # a private trial's version is tagged
         outcome.model_uri, outcome.registration = published.model_uri, published.registration
     RunLogger(outcome.tracking_uri, outcome.parent_run_id).metrics(
         {f"best_{metric}": best.best_value, **{f"best_{k}": v for k, v in test.items()}}, step=0)

@@ -619,8 +619,8 @@ def train_and_validate(run: WorkerRun, progress: Progress, epoch: int) -> tuple[
         **{f"peak_rss_mb_rank{r}": mb for r, mb in enumerate(peaks)},
         **valid,
     }
-    if run.dp is not None:  # the privacy spent by the end of this epoch
-        metrics["privacy_epsilon"] = run.dp.epsilon()
+    if run.dp is not None:  # the privacy spent by the end of this epoch (at delta)
+        metrics["privacy_epsilon"], metrics["privacy_delta"] = run.dp.epsilon(), run.privacy.delta
     if not run.refit:
         metrics["valid_seconds"] = time.perf_counter() - t_valid
     if profiler is not None and run.rank == 0 and epoch not in progress.logged:
