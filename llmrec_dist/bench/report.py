@@ -213,10 +213,30 @@ def _explain_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _serve_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
+    f = data["figures"]
+    switch = f" · alias switched to v{f['switch_alias']} half-way" if f.get("switch_alias") else ""
+    return [(f"serving: {r['scenario']} at {r['rate']:g} req/s",
+             f"p50 {r['p50_ms']:.1f} · p95 {r['p95_ms']:.1f} · p99 {r['p99_ms']:.1f} ms; {r['failures']} failures",
+             f"{r['achieved_rps']:.1f} answered req/s, {r['sent']} requests ({r['versions_text']}){switch}")
+            for r in f["rows"]]
+
+
+def _privacy_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
+    f = data["figures"]
+    base = f["rows"][0]
+    return [(f"privacy: {r['setting']}",
+             f"test NDCG@10 {r['test_ndcg_at_10']:.4f} ({r['ndcg_kept']:.1%} of no DP) · attack AUC {r['attack_auc']:.3f}",
+             (f"ε spent {r['epsilon_spent']:.2f} (δ {r['delta']:.1e}), σ {r['noise_multiplier']:.2f}; "
+              if r["target_epsilon"] is not None else "") +
+             f"{r['s_per_epoch']:.1f} s/epoch ({r['s_per_epoch'] / base['s_per_epoch']:.1f}× no DP); "
+             f"{r['members']} members, {r['non_members']} held out") for r in f["rows"]]
+
+
 RENDERERS = {"quality": _quality_rows, "rating-baselines": _rating_baseline_rows, "speed": _speed_rows,
              "ingest": _ingest_rows, "memory": _memory_rows, "lm-memory": _lm_memory_rows, "startup": _startup_rows,
              "towers": _towers_rows, "rerank": _rerank_rows, "diversity": _diversity_rows,
-             "explain": _explain_rows}
+             "explain": _explain_rows, "serve": _serve_rows, "privacy": _privacy_rows}
 
 
 def render(results: dict[str, dict]) -> str:
