@@ -153,6 +153,8 @@ def plot(rows: list[dict], path: Path, title: str = "") -> Path:
     left.axhline(rows[0]["test_ndcg_at_10"], color="tab:gray", ls="--", label="no DP")
     left.axhline(rows[0]["test_ndcg_at_10"] * KEEP_GOAL, color="tab:red", ls=":", label=f"{KEEP_GOAL:.0%} of no DP")
     left.set_xscale("log")
+    left.minorticks_off()
+    left.set_xticks([r["epsilon_spent"] for r in private], [f"{r['epsilon_spent']:.3g}" for r in private])
     left.set_xlabel("epsilon spent (user level)")
     left.set_ylabel("test NDCG@10")
     left.legend(fontsize=8)
