@@ -169,3 +169,34 @@ class Stopwatch:
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
         return False
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write to ``path`` (its folder made) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def summary_run(tracking_uri: str, experiment: str, run_name: str, settings: dict, fill, files: list[Path]) -> str:
+    """One MLflow run of a benchmark's summary: ``settings`` as params, ``fill(client, run_id)`` logs the
+    figures, ``files`` (plot, JSON) as artifacts; marked FAILED if anything raises. Returns the run id."""
+    from llmrec_dist.tracking import client, end_run, start_run
+
+    run_id = start_run(tracking_uri, experiment, run_name=run_name)
+    c = client(tracking_uri)
+    try:
+        for key, value in settings.items():
+            c.log_param(run_id, key, str(value)[:500])
+        fill(c, run_id)
+        for file in files:
+            c.log_artifact(run_id, str(file))
+    except BaseException:
+        end_run(tracking_uri, run_id, "FAILED")
+        raise
+    end_run(tracking_uri, run_id)
+    return run_id

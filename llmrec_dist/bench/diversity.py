@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from llmrec_dist.batching import left_pad
+from llmrec_dist.bench.common import save_figure, summary_run
 from llmrec_dist.diversity import mmr_select, pool_size
 from llmrec_dist.evaluation import EvalRows, load_eval_rows
 from llmrec_dist.metrics import catalogue_coverage, intra_list_diversity, mask_seen
@@ -133,24 +134,14 @@ def plot(rows: list[dict], chosen: dict, path: Path, title: str = "") -> Path:
     ax.set_title(title or "MMR: accuracy against diversity", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def log_to_mlflow(tracking_uri: str, experiment: str, settings: dict, rows: list[dict], chosen: dict,
                   files: list[Path]) -> str:
     """One run in ``experiment``: the settings as params, the curve as metrics stepped by λ x 100, the
     chosen λ and its gain, and ``files`` (the PNG, the JSON) as artifacts. Returns the run id."""
-    from llmrec_dist.tracking import client, end_run, start_run
-
-    run_id = start_run(tracking_uri, experiment, run_name="bench-diversity")
-    c = client(tracking_uri)
-    try:
-        for key, value in settings.items():
-            c.log_param(run_id, key, str(value)[:500])
+    def fill(c, run_id: str) -> None:
         for r in rows:
             for key in ("ndcg_at_10", "hr_at_10", "ild_at_10", "coverage_at_10"):
                 if r[key] == r[key]:  # not NaN
@@ -158,10 +149,5 @@ def log_to_mlflow(tracking_uri: str, experiment: str, settings: dict, rows: list
         for key in ("lambda", "ild_gain", "ild_gain_relative", "ndcg_change"):
             if not math.isnan(chosen[key]):
                 c.log_metric(run_id, f"chosen_{key}", chosen[key])
-        for file in files:
-            c.log_artifact(run_id, str(file))
-    except BaseException:
-        end_run(tracking_uri, run_id, "FAILED")
-        raise
-    end_run(tracking_uri, run_id)
-    return run_id
+
+    return summary_run(tracking_uri, experiment, "bench-diversity", settings, fill, files)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmrec_dist.bench.common import save_figure, summary_run
+
 K_METRIC = "test_ndcg_at_10"
 KEEP_GOAL = 0.70   # at the largest epsilon: share of the non-private NDCG@10 kept
 AUC_GOAL = 0.55    # at the largest epsilon: attack AUC at most this
@@ -166,34 +168,19 @@ def plot(rows: list[dict], path: Path, title: str = "") -> Path:
     right.set_ylabel("membership-inference AUC")
     right.legend(fontsize=8)
     fig.suptitle(title or "Privacy against utility", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def log_to_mlflow(tracking_uri: str, experiment: str, settings: dict, rows: list[dict], table_text: str,
                   files: list[Path]) -> str:
     """One run: the settings as params, each setting's figures as metrics stepped by its index (0 = no
     DP), the table as ``privacy_curve.md`` and ``files`` (PNG, JSON) as artifacts. Returns the run id."""
-    from llmrec_dist.tracking import client, end_run, start_run
-
-    run_id = start_run(tracking_uri, experiment, run_name="bench-privacy")
-    c = client(tracking_uri)
-    try:
-        for key, value in settings.items():
-            c.log_param(run_id, key, str(value)[:500])
+    def fill(c, run_id: str) -> None:
         for step, r in enumerate(rows):
             for key in ("test_ndcg_at_10", "test_hr_at_10", "ndcg_kept", "attack_auc", "attack_advantage",
                         "s_per_epoch", "epsilon_spent"):
                 if isinstance(r.get(key), float) and math.isfinite(r[key]):
                     c.log_metric(run_id, key, r[key], step=step)
         c.log_text(run_id, table_text + "\n", "privacy_curve.md")
-        for file in files:
-            c.log_artifact(run_id, str(file))
-    except BaseException:
-        end_run(tracking_uri, run_id, "FAILED")
-        raise
-    end_run(tracking_uri, run_id)
-    return run_id
+
+    return summary_run(tracking_uri, experiment, "bench-privacy", settings, fill, files)
