@@ -261,3 +261,26 @@ def test_lm_towers_give_each_user_its_own_gradient(tmp_path, item_repr, freeze):
     moved = _assert_step_is_the_mean_user_gradient(model, cfg, [np.array([1, 2, 3, 4]), np.array([5, 6, 7, 8, 9]),
                                                                 np.array([11, 12])])
     assert any(("lora" in n or "top_layers" in n or "text_proj" in n) for n in moved)  # the text side trained
+
+
+def test_the_curve_is_plotted_and_logged_to_one_mlflow_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from llmrec_dist.bench.privacy import goals, log_to_mlflow, plot
+
+    rows = [{"setting": "no DP", "target_epsilon": None, "epsilon_spent": float("inf"), "test_ndcg_at_10": 0.10,
+             "test_hr_at_10": 0.2, "ndcg_kept": 1.0, "attack_auc": 0.6, "attack_advantage": 0.2, "s_per_epoch": 2.0},
+            {"setting": "ε=8", "target_epsilon": 8.0, "epsilon_spent": 7.99, "test_ndcg_at_10": 0.08,
+             "test_hr_at_10": 0.15, "ndcg_kept": 0.8, "attack_auc": 0.52, "attack_advantage": 0.05, "s_per_epoch": 6.0}]
+    reached = goals(rows)
+    assert reached["keep_met"] and reached["auc_met"] and reached["cost_ratio"] == pytest.approx(3.0)
+    png = plot(rows, tmp_path / "out" / "privacy.png")
+    assert png.stat().st_size > 1000
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = log_to_mlflow(uri, "bench-privacy", {"epsilons": [8.0]}, rows, "| table |", [png])
+    c = MlflowClient(uri)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["epsilons"] == "[8.0]"
+    assert [m.value for m in c.get_metric_history(run_id, "test_ndcg_at_10")] == [0.10, 0.08]
+    assert len(c.get_metric_history(run_id, "epsilon_spent")) == 1  # the infinite one is left out
+    assert {a.path for a in c.list_artifacts(run_id)} == {"privacy.png", "privacy_curve.md"}
