@@ -284,3 +284,16 @@ def test_the_curve_is_plotted_and_logged_to_one_mlflow_run(tmp_path):
     assert [m.value for m in c.get_metric_history(run_id, "test_ndcg_at_10")] == [0.10, 0.08]
     assert len(c.get_metric_history(run_id, "epsilon_spent")) == 1  # the infinite one is left out
     assert {a.path for a in c.list_artifacts(run_id)} == {"privacy.png", "privacy_curve.md"}
+
+
+def test_the_memory_estimate_of_a_private_run_is_one_user_plus_the_per_user_gradients(synthetic_dataset):
+    from llmrec_dist.data.dataset_format import read_manifest
+    from llmrec_dist.train.memory import estimate_for_dataset
+
+    base = [f"data.path={synthetic_dataset}", "train.batch_size=128", "train.negatives_from=catalogue"]
+    plain = estimate_for_dataset(load_config(None, base), read_manifest(synthetic_dataset))
+    private = estimate_for_dataset(load_config(None, [*base, "privacy.epsilon=8", "privacy.user_chunk=16"]),
+                                   read_manifest(synthetic_dataset))
+    assert private.phases["training step"]["softmax"] < plain.phases["training step"]["softmax"] / 10  # 1 row, not 64
+    held = [k for k in private.held if k.startswith("per-user gradients")]
+    assert held and private.held[held[0]] == pytest.approx(16 * private.held["gradients + AdamW state"] / 3)

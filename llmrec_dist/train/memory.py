@@ -176,6 +176,9 @@ def estimate_worker_memory(cfg: Config, num_items: int, step: StepShape, lm: LMS
     est.held["weights"] = held_params * F32 / MB
     est.held["best weights"] = held_params * F32 / MB
     est.held["gradients + AdamW state"] = trainable * 3 * F32 / MB
+    if cfg.private():  # DP-SGD holds privacy.user_chunk per-user gradients before Opacus adds them up
+        est.held[f"per-user gradients (DP, {cfg.privacy.user_chunk} users)"] = (
+            cfg.privacy.user_chunk * trainable * F32 / MB)
     if text:
         est.held["token ids"] = 2 * n * tokens * 8 / MB
         est.held["LM output cache"] = n * lm.hidden * F32 / MB
@@ -318,7 +321,10 @@ def estimate_for_dataset(cfg: Config, manifest: dict, texts: list[str] | None = 
     if cfg.model.item_repr != "id":
         lm = lm_shape(cfg.model)
         tokens = text_token_width(cfg, read_item_texts(cfg.data.path) if texts is None else texts)
-    return estimate_worker_memory(cfg, num_items(manifest), peak_step(cfg, rows), lm, text_tokens=tokens)
+    # DP-SGD runs one user at a time: its largest step is the largest single history
+    shaped = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, batch_size=cfg.scaling.num_workers * cfg.train.grad_accum)) if cfg.private() else cfg
+    return estimate_worker_memory(cfg, num_items(manifest), peak_step(shaped, rows), lm, text_tokens=tokens)
 
 
 def local_worker_budget_mb(num_workers: int) -> tuple[float, str]:

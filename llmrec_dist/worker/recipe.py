@@ -592,7 +592,9 @@ def train_and_validate(run: WorkerRun, progress: Progress, epoch: int) -> tuple[
     batches = None if run.dp is not None else epoch_batches(run.train_shard, cfg, epoch_seed, order_seed,
                                                             mask_id=core.mask_id, task=run.task)
     # Epoch 0 may be profiled (train.profile_steps): where a step's time goes.
-    profiler = StepProfiler(run.model, cfg.train.profile_steps) if cfg.train.profile_steps and epoch == 0 else None
+    # (not under DP-SGD: its steps are per-user passes, which the step profile's phases do not describe)
+    profiler = (StepProfiler(run.model, cfg.train.profile_steps)
+                if cfg.train.profile_steps and epoch == 0 and run.dp is None else None)
     with profiler or nullcontext():
         if run.dp is not None:
             stats = train_one_epoch_private(run, epoch_seed)
