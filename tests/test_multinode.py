@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,7 +45,7 @@ def _alive_nodes(address: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    """(address, [node ids]) of a head + 1 worker node, torn down afterwards."""
+    """(address, [node ids], dashboard URL) of a head + 1 worker node, torn down afterwards."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     temp_dir = f"/tmp/ray-2node-{port}"
@@ -53,9 +54,11 @@ def two_nodes(tmp_path_factory):
     env.update(RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1")
     common = ["--node-ip-address=127.0.0.1", "--num-gpus=0", "--object-store-memory=300000000",
               "--disable-usage-stats", "--block"]
+    head_ports = port_flags("dashboard", "ray-client-server")
+    dashboard = f"http://127.0.0.1:{head_ports[0].split('=')[1]}"
     head = subprocess.Popen(
         [RAY, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--num-cpus=3",
-         *port_flags("dashboard", "ray-client-server"), *_node_ports(), *common],
+         "--dashboard-host=127.0.0.1", *head_ports, *_node_ports(), *common],
         env=env, stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     procs = [head]
     try:
@@ -70,7 +73,7 @@ def two_nodes(tmp_path_factory):
         while len(nodes := _alive_nodes(address)) < 2:
             assert time.time() < deadline and worker.poll() is None, (logs / "node.log").read_text()[-3000:]
             time.sleep(1)
-        yield address, nodes
+        yield address, nodes, dashboard
     finally:
         for proc in reversed(procs):  # `ray start --block` stops what it started on SIGTERM
             proc.send_signal(signal.SIGTERM)
@@ -86,7 +89,7 @@ def test_training_spans_both_nodes_with_uri_paths(two_nodes, tmp_path):
 
     from llmrec_dist.data.prepare import prepare_dataset
 
-    address, node_ids = two_nodes
+    address, node_ids, _ = two_nodes
     data = tmp_path / "shared" / "data"
     prepare_dataset("synthetic", data, synthetic={"n_users": 200, "n_items": 60}, seed=5)
     import pyarrow.parquet as pq
@@ -122,3 +125,37 @@ def test_training_spans_both_nodes_with_uri_paths(two_nodes, tmp_path):
     assert (run_folder / "run.json").is_file()
     assert list(run_folder.glob("checkpoint_*")), "checkpoints were written to the storage URI"
     print(f"\n2-node training run: {seconds:.1f} s (command start to exit)")
+
+
+def test_ray_job_submit_with_a_working_dir_runs_the_train_entry_point(two_nodes, tmp_path):
+    """The cluster path of docs/cluster.md and deploy/rayjob-*.yaml: `ray job submit --working-dir DIR --
+    python jobs/train.py --config configs/...` against the job API of the 2-node cluster. The working
+    directory (a copy of the repository's jobs/ and configs/) is uploaded through the runtime_env, the
+    job's relative paths resolve in it, and the run trains on both nodes."""
+    from mlflow.tracking import MlflowClient
+
+    from llmrec_dist.data.prepare import prepare_dataset
+
+    address, node_ids, dashboard = two_nodes
+    root = Path(__file__).resolve().parents[1]
+    workdir = tmp_path / "job"
+    shutil.copytree(root / "jobs", workdir / "jobs")
+    shutil.copytree(root / "configs", workdir / "configs")
+    data = tmp_path / "shared" / "data"
+    prepare_dataset("synthetic", data, synthetic={"n_users": 200, "n_items": 60}, seed=6)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(workdir), "--",
+           # the cluster's Python (a pod's image has one; here `python` on PATH may be another)
+           sys.executable, "jobs/train.py", "--config", "configs/quickstart.yaml", "--json",
+           f"data.path={data.as_uri()}", f"train.storage_path={(tmp_path / 'shared' / 'runs').as_uri()}",
+           f"mlflow.tracking_uri={uri}",
+           "mlflow.registered_model=", "model.hidden_size=16", "model.num_heads=2", "model.max_len=20",
+           "train.epochs=1", "train.batch_size=64", "scaling.num_workers=2", "scaling.cpus_per_worker=2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    said = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "INFO" not in line)
+    assert proc.returncode == 0 and "succeeded" in said, said[-4000:]
+    run_id = re.search(r'"run_id": "([0-9a-f]+)"', proc.stdout).group(1)  # the job's --json summary
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and 0 <= run.data.metrics["test_ndcg_at_10"] <= 1
+    assert set(run.data.tags["llmrec.worker_nodes"].split(",")) == set(node_ids)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             console.say_err(f"full log: {console.shown_path(session.path)}")
         return code
     except (ConfigError, DatasetError, FileNotFoundError) as exc:
-        log.info("refused: %s", exc)
+        log.info("refused: %s", exc, exc_info=True)  # the traceback in the log file only
         print(f"llmrec-dist {args.verb}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

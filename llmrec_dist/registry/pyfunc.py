@@ -10,8 +10,11 @@ library-backed MLflow flavour.
 
 from __future__ import annotations
 
+import logging
+import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -20,6 +23,9 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Schema
 
 import llmrec_dist
+
+log = logging.getLogger(__name__)
+
 
 def model_signature(kind: str = "retriever") -> ModelSignature:
     """Input of a ``retriever``: ``history`` (list of item id strings) + optional ``k``, ``exclude`` (item ids
@@ -129,6 +135,20 @@ mlflow.models.set_model(RecommenderPyfunc())
 MODEL_CODE_FILE = "llmrec_recommender.py"
 
 
+@contextmanager
+def _existing_cwd(fallback: str):
+    """Run in ``fallback`` while the working directory no longer exists, as in a Ray job submitted with
+    ``--working-dir`` once Ray has reclaimed the job's copy after its training workers ended (MLflow's
+    pyfunc save reads the working directory and would fail with FileNotFoundError)."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(fallback)
+        log.warning("the working directory was removed (a Ray job's --working-dir is reclaimed when its "
+                    "workers end); logging the model from %s", fallback)
+    yield
+
+
 def log_model_package(package_dir: str | Path, tracking_uri: str, run_id: str, name: str = "model") -> str:
     """Log ``package_dir`` as a pyfunc model into the EXISTING run ``run_id``; returns the model URI.
 
@@ -153,7 +173,8 @@ def log_model_package(package_dir: str | Path, tracking_uri: str, run_id: str, n
     # rather than the run's, and `runs:/<run_id>/<name>` would not find it.
     logged = c.create_logged_model(experiment_id=run.info.experiment_id, name=name, source_run_id=run_id,
                                    params={k: str(v) for k, v in run.data.params.items()})
-    with tempfile.TemporaryDirectory() as tmp, use_tracking_uri(tracking_uri), warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, use_tracking_uri(tracking_uri), warnings.catch_warnings(), \
+            _existing_cwd(tempfile.gettempdir()):
         code = Path(tmp) / MODEL_CODE_FILE
         code.write_text(_MODEL_CODE)
         # The signature is explicit; an input example would make MLflow load and run the model.
