@@ -65,13 +65,15 @@ def _train_loop(loop_config: dict):
 
 
 def build_trainer(cfg: Config, manifest: dict, run_id: str, tracking_uri: str, run_name: str,
-                  callbacks: list | None = None, loop=None, extra_loop_config: dict | None = None):
+                  callbacks: list | None = None, loop=None, extra_loop_config: dict | None = None,
+                  privacy=False):
     """The TorchTrainer for ``cfg``: train split streamed through Ray Data, evaluation splits read per rank.
     ``manifest``: the dataset's, as the driver read (and checked) it; it travels to the workers with the
     loop config, so no one reads it again.
     ``callbacks``: Ray Train callbacks (a sweep passes Tune's report callback). ``loop``: another
     per-worker function than the training recipe (the ingest benchmark's), given the same loop config
-    plus ``extra_loop_config``."""
+    plus ``extra_loop_config``. ``privacy``: the run's DP-SGD plan when the caller has worked it out
+    (:func:`privacy_plan`; None = not private), else it is worked out here."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -79,7 +81,8 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str, tracking_uri: str, r
     from llmrec_dist.train.training_rows import training_rows
 
     # DP-SGD workers read their users themselves (Poisson sampling needs random access to them)
-    privacy = privacy_plan(cfg, manifest)
+    if privacy is False:
+        privacy = privacy_plan(cfg, manifest)
     datasets = {} if privacy else {"train": train_dataset(cfg, manifest)}
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
@@ -87,8 +90,10 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str, tracking_uri: str, r
     return TorchTrainer(
         loop or _train_loop,
         # rows of an epoch, counted once here (with data.windows that reads the histories' lengths)
+        # (a private run's rows are its users, already counted by its plan)
         train_loop_config={"config": cfg.to_dict(), "manifest": manifest, "run_id": run_id,
-                           "tracking_uri": tracking_uri, "train_rows": training_rows(cfg, manifest),
+                           "tracking_uri": tracking_uri,
+                           "train_rows": privacy.users if privacy else training_rows(cfg, manifest),
                            "privacy": privacy.to_dict() if privacy else None, **(extra_loop_config or {})},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
@@ -286,7 +291,7 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
         check_cluster_memory(cfg, estimate, force)
         clock["ray_ready"] = time.time()
         trainer = build_trainer(cfg, manifest, run_id, tracking_uri, run_name=run_name(run_id),
-                                extra_loop_config={"clock": clock})
+                                extra_loop_config={"clock": clock}, privacy=privacy)
         clock["trainer_built"] = time.time()  # the trainer holds this dict and sends it to the workers in fit()
         console.quiet_libraries()  # Ray Data and Ray Train, imported by build_trainer
         shown = None if cfg.train.refit_epochs else cfg.selection_metric()  # a refit does not validate
