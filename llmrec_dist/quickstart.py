@@ -66,7 +66,7 @@ def run_quickstart(workdir: str | Path = "llmrec-quickstart", overrides: list[st
          f"({cfg.train.epochs} epochs at most)")
     outcome = train(cfg, echo=lambda line: echo(f"      {line}"))
     m = outcome.metrics
-    echo(f"      best epoch {m['best_epoch']}: valid NDCG@10 {m['valid_ndcg_at_10']:.4f}, "
+    echo(f"      best epoch {int(m['best_epoch']) + 1}: valid NDCG@10 {m['valid_ndcg_at_10']:.4f}, "
          f"test NDCG@10 {m['test_ndcg_at_10']:.4f}, test HR@10 {m['test_hr_at_10']:.4f}")
 
     reg = outcome.registration

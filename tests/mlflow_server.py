@@ -5,6 +5,7 @@ A test module takes it as its own module-scoped fixture: ``mlflow_server = mlflo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,18 +29,19 @@ def _healthy(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="module", name="mlflow_server")
-def mlflow_server_fixture(tmp_path_factory):
-    """URL of a fresh `mlflow server` on 127.0.0.1; stopped (whole process group) at teardown."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, artifacts: str | None = None, env: dict | None = None):
+    """URL of an `mlflow server` on 127.0.0.1 (SQLite under ``root``, artifacts served from
+    ``artifacts``: ``root/artifacts`` or a URI such as ``s3://bucket/mlflow``); stopped (whole process
+    group) on exit. ``env``: the server's environment (default: this process's, without MLFLOW_*)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     command = [str(mlflow_cli)] if mlflow_cli.exists() else [sys.executable, "-m", "mlflow"]
     command += ["server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                 "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
-                "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+                "--serve-artifacts", "--artifacts-destination", artifacts or str(root / "artifacts")]
+    env = {k: v for k, v in (env or os.environ).items() if not k.startswith("MLFLOW_")}
     # No background job consumers (seven extra processes, ~10 s of start-up) and no telemetry.
     env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
     log = open(root / "server.log", "wb")
@@ -62,3 +64,10 @@ def mlflow_server_fixture(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module", name="mlflow_server")
+def mlflow_server_fixture(tmp_path_factory):
+    """URL of a fresh `mlflow server` on 127.0.0.1 for the test module."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from llmrec_dist import __version__, console
+from llmrec_dist.storage import StorageError
 from llmrec_dist.cli import bench, chain, evaluate, prepare, quickstart, recommend, serve, train, tune
 from llmrec_dist.config import ConfigError
 from llmrec_dist.data.dataset_format import DatasetError
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if session.used_ray:  # what Ray and MLflow said is in the file
             console.say_err(f"full log: {console.shown_path(session.path)}")
         return code
-    except (ConfigError, DatasetError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetError, FileNotFoundError, StorageError) as exc:
         log.info("refused: %s", exc, exc_info=True)  # the traceback in the log file only
         print(f"llmrec-dist {args.verb}: {exc}", file=sys.stderr)
         return 2

@@ -92,7 +92,7 @@ def print_outcome(outcome, as_json: bool = False) -> None:
         return
     m = outcome.metrics
     chosen = (f"refit through the validation item, {m['refit_epochs']} epochs" if m.get("refit_epochs")
-              else f"best epoch {m.get('best_epoch')} of {m.get('epochs_run')}")
+              else f"best epoch {int(m.get('best_epoch', 0)) + 1} of {m.get('epochs_run')}")  # 1-based, as the epoch lines
     say(f"\nrun {outcome.run_id}: {chosen}, {outcome.seconds:.0f} s")
     for split in ("valid", "test", "test_cold"):
         cells = [f"{name}@{k}={m[f'{split}_{name}_at_{k}']:.4f}"

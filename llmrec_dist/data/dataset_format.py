@@ -30,8 +30,11 @@ any split, only as valid/test ``target`` (whose row then has ``cold`` true), and
 0. A user whose train sequence held only cold items has no train row (valid and test keep one
 row per user). Datasets prepared before the ``cold`` columns existed read as all-false.
 
-A dataset location is a local folder or, for readers, a URI that ``pyarrow.fs`` understands
-(``s3://bucket/ds``, ``gs://...``); writing is local only.
+A dataset location is a local folder or a URI that ``pyarrow.fs`` understands (``s3://bucket/ds``,
+``gs://...``). ``prepare`` writes a URI by staging the dataset locally, uploading it under a hidden
+sibling prefix (``s3://bucket/.ds.tmp-<random>/``), then copying it into place server-side with
+``manifest.json`` last: a prefix without a manifest is not a dataset (readers refuse it), and a
+failure removes whatever was written.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -222,6 +226,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
                 f"{str(path)!r} is not a prepared dataset folder: it has no {MANIFEST_FILE} "
                 "(create one with `llmrec-dist prepare`)"
             )
+    elif not storage.exists(location):
+        raise FileNotFoundError(f"{str(path)!r} is not a prepared dataset: it has no {MANIFEST_FILE} "
+                                "(create one with `llmrec-dist prepare --output URI`)")
     try:
         manifest = json.loads(_read_text(location))
     except json.JSONDecodeError as err:
@@ -303,7 +310,11 @@ def read_parquet_file(location: str | os.PathLike, columns: list[str] | None = N
         raise FileNotFoundError(f"{location}: missing; {remedy}")
     try:
         return pq.read_table(location, columns=columns)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{location}: missing; {remedy}") from None
     except (pa.ArrowException, OSError) as err:
+        if (named := storage.storage_error(location, err)) is not None:
+            raise named from None
         raise DatasetError(f"{location}: not a readable Parquet file ({arrow_error_reason(err)}); {remedy}") from None
 
 
@@ -548,8 +559,20 @@ def check_output_free(output: str | os.PathLike, overwrite: bool) -> None:
 
     Without ``overwrite`` any existing path is refused. With it, only a prepared dataset (a
     folder holding ``manifest.json``) or an empty folder is replaced, so a mistyped path can
-    never delete unrelated files.
+    never delete unrelated files. A URI's bucket must exist and be reachable
+    (:class:`llmrec_dist.storage.StorageError` otherwise).
     """
+    if storage.is_uri(output):
+        storage.require_bucket(output)
+        present = storage.list_files(output)
+        if present and not overwrite:
+            raise FileExistsError(f"output {str(output)!r} already exists; pass --overwrite (overwrite=True) "
+                                  "to replace it")
+        if present and MANIFEST_FILE not in present:
+            raise FileExistsError(f"output {str(output)!r} holds {len(present)} objects and is not a prepared "
+                                  f"dataset (no {MANIFEST_FILE}); refusing to replace it even with --overwrite; "
+                                  "choose another prefix or remove them")
+        return
     output = Path(output)
     blocked = next((parent for parent in output.absolute().parents if parent.exists()), None)
     if blocked is not None and not blocked.is_dir():
@@ -576,8 +599,12 @@ def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Ite
     The temporary folder ``.<name>.tmp-<random>`` sits next to ``output`` (same filesystem,
     so the final ``os.rename`` is atomic). On any exception it is removed and ``output`` is
     left as it was. With ``overwrite`` an existing dataset is renamed aside, the new one is
-    renamed into place, and only then is the old one deleted.
+    renamed into place, and only then is the old one deleted. For a URI see :func:`_atomic_output_uri`.
     """
+    if storage.is_uri(output):
+        with _atomic_output_uri(str(output).rstrip("/"), overwrite) as folder:
+            yield folder
+        return
     output = Path(output).absolute()
     check_output_free(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -604,6 +631,39 @@ def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Ite
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _atomic_output_uri(output: str, overwrite: bool) -> Iterator[Path]:
+    """The dataset is built in a local temporary folder (``$TMPDIR``), uploaded under the hidden
+    sibling prefix ``.<name>.tmp-<random>`` (an old dataset at ``output`` stays whole meanwhile), then
+    copied into ``output`` on the store with ``manifest.json`` last. Any failure removes what was
+    written under ``output`` and the staging prefix."""
+    check_output_free(output, overwrite)
+    parent, name = output.rsplit("/", 1)
+    staging = f"{parent}/.{name}.tmp-{secrets.token_hex(6)}"
+    with tempfile.TemporaryDirectory(prefix="llmrec-prepare-") as temp:
+        yield Path(temp)
+        files = storage.list_files(temp)
+        ordered = [f for f in files if f != MANIFEST_FILE] + [MANIFEST_FILE]
+        copied = False
+        try:
+            storage.upload(temp, staging, ordered)
+            check_output_free(output, overwrite)  # it may have appeared while we worked
+            old = storage.list_files(output)
+            if old:  # the manifest first: from here on readers see no dataset
+                storage.delete(output, [MANIFEST_FILE])
+                storage.delete(output, [f for f in old if f != MANIFEST_FILE])
+            copied = True
+            storage.copy(staging, output, ordered)
+        except BaseException:
+            if copied:
+                with contextlib.suppress(OSError):
+                    storage.delete(output, ordered)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                storage.delete(staging, ordered)
 
 
 def checked_manifest(path: str | os.PathLike, verify_hash: bool = True) -> dict:
