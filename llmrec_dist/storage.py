@@ -89,6 +89,22 @@ def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         return pafs.FileSystem.from_uri(location)
 
 
+def uri_of(fs: pafs.FileSystem, path: str) -> str:
+    """The location of ``path`` inside ``fs`` as this module takes it: a local path, or a URI with the
+    scheme that Ray's results (a ``Checkpoint``'s path) leave out."""
+    scheme = {"s3": "s3", "gcs": "gs", "abfs": "abfs", "hdfs": "hdfs"}.get(fs.type_name)
+    return f"{scheme}://{path.lstrip('/')}" if scheme and not is_uri(path) else path
+
+
+def like(root: str | os.PathLike, path: str) -> str:
+    """``path`` (a path that Ray's results give without a scheme) as a location beside ``root``: with
+    ``root``'s scheme when ``root`` is a URI, unchanged otherwise."""
+    root = str(root)
+    if not is_uri(root) or is_uri(path) or root.startswith("file://"):
+        return path
+    return f"{root.split('://', 1)[0]}://{path.lstrip('/')}"
+
+
 def join(root: str | os.PathLike, *parts: str) -> str:
     return "/".join([str(root).rstrip("/"), *parts])
 
@@ -145,6 +161,8 @@ def upload(folder: str | os.PathLike, location: str | os.PathLike, files: list[s
     root = path.rstrip("/")
     with errors_named(location):
         for name in files:
+            if isinstance(fs, pafs.LocalFileSystem):  # object stores have no folders to make
+                fs.create_dir(f"{root}/{name}".rsplit("/", 1)[0], recursive=True)
             pafs.copy_files(os.path.join(folder, name), f"{root}/{name}", destination_filesystem=fs)
 
 

@@ -41,8 +41,11 @@ class S3Server:
         return f"s3://{name}"
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """The objects under ``prefix``, without the empty ``folder/`` markers pyarrow leaves behind it
+        when it deletes a folder's last file (no reader sees them as data)."""
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", [])
+                      if not (obj["Key"].endswith("/") and obj["Size"] == 0))
 
 
 def _up(url: str) -> bool:

@@ -258,6 +258,7 @@ def test_a_sweep_reads_its_shards_from_s3_and_keeps_its_state_there(s3, tmp_path
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "s3-sweep",
                    "registered_model": ""},
         "search": {"space": {"train.lr": {"grid": [1e-3, 3e-3]}}, "num_samples": 1, "max_concurrent_trials": 1,
+                   "scheduler": "none",
                    "storage_path": f"{bucket}/sweeps", "name": "lr"}}))
     done = cli(s3.env, tmp_path, "tune", "--config", str(config))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -663,7 +663,7 @@ def _atomic_output_uri(output: str, overwrite: bool) -> Iterator[Path]:
             raise
         finally:
             with contextlib.suppress(OSError):
-                storage.delete(staging, ordered)
+                storage.delete(staging)
 
 
 def checked_manifest(path: str | os.PathLike, verify_hash: bool = True) -> dict:

@@ -237,7 +237,8 @@ def trial_rows(results, sweep: SweepConfig, parent_run_id: str, tracking_uri: st
                 history = [(int(e), float(v)) for e, v in zip(per_epoch["epochs_done"], per_epoch[metric])]
             if "checkpoint_path" in frame:
                 paths = frame["checkpoint_path"].dropna()
-                checkpoint = str(paths.iloc[-1]) if len(paths) else None
+                # Ray Train's path has no scheme: on an object store it is made a URI again
+                checkpoint = storage.like(sweep.search.storage_path, str(paths.iloc[-1])) if len(paths) else None
         if result.error is not None:
             status = "failed"
         elif metrics.get("final"):

@@ -306,7 +306,8 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
                 raise stop from None
             raise
         metrics = dict(result.return_value or result.metrics or {})
-        outcome = TrainOutcome(run_id, tracking_uri, metrics, result.checkpoint.path)
+        outcome = TrainOutcome(run_id, tracking_uri, metrics,
+                               storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path))
         with result.checkpoint.as_directory() as checkpoint_dir:
             published = publish_model(Path(checkpoint_dir), cfg, manifest, tracking_uri, run_id,
                                       cfg.selection_metric(), metrics)
