@@ -521,16 +521,77 @@ def _cold_flags(table: pa.Table) -> np.ndarray:
     return table.column(COLD_FIELD.name).to_numpy().astype(bool)
 
 
+def _part_column(location: str, name: str, rows: int | None = None) -> pa.ChunkedArray:
+    """One column of one part file (an all-false ``cold`` for files from before it existed)."""
+    if name == COLD_FIELD.name and name not in pq.read_schema(location).names:
+        return pa.chunked_array([pa.array(np.zeros(rows or 0, dtype=bool))])
+    table = read_parquet_file(location, columns=[name])
+    if name not in table.column_names:
+        raise DatasetError(f"{location}: does not have the layout's column {name!r}; {_REPREPARE}")
+    return table.column(name)
+
+
+def content_hash_of_files(path: str | os.PathLike, manifest: dict | None = None) -> str:
+    """:func:`compute_content_hash` of a prepared dataset, read one column of one part file at a time, so
+    that memory stays that of one part whatever the dataset's size. The parts are in user order, as
+    ``prepare`` writes them; a dataset whose rows are not (rewritten by hand) is hashed whole instead."""
+    manifest = manifest or read_manifest(path)
+    files = {split: [_join(path, relative) for relative in manifest["shards"][split]] for split in SPLITS}
+    users = {split: [_part_column(f, "user_idx").to_numpy() for f in files[split]] for split in SPLITS}
+    if any(np.any(np.diff(np.concatenate(parts or [np.zeros(0, np.int32)]).astype(np.int64)) <= 0)
+           for parts in users.values()):
+        feedback = feedback_of(manifest) is not None
+        return compute_content_hash(read_items(path), {s: read_split(path, s, feedback=feedback) for s in SPLITS})
+    items = read_items(path)
+    digest = hashlib.sha256(_CONTENT_HASH_TAG)
+    digest.update(b"items\n")
+    _hash_ints(digest, items.column("item_idx").to_numpy())
+    _hash_strings(digest, items.column("item_id"))
+    _hash_strings(digest, items.column("text"))
+    rows = {split: [len(part) for part in users[split]] for split in SPLITS}
+    for split in SPLITS:
+        digest.update(split.encode() + b"\n")
+        for part in users[split]:
+            _hash_ints(digest, part)
+        lists = [_part_column(location, "items").combine_chunks() for location in files[split]]
+        for values in lists:
+            _hash_ints(digest, pc.list_value_length(values).fill_null(-1).to_numpy())
+        for values in lists:
+            _hash_ints(digest, values.flatten().to_numpy(zero_copy_only=False))
+        del lists
+        if split != "train":
+            for location in files[split]:
+                _hash_ints(digest, _part_column(location, "target").to_numpy())
+    cold = [_cold_flags(items)] + [
+        np.concatenate([_part_column(f, COLD_FIELD.name, n).to_numpy(zero_copy_only=False).astype(bool)
+                        for f, n in zip(files[s], rows[s])] or [np.zeros(0, dtype=bool)])
+        for s in ("valid", "test")]
+    if any(flags.any() for flags in cold):
+        digest.update(b"cold\n")
+        for flags in cold:
+            _hash_ints(digest, flags)
+    if feedback_of(manifest) is not None:
+        digest.update(b"feedback\n")
+        for split in SPLITS:
+            for location in files[split]:
+                _hash_floats(digest, _part_column(location, FEEDBACK_FIELD.name).combine_chunks().flatten())
+            if split != "train":
+                for location in files[split]:
+                    _hash_floats(digest, _part_column(location, TARGET_FEEDBACK_FIELD.name))
+    return "sha256:" + digest.hexdigest()
+
+
 def verify_dataset(path: str | os.PathLike) -> dict:
-    """Recompute the content hash from the files and compare it with the manifest's.
+    """Recompute the content hash from the files (:func:`content_hash_of_files`, one part at a time) and
+    compare it with the manifest's.
 
     Returns the manifest. Raises :class:`DatasetError` naming both hashes when they differ (a shard
     was changed, replaced or lost after ``prepare``), and the errors of ``read_manifest`` and
     ``read_split`` (missing or unreadable files, named).
     """
     manifest = read_manifest(path)
-    feedback = feedback_of(manifest) is not None
-    actual = compute_content_hash(read_items(path), {s: read_split(path, s, feedback=feedback) for s in SPLITS})
+    check_files(path)
+    actual = content_hash_of_files(path, manifest)
     if actual != manifest["content_hash"]:
         raise DatasetError(
             f"dataset {str(path)!r} does not match its manifest: manifest content_hash "
