@@ -273,7 +273,13 @@ class EvalConfig:
     coverage_k: int = setting(10, "K for catalogue coverage@K.", check=_positive)
     metric: str = setting("ndcg_at_10", "Validation metric used for early stopping, checkpoint selection "
                                    "and champion gating (`{metric}_at_{k}` with k in eval.ks).")
-    batch_size: int = setting(256, "Users scored per evaluation batch on each worker.", check=_positive)
+    batch_size: int = setting(256, "Users scored per evaluation batch on each worker (fewer when the catalogue "
+                                    "is large: a batch's score matrix is kept under 2^25 scores, 128 MB).",
+                              check=_positive)
+    max_users: int = setting(0, "0 = rank every user of valid and test. N > 0: a fixed subset of about N users, "
+                                "every ceil(users / N)-th by user_idx, the same in every epoch and run: for user "
+                                "bases too large to rank over the whole catalogue every epoch (the metrics then "
+                                "estimate the full figures).", check=_non_negative)
     freq_buckets: list[int] = setting(
         factory=lambda: [1, 5, 20],
         doc="Also report HR/NDCG/MRR@K of the rows whose target falls in each bucket of training frequency "

@@ -62,20 +62,29 @@ def _list_column(table: pa.Table, name: str) -> list[np.ndarray]:
     return [values[offsets[i]:offsets[i + 1]] for i in range(len(col))]
 
 
-def load_eval_rows(dataset_path: str, split: str, rank: int = 0, world_size: int = 1) -> EvalRows:
-    """This rank's share (every ``world_size``-th row, in user order) of the ``valid`` or ``test`` split.
+def load_eval_rows(dataset_path: str, split: str, rank: int = 0, world_size: int = 1,
+                   max_users: int = 0) -> EvalRows:
+    """This rank's share (every ``world_size``-th row, in user order) of the ``valid`` or ``test`` split;
+    with ``max_users`` > 0, of its fixed subset of every ``ceil(rows / max_users)``-th row.
 
-    ``cold`` is all false for datasets prepared before the column existed. ``freq`` is each target's
-    ``popularity`` in items.parquet (read once): its count in the *train* split's histories, whatever
-    the model trained on, so a refit's test rows are still bucketed by the train split's counts.
+    Read one part file at a time, keeping only this rank's rows: memory is this rank's share, not the
+    split's. ``cold`` is all false for datasets prepared before the column existed. ``freq`` is each
+    target's ``popularity`` in items.parquet (read once): its count in the *train* split's histories,
+    whatever the model trained on, so a refit's test rows are still bucketed by the train split's counts.
     """
-    tables = []
-    for file in split_files(dataset_path, split):
+    files = split_files(dataset_path, split)
+    total = sum(pq.read_metadata(f).num_rows for f in files) if max_users > 0 else 0
+    stride = max(1, -(-total // max_users)) if max_users > 0 else 1
+    tables, first = [], 0
+    for file in files:
         names = pq.read_schema(file).names
         columns = ["user_idx", "items", "target"] + [COLD_FIELD.name] * (COLD_FIELD.name in names)
-        tables.append(with_cold_column(pq.read_table(file, columns=columns)))
+        table = with_cold_column(pq.read_table(file, columns=columns))
+        position = np.arange(first, first + len(table))  # row number in the split (parts are in user order)
+        first += len(table)
+        kept = (position % stride == 0) & ((position // stride) % world_size == rank)
+        tables.append(table.filter(pa.array(kept)))
     table = pa.concat_tables(tables).sort_by("user_idx")
-    table = table.take(np.arange(rank, len(table), world_size))
     targets = table.column("target").to_numpy().astype(np.int64)
     return EvalRows(_list_column(table, "items"), targets, table.column(COLD_FIELD.name).to_numpy().astype(bool),
                     item_popularity(dataset_path)[targets])
@@ -118,6 +127,16 @@ def length_sorted_batches(rows: EvalRows, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+SCORE_BUDGET = 1 << 25  # scores in one evaluation batch's [users, items] matrix (128 MB of float32)
+
+
+def eval_batch_rows(batch_size: int, num_items: int) -> int:
+    """Users per evaluation batch: ``eval.batch_size``, fewer when the catalogue is so large that a
+    batch's score matrix would pass :data:`SCORE_BUDGET` (a 10^6-item catalogue: 33 users a batch), so
+    that full-ranking memory stays bounded whatever the catalogue's size."""
+    return max(1, min(batch_size, SCORE_BUDGET // (num_items + 1)))
+
+
 @torch.no_grad()
 def item_table(model) -> torch.Tensor:
     """Every item's vector [N + 1, H], computed once per evaluation.
@@ -154,7 +173,7 @@ def evaluate(model, rows: EvalRows, num_items: int, cfg: EvalConfig, max_len: in
     subsets = row_subsets(rows, cfg.freq_buckets)
     acc = RankingAccumulator(cfg.ks, num_items, cfg.coverage_k, device=device)
     subset_accs = [RankingAccumulator(cfg.ks, num_items, None, device=device) for _ in subsets]
-    for idx in length_sorted_batches(rows, cfg.batch_size):
+    for idx in length_sorted_batches(rows, eval_batch_rows(cfg.batch_size, num_items)):
         batch = eval_batch([rows.histories[i] for i in idx], rows.targets[idx], max_len, cfg.exclude_seen)
         batch = {k: v.to(device) for k, v in batch.items()}
         scores = rankable_scores(model.score_next(batch["seq"], table).float(), batch["targets"],

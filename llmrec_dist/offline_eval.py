@@ -56,7 +56,7 @@ def evaluate_here(folder: Path, data_path: str, split: str, cfg: EvalConfig, ran
         [pairs] = task_pairs(data_path, manifest, record, (split,), rank, world)
         return evaluate_pairs(model.to(device), pairs, record_rule(record, manifest), cfg.batch_size, device,
                               prefix=f"{split}_")
-    rows = load_eval_rows(data_path, split, rank, world)
+    rows = load_eval_rows(data_path, split, rank, world, cfg.max_users)
     return evaluate(model.to(device), rows, manifest_num_items(manifest), cfg, meta["model"]["max_len"],
                     device, prefix=f"{split}_")
 

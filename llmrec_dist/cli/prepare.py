@@ -127,6 +127,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "that is not stored, so user keys cannot be linked across datasets)",
     )
 
+    stream = parser.add_argument_group(
+        "streaming (data larger than memory)",
+        "--stream prepares in bounded memory, whatever the input's size: rows are hashed by user into bucket "
+        "files (in $TMPDIR, about the input's size), then each bucket is sorted, split and written as one "
+        "part per split. For --source generic (--interactions may then be a folder of Parquet files) and "
+        "--source synthetic (a generator that streams too: --synthetic-interactions). Not with "
+        "--item-min-interactions, --cold-items, --rating-col/--label-col or --user-attrs")
+    stream.add_argument("--stream", action="store_true", help="prepare in bounded memory (see above)")
+    stream.add_argument(
+        "--synthetic-interactions", type=_at_least(5), default=None, metavar="N",
+        help="with --source synthetic --stream: interactions to generate, >= 5 x --synthetic-users "
+        "(default: 10 x --synthetic-users)")
+    stream.add_argument(
+        "--rows-per-bucket", type=_at_least(1000), default=None, metavar="N",
+        help="input rows per bucket (and part file) with --stream; memory grows with it (default: 1000000)")
+
     movielens = parser.add_argument_group("source movielens")
     movielens.add_argument("--input", metavar="PATH", help="MovieLens folder or .zip")
 
@@ -261,6 +277,18 @@ def _problems(args: argparse.Namespace) -> list[str]:
                 for d, default in flags.items()
                 if getattr(args, d) != default
             ]
+    if args.stream:
+        if args.source not in ("generic", "synthetic"):
+            problems.append("--stream is for --source generic or synthetic")
+        refused = {"item_min_interactions": 0, "cold_items": 0.0, "rating_col": None, "label_col": None,
+                   "user_attrs": None, "shards": None}
+        problems += [f"{_flag(d)} is not available with --stream (it needs the whole table in memory)"
+                     for d, default in refused.items() if getattr(args, d) != default]
+        if args.encoding.lower().replace("-", "") != "utf8":
+            problems.append("--encoding: --stream reads UTF-8 text only")
+    else:
+        problems += [f"{_flag(d)} needs --stream" for d in ("synthetic_interactions", "rows_per_bucket")
+                     if getattr(args, d) is not None]
     if args.source != "synthetic":
         problems += [
             f"{_flag(d)} is only used with --source synthetic"
@@ -275,6 +303,29 @@ def _problems(args: argparse.Namespace) -> list[str]:
 def _one_line(err: Exception) -> str:
     text = " ".join(str(err).split())
     return text or type(err).__name__
+
+
+def _prepare_streaming(args: argparse.Namespace) -> dict:
+    from llmrec_dist.data.streaming import ROWS_PER_BUCKET, generate_interactions, prepare_streaming
+
+    options = {"min_interactions": args.min_interactions, "user_hash_key": args.user_hash_key,
+               "overwrite": args.overwrite, "rows_per_bucket": args.rows_per_bucket or ROWS_PER_BUCKET}
+    if args.source == "generic":
+        return prepare_streaming(args.interactions, args.items, args.output, user_col=args.user_col,
+                                 item_col=args.item_col, time_col=args.time_col or None, item_id_col=args.item_id_col,
+                                 text_cols=args.text_cols, **options)
+    import tempfile
+
+    from llmrec_dist.data.dataset_format import check_output_free
+
+    check_output_free(args.output, args.overwrite)  # before generating
+    interactions = args.synthetic_interactions or 10 * args.synthetic_users
+    with tempfile.TemporaryDirectory(prefix="llmrec-synthetic-") as raw:
+        generated = generate_interactions(raw, users=args.synthetic_users, items=args.synthetic_items,
+                                          interactions=interactions, seed=args.seed)
+        info = {"type": "synthetic", "variant": f"synthetic-{generated['generator']}", "parameters": generated}
+        return prepare_streaming(f"{raw}/interactions", f"{raw}/items.parquet", args.output, item_id_col="item_id",
+                                 text_cols=["title"], source_info=info, **options)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -305,22 +356,25 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     try:
-        manifest = prepare_dataset(
-            args.source,
-            args.output,
-            input=args.input,
-            overwrite=args.overwrite,
-            min_interactions=args.min_interactions,
-            item_min_interactions=args.item_min_interactions,
-            user_hash_key=args.user_hash_key,
-            num_shards=args.shards,
-            seed=args.seed,
-            synthetic=synthetic,
-            generic=generic,
-            sequences=sequences,
-            cold_items=args.cold_items,
-            user_attributes={"file": args.user_attrs, "columns": args.user_attr_cols} if args.user_attrs else None,
-        )
+        if args.stream:
+            manifest = _prepare_streaming(args)
+        else:
+            manifest = prepare_dataset(
+                args.source,
+                args.output,
+                input=args.input,
+                overwrite=args.overwrite,
+                min_interactions=args.min_interactions,
+                item_min_interactions=args.item_min_interactions,
+                user_hash_key=args.user_hash_key,
+                num_shards=args.shards,
+                seed=args.seed,
+                synthetic=synthetic,
+                generic=generic,
+                sequences=sequences,
+                cold_items=args.cold_items,
+                user_attributes={"file": args.user_attrs, "columns": args.user_attr_cols} if args.user_attrs else None,
+            )
     except (PrepareError, ValueError, OSError) as err:
         # Bad input, bad option values (e.g. an unknown --encoding), an output that may not be written
         # (FileExistsError) or cannot be (permissions, a file in the way): one line, exit 2. Nothing is

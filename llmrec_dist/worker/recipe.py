@@ -476,8 +476,8 @@ def setup(loop_config: dict) -> WorkerRun:
     refit = cfg.train.refit_epochs > 0
     task = None
     if cfg.task.type == "next_item":
-        valid_rows = None if refit else load_eval_rows(cfg.data.path, "valid", rank, world)
-        test_rows = load_eval_rows(cfg.data.path, "test", rank, world)
+        valid_rows = None if refit else load_eval_rows(cfg.data.path, "valid", rank, world, cfg.eval.max_users)
+        test_rows = load_eval_rows(cfg.data.path, "test", rank, world, cfg.eval.max_users)
     else:  # rating/click: (history, candidate, label) pairs on the same split
         record = task_record(cfg.to_dict()["task"], manifest, cfg.train.seed)
         valid_rows, test_rows = task_pairs(cfg.data.path, manifest, record, ("valid", "test"), rank, world)
