@@ -14,7 +14,7 @@ from llmrec_dist.bench.memory import DEFAULT_SIZES
 from llmrec_dist.bench.serve_load import SCENARIOS as SERVE_SCENARIOS
 
 KINDS = ("quality", "speed", "ingest", "memory", "lm-memory", "startup", "towers", "rating-baselines", "rerank",
-         "diversity", "explain", "serve", "privacy", "report")
+         "diversity", "explain", "serve", "privacy", "growth", "report")
 
 
 def _common(p, config_required: bool = True) -> None:
@@ -261,6 +261,23 @@ def add_parser(sub) -> None:
                     help="move the served alias to this version half-way through the first scenario")
     sv.add_argument("overrides", nargs="*", metavar="serve.key=value", help="with --model: serve config overrides")
 
+    gr = kinds.add_parser("growth", help="prepare --stream and one training epoch at 10^6..10^8 interactions",
+                          description="For each --sizes: generate that many synthetic interactions (users = "
+                                      "interactions / 10, --items items with text), prepare them with prepare "
+                                      "--stream, and train --config for one epoch (sizes up to --train-max): wall "
+                                      "time, rows/s and peak RSS of each process, the epoch's training seconds and "
+                                      "every worker's peak RSS, validation users/s over the full catalogue "
+                                      "(eval.max_users users). Sizes above --train-max are extrapolated from the "
+                                      "largest trained size, and say so.")
+    _common(gr)
+    gr.add_argument("--sizes", type=_int_list, default=[10**6, 10**7, 10**8],
+                    help="interactions per size, comma-separated (default 1e6,1e7,1e8)")
+    gr.add_argument("--items", type=_positive, default=10**6, help="catalogue size at every size (default 1e6)")
+    gr.add_argument("--train-max", type=_positive, default=10**7,
+                    help="train one epoch only at sizes up to this (default 1e7)")
+    gr.add_argument("--work", default="bench-growth", help="folder for the generated and prepared data, the "
+                                                           "runs and MLflow (default bench-growth)")
+
     r = kinds.add_parser("report", help="write the results table (docs/benchmarks.md) from the JSON files",
                          description="Render every benchmark JSON in --results as one Markdown table; with "
                                      "--readme FILE, replace the table between FILE's result markers.")
@@ -304,6 +321,8 @@ def run(args) -> int:
         return _serve_load(args)
     if args.kind == "privacy":
         return _privacy(args)
+    if args.kind == "growth":
+        return _growth(args)
 
     from llmrec_dist.config import load_config
 
@@ -513,6 +532,34 @@ def _privacy(args) -> int:
     run_id = log_to_mlflow(resolve_tracking_uri(cfg.mlflow.tracking_uri), args.experiment, settings, rows, text,
                            [png, path])
     print(f"wrote {path} and {png}; logged to MLflow run {run_id} (experiment {args.experiment})")
+    return 0
+
+
+def _growth(args) -> int:
+    from llmrec_dist.bench import common
+    from llmrec_dist.bench.growth import COLUMNS, growth_summary, run_size
+    from llmrec_dist.config import ConfigError, load_config
+
+    try:
+        load_config(args.config, [*args.overrides, "data.path=."])  # a bad config fails before hours of data
+    except ConfigError as err:
+        print(f"llmrec-dist bench growth: {err}", file=sys.stderr)
+        return 2
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in sorted(args.sizes):
+        rows.append(run_size(size, args.items, work, str(Path(args.config).resolve()), args.overrides,
+                             train=size <= args.train_max))
+        print(common.table(rows[-1:], COLUMNS), flush=True)
+    summary = growth_summary(rows)
+    print(common.table(rows, COLUMNS))
+    print(json.dumps(summary, indent=2))
+    settings = {"file": args.config, "overrides": args.overrides, "sizes": args.sizes, "items": args.items,
+                "train_max": args.train_max}
+    path = common.write_result(args.out, "growth", label=args.label, config=settings,
+                               figures={"rows": rows, "summary": summary}, command=_command())
+    print(f"wrote {path}")
     return 0
 
 
