@@ -449,3 +449,30 @@ def test_probe_takes_options_before_overrides_and_honours_the_sampled_loss(synth
     full = probe.main(common_args + ["train.loss=full"])[0]["train_loss"]
     sampled = probe.main(common_args + ["train.loss=sampled", "train.num_negatives=5"])[0]["train_loss"]
     assert abs(sampled - full) > 0.1  # 4.63 vs 4.22 (logQ-corrected, 5 negatives)
+
+
+def test_growth_summary_and_rows_compare_the_smallest_and_largest_sizes(tmp_path):
+    from llmrec_dist.bench.growth import growth_summary
+    from llmrec_dist.bench.report import render
+
+    def row(n, seconds, peak, trained, train_seconds=None, worker=None):
+        r = {"interactions": n, "users": n // 10, "items": 1000, "prepare_seconds": seconds, "prepare_peak_mb": peak,
+             "prepare_rows_per_s": n / seconds, "parts_per_split": 2,
+             "prepared": {"items": 900, "train_interactions": n * 8 // 10}, "trained": trained}
+        if trained:
+            r.update(train_seconds=train_seconds, worker_peak_mb=worker,
+                     train_interactions_per_s=r["prepared"]["train_interactions"] / train_seconds,
+                     eval_users_per_s=50.0)
+        return r
+
+    rows = [row(10**6, 10, 300, True, 100, 1500), row(10**7, 110, 330, True, 1000, 1530), row(10**8, 1000, 345, False)]
+    summary = growth_summary(rows)
+    assert summary["prepare_time_ratio_per_interaction"] == pytest.approx(1.0)  # 100x rows, 100x time: linear
+    assert summary["prepare_peak_ratio"] == pytest.approx(1.15) and summary["prepare_peak_goal_met"]
+    assert summary["train_time_ratio_per_interaction"] == pytest.approx(1.0)
+    assert summary["extrapolated_epoch_seconds"] == {"100000000": pytest.approx(8 * 10**7 / 8000)}
+    _result(tmp_path, "growth", {"rows": rows, "summary": summary})
+    text = render(common.read_results(tmp_path))
+    assert ("| growth: 100,000,000 interactions | prepare --stream 1000 s (100,000 rows/s, peak 345 MB) · epoch not "
+            "run: ~2.8 h extrapolated |") in text
+    assert "full-ranking validation 50 users/s over 900 items" in text

@@ -233,10 +233,33 @@ def _privacy_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
              f"{r['members']} members, {r['non_members']} held out") for r in f["rows"]]
 
 
+def _growth_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
+    f = data["figures"]
+    rows = []
+    for r in f["rows"]:
+        value = (f"prepare --stream {r['prepare_seconds']:.0f} s ({r['prepare_rows_per_s']:,.0f} rows/s, peak "
+                 f"{r['prepare_peak_mb']:,.0f} MB)")
+        if r.get("trained"):
+            value += (f" · epoch {r['train_seconds']:.0f} s ({r['train_interactions_per_s']:,.0f} interactions/s, "
+                      f"worker peak {r['worker_peak_mb']:,.0f} MB)")
+        else:
+            extrapolated = f.get("summary", {}).get("extrapolated_epoch_seconds", {}).get(str(r["interactions"]))
+            value += (f" · epoch not run: ~{extrapolated / 3600:.1f} h extrapolated" if extrapolated else
+                      " · epoch not run")
+        detail = (f"{r['users']:,} users, {r['prepared']['items']:,} items in use; {r.get('parts_per_split', '-')} "
+                  f"parts per split")
+        if r.get("eval_users_per_s"):
+            detail += (f"; full-ranking validation {r['eval_users_per_s']:,.0f} users/s over "
+                       f"{r['prepared']['items']:,} items")
+        rows.append((f"growth: {r['interactions']:,} interactions", value, detail))
+    return rows
+
+
 RENDERERS = {"quality": _quality_rows, "rating-baselines": _rating_baseline_rows, "speed": _speed_rows,
              "ingest": _ingest_rows, "memory": _memory_rows, "lm-memory": _lm_memory_rows, "startup": _startup_rows,
              "towers": _towers_rows, "rerank": _rerank_rows, "diversity": _diversity_rows,
-             "explain": _explain_rows, "serve": _serve_rows, "privacy": _privacy_rows}
+             "explain": _explain_rows, "serve": _serve_rows, "privacy": _privacy_rows,
+             "growth": _growth_rows}
 
 
 def render(results: dict[str, dict]) -> str:
