@@ -40,7 +40,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 import llmrec_dist
@@ -155,11 +154,15 @@ def _batches(files: list[Path], columns: list[str], batch_rows: int) -> Iterator
                 for batch in rd:
                     yield batch
             return
-        dataset = pads.dataset([str(f) for f in files], format="parquet")
-        missing = [c for c in columns if c not in dataset.schema.names]
-        if missing:
-            raise PrepareError(display, None, f"no column {missing[0]!r} (columns: {', '.join(dataset.schema.names)})")
-        yield from dataset.to_batches(columns=columns, batch_size=batch_rows)
+        # File by file, batch by batch, nothing read ahead (Arrow's dataset scanner reads ahead of a slow
+        # consumer without bound: ~100 MB a batch here): memory is one batch's, whatever the input's size.
+        for file in files:
+            reader = pq.ParquetFile(file)
+            missing = [c for c in columns if c not in reader.schema_arrow.names]
+            if missing:
+                raise PrepareError(str(file), None, f"no column {missing[0]!r} (columns: "
+                                                    f"{', '.join(reader.schema_arrow.names)})")
+            yield from reader.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as err:
         raise PrepareError(display, None, f"cannot read: {str(err).splitlines()[0]}") from None
 
