@@ -466,6 +466,7 @@ def test_growth_summary_and_rows_compare_the_smallest_and_largest_sizes(tmp_path
         return r
 
     rows = [row(10**6, 10, 300, True, 100, 1500), row(10**7, 110, 330, True, 1000, 1530), row(10**8, 1000, 345, False)]
+    rows[-1].update(eval_users_per_s=20.0, worker_peak_mb=2000.0, eval_only_trained_sequences=10000)
     summary = growth_summary(rows)
     assert summary["prepare_time_ratio_per_interaction"] == pytest.approx(1.0)  # 100x rows, 100x time: linear
     assert summary["prepare_peak_ratio"] == pytest.approx(1.15) and summary["prepare_peak_goal_met"]
@@ -476,3 +477,5 @@ def test_growth_summary_and_rows_compare_the_smallest_and_largest_sizes(tmp_path
     assert ("| growth: 100,000,000 interactions | prepare --stream 1000 s (100,000 rows/s, peak 345 MB) · epoch not "
             "run: ~2.8 h extrapolated |") in text
     assert "full-ranking validation 50 users/s over 900 items" in text
+    assert "full-ranking validation 20 users/s over 900 items (worker peak 2,000 MB, in a run that trained 10,000 users" \
+        in text

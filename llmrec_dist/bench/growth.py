@@ -4,8 +4,10 @@ Each step runs as its own process, as a user runs it, and is measured from outsi
 process's peak RSS (``os.wait4``) for the generator and ``prepare``; for training, the ``train`` command's
 wall time and, from the MLflow run, the epoch's training seconds, sequences/s, validation seconds over
 ``eval.max_users`` users of the full catalogue, and every worker's peak RSS. Sizes above
-``--train-max`` are prepared but not trained (an epoch would take hours on a small machine); their row
-says so, and the figures of the largest trained size are what any extrapolation rests on.
+``--train-max`` are prepared but not trained for a whole epoch (it would take hours on a small machine):
+their epoch is extrapolated from the largest trained size, and says so; their evaluation is still
+measured, by a run that trains on ``EVAL_ONLY_USERS`` users only (``data.holdout_users`` leaves the
+rest out) and then validates ``eval.max_users`` users over the whole catalogue.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ COLUMNS = [("interactions", "interactions", ","), ("users", "users", ","), ("ite
            ("prepare_rows_per_s", "prepare rows/s", ",.0f"), ("prepare_peak_mb", "prepare peak MB", ",.0f"),
            ("train_seconds", "epoch train s", ".1f"), ("train_interactions_per_s", "train interactions/s", ",.0f"),
            ("worker_peak_mb", "worker peak MB", ",.0f"), ("eval_users_per_s", "eval users/s", ".1f")]
+
+
+EVAL_ONLY_USERS = 10_000
 
 
 def measured(command: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
@@ -69,12 +74,14 @@ def run_size(interactions: int, items: int, work: Path, config: str | None, over
                prepare_rows_per_s=manifest["counts"]["raw_interactions"] / step["seconds"],
                prepared=manifest["counts"], parts_per_split=len(manifest["shards"]["train"]),
                dataset_mb=sum(f.stat().st_size for f in data.rglob("*.parquet")) / 2**20)
-    if not train or config is None:
-        row["trained"] = False
+    row["trained"] = train
+    if config is None:
         return row
+    share = max(0.0, 1 - EVAL_ONLY_USERS / manifest["counts"]["users"])
+    holdout = [] if train else [f"data.holdout_users={share:.6f}"]
     tracking = f"sqlite:///{work / 'mlflow.db'}"
-    name = f"growth-{interactions}"
-    step = measured(_cli("train", "--config", config, *overrides, f"data.path={data}", "train.epochs=1",
+    name = f"growth-{interactions}" + ("" if train else "-eval")
+    step = measured(_cli("train", "--config", config, *overrides, *holdout, f"data.path={data}", "train.epochs=1",
                          f"train.storage_path={work / 'runs'}", f"mlflow.tracking_uri={tracking}",
                          "mlflow.experiment=llmrec-bench-growth", f"mlflow.run_name={name}",
                          "mlflow.registered_model="))
@@ -89,10 +96,13 @@ def run_size(interactions: int, items: int, work: Path, config: str | None, over
     m = run.data.metrics
     peaks = [v for k, v in m.items() if k.startswith("peak_rss_mb_rank")]
     valid_users = m.get("valid_users")
-    row.update(trained=True, train_command_seconds=step["seconds"], train_seconds=m["train_seconds"],
-               train_sequences=m["train_sequences"], sequences_per_s=m["sequences_per_s"],
-               train_interactions_per_s=manifest["counts"]["train_interactions"] / m["train_seconds"],
-               worker_peak_mb=max(peaks) if peaks else None, worker_peaks_mb=peaks,
+    if train:
+        row.update(train_command_seconds=step["seconds"], train_seconds=m["train_seconds"],
+                   train_sequences=m["train_sequences"], sequences_per_s=m["sequences_per_s"],
+                   train_interactions_per_s=manifest["counts"]["train_interactions"] / m["train_seconds"])
+    else:
+        row["eval_only_trained_sequences"] = m["train_sequences"]
+    row.update(worker_peak_mb=max(peaks) if peaks else None, worker_peaks_mb=peaks,
                valid_seconds=m.get("valid_seconds"), valid_users=valid_users,
                eval_users_per_s=(valid_users / m["valid_seconds"]) if valid_users and m.get("valid_seconds") else None,
                valid_ndcg_at_10=m.get("valid_ndcg_at_10"), run_id=run.info.run_id)

@@ -251,6 +251,9 @@ def _growth_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
         if r.get("eval_users_per_s"):
             detail += (f"; full-ranking validation {r['eval_users_per_s']:,.0f} users/s over "
                        f"{r['prepared']['items']:,} items")
+            if not r.get("trained"):
+                detail += (f" (worker peak {r['worker_peak_mb']:,.0f} MB, in a run that trained "
+                           f"{r['eval_only_trained_sequences']:,.0f} users first)")
         rows.append((f"growth: {r['interactions']:,} interactions", value, detail))
     return rows
 
