@@ -27,8 +27,6 @@ attributes, which need the whole table or a second kind of input.
 from __future__ import annotations
 
 import datetime
-import hmac
-import hashlib
 import logging
 import math
 import os
@@ -45,6 +43,7 @@ import pyarrow.parquet as pq
 import llmrec_dist
 from llmrec_dist.data import dataset_format
 from llmrec_dist.data.errors import PrepareError
+from llmrec_dist.data.prepare import _lists, resolve_user_hash_key, user_keys
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +250,6 @@ def prepare_streaming(interactions: str | os.PathLike, items: str | os.PathLike,
     """Prepare generic input of any size (see the module doc); returns the manifest. ``output`` is a
     folder or a URI, written atomically as by ``prepare``. ``work_dir``: where the bucket files go
     (default: the system's temporary folder); they take about the input's size, uncompressed."""
-    from llmrec_dist.data.prepare import resolve_user_hash_key
-
     if min_interactions < 3:
         raise ValueError(f"min_interactions must be >= 3 (leave-one-out needs train >= 1, valid and test), "
                          f"got {min_interactions}")
@@ -420,19 +417,13 @@ def _sequences(work: Path, b: int, min_interactions: int, hash_key: bytes,
     mask = np.repeat(keep, lengths)
     kept_items, kept_lengths = items[mask], lengths[keep]
     used += np.bincount(kept_items, minlength=len(used))
-    raw_ids = users.take(pa.array(starts[keep])).to_pylist()
-    keys = [hmac.new(hash_key, str(u).encode("utf-8"), hashlib.sha256).hexdigest()[:32] for u in raw_ids]
+    keys = user_keys(users.take(pa.array(starts[keep])).to_pylist(), hash_key)
     offsets = np.concatenate([[0], np.cumsum(kept_lengths)]).astype(np.int64)
     seq = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(kept_items, pa.int32()))
     pq.write_table(pa.table({"user_key": pa.array(keys, pa.string()), "seq": seq}),
                    work / f"seq-{b:05d}.parquet", compression="none")
     (work / f"bucket-{b:05d}.arrow").unlink()
     return len(starts), int(keep.sum()), int(kept_lengths.sum())
-
-
-def _lists(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
 
 
 def _write_splits(work: Path, b: int, folder: Path, part: int, first_user: int, item_idx: np.ndarray,
