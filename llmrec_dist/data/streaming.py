@@ -233,8 +233,9 @@ def _sorted_catalogue(items_path: Path, item_id_col: str, text_cols: Sequence[st
     order = pc.sort_indices(ids)
     text = text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
     ids, text = ids.take(order), text.take(order)
-    if len(ids) > 1 and pc.any(pc.equal(ids[1:], ids[:-1])).as_py():
-        duplicate = ids[int(np.flatnonzero(pc.equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False))[0])]
+    repeated = np.flatnonzero(pc.equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)) if len(ids) > 1 else []
+    if len(repeated):
+        duplicate = ids[int(repeated[0])]
         raise PrepareError(display, None, f"item id {duplicate.as_py()!r} appears more than once in column "
                                           f"{item_id_col!r}")
     return ids, text
