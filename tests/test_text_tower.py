@@ -320,3 +320,63 @@ def test_whitened_tower_is_fitted_on_the_pretrained_items_and_saved(encoder):
     with torch.no_grad():  # the same weights, without whitening, give other item vectors
         plain.load_state_dict({k: v for k, v in state.items() if not k.startswith("items.whiten")})
         assert not torch.allclose(plain.items.all_items(), model.items.all_items())
+
+
+@pytest.mark.parametrize("hidden", [3, 5])
+def test_id_init_text_is_the_scaled_principal_components(hidden):
+    """model.id_init=text, by another route: the ID rows equal the text vectors' principal-component
+    scores (left singular vectors x sqrt(n - 1)) times init_std, up to each column's sign; a table wider
+    than the text keeps its random draw in the extra columns; padding stays zero."""
+    from llmrec_dist.item_encoder import id_embedding, init_from_text
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(41, 4, generator=g) @ torch.tensor([[3.0, 1, 0, 0], [0, 2, 0, 1], [0, 0, 1, 0], [1, 0, 0, 0.5]])
+    torch.manual_seed(0)
+    table = id_embedding(40, hidden, 0.05)
+    random_part = table.weight[1:, 4:].detach().clone()
+    init_from_text(table, text, 0.05)
+    rows = text[1:].double()
+    u, _, _ = torch.linalg.svd(rows - rows.mean(0), full_matrices=False)
+    expected = (u[:, :min(hidden, 4)] * (len(rows) - 1) ** 0.5 * 0.05).float()
+    got = table.weight[1:, :min(hidden, 4)].detach()
+    signs = torch.sign((got * expected).sum(0))
+    assert torch.allclose(got, expected * signs, atol=1e-5)
+    assert got.std(0).tolist() == pytest.approx([0.05] * min(hidden, 4), rel=1e-3)
+    assert torch.equal(table.weight[1:, 4:], random_part)
+    assert not table.weight[0].any()
+    with pytest.raises(ValueError, match="text vectors for 9 items, the ID table has 40"):
+        init_from_text(table, text[:10], 0.05)
+
+
+@pytest.mark.parametrize("item_repr", ["id", "id+text"])
+def test_id_init_text_starts_the_trained_model_from_the_items_text(tmp_path, item_repr):
+    """The recipe's model with model.id_init=text: its ID table is the pretrained text vectors' components
+    (read through the dataset's text cache for an ID-only model, which then holds no LM at all); with
+    id_init=random it is not."""
+    from llmrec_dist.config import config_from_dict
+    from llmrec_dist.data.dataset_format import read_items, read_manifest
+    from llmrec_dist.data.prepare import prepare_dataset
+    from llmrec_dist.item_encoder import id_table, init_from_text
+    from llmrec_dist.text_tower import load_text_features, pretrained_item_vectors
+    from llmrec_dist.worker.recipe import build_recommender
+
+    data = tmp_path / "data"
+    prepare_dataset("synthetic", data, synthetic={"n_users": 60, "n_items": 80}, seed=3)
+    texts = read_items(str(data)).column("text").to_pylist()
+    encoder = make_tiny_encoder(tmp_path / "enc", texts)
+
+    def model_for(init):
+        cfg = config_from_dict({"data": {"path": str(data)},
+                                "model": {"item_repr": item_repr, "id_init": init, "text_encoder": str(encoder),
+                                          "hidden_size": 16, "num_heads": 2, "max_len": 10}})
+        torch.manual_seed(0)
+        return build_recommender(cfg, read_manifest(data), load_text_features(cfg)), cfg
+
+    model, cfg = model_for("text")
+    if item_repr == "id":
+        assert not any("lm" in name for name, _ in model.named_parameters())
+    expected = torch.nn.Embedding(81, 16)
+    init_from_text(expected, pretrained_item_vectors(cfg), cfg.model.init_std)
+    assert torch.allclose(id_table(model.items).weight[1:], expected.weight[1:])
+    random, _ = model_for("random")
+    assert not torch.allclose(id_table(random.items).weight[1:], expected.weight[1:])
