@@ -166,14 +166,6 @@ class ModelConfig:
     id_dropout: float = setting(0.0, "id+text, training only: the share of a step's items whose ID vector is dropped, "
                                      "so that their text alone represents them (trains the text path to carry "
                                      "rare and new items).", check=_fraction)
-    id_init: Literal["random", "text"] = setting("random", "Start of the ID vectors (model.item_repr id or "
-                                                     "id+text): `random` = N(0, model.init_std²); `text` = the "
-                                                     "pretrained LM's vectors of the items' text (model.text_encoder, "
-                                                     "never trained), reduced to model.hidden_size by PCA, each "
-                                                     "component scaled to std model.init_std: items with similar "
-                                                     "text start close, and a rare item keeps its text's place. "
-                                                     "With item_repr=id the LM runs once (cached) and the model "
-                                                     "serves without it.")
     fusion: Literal["sum", "concat", "gate"] = setting("sum", "id+text: how ID and text vectors combine: sum, "
                                                          "concat + linear projection, or a learned gate.")
     freeze: Literal["frozen", "top_k", "full", "lora"] = setting(
@@ -579,9 +571,6 @@ def _cross_checks(cfg: Config) -> list[str]:
                             f"set model.backbone=causal (got {cfg.model.backbone})")
         if cfg.train.refit_epochs:
             problems.append(f"train.refit_epochs: not available with task.type={cfg.task.type} yet; set it to 0")
-    if cfg.model.id_init == "text" and cfg.model.item_repr == "text":
-        problems.append("model.id_init: model.item_repr=text has no ID vectors to start from text; "
-                        "use item_repr id or id+text, or id_init=random")
     if not cfg.model.text_encoder.strip():
         problems.append("model.text_encoder: must not be empty")
     per_step = cfg.scaling.num_workers * cfg.train.grad_accum

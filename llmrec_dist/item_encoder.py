@@ -51,36 +51,6 @@ def id_embedding(num_items: int, hidden_size: int, init_std: float) -> nn.Embedd
     return table
 
 
-def init_from_text(table: nn.Embedding, pretrained: torch.Tensor, init_std: float) -> None:
-    """Set rows 1.. of the ID ``table`` [N + 1, H] from the items' pretrained text vectors ``pretrained``
-    [M + 1, H_lm] (row 0 padding; M >= N): the top H principal components of the catalogue's text
-    vectors, each scaled to std ``init_std`` (so the table starts at the scale of a random one; see
-    :func:`id_embedding`). Items whose texts are alike start close together. When H > H_lm the remaining
-    columns keep their random draw. The padding row stays zero.
-
-    The principal axes come from the H_lm x H_lm covariance (an eigendecomposition), so the cost is one
-    pass over the catalogue whatever its size; the result is deterministic, alike on every rank.
-    """
-    rows = table.num_embeddings - 1
-    if len(pretrained) < rows + 1:
-        raise ValueError(f"model.id_init=text: text vectors for {len(pretrained) - 1} items, the ID table has {rows}")
-    text = pretrained[1:rows + 1].double()
-    centred = text - text.mean(0)
-    eigenvalues, axes = torch.linalg.eigh(centred.T @ centred / max(rows - 1, 1))  # ascending order
-    width = min(table.embedding_dim, text.shape[1])
-    top = axes[:, -width:].flip(-1)  # [H_lm, width], largest variance first
-    scale = eigenvalues[-width:].flip(-1).clamp_min(1e-12).sqrt()
-    components = centred @ top / scale * init_std
-    with torch.no_grad():
-        table.weight[1:rows + 1, :width] = components.to(table.weight.dtype)
-        table.weight[PAD].zero_()
-
-
-def id_table(items: ItemEncoder) -> nn.Embedding | None:
-    """The learned ID table of an item tower (``id`` or ``id+text``), or None (text alone)."""
-    return getattr(items, "embedding", None) or getattr(items, "id_embedding", None)
-
-
 class IdItemEncoder(ItemEncoder):
     """A learned embedding per item id (row 0 is padding and stays zero)."""
 

@@ -16,7 +16,6 @@ put back, LoRA merged) — which is what the registry package ships, so serving 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -582,18 +581,6 @@ def text_cache_dir(dataset_path: str) -> str:
     """Text caches live next to the dataset (``<dataset>/cache/text``), a local folder or a URI: the
     driver builds them once and every worker on every node reads the same file."""
     return storage.join(dataset_path, "cache", "text")
-
-
-def pretrained_item_vectors(cfg, texts: list[str] | None = None) -> torch.Tensor:
-    """The pretrained (never trained) LM's pooled output of every catalogue item [N + 1, H_lm] (row 0
-    padding) for ``model.id_init=text``: read from the dataset's text cache, which it shares with the
-    frozen tower (computed and cached when missing)."""
-    if texts is None:
-        from llmrec_dist.data.dataset_format import read_item_texts
-
-        texts = read_item_texts(cfg.data.path)
-    frozen = dataclasses.replace(cfg.model, freeze="frozen")
-    return prepare_text_features(frozen, texts, cache_dir=text_cache_dir(cfg.data.path)).pooled
 
 
 def load_text_features(cfg, texts: list[str] | None = None) -> TextFeatures | None:

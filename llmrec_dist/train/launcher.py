@@ -357,15 +357,11 @@ def process_start_time() -> float:
 def build_text_cache(cfg: Config, say=log.info, texts: list[str] | None = None) -> None:
     """Compute the pretrained LM's item embeddings (and, for top_k, the lower layers' outputs) once, on
     the driver, so that the workers load them instead of each running the LM over the catalogue."""
-    if cfg.model.item_repr == "id" and cfg.model.id_init != "text":
+    if cfg.model.item_repr == "id":
         return
-    from llmrec_dist.text_tower import load_text_features, pretrained_item_vectors
+    from llmrec_dist.text_tower import load_text_features
 
     started = time.perf_counter()
-    if cfg.model.item_repr == "id":  # model.id_init=text: the pretrained vectors the ID table starts from
-        pretrained_item_vectors(cfg, texts)
-        say(f"text vectors for model.id_init=text ({cfg.model.text_encoder}) in {time.perf_counter() - started:.1f} s")
-        return
     features = load_text_features(cfg, texts)
     say(f"text features ({cfg.model.text_encoder}, {cfg.model.freeze}): "
         f"{'cache hit' if features.cache_hit else 'computed'} in {time.perf_counter() - started:.1f} s")

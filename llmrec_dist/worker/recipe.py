@@ -37,7 +37,6 @@ from llmrec_dist.cross_encoder import build_cross_encoder, cross_training_batch
 from llmrec_dist.data.dataset_format import num_items as manifest_num_items
 from llmrec_dist.data.dataset_format import item_counts, read_item_texts, read_split
 from llmrec_dist.evaluation import evaluate, load_eval_rows
-from llmrec_dist.item_encoder import id_table, init_from_text
 from llmrec_dist.model import build_model, count_parameters, softmax_negatives
 from llmrec_dist.metrics import higher_is_better
 from llmrec_dist.pointwise import (LabelRule, evaluate_pairs, record_rule, task_pairs,
@@ -46,7 +45,7 @@ from llmrec_dist.privacy import PrivacyPlan, PrivateStep, held_out, poisson_batc
 from llmrec_dist.profiling import StepProfiler, region
 from llmrec_dist.saved_model import WEIGHTS_FILE
 from llmrec_dist.sharding import refresh_text_cache
-from llmrec_dist.text_tower import load_text_features, pretrained_item_vectors
+from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.tracking import RunLogger
 from llmrec_dist.worker import checkpoint as ckpt
 from llmrec_dist.worker.optim import build_optimizer, build_scheduler
@@ -183,7 +182,7 @@ def build_recommender(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
     if not cfg.private() and (cfg.model.item_repr == "id+text" or cfg.train.negatives_from == "trained"):
         counts = item_counts(cfg.data.path, cfg.training_split())
     trained = None if counts is None else counts > 0
-    model = build_model(cfg.model, manifest_num_items(manifest), text=text,
+    return build_model(cfg.model, manifest_num_items(manifest), text=text,
                        num_negatives=softmax_negatives(cfg.model, cfg.train),
                        id_seen=counts >= cfg.model.id_min_count if counts is not None and cfg.model.item_repr == "id+text"
                        else None,
@@ -191,17 +190,6 @@ def build_recommender(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
                        lm_checkpoint_items=cfg.train.lm_checkpoint_items,
                        negative_items=trained if cfg.train.negatives_from == "trained" else None,
                        lm_anchor=cfg.train.lm_anchor)
-    start_ids_from_text(cfg, model, text)
-    return model
-
-
-def start_ids_from_text(cfg: Config, model: torch.nn.Module, text) -> None:
-    """``model.id_init=text``: the ID table starts from the items' pretrained text vectors (those of
-    ``text``, the tower's features, or read from the text cache for an ID-only model)."""
-    if cfg.model.id_init != "text":
-        return
-    pretrained = text.pooled if text is not None else pretrained_item_vectors(cfg)
-    init_from_text(id_table(model.items), pretrained, cfg.model.init_std)
 
 
 def build_pointwise(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
@@ -222,7 +210,6 @@ def build_pointwise(cfg: Config, manifest: Mapping, text) -> torch.nn.Module:
                        lm_items_per_step=cfg.train.lm_items_per_step,
                        lm_checkpoint_items=cfg.train.lm_checkpoint_items, negative_items=counts > 0,
                        lm_anchor=cfg.train.lm_anchor)
-    start_ids_from_text(cfg, base, text)
     return wrap_model(base, record, offset=offset, dropout=cfg.model.dropout)
 
 
