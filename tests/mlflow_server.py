@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ports import free_port
+from mlflow_db import sqlite_uri
 
 SERVER_START_TIMEOUT_S = 180  # generous: a loaded 2-core machine can take minutes
 
@@ -39,7 +40,7 @@ def running_mlflow_server(root: Path, artifacts: str | None = None, env: dict | 
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     command = [str(mlflow_cli)] if mlflow_cli.exists() else [sys.executable, "-m", "mlflow"]
     command += ["server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+                "--backend-store-uri", sqlite_uri(root / 'db.sqlite'),
                 "--serve-artifacts", "--artifacts-destination", artifacts or str(root / "artifacts")]
     env = {k: v for k, v in (env or os.environ).items() if not k.startswith("MLFLOW_")}
     # No background job consumers (seven extra processes, ~10 s of start-up) and no telemetry.

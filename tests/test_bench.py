@@ -15,6 +15,7 @@ from llmrec_dist.bench.ingest import summarise
 from llmrec_dist.bench.speed import STARTUP_MILESTONES, startup_table
 from llmrec_dist.cli import main as cli_main
 from llmrec_dist.config import load_config
+from mlflow_db import sqlite_uri
 
 
 # ------------------------------------------------------------------------------------ arithmetic
@@ -362,7 +363,7 @@ def test_bench_speed_command_measures_one_worker_end_to_end(tmp_path, synthetic_
     proc = subprocess.run(
         [sys.executable, "-c", "import sys; from llmrec_dist.cli import main; sys.exit(main())", "bench",
          "speed", "--config", str(config), f"data.path={synthetic_dataset}",
-         f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+         f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={sqlite_uri(tmp_path / 'mlflow.db')}",
          "--workers", "1", "--epochs", "1", "--profile-steps", "3", "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,6 +16,7 @@ import pytest
 from llmrec_dist import console
 from llmrec_dist.cli import main as cli_main
 from llmrec_dist.train.progress import EpochLines, epoch_line, metric_label
+from mlflow_db import sqlite_uri
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 TINY = ["model.item_repr=id", "model.hidden_size=16", "model.num_heads=2", "model.max_len=20", "train.epochs=2",
@@ -55,7 +56,7 @@ def test_epoch_line_leaves_out_what_is_missing():
 def test_epoch_lines_read_each_epoch_once_from_mlflow(tmp_path):
     from llmrec_dist.tracking import RunLogger, start_run
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path / 'mlflow.db')
     run_id = start_run(uri, "console")
     logger = RunLogger(uri, run_id)
     epoch = {"train_loss": 6.0, "epoch_seconds": 3.0, "sequences_per_s": 100.0, "valid_ndcg_at_10": 0.1}
@@ -246,7 +247,7 @@ def _train_cli(tmp_path, dataset, ray_cluster, *flags):
     env.pop(console.LOG_DIR_ENV, None)  # the default: ./llmrec_logs under the working directory
     cmd = [sys.executable, "-m", "llmrec_dist.cli", *flags, "train", "--config", str(QUICKSTART),
            f"data.path={dataset}", f"train.storage_path={tmp_path / 'runs'}",
-           f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *TINY]
+           f"mlflow.tracking_uri={sqlite_uri(tmp_path / 'mlflow.db')}", *TINY]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -17,6 +17,7 @@ from llmrec_dist.diversity import mmr_select, normalised_relevance, pool_size
 from llmrec_dist.metrics import catalogue_coverage, intra_list_diversity
 from llmrec_dist.registry.recommender import Recommender, UnknownItemWarning
 from registry_fixtures import NUM_ITEMS, item_id, make_package, make_reranker_package
+from mlflow_db import sqlite_uri
 
 HISTORIES = [[item_id(i) for i in h] for h in ([1, 2, 3], [4], [5, 9, 12, 3, 7, 22, 8], list(range(1, 26)))]
 
@@ -236,7 +237,7 @@ def test_pyfunc_round_trip_with_new_and_old_frames(package, tmp_path):
     signature = model_signature()
     assert {c.name: c.required for c in signature.inputs.inputs} == {
         "history": True, "k": False, "exclude": False, "diversity": False, "explain": False}
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path / 'mlflow.db')
     run_id = start_run(uri, "divx")
     model_uri = log_model_package(package, uri, run_id)
     end_run(uri, run_id)

@@ -15,6 +15,7 @@ from llmrec_dist.model import build_model
 from llmrec_dist.tracking import client
 from llmrec_dist.worker.checkpoint import cpu_state_dict, write_checkpoint
 from registry_fixtures import TINY_MODEL, click_record, write_tiny_checkpoint
+from mlflow_db import sqlite_uri
 
 USERS = 60  # user u has 5 + u % 30 interactions: train histories of 3..32 items
 
@@ -38,7 +39,7 @@ def prepared(tmp_path_factory):
 
 def test_evaluate_report_end_to_end(prepared, capsys):
     root, manifest, ckpt = prepared
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = sqlite_uri(root / 'mlflow.db')
     out = root / "report"
     code = main(["evaluate", "--model", str(ckpt), "--data", str(root / "ds"), "--split", "test", "--report",
                  "--report-dir", str(out), "--experiment", "fair", "--tracking-uri", uri, "--json"])

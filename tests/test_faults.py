@@ -24,6 +24,7 @@ import yaml
 
 from llmrec_dist.config import load_config
 from llmrec_dist.faults import train_with_worker_kill, wait_for_step
+from mlflow_db import sqlite_uri
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
@@ -83,7 +84,7 @@ def baseline(ray_cluster, fault_dataset, tmp_path_factory):
     from llmrec_dist.train.launcher import train
 
     work = tmp_path_factory.mktemp("baseline")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    uri = sqlite_uri(work / 'mlflow.db')
     started = time.perf_counter()
     outcome = train(load_config(_config_file(work, fault_dataset, uri)))
     outcome.seconds = time.perf_counter() - started
@@ -96,7 +97,7 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_matches_an_uninterrupt
         baseline, ray_cluster, fault_dataset, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path / 'mlflow.db')
     cfg = load_config(_config_file(tmp_path, fault_dataset, uri))
     client = MlflowClient(uri)
     started = time.perf_counter()
@@ -118,7 +119,7 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_matches_an_uninterrupt
 def test_a_killed_driver_resumes_the_same_mlflow_run(baseline, ray_cluster, fault_dataset, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path / 'mlflow.db')
     config = _config_file(tmp_path, fault_dataset, uri)
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     log_path = tmp_path / "driver.log"
@@ -173,7 +174,7 @@ def test_a_private_run_restarted_after_a_worker_kill_keeps_counting_its_privacy(
 
     from llmrec_dist.privacy import epsilon_after
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path / 'mlflow.db')
     cfg = load_config(_config_file(tmp_path, fault_dataset, uri),
                       ["privacy.epsilon=6", "train.negatives_from=catalogue", "train.batch_size=60"])
     outcome, run_id, _ = train_with_worker_kill(cfg, ray_cluster.get_runtime_context().gcs_address, after_epoch=0)

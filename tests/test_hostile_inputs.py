@@ -40,6 +40,7 @@ from llmrec_dist.data.dataset_format import DatasetError
 from llmrec_dist.data.errors import PrepareError
 from llmrec_dist.registry.recommender import Recommender, UnknownItemWarning
 from registry_fixtures import NUM_ITEMS, item_id, make_package, write_tiny_checkpoint
+from mlflow_db import sqlite_uri
 
 MODEL_NAME = "hostile-rec"
 SHARED_ML1M = Path("/work/shared/data/movielens/ml-1m")
@@ -101,7 +102,7 @@ def registry(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("registry")
     package = make_package(root)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = sqlite_uri(root / 'mlflow.db')
     run_id = start_run(uri, "hostile", run_name="seed")
     model_uri = log_model_package(package, uri, run_id)
     content_hash = json.loads((package / "manifest.json").read_text())["content_hash"]

@@ -23,6 +23,7 @@ import pytest
 
 from ports import free_port, port_flags
 from text_fixtures import make_tiny_encoder
+from mlflow_db import sqlite_uri
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
@@ -96,7 +97,7 @@ def test_training_spans_both_nodes_with_uri_paths(two_nodes, tmp_path):
 
     texts = pq.read_table(data / "items.parquet").column("text").to_pylist()
     encoder = make_tiny_encoder(tmp_path / "tiny-bert", texts)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path / 'mlflow.db')
     storage = (tmp_path / "shared" / "runs").as_uri()
     cmd = [sys.executable, "-m", "llmrec_dist.cli", "train", "--config", str(QUICKSTART), "--json",
            f"data.path={data.as_uri()}", f"train.storage_path={storage}", f"mlflow.tracking_uri={uri}",
@@ -143,7 +144,7 @@ def test_ray_job_submit_with_a_working_dir_runs_the_train_entry_point(two_nodes,
     shutil.copytree(root / "configs", workdir / "configs")
     data = tmp_path / "shared" / "data"
     prepare_dataset("synthetic", data, synthetic={"n_users": 200, "n_items": 60}, seed=6)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path / 'mlflow.db')
     cmd = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(workdir), "--",
            # the cluster's Python (a pod's image has one; here `python` on PATH may be another)
            sys.executable, "jobs/train.py", "--config", "configs/quickstart.yaml", "--json",

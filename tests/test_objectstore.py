@@ -32,6 +32,7 @@ from mlflow_server import running_mlflow_server
 from ports import free_port
 from s3_server import running_s3_server
 from text_fixtures import make_tiny_encoder
+from mlflow_db import sqlite_uri
 
 pytestmark = [pytest.mark.objectstore, pytest.mark.integration]
 
@@ -125,7 +126,7 @@ def test_the_stores_failures_are_one_line_naming_the_uri(s3, tmp_path):
     config.write_text(yaml.safe_dump({"model": {"item_repr": "id", "hidden_size": 16, "num_heads": 2},
                                       "train": {"epochs": 1}, "mlflow": {"registered_model": ""}}))
     train = ("train", "--config", str(config), f"train.storage_path={tmp_path / 'runs'}",
-             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+             f"mlflow.tracking_uri={sqlite_uri(tmp_path / 'mlflow.db')}")
 
     missing = one_line_refusal(cli(s3.env, tmp_path, "prepare", *SYNTHETIC, "--output", "s3://nobucket/ds"),
                                "s3://nobucket/ds", "bucket 'nobucket' does not exist")
@@ -255,7 +256,7 @@ def test_a_sweep_reads_its_shards_from_s3_and_keeps_its_state_there(s3, tmp_path
         "model": {"item_repr": "id", "hidden_size": 16, "num_heads": 2, "num_layers": 1, "max_len": 20},
         "train": {"epochs": 1, "batch_size": 32, "patience": 0},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "s3-sweep",
+        "mlflow": {"tracking_uri": sqlite_uri(tmp_path / 'mlflow.db'), "experiment": "s3-sweep",
                    "registered_model": ""},
         "search": {"space": {"train.lr": {"grid": [1e-3, 3e-3]}}, "num_samples": 1, "max_concurrent_trials": 1,
                    "scheduler": "none",

@@ -17,6 +17,7 @@ import ray.exceptions
 from ray.core.generated.common_pb2 import ActorDiedErrorContext
 
 from llmrec_dist.config import load_config
+from mlflow_db import sqlite_uri
 from llmrec_dist.train.oom import (
     StopOnOutOfMemory,
     WorkerOutOfMemory,
@@ -131,7 +132,7 @@ def test_the_driver_turns_the_stop_into_one_line_with_the_last_logged_peak(tmp_p
     from llmrec_dist.train.launcher import OutOfMemoryStop, TrainError, _oom_stop
     from llmrec_dist.train.memory import MemoryEstimate
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path / 'mlflow.db')
     run_id = start_run(uri, "oom")
     for step, mb in enumerate([1000.0, 3072.0]):
         client(uri).log_metric(run_id, "peak_rss_mb", mb, step=step)

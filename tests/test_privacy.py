@@ -18,6 +18,7 @@ from llmrec_dist.model import build_model
 from llmrec_dist.privacy import (PrivacyError, PrivacyPlan, PrivateStep, epsilon_after, held_out, plan,
                                  poisson_batches, shard_of, unit_hash)
 from llmrec_dist.registry.promotion import TAG_DATASET, TAG_EPSILON, TAG_METRIC_KEY, TAG_METRIC_VALUE, _decide
+from mlflow_db import sqlite_uri
 
 DP = ["data.path=/data", "privacy.epsilon=8", "train.negatives_from=catalogue"]
 
@@ -276,7 +277,7 @@ def test_the_curve_is_plotted_and_logged_to_one_mlflow_run(tmp_path):
     assert reached["keep_met"] and reached["auc_met"] and reached["cost_ratio"] == pytest.approx(3.0)
     png = plot(rows, tmp_path / "out" / "privacy.png")
     assert png.stat().st_size > 1000
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path / 'mlflow.db')
     run_id = log_to_mlflow(uri, "bench-privacy", {"epsilons": [8.0]}, rows, "| table |", [png])
     c = MlflowClient(uri)
     run = c.get_run(run_id)

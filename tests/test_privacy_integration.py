@@ -17,6 +17,7 @@ from llmrec_dist.data.dataset_format import read_items, read_split
 from llmrec_dist.privacy import held_out
 from llmrec_dist.saved_model import ITEMS_FILE, WEIGHTS_FILE
 from text_fixtures import make_tiny_encoder
+from mlflow_db import sqlite_uri
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +31,7 @@ def private_run(ray_cluster, synthetic_dataset, tmp_path_factory):
     from llmrec_dist.train.launcher import train
 
     work = tmp_path_factory.mktemp("dp")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    uri = sqlite_uri(work / 'mlflow.db')
     base = [f"data.path={synthetic_dataset}", f"train.storage_path={work / 'runs'}", f"mlflow.tracking_uri={uri}",
             "mlflow.registered_model=dp-rec", "data.holdout_users=0.2", *TINY]
     cfg = load_config(QUICKSTART, [*base, "privacy.epsilon=8"])
@@ -103,7 +104,7 @@ def test_an_lm_tower_with_lora_trains_privately_on_two_workers(ray_cluster, tmp_
     prepare_dataset("synthetic", data, synthetic={"n_users": 200, "n_items": 60}, seed=2)
     encoder = make_tiny_encoder(root / "tiny-bert", read_items(str(data)).column("text").to_pylist())
     cfg = load_config(QUICKSTART, [f"data.path={data}", f"train.storage_path={root / 'runs'}",
-                                   f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}", *TINY, "train.epochs=1",
+                                   f"mlflow.tracking_uri={sqlite_uri(root / 'mlflow.db')}", *TINY, "train.epochs=1",
                                    "model.item_repr=id+text", "model.freeze=lora", "model.lora_r=4",
                                    "model.backbone=bidirectional", f"model.text_encoder={encoder}",
                                    "model.text_max_len=16", "train.lm_items_per_step=16", "privacy.epsilon=4"])

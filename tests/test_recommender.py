@@ -18,6 +18,7 @@ from llmrec_dist.batching import left_pad
 from llmrec_dist.model import build_model
 from llmrec_dist.registry.package import build_model_package
 from llmrec_dist.registry.recommender import Recommender, UnknownItemWarning
+from mlflow_db import sqlite_uri
 from registry_fixtures import (
     NUM_ITEMS,
     TINY_MODEL,
@@ -319,7 +320,7 @@ def test_cli_recommend_from_folder(rec, package, capsys):
 def test_cli_errors_exit_2_with_one_line(package, capsys, argv, message, tmp_path, monkeypatch):
     from llmrec_dist.cli import recommend
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'db.sqlite'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri(tmp_path / 'db.sqlite'))
     base = ["--model", str(package), "--history", item_id(1)]
     assert recommend.run(_cli_args(*base, *argv)) == 2
     err = capsys.readouterr().err.strip().splitlines()

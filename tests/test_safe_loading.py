@@ -28,6 +28,7 @@ import torch
 import llmrec_dist
 from registry_fixtures import NUM_ITEMS, item_id, item_text, make_package
 from text_fixtures import make_tiny_encoder
+from mlflow_db import sqlite_uri
 
 SOURCE = Path(llmrec_dist.__file__).resolve().parent
 
@@ -417,7 +418,7 @@ def test_pyfunc_loads_from_code_without_unpickling(package, tmp_path, monkeypatc
     from llmrec_dist.tracking import use_tracking_uri
     from llmrec_dist.tracking import end_run, start_run
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path / 'mlflow.db')
     run_id = start_run(uri, "safe-loading")
     model_uri = log_model_package(package, uri, run_id)
     end_run(uri, run_id)

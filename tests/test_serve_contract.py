@@ -19,6 +19,7 @@ from llmrec_dist.serving.requests import (
 )
 from llmrec_dist.serving.settings import ServeConfig, load_serve_config, serve_config_from_dict
 from registry_fixtures import NUM_ITEMS, item_id, make_package, make_reranker_package
+from mlflow_db import sqlite_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ServeConfig(model="models:/m@champion", max_k=50, max_history=100)
@@ -164,7 +165,7 @@ def test_source_refuses_what_is_not_a_next_item_model(package, tmp_path):
         ModelSource(str(reranker), "").load()
     with pytest.raises(ModelSourceError, match="no such folder"):
         ModelSource(str(tmp_path / "missing"), "").check()
-    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    db = sqlite_uri(tmp_path / 'mlflow.db')
     with pytest.raises(ModelSourceError, match="no alias 'champion' on a registered model 'nope'"):
         ModelSource("models:/nope@champion", db).check()
     with pytest.raises(ModelSourceError, match="no version 2 of a registered model 'nope'"):
@@ -251,7 +252,7 @@ def _args(*argv):
 def test_cli_refuses_before_starting_anything(tmp_path, capsys, package):
     from llmrec_dist.cli import serve
 
-    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    db = sqlite_uri(tmp_path / 'mlflow.db')
     assert serve.run(_args("--model", "models:/nope@champion", "--tracking-uri", db)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # before it: MLflow's own log lines
     assert err.startswith("llmrec-dist serve: models:/nope@champion: no alias")

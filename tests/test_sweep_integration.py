@@ -22,6 +22,7 @@ from llmrec_dist.sweep.driver import STATE_FILE, SweepError, run_sweep
 from llmrec_dist.sweep.search import load_sweep
 from llmrec_dist.tracking import client
 from text_fixtures import make_tiny_encoder
+from mlflow_db import sqlite_uri
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +44,7 @@ def write_sweep(root: Path, data: Path, encoder: Path, name: str, space: dict, *
         "train": {"epochs": 2, "batch_size": 64, "patience": 0, "num_negatives": 32, "lm_lr": 1e-3,
                   "storage_path": str(root / "runs")},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-        "mlflow": {"experiment": "sweeps", "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+        "mlflow": {"experiment": "sweeps", "tracking_uri": sqlite_uri(root / 'mlflow.db'),
                    "registered_model": "sweep-model"},
         "search": {"space": space, "scheduler": "asha", "grace_period": 1, "max_concurrent_trials": 2,
                    "storage_path": str(root / "sweeps"), "name": name, **search},

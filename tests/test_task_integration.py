@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llmrec_dist.config import ConfigError, load_config
+from mlflow_db import sqlite_uri
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,7 @@ def rated_dataset(tmp_path_factory):
 def run(ray_cluster, dataset, tmp_path, *overrides):
     from llmrec_dist.train.launcher import train
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path / 'mlflow.db')
     cfg = load_config(QUICKSTART, [f"data.path={dataset}", f"train.storage_path={tmp_path / 'runs'}",
                                    f"mlflow.tracking_uri={uri}", *TINY, *overrides])
     return train(cfg), uri
@@ -129,7 +130,7 @@ def test_a_rating_task_on_data_without_ratings_stops_before_ray(synthetic_datase
     from llmrec_dist.train.launcher import TrainError, train
 
     cfg = load_config(QUICKSTART, [f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}",
-                                   f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *TINY,
+                                   f"mlflow.tracking_uri={sqlite_uri(tmp_path / 'mlflow.db')}", *TINY,
                                    "task.type=rating", "eval.metric=rmse"])
     with pytest.raises(TrainError, match="task.type=rating needs a dataset with ratings"):
         train(cfg)
@@ -149,7 +150,7 @@ def test_a_rating_sweep_ranks_trials_by_the_lowest_rmse(ray_cluster, rated_datas
         "eval": {"metric": "rmse"},
         "train": {"epochs": 3, "batch_size": 32, "patience": 0, "storage_path": str(tmp_path / "runs")},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-        "mlflow": {"experiment": "rating-sweep", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "mlflow": {"experiment": "rating-sweep", "tracking_uri": sqlite_uri(tmp_path / 'mlflow.db')},
         "search": {"space": {"train.lr": {"grid": [1e-7, 0.02]}}, "scheduler": "none",
                    "max_concurrent_trials": 2, "storage_path": str(tmp_path / "sweeps"), "name": "rating"},
     }

@@ -12,6 +12,7 @@ from llmrec_dist.config import load_config
 from llmrec_dist.data.dataset_format import read_items
 from llmrec_dist.saved_model import WEIGHTS_FILE
 from text_fixtures import make_tiny_encoder
+from mlflow_db import sqlite_uri
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ def runs(ray_cluster, cold_world):
     out = {}
     for name, extra in RUNS.items():
         cfg = load_config(QUICKSTART, [f"data.path={data}", f"train.storage_path={root / 'runs'}",
-                                       f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+                                       f"mlflow.tracking_uri={sqlite_uri(root / 'mlflow.db')}",
                                        f"mlflow.registered_model=text-{name.replace('_', '')}",
                                        f"model.text_encoder={encoder}", *TINY, *extra])
         out[name] = train(cfg)

@@ -244,7 +244,7 @@ def test_a_cold_item_is_reachable_only_through_its_text(tmp_path, item_repr, mas
     unseen_row = model.items.id_embedding.weight[20].detach().clone() if item_repr == "id+text" else None
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     rows = [[(s + i) % 19 + 1 for i in range(6)] for s in range(19)]  # cycles over items 1..19 only
-    for _ in range(200):
+    for _ in range(120):
         seq, tgt = next_item_batch(rows, 8)
         loss = model(seq, tgt)["loss"]
         opt.zero_grad()

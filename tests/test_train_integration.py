@@ -13,6 +13,7 @@ import pytest
 from llmrec_dist.config import EvalConfig, load_config
 from llmrec_dist.saved_model import MODEL_META_FILE, WEIGHTS_FILE
 from llmrec_dist.worker import checkpoint as ckpt
+from mlflow_db import sqlite_uri
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +28,7 @@ def trained(ray_cluster, synthetic_dataset, tmp_path_factory):
     from llmrec_dist.train.launcher import train
 
     work = tmp_path_factory.mktemp("train")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    uri = sqlite_uri(work / 'mlflow.db')
     cfg = load_config(QUICKSTART, [f"data.path={synthetic_dataset}", f"train.storage_path={work / 'runs'}",
                                    f"mlflow.tracking_uri={uri}", *TINY])
     return train(cfg), cfg, uri
@@ -117,7 +118,7 @@ def test_cli_train_on_an_existing_cluster_via_ray_address(ray_cluster, synthetic
     with train.exclude_seen over prefixed windows, batched by Ray Data's collate (data.length_buckets=1):
     each batch is (inputs, targets, earlier items)."""
     address = ray_cluster.get_runtime_context().gcs_address
-    env = {**os.environ, "RAY_ADDRESS": address, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+    env = {**os.environ, "RAY_ADDRESS": address, "MLFLOW_TRACKING_URI": sqlite_uri(tmp_path / 'm.db')}
     cmd = [sys.executable, "-m", "llmrec_dist.cli", "train", "--config", str(QUICKSTART), "--json",
            f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}", *TINY,
            "train.epochs=1", "mlflow.registered_model=", "train.exclude_seen=true", "data.windows=true",
@@ -199,7 +200,7 @@ def test_windowed_training_on_two_workers_steps_through_every_window(ray_cluster
     from llmrec_dist.train.launcher import train
 
     cfg = load_config(QUICKSTART, [f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}",
-                                   f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *TINY,
+                                   f"mlflow.tracking_uri={sqlite_uri(tmp_path / 'mlflow.db')}", *TINY,
                                    "model.max_len=8", "data.windows=true", "train.epochs=1",
                                    "mlflow.registered_model="])
     windows = sum(len(history_windows(h, 9, 8)) for h in read_split(synthetic_dataset, "train").column("items")
@@ -207,7 +208,7 @@ def test_windowed_training_on_two_workers_steps_through_every_window(ray_cluster
     outcome = train(cfg)
     assert outcome.metrics["epochs_run"] == 1
     # Ray Data's equal split drops the remainder: each of the 2 workers trains on windows // 2 rows
-    (seen,) = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(outcome.run_id, "train_sequences")
+    (seen,) = MlflowClient(sqlite_uri(tmp_path / 'mlflow.db')).get_metric_history(outcome.run_id, "train_sequences")
     assert seen.value == 2 * (windows // 2)
 
 
@@ -239,7 +240,7 @@ def test_quality_refit_trains_through_the_validation_item_for_the_chosen_epochs(
     from llmrec_dist.train.launcher import train, train_dataset
     from llmrec_dist.train.training_rows import training_rows
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path / 'mlflow.db')
     base = [f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={uri}",
             *TINY, "mlflow.registered_model=", "train.epochs=3", "train.patience=1"]
     valid, test = read_split(synthetic_dataset, "valid"), read_split(synthetic_dataset, "test")
