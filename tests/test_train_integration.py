@@ -263,7 +263,8 @@ def test_quality_refit_trains_through_the_validation_item_for_the_chosen_epochs(
     assert refit["best_epoch"] == refit["refit_epochs"] - 1  # the last epoch is the model
     assert 0.0 <= refit["test_ndcg_at_10"] <= 1.0
     assert not any(k.startswith("best_valid") or k == "valid_curve" for k in refit)  # nothing validated
-    assert len(figures["valid_curve"]) == figures["epochs_run"]
+    assert len(figures["valid_curve"]) == figures["epochs_run"] == len(figures["valid_curve_seconds"])
+    assert 0 < figures["valid_curve_seconds"][0] < figures["valid_curve_seconds"][-1] <= figures["wall_seconds"]
     client = MlflowClient(uri)
     epochs = list(range(refit["refit_epochs"]))
     assert [h.step for h in client.get_metric_history(refit["run_id"], "train_loss")] == epochs
