@@ -24,7 +24,6 @@ import yaml
 from llmrec_dist.config import load_config
 from llmrec_dist.data.dataset_format import read_manifest
 from text_fixtures import make_tiny_encoder
-from mlflow_db import sqlite_uri
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 TINY_TEXT = ["model.item_repr=text", "model.hidden_size=16", "model.num_heads=2", "model.max_len=20",
@@ -102,8 +101,8 @@ def cli(capsys):
 
 def train_args(world, tmp_path, *extra: str) -> list[str]:
     return ["train", "--config", str(QUICKSTART), f"data.path={world['data']}",
-            f"mlflow.tracking_uri={sqlite_uri(tmp_path / 'mlflow.db')}", f"train.storage_path={tmp_path / 'runs'}",
-            *TINY_TEXT, *extra]
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"train.storage_path={tmp_path / 'runs'}",
+            *TINY_TEXT, *extra]  # a plain URI: the tests check that no database gets created
 
 
 def test_a_config_that_cannot_fit_is_refused_before_anything_starts(world, tmp_path, cli, no_ray):
@@ -134,7 +133,7 @@ def test_the_check_is_against_the_local_budget_and_force_skips_it(world, tmp_pat
     from llmrec_dist.train.memory import MemoryPreflightError
 
     monkeypatch.setattr(memory, "local_worker_budget_mb", lambda workers: (100.0, f"a test budget, {workers} workers"))
-    uri = sqlite_uri(tmp_path / 'mlflow.db')
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # plain: the refusal must create no database
     cfg = load_config(QUICKSTART, [f"data.path={world['data']}", f"mlflow.tracking_uri={uri}",
                                    f"train.storage_path={tmp_path / 'runs'}", *TINY_TEXT,
                                    f"model.text_encoder={world['tiny']}", "model.freeze=full"])

@@ -130,7 +130,7 @@ def test_a_rating_task_on_data_without_ratings_stops_before_ray(synthetic_datase
     from llmrec_dist.train.launcher import TrainError, train
 
     cfg = load_config(QUICKSTART, [f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}",
-                                   f"mlflow.tracking_uri={sqlite_uri(tmp_path / 'mlflow.db')}", *TINY,
+                                   f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *TINY,
                                    "task.type=rating", "eval.metric=rmse"])
     with pytest.raises(TrainError, match="task.type=rating needs a dataset with ratings"):
         train(cfg)
