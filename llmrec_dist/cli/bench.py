@@ -11,10 +11,12 @@ from pathlib import Path
 
 from llmrec_dist.bench.common import DEFAULT_OUT
 from llmrec_dist.bench.memory import DEFAULT_SIZES
+from llmrec_dist.bench.peers import DEFAULT_WORK as DEFAULT_PEER_WORK
+from llmrec_dist.bench.peers import PEERS
 from llmrec_dist.bench.serve_load import SCENARIOS as SERVE_SCENARIOS
 
 KINDS = ("quality", "speed", "ingest", "memory", "lm-memory", "startup", "towers", "rating-baselines", "rerank",
-         "diversity", "explain", "serve", "privacy", "growth", "report")
+         "diversity", "explain", "serve", "privacy", "growth", "peers", "report")
 
 
 def _common(p, config_required: bool = True) -> None:
@@ -278,6 +280,33 @@ def add_parser(sub) -> None:
     gr.add_argument("--work", default="bench-growth", help="folder for the generated and prepared data, the "
                                                            "runs and MLflow (default bench-growth)")
 
+    pe = kinds.add_parser("peers", help="RecBole / RecTools SASRec and BERT4Rec on our split, each in its own venv",
+                          description="Export the prepared dataset so that every peer trains and is tested on our "
+                                      "users, items and leave-one-out targets; make each peer library's own virtual "
+                                      "environment (under --work, reused while it works) and run it with its "
+                                      "defaults and with settings matched to ours, early stopping on our "
+                                      "validation NDCG@10. Report test HR/NDCG/MRR@10 under our protocol (history "
+                                      "left out) and the peer's own, best epoch, seconds to it, seconds per epoch "
+                                      "and peak RSS, one row per peer and settings; a peer that fails to install "
+                                      "or run gets a row saying why. Our own rows come from `bench quality`.")
+    _common(pe, config_required=False)
+    pe.add_argument("--data", required=True, metavar="DIR", help="prepared dataset (llmrec-dist prepare)")
+    pe.add_argument("--peers", default=",".join(PEERS),
+                    help=f"comma-separated, from {', '.join(PEERS)} (default all)")
+    pe.add_argument("--settings", default="defaults,matched",
+                    help="comma-separated: defaults (the library's own), matched (ours) (default both)")
+    pe.add_argument("--matched", default="", metavar="KEY=VALUE,...",
+                    help="change the matched settings: max_len, hidden, blocks, heads, dropout, batch_size, lr "
+                         "(default max_len=50,hidden=64,blocks=2,heads=2,dropout=0.5,batch_size=128,lr=0.001)")
+    pe.add_argument("--max-epochs", type=_positive, default=200, help="epochs at most per run (default 200)")
+    pe.add_argument("--patience", type=_positive, default=10,
+                    help="epochs without a better validation NDCG@10 before stopping (default 10)")
+    pe.add_argument("--timeout-min", type=float, default=360.0, help="minutes allowed per run (default 360)")
+    pe.add_argument("--seed", type=_non_negative, default=42, help="seed of every run (default 42)")
+    pe.add_argument("--threads", type=_positive, default=None, help="torch threads per run (default: all cores)")
+    pe.add_argument("--work", default=DEFAULT_PEER_WORK,
+                    help=f"folder for the peers' venvs, the exported data and the runs (default {DEFAULT_PEER_WORK})")
+
     r = kinds.add_parser("report", help="write the results table (docs/benchmarks.md) from the JSON files",
                          description="Render every benchmark JSON in --results as one Markdown table; with "
                                      "--readme FILE, replace the table between FILE's result markers.")
@@ -323,6 +352,8 @@ def run(args) -> int:
         return _privacy(args)
     if args.kind == "growth":
         return _growth(args)
+    if args.kind == "peers":
+        return _peers(args)
 
     from llmrec_dist.config import load_config
 
@@ -532,6 +563,34 @@ def _privacy(args) -> int:
     run_id = log_to_mlflow(resolve_tracking_uri(cfg.mlflow.tracking_uri), args.experiment, settings, rows, text,
                            [png, path])
     print(f"wrote {path} and {png}; logged to MLflow run {run_id} (experiment {args.experiment})")
+    return 0
+
+
+def _peers(args) -> int:
+    from llmrec_dist.bench import common
+    from llmrec_dist.bench.peer_export import ExportError
+    from llmrec_dist.bench.peers import COLUMNS, SETTINGS, RunOptions, parse_choices, parse_matched, row_line, run_peers
+
+    try:
+        names = parse_choices(args.peers, PEERS, "--peers")
+        settings = parse_choices(args.settings, SETTINGS, "--settings")
+        options = RunOptions(max_epochs=args.max_epochs, patience=args.patience, seed=args.seed,
+                             timeout_s=args.timeout_min * 60, matched=parse_matched(args.matched))
+        if args.threads:
+            options.threads = args.threads
+        dataset = common.dataset_info(args.data)
+        figures = run_peers(args.data, args.label, names, settings, options, args.work,
+                            on_row=lambda row: print(row_line(row), flush=True))
+    except (OSError, ValueError, ExportError) as err:
+        print(f"llmrec-dist bench peers: error: {err}", file=sys.stderr)
+        return 2
+    print(common.table(figures["rows"], COLUMNS))
+    config = {"peers": names, "settings": settings, "max_epochs": options.max_epochs, "patience": options.patience,
+              "seed": options.seed, "threads": options.threads, "timeout_s": options.timeout_s,
+              "matched": options.matched, "work": str(Path(args.work).expanduser())}
+    path = common.write_result(args.out, "peers", label=args.label, config=config, figures=figures, dataset=dataset,
+                               command=_command())
+    print(f"wrote {path}")
     return 0
 
 
