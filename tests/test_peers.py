@@ -131,6 +131,21 @@ def test_the_runners_rank_as_our_metrics_do(monkeypatch):
     assert ours.tolist() == [2, 4]
 
 
+
+def test_runner_early_stopping_by_patience_or_time_budget(monkeypatch):
+    protocol = _peer_protocol(monkeypatch)
+    stopper = protocol.EarlyStopping(patience=2)
+    for epoch, value in enumerate([0.1, 0.2, 0.15]):
+        stopper.update(epoch, value)
+        assert not stopper.should_stop(epoch, seconds=1e9)  # no budget: time never stops it
+    stopper.update(3, 0.19)
+    assert stopper.should_stop(3) and stopper.stopped_by == "patience" and stopper.best_epoch == 1
+
+    stopper = protocol.EarlyStopping(patience=5, budget_s=60)
+    stopper.update(0, 0.1)
+    assert not stopper.should_stop(0, seconds=59.9) and stopper.stopped_by == "max epochs"
+    assert stopper.should_stop(0, seconds=60.0) and stopper.stopped_by == "time budget"
+
 # --- fake venv pythons: the driver runs them exactly as it runs a peer's python -------------------------
 
 FAKE_RUNNER = '''

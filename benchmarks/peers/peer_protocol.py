@@ -119,13 +119,16 @@ class RunLog:
 
 
 class EarlyStopping:
-    """Our early stopping: the best validation NDCG@10 (our protocol) so far, and whether ``patience``
-    epochs passed without beating it."""
+    """Our early stopping: the best validation NDCG@10 (our protocol) so far; stop once ``patience`` epochs
+    passed without beating it, or once the run's time budget (``budget_s`` seconds since the runner
+    started, 0 = none) is spent, after the epoch that spent it."""
 
-    def __init__(self, patience: int):
+    def __init__(self, patience: int, budget_s: float = 0.0):
         self.patience = patience
+        self.budget_s = budget_s
         self.best = -1.0
         self.best_epoch = -1
+        self.stopped_by = "max epochs"
 
     def update(self, epoch: int, value: float) -> bool:
         """True when ``value`` is a new best."""
@@ -134,8 +137,14 @@ class EarlyStopping:
             return True
         return False
 
-    def should_stop(self, epoch: int) -> bool:
-        return epoch - self.best_epoch >= self.patience
+    def should_stop(self, epoch: int, seconds: float = 0.0) -> bool:
+        if epoch - self.best_epoch >= self.patience:
+            self.stopped_by = "patience"
+        elif self.budget_s and seconds >= self.budget_s:
+            self.stopped_by = "time budget"
+        else:
+            return False
+        return True
 
 
 def package_versions(*names: str) -> dict:
@@ -159,6 +168,8 @@ def common_arguments(parser) -> None:
                                                         "batch_size, lr (used with --settings matched)")
     parser.add_argument("--max-epochs", type=int, required=True)
     parser.add_argument("--patience", type=int, required=True)
+    parser.add_argument("--budget-min", type=float, default=0.0,
+                        help="stop after the epoch that passes this many minutes since the start (0: none)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="result JSON to write")

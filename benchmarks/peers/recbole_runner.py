@@ -138,7 +138,7 @@ def main() -> None:
     valid_histories = [ex.train(i) for i in range(len(ex.users))]
     valid_targets = [ex.valid_target(i) for i in range(len(ex.users))]
     setup_seconds = log.seconds()
-    stopper, best_state = EarlyStopping(args.patience), None
+    stopper, best_state = EarlyStopping(args.patience, args.budget_min * 60), None
     for epoch in range(args.max_epochs):
         t0 = time.perf_counter()
         total_loss = trainer._train_epoch(train_data, epoch)
@@ -153,7 +153,7 @@ def main() -> None:
         log.epoch({"epoch": epoch, "train_loss": total / max(len(train_data), 1), "valid_ndcg_at_10": ndcg,
                    "own_valid": {k: float(v) for k, v in own_valid.items()}, "train_seconds": round(t1 - t0, 3),
                    "own_valid_seconds": round(t2 - t1, 3), "our_valid_seconds": round(t3 - t2, 3)})
-        if stopper.should_stop(epoch):
+        if stopper.should_stop(epoch, log.seconds()):
             break
 
     model.load_state_dict(best_state)  # in memory: no checkpoint file, no torch.load
@@ -168,7 +168,7 @@ def main() -> None:
         "library": "recbole", "model": args.model, "settings": args.settings, "hyperparameters": hyper,
         "versions": package_versions("recbole", "torch", "numpy", "pandas", "scipy"),
         "setup_seconds": round(setup_seconds, 3), "best_epoch": stopper.best_epoch,
-        "best_valid_ndcg_at_10": stopper.best, "stopped_early": len(log.epochs) < args.max_epochs,
+        "best_valid_ndcg_at_10": stopper.best, "stopped_early": len(log.epochs) < args.max_epochs, "stopped_by": stopper.stopped_by,
         "items_unknown_to_peer": int(scorer.unknown.sum()),
         "test": {"users": ex.users,
                  "ranks": scorer.ranks(test_histories, test_targets, masked=True),

@@ -121,7 +121,7 @@ def make_callback(log: RunLog, stopper: EarlyStopping, score_valid):
             log.epoch({"epoch": epoch, "train_loss": metrics.get("train_loss"), "valid_ndcg_at_10": ndcg,
                        "own_valid": {"val_loss": metrics.get("val_loss")},
                        "train_seconds": round(t1 - self.started, 3), "our_valid_seconds": round(t2 - t1, 3)})
-            if stopper.should_stop(epoch):
+            if stopper.should_stop(epoch, log.seconds()):
                 trainer.should_stop = True
 
     return OurValidation()
@@ -151,7 +151,7 @@ def main() -> None:
     users = ex.users
     valid_histories = [ex.train(i) for i in range(len(users))]
     valid_targets = [ex.valid_target(i) for i in range(len(users))]
-    stopper = EarlyStopping(args.patience)
+    stopper = EarlyStopping(args.patience, args.budget_min * 60)
 
     def score_valid(lightning_model):
         return OurScorer(lightning_model, ex.n_items).ranks(train_dataset, users, valid_histories, valid_targets,
@@ -185,7 +185,7 @@ def main() -> None:
         "library": "rectools", "model": args.model, "settings": args.settings, "hyperparameters": hyper,
         "versions": package_versions("rectools", "torch", "pytorch-lightning", "numpy", "pandas", "scipy"),
         "setup_seconds": round(setup_seconds, 3), "best_epoch": stopper.best_epoch,
-        "best_valid_ndcg_at_10": stopper.best, "stopped_early": len(log.epochs) < args.max_epochs,
+        "best_valid_ndcg_at_10": stopper.best, "stopped_early": len(log.epochs) < args.max_epochs, "stopped_by": stopper.stopped_by,
         "items_unknown_to_peer": scorer.item_count_unknown(),
         "test": {"users": users, "ranks": ranks,
                  "own_ranks": [own_rank.get((u, t)) for u, t in zip(users, test_targets)], "own_top_k": OWN_K},

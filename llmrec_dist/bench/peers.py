@@ -59,6 +59,7 @@ MATCHED = {"max_len": 50, "hidden": 64, "blocks": 2, "heads": 2, "dropout": 0.5,
 class RunOptions:
     max_epochs: int = 200
     patience: int = 10
+    budget_min: float = 0.0  # per run: stop after the epoch that passes it, then test the best epoch (0: none)
     seed: int = 42
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     timeout_s: float = 6 * 3600
@@ -196,6 +197,7 @@ def result_row(name: str, settings: str, result: dict, users: list[int]) -> dict
         **base_row(name, settings), "status": "ok",
         "versions": result.get("versions"), "hyperparameters": result.get("hyperparameters"),
         "best_epoch": result["best_epoch"], "epochs_run": len(epochs), "stopped_early": result["stopped_early"],
+        "stopped_by": result.get("stopped_by"),
         "best_valid_ndcg_at_10": result["best_valid_ndcg_at_10"],
         "seconds_to_best": best["seconds_since_start"] if best else None,
         "setup_seconds": result.get("setup_seconds"),
@@ -226,7 +228,7 @@ def run_one(name: str, settings: str, python: Path, exchange: Path, run_dir: Pat
     out.unlink(missing_ok=True)
     cmd = [str(python), str(RUNNERS / peer.runner), "--exchange", str(exchange), "--model", peer.model,
            "--settings", settings, "--matched", json.dumps(options.matched), "--max-epochs",
-           str(options.max_epochs), "--patience", str(options.patience), "--seed", str(options.seed),
+           str(options.max_epochs), "--patience", str(options.patience), "--budget-min", str(options.budget_min), "--seed", str(options.seed),
            "--threads", str(options.threads), "--out", str(out)]
     try:
         child = run_child(cmd, run_dir, log, options.timeout_s, _child_env(options.threads))
@@ -294,6 +296,8 @@ def row_line(row: dict) -> str:
         done = f"; {len(row['epochs'])} epochs recorded" if row.get("epochs") else ""
         return f"{head}: {row['reason']}{done}"
     own = row.get("own_test_ndcg_at_10")
+    if row.get("stopped_by") == "time budget":
+        head += " (stopped by its time budget)"
     return (f"{head}, best epoch {row['best_epoch']} of {row['epochs_run']} (valid NDCG@10 "
             f"{row['best_valid_ndcg_at_10']:.4f}, at {row['seconds_to_best']:.0f} s), test NDCG@10 "
             f"{row['test_ndcg_at_10']:.4f} HR@10 {row['test_hr_at_10']:.4f} (own protocol "
@@ -302,7 +306,7 @@ def row_line(row: dict) -> str:
 
 
 COLUMNS = [("system", "system", ""), ("settings", "settings", ""), ("status", "status", ""),
-           ("best_epoch", "best ep", ""), ("best_valid_ndcg_at_10", "valid NDCG@10", ".4f"),
+           ("best_epoch", "best ep", ""), ("epochs_run", "epochs", ""), ("stopped_by", "stopped by", ""), ("best_valid_ndcg_at_10", "valid NDCG@10", ".4f"),
            ("test_ndcg_at_10", "NDCG@10", ".4f"), ("test_hr_at_10", "HR@10", ".4f"),
            ("test_mrr_at_10", "MRR@10", ".4f"), ("own_test_ndcg_at_10", "own NDCG@10", ".4f"),
            ("mean_epoch_seconds", "s/epoch", ".1f"), ("seconds_to_best", "s to best", ".0f"),

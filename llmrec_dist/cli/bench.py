@@ -301,7 +301,12 @@ def add_parser(sub) -> None:
     pe.add_argument("--max-epochs", type=_positive, default=200, help="epochs at most per run (default 200)")
     pe.add_argument("--patience", type=_positive, default=10,
                     help="epochs without a better validation NDCG@10 before stopping (default 10)")
-    pe.add_argument("--timeout-min", type=float, default=360.0, help="minutes allowed per run (default 360)")
+    pe.add_argument("--budget-min", type=float, default=0.0,
+                    help="minutes of training per run: a run stops after the epoch that passes them and is "
+                         "tested at its best epoch, its row saying 'time budget' (default 0: no budget)")
+    pe.add_argument("--timeout-min", type=float, default=360.0,
+                    help="minutes after which a run is killed, its row a timeout without test figures "
+                         "(default 360)")
     pe.add_argument("--seed", type=_non_negative, default=42, help="seed of every run (default 42)")
     pe.add_argument("--threads", type=_positive, default=None, help="torch threads per run (default: all cores)")
     pe.add_argument("--work", default=DEFAULT_PEER_WORK,
@@ -574,7 +579,8 @@ def _peers(args) -> int:
     try:
         names = parse_choices(args.peers, PEERS, "--peers")
         settings = parse_choices(args.settings, SETTINGS, "--settings")
-        options = RunOptions(max_epochs=args.max_epochs, patience=args.patience, seed=args.seed,
+        options = RunOptions(max_epochs=args.max_epochs, patience=args.patience, budget_min=args.budget_min,
+                             seed=args.seed,
                              timeout_s=args.timeout_min * 60, matched=parse_matched(args.matched))
         if args.threads:
             options.threads = args.threads
@@ -586,8 +592,8 @@ def _peers(args) -> int:
         return 2
     print(common.table(figures["rows"], COLUMNS))
     config = {"peers": names, "settings": settings, "max_epochs": options.max_epochs, "patience": options.patience,
-              "seed": options.seed, "threads": options.threads, "timeout_s": options.timeout_s,
-              "matched": options.matched, "work": str(Path(args.work).expanduser())}
+              "budget_min": options.budget_min, "seed": options.seed, "threads": options.threads,
+              "timeout_s": options.timeout_s, "matched": options.matched, "work": str(Path(args.work).expanduser())}
     path = common.write_result(args.out, "peers", label=args.label, config=config, figures=figures, dataset=dataset,
                                command=_command())
     print(f"wrote {path}")
