@@ -281,3 +281,45 @@ def test_time_to_quality_reads_each_systems_epochs():
     ours["figures"]["valid_curve_seconds"] = [12.5, 21.0]  # measured: preferred over the estimate
     t = peers.time_to_quality(result, {"llmrec_dist (id)": ours})
     assert [(s["seconds"], s["estimated"]) for s in t["systems"]][-1] == (21.0, False)
+
+
+def test_the_side_by_side_table_puts_our_runs_of_the_same_data_beside_the_peers(tmp_path):
+    from llmrec_dist.bench import common, report
+
+    dataset = {"path": "/d", "variant": "ml-latest-small", "content_hash": "sha256:abc",
+               "counts": {"users": 610, "items": 9724}}
+
+    def peer(system, settings, curve, seconds, test, **extra):
+        return {**peers.base_row(system, settings), "status": "ok", "best_valid_ndcg_at_10": max(curve),
+                "best_epoch": curve.index(max(curve)), "epochs_run": len(curve), "test_ndcg_at_10": test,
+                "test_hr_at_10": 2 * test, "test_mrr_at_10": test / 2, "own_test_ndcg_at_10": test + 0.01,
+                "seconds_to_best": seconds[curve.index(max(curve))], "mean_epoch_seconds": 10.0,
+                "peak_rss_mb": 1500.0, "epochs": [{"epoch": i, "valid_ndcg_at_10": v, "seconds_since_start": s}
+                                                   for i, (v, s) in enumerate(zip(curve, seconds))], **extra}
+
+    rows = [peer("recbole-sasrec", "matched", [0.05, 0.08, 0.07], [100, 200, 300], 0.070),
+            peer("rectools-sasrec", "defaults", [0.06], [40], 0.060, stopped_by="time budget"),
+            peers.failure_row("recbole-bert4rec", "defaults", "timeout", "stopped after 25 min")]
+    common.write_result(tmp_path, "peers", label="ml-small", config={}, figures={"rows": rows}, dataset=dataset)
+    ours = {"test_ndcg_at_10": 0.091, "test_hr_at_10": 0.15, "test_mrr_at_10": 0.07, "best_epoch": 2,
+            "epochs_run": 3, "best_valid_ndcg_at_10": 0.1, "mean_epoch_seconds": 12.0,
+            "valid_curve": [0.07, 0.09, 0.1], "valid_curve_seconds": [20.0, 32.0, 44.0]}
+    common.write_result(tmp_path, "quality", label="ml-small-id", config={}, figures=ours, dataset=dataset)
+    other = {**dataset, "content_hash": "sha256:other"}  # another dataset: not in this table
+    common.write_result(tmp_path, "quality", label="ml-1m-id", config={}, figures=ours, dataset=other)
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"top\n{report.PEERS_START}\nold\n{report.PEERS_END}\nbottom\n")
+    assert report.update_readme(readme, tmp_path)
+    text = readme.read_text()
+    assert text.startswith("top\n") and text.endswith(f"{report.PEERS_END}\nbottom\n") and "old" not in text
+    assert "≥ 0.0800, the best peer run's best (recbole-sasrec, matched: 200 s)" in text
+    # ours reaches 0.08 at its second validation (32 s): 0.16× the peer's 200 s
+    assert "| llmrec_dist | ml-small-id | 0.0910 | 0.1500 | 0.0700 | – | 2 / 3 | 44 | 12.0 | 32 (0.16×) | – |" in text
+    assert "| recbole-sasrec | matched | 0.0700 | 0.1400 | 0.0350 | 0.0800 | 1 / 3 | 200 | 10.0 | 200 (1.00×) |" in text
+    assert "| rectools-sasrec | defaults | 0.0600 |" in text and "0 / 1 (time budget) |" in text
+    assert "| not reached | 1,500 |" in text
+    assert "| recbole-bert4rec | defaults | timeout: stopped after 25 min |" in text
+    assert "ml-1m-id" not in text
+    assert "against the best peer's test NDCG@10: +30.0%." in text
+    assert not report.update_readme(readme, tmp_path)  # a second run changes nothing

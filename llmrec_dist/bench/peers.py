@@ -361,3 +361,77 @@ def time_to_quality(peers_result: dict, quality_results: dict[str, dict]) -> dic
         systems.append({"system": name, "seconds": seconds_to_reach(epochs, threshold),
                         "estimated": any(e["estimated"] for e in epochs)})
     return {"threshold": threshold, "set_by": f"{best['system']} ({best['settings']})", "systems": systems}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The side-by-side table (README), from peers-<label>.json and our quality-*.json of the same dataset
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def our_row(name: str, result: dict) -> dict:
+    """A `bench quality` result as a side-by-side row (the fields a peer row has)."""
+    f = result["figures"]
+    epochs = quality_epochs(f)
+    best = f.get("best_epoch")
+    at_best = next((e for e in epochs if e["epoch"] == best), None)
+    return {"system": "llmrec_dist", "settings": result.get("label") or name, "status": "ok",
+            "test_ndcg_at_10": f.get("test_ndcg_at_10"), "test_hr_at_10": f.get("test_hr_at_10"),
+            "test_mrr_at_10": f.get("test_mrr_at_10"), "best_epoch": best, "epochs_run": f.get("epochs_run"),
+            "best_valid_ndcg_at_10": f.get("best_valid_ndcg_at_10"),
+            "seconds_to_best": at_best["seconds_since_start"] if at_best else None,
+            "mean_epoch_seconds": f.get("mean_epoch_seconds"), "epochs": epochs,
+            "estimated": any(e["estimated"] for e in epochs), "file": name}
+
+
+def side_by_side(peers_name: str, peers_result: dict, results: dict[str, dict]) -> list[str]:
+    """Markdown lines: one dataset's table of every peer run and every `bench quality` run of ours on the
+    same prepared data (same manifest content hash), with the time each took to reach the best peer's
+    best validation NDCG@10."""
+    rows = peers_result["figures"]["rows"]
+    content = (peers_result.get("dataset") or {}).get("content_hash")
+    ours = [our_row(name, r) for name, r in sorted(results.items())
+            if r.get("benchmark") == "quality" and content and (r.get("dataset") or {}).get("content_hash") == content
+            and r["figures"].get("test_ndcg_at_10") is not None]
+    ok = [r for r in rows if r["status"] == "ok"]
+    best_peer = max(ok, key=lambda r: r["best_valid_ndcg_at_10"]) if ok else None
+    threshold = best_peer["best_valid_ndcg_at_10"] if best_peer else None
+    peer_seconds = seconds_to_reach(best_peer["epochs"], threshold) if best_peer else None
+    d = peers_result.get("dataset") or {}
+    counts = d.get("counts") or {}
+    lines = [f"**{peers_result.get('label') or peers_name}** ({d.get('variant') or d.get('source') or 'dataset'}: "
+             f"{counts.get('users', '?'):,} users, {counts.get('items', '?'):,} items), "
+             f"`{peers_name}.json` @ {peers_result.get('git_revision', '')[:8]}", ""]
+    if threshold is not None:
+        lines += [f"Time to quality: seconds from the start to the first validation NDCG@10 ≥ {threshold:.4f}, "
+                  f"the best peer run's best ({best_peer['system']}, {best_peer['settings']}: "
+                  f"{_fmt(peer_seconds, '.0f')} s).", ""]
+    lines += ["| system | settings | test NDCG@10 | HR@10 | MRR@10 | own protocol NDCG@10 | best epoch / run | "
+              "s to best | s/epoch | s to best peer's quality | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in [*ours, *rows]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['system']} | {r['settings']} | {r['status']}: {r['reason']} |  |  |  |  |  |  |  |  |")
+            continue
+        reach = seconds_to_reach(r["epochs"], threshold) if threshold is not None else None
+        ratio = f" ({reach / peer_seconds:.2f}×)" if reach is not None and peer_seconds else ""
+        stop = " (time budget)" if r.get("stopped_by") == "time budget" else ""
+        est = " (est.)" if r.get("estimated") else ""
+        lines.append(
+            f"| {r['system']} | {r['settings']} | {_fmt(r.get('test_ndcg_at_10'), '.4f')} | "
+            f"{_fmt(r.get('test_hr_at_10'), '.4f')} | {_fmt(r.get('test_mrr_at_10'), '.4f')} | "
+            f"{_fmt(r.get('own_test_ndcg_at_10'), '.4f')} | {_fmt(r.get('best_epoch'), '')} / "
+            f"{_fmt(r.get('epochs_run'), '')}{stop} | {_fmt(r.get('seconds_to_best'), '.0f')}{est} | "
+            f"{_fmt(r.get('mean_epoch_seconds'), '.1f')} | "
+            f"{'not reached' if reach is None else f'{reach:.0f}{ratio}'}{est if reach is not None else ''} | "
+            f"{_fmt(r.get('peak_rss_mb'), ',.0f')} |")
+    peer_best_test = max((r["test_ndcg_at_10"] for r in ok), default=None)
+    our_best = max(ours, key=lambda r: r["best_valid_ndcg_at_10"] or 0, default=None)
+    if peer_best_test and our_best:
+        lead = our_best["test_ndcg_at_10"] / peer_best_test - 1
+        lines += ["", f"Ours (`{our_best['settings']}`, chosen on validation) against the best peer's test "
+                      f"NDCG@10: {lead:+.1%}."]
+    return lines
