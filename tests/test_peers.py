@@ -309,10 +309,13 @@ def test_the_side_by_side_table_puts_our_runs_of_the_same_data_beside_the_peers(
     common.write_result(tmp_path, "quality", label="ml-1m-id", config={}, figures=ours, dataset=other)
 
     readme = tmp_path / "README.md"
-    readme.write_text(f"top\n{report.PEERS_START}\nold\n{report.PEERS_END}\nbottom\n")
+    readme.write_text(f"top\n{report.PEERS_START}\nold\n{report.PEERS_END}\nbottom\n"
+                      f"{report.PEERS_SUMMARY_START}\nold\n{report.PEERS_SUMMARY_END}\n")
     assert report.update_readme(readme, tmp_path)
     text = readme.read_text()
-    assert text.startswith("top\n") and text.endswith(f"{report.PEERS_END}\nbottom\n") and "old" not in text
+    assert text.startswith("top\n") and text.endswith(f"{report.PEERS_SUMMARY_END}\n") and "old" not in text
+    assert ("| **ml-small** (ml-latest-small: 610 users, 9,724 items) | 0.0910 (`ml-small-id`) | 0.0700 "
+            "(recbole-sasrec, matched) | +30.0% | 32 s / 200 s = 0.16× (recbole-sasrec, matched) |") in text
     assert "≥ 0.0800, the best peer run's best (recbole-sasrec, matched: 200 s)" in text
     # ours reaches 0.08 at its second validation (32 s): 0.16× the peer's 200 s
     assert "| llmrec_dist | ml-small-id | 0.0910 | 0.1500 | 0.0700 | – | 2 / 3 | 44 | 12.0 | 32 (0.16×) | – |" in text

@@ -387,10 +387,9 @@ def our_row(name: str, result: dict) -> dict:
             "estimated": any(e["estimated"] for e in epochs), "file": name}
 
 
-def side_by_side(peers_name: str, peers_result: dict, results: dict[str, dict]) -> list[str]:
-    """Markdown lines: one dataset's table of every peer run and every `bench quality` run of ours on the
-    same prepared data (same manifest content hash), with the time each took to reach the best peer's
-    best validation NDCG@10."""
+def _comparison(peers_result: dict, results: dict[str, dict]) -> dict:
+    """The peer rows of a peers result, our `bench quality` rows on the same prepared data (same manifest
+    content hash), the best peer run (on validation) and the seconds it took to reach its best."""
     rows = peers_result["figures"]["rows"]
     content = (peers_result.get("dataset") or {}).get("content_hash")
     ours = [our_row(name, r) for name, r in sorted(results.items())
@@ -399,11 +398,25 @@ def side_by_side(peers_name: str, peers_result: dict, results: dict[str, dict]) 
     ok = [r for r in rows if r["status"] == "ok"]
     best_peer = max(ok, key=lambda r: r["best_valid_ndcg_at_10"]) if ok else None
     threshold = best_peer["best_valid_ndcg_at_10"] if best_peer else None
-    peer_seconds = seconds_to_reach(best_peer["epochs"], threshold) if best_peer else None
+    return {"rows": rows, "ours": ours, "ok": ok, "best_peer": best_peer, "threshold": threshold,
+            "peer_seconds": seconds_to_reach(best_peer["epochs"], threshold) if best_peer else None,
+            "our_best": max(ours, key=lambda r: r["best_valid_ndcg_at_10"] or 0, default=None),
+            "peer_best_test": max(ok, key=lambda r: r["test_ndcg_at_10"], default=None)}
+
+
+def _dataset_words(peers_name: str, peers_result: dict) -> str:
     d = peers_result.get("dataset") or {}
     counts = d.get("counts") or {}
-    lines = [f"**{peers_result.get('label') or peers_name}** ({d.get('variant') or d.get('source') or 'dataset'}: "
-             f"{counts.get('users', '?'):,} users, {counts.get('items', '?'):,} items), "
+    return (f"**{peers_result.get('label') or peers_name}** ({d.get('variant') or d.get('source') or 'dataset'}: "
+            f"{counts.get('users', 0):,} users, {counts.get('items', 0):,} items)")
+
+
+def side_by_side(peers_name: str, peers_result: dict, results: dict[str, dict]) -> list[str]:
+    """Markdown lines: one dataset's table of every peer run and every `bench quality` run of ours on the
+    same prepared data, with the time each took to reach the best peer's best validation NDCG@10."""
+    c = _comparison(peers_result, results)
+    best_peer, threshold, peer_seconds = c["best_peer"], c["threshold"], c["peer_seconds"]
+    lines = [f"{_dataset_words(peers_name, peers_result)}, "
              f"`{peers_name}.json` @ {peers_result.get('git_revision', '')[:8]}", ""]
     if threshold is not None:
         lines += [f"Time to quality: seconds from the start to the first validation NDCG@10 ≥ {threshold:.4f}, "
@@ -412,7 +425,7 @@ def side_by_side(peers_name: str, peers_result: dict, results: dict[str, dict]) 
     lines += ["| system | settings | test NDCG@10 | HR@10 | MRR@10 | own protocol NDCG@10 | best epoch / run | "
               "s to best | s/epoch | s to best peer's quality | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in [*ours, *rows]:
+    for r in [*c["ours"], *c["rows"]]:
         if r["status"] != "ok":
             lines.append(f"| {r['system']} | {r['settings']} | {r['status']}: {r['reason']} |  |  |  |  |  |  |  |  |")
             continue
@@ -428,10 +441,33 @@ def side_by_side(peers_name: str, peers_result: dict, results: dict[str, dict]) 
             f"{_fmt(r.get('mean_epoch_seconds'), '.1f')} | "
             f"{'not reached' if reach is None else f'{reach:.0f}{ratio}'}{est if reach is not None else ''} | "
             f"{_fmt(r.get('peak_rss_mb'), ',.0f')} |")
-    peer_best_test = max((r["test_ndcg_at_10"] for r in ok), default=None)
-    our_best = max(ours, key=lambda r: r["best_valid_ndcg_at_10"] or 0, default=None)
-    if peer_best_test and our_best:
-        lead = our_best["test_ndcg_at_10"] / peer_best_test - 1
-        lines += ["", f"Ours (`{our_best['settings']}`, chosen on validation) against the best peer's test "
-                      f"NDCG@10: {lead:+.1%}."]
+    ours, peer = c["our_best"], c["peer_best_test"]
+    if ours and peer:
+        lines += ["", f"Ours (`{ours['settings']}`, chosen on validation) against the best peer's test "
+                      f"NDCG@10: {ours['test_ndcg_at_10'] / peer['test_ndcg_at_10'] - 1:+.1%}."]
     return lines
+
+
+SUMMARY_HEAD = ["| dataset | llmrec_dist test NDCG@10 | best peer test NDCG@10 | lead | "
+                "to the best peer's best validation: ours / the peer |", "|---|---|---|---|---|"]
+
+
+def summary_line(peers_name: str, peers_result: dict, results: dict[str, dict]) -> str:
+    """One Markdown row per dataset: our run chosen on validation against the best peer on test, and the
+    seconds each took to reach the best peer run's best validation NDCG@10."""
+    c = _comparison(peers_result, results)
+    ours, peer, best_peer = c["our_best"], c["peer_best_test"], c["best_peer"]
+    name = _dataset_words(peers_name, peers_result)
+    if not peer:
+        return f"| {name} | – | no peer ran | – | – |"
+    peer_cell = f"{peer['test_ndcg_at_10']:.4f} ({peer['system']}, {peer['settings']})"
+    if not ours:
+        return f"| {name} | not run | {peer_cell} | – | – |"
+    reach = seconds_to_reach(ours["epochs"], c["threshold"])
+    est = " (est.)" if ours.get("estimated") else ""
+    time_cell = ("not reached" if reach is None else
+                 f"{reach:.0f} s{est} / {c['peer_seconds']:.0f} s = {reach / c['peer_seconds']:.2f}×"
+                 if c["peer_seconds"] else f"{reach:.0f} s")
+    return (f"| {name} | {ours['test_ndcg_at_10']:.4f} (`{ours['settings']}`) | {peer_cell} | "
+            f"{ours['test_ndcg_at_10'] / peer['test_ndcg_at_10'] - 1:+.1%} | {time_cell} "
+            f"({best_peer['system']}, {best_peer['settings']}) |")
