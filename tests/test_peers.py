@@ -178,16 +178,17 @@ def fake_python(folder: Path, mode: str) -> Path:
     """A venv python that runs a fake runner (it ignores the real runner path it is given)."""
     runner = folder / f"fake_runner_{mode}.py"
     runner.write_text(FAKE_RUNNER.format(mode=mode))
-    python = folder / f"python-{mode}"
+    python = folder / "python"  # one path whatever the mode, as a real venv's python
     python.write_text(f'#!/bin/sh\nshift\nexec "{sys.executable}" "{runner}" "$@"\n')
     python.chmod(python.stat().st_mode | stat.S_IEXEC)
     return python
 
 
-def _run(dataset, tmp_path, monkeypatch, mode, timeout_s=120.0, settings=("matched",)):
+def _run(dataset, tmp_path, monkeypatch, mode, timeout_s=120.0, settings=("matched",), reuse=False, patience=1):
     monkeypatch.setattr(peers, "ensure_env", lambda env, work, logs: (fake_python(tmp_path, mode), {"x": "1"}, True))
-    options = peers.RunOptions(max_epochs=2, patience=1, threads=1, timeout_s=timeout_s)
-    return peers.run_peers(str(dataset), "t", ["recbole-sasrec"], list(settings), options, work=tmp_path / "work")
+    options = peers.RunOptions(max_epochs=2, patience=patience, threads=1, timeout_s=timeout_s)
+    return peers.run_peers(str(dataset), "t", ["recbole-sasrec"], list(settings), options, work=tmp_path / "work",
+                           reuse=reuse)
 
 
 def test_a_peer_run_gives_our_metrics_and_its_own(dataset, tmp_path, monkeypatch):
@@ -201,6 +202,20 @@ def test_a_peer_run_gives_our_metrics_and_its_own(dataset, tmp_path, monkeypatch
     assert row["peak_rss_mb"] >= 100.0 and row["versions"] == {"x": "1"}
     assert figures["exchange"]["users"] == 60
     assert "test NDCG@10" in peers.row_line(row)
+
+
+def test_reuse_takes_a_finished_run_of_the_same_request_only(dataset, tmp_path, monkeypatch):
+    (first,) = _run(dataset, tmp_path, monkeypatch, "ok")["rows"]
+    (again,) = _run(dataset, tmp_path, monkeypatch, "crash", reuse=True)["rows"]  # would crash if it ran
+    assert again["status"] == "ok" and again["reused"] and "reused" in peers.row_line(again)
+    assert again["test_ndcg_at_10"] == first["test_ndcg_at_10"]
+    assert again["wall_seconds"] == first["wall_seconds"] and again["peak_rss_mb"] == first["peak_rss_mb"]
+    (changed,) = _run(dataset, tmp_path, monkeypatch, "crash", reuse=True, patience=3)["rows"]  # another request
+    assert changed["status"] == "failed"
+    (failed_before,) = _run(dataset, tmp_path, monkeypatch, "crash", reuse=True, patience=3)["rows"]
+    assert failed_before["status"] == "failed"  # a failed run is never reused: it runs again
+    (no_reuse,) = _run(dataset, tmp_path, monkeypatch, "crash")["rows"]
+    assert no_reuse["status"] == "failed"  # without --reuse it runs again
 
 
 def test_a_runner_that_crashes_is_a_row(dataset, tmp_path, monkeypatch):

@@ -219,17 +219,42 @@ def result_row(name: str, settings: str, result: dict, users: list[int]) -> dict
     return row
 
 
+REQUEST_FILE = "request.json"  # what a run was asked to do: a later --reuse takes its result only if equal
+
+
+def _reused_row(name: str, settings: str, run_dir: Path, request: dict, users: list[int]) -> dict | None:
+    """The row of a finished earlier run with exactly this request (same runner command, same data), or None."""
+    try:
+        asked = json.loads((run_dir / REQUEST_FILE).read_text(encoding="utf-8"))
+        measured = asked.pop("measured", None) or {}
+        if asked != request:
+            return None
+        row = result_row(name, settings, json.loads((run_dir / "result.json").read_text(encoding="utf-8")), users)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    row.update(log=str(run_dir / "run.log"), reused=True, **measured)
+    row["peak_rss_mb"] = max(row.get("peak_rss_mb") or 0.0, measured.get("peak_tree_rss_mb") or 0.0)
+    return row
+
+
 def run_one(name: str, settings: str, python: Path, exchange: Path, run_dir: Path, options: RunOptions,
-            users: list[int]) -> dict:
-    """Run one peer with one setting; a row whatever happens."""
+            users: list[int], content_hash: str | None = None, reuse: bool = False) -> dict:
+    """Run one peer with one setting; a row whatever happens. With ``reuse``, a finished earlier run of
+    the same request (runner command and dataset content hash) in ``run_dir`` is taken instead."""
     peer = PEERS[name]
     run_dir.mkdir(parents=True, exist_ok=True)
     out, log = run_dir / "result.json", run_dir / "run.log"
-    out.unlink(missing_ok=True)
     cmd = [str(python), str(RUNNERS / peer.runner), "--exchange", str(exchange), "--model", peer.model,
            "--settings", settings, "--matched", json.dumps(options.matched), "--max-epochs",
-           str(options.max_epochs), "--patience", str(options.patience), "--budget-min", str(options.budget_min), "--seed", str(options.seed),
-           "--threads", str(options.threads), "--out", str(out)]
+           str(options.max_epochs), "--patience", str(options.patience), "--budget-min", str(options.budget_min),
+           "--seed", str(options.seed), "--threads", str(options.threads), "--out", str(out)]
+    request = {"cmd": cmd, "content_hash": content_hash}
+    if reuse:
+        row = _reused_row(name, settings, run_dir, request, users)
+        if row is not None:
+            return row
+    out.unlink(missing_ok=True)
+    (run_dir / REQUEST_FILE).unlink(missing_ok=True)
     try:
         child = run_child(cmd, run_dir, log, options.timeout_s, _child_env(options.threads))
     except OSError as err:
@@ -247,13 +272,21 @@ def run_one(name: str, settings: str, python: Path, exchange: Path, run_dir: Pat
         return failure_row(name, settings, "failed", f"unreadable result {out}: {err!r}", log, **measured)
     row.update(log=str(log), **measured)
     row["peak_rss_mb"] = max(row.get("peak_rss_mb") or 0.0, child["peak_tree_rss_mb"])
+    _write_json(run_dir / REQUEST_FILE, {**request, "measured": measured})
     return row
 
 
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
 def run_peers(data: str, label: str, names: list[str], settings: list[str], options: RunOptions,
-              work: str | Path = DEFAULT_WORK, on_row=None) -> dict:
+              work: str | Path = DEFAULT_WORK, on_row=None, reuse: bool = False) -> dict:
     """Export ``data``, make each needed environment, run every (peer, settings); the figures of
-    ``peers-<label>.json``. ``on_row(row)`` is called as each row is done."""
+    ``peers-<label>.json``. ``on_row(row)`` is called as each row is done. ``reuse``: take a finished
+    earlier run of the same request instead of running it again (:func:`run_one`)."""
     from llmrec_dist.bench.peer_export import export_exchange
 
     work = Path(work).expanduser().resolve()
@@ -277,7 +310,8 @@ def run_peers(data: str, label: str, names: list[str], settings: list[str], opti
                 row = failure_row(name, setting, "install_failed", env["error"],
                                   runs / "logs" / f"{peer.env.name}-install.log")
             else:
-                row = run_one(name, setting, env["python"], exchange, runs / f"{name}-{setting}", options, users)
+                row = run_one(name, setting, env["python"], exchange, runs / f"{name}-{setting}", options, users,
+                              summary["dataset"].get("content_hash"), reuse)
                 row["versions"] = row.get("versions") or env["versions"]
             rows.append(row)
             if on_row:
@@ -295,6 +329,8 @@ def row_line(row: dict) -> str:
     if row["status"] != "ok":
         done = f"; {len(row['epochs'])} epochs recorded" if row.get("epochs") else ""
         return f"{head}: {row['reason']}{done}"
+    if row.get("reused"):
+        head += " (reused: an earlier run of the same request)"
     own = row.get("own_test_ndcg_at_10")
     if row.get("stopped_by") == "time budget":
         head += " (stopped by its time budget)"

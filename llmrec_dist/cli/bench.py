@@ -308,6 +308,9 @@ def add_parser(sub) -> None:
                     help="minutes after which a run is killed, its row a timeout without test figures "
                          "(default 360)")
     pe.add_argument("--seed", type=_non_negative, default=42, help="seed of every run (default 42)")
+    pe.add_argument("--reuse", action="store_true",
+                    help="take a run finished earlier with exactly the same request (runner command, dataset "
+                         "content) from --work instead of running it again")
     pe.add_argument("--threads", type=_positive, default=None, help="torch threads per run (default: all cores)")
     pe.add_argument("--work", default=DEFAULT_PEER_WORK,
                     help=f"folder for the peers' venvs, the exported data and the runs (default {DEFAULT_PEER_WORK})")
@@ -586,13 +589,13 @@ def _peers(args) -> int:
             options.threads = args.threads
         dataset = common.dataset_info(args.data)
         figures = run_peers(args.data, args.label, names, settings, options, args.work,
-                            on_row=lambda row: print(row_line(row), flush=True))
+                            on_row=lambda row: print(row_line(row), flush=True), reuse=args.reuse)
     except (OSError, ValueError, ExportError) as err:
         print(f"llmrec-dist bench peers: error: {err}", file=sys.stderr)
         return 2
     print(common.table(figures["rows"], COLUMNS))
     config = {"peers": names, "settings": settings, "max_epochs": options.max_epochs, "patience": options.patience,
-              "budget_min": options.budget_min, "seed": options.seed, "threads": options.threads,
+              "budget_min": options.budget_min, "seed": options.seed, "threads": options.threads, "reuse": args.reuse,
               "timeout_s": options.timeout_s, "matched": options.matched, "work": str(Path(args.work).expanduser())}
     path = common.write_result(args.out, "peers", label=args.label, config=config, figures=figures, dataset=dataset,
                                command=_command())
