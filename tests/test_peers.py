@@ -229,6 +229,10 @@ def test_a_runner_past_its_time_is_stopped_and_is_a_row(dataset, tmp_path, monke
     (row,) = _run(dataset, tmp_path, monkeypatch, "hang", timeout_s=1.5)["rows"]
     assert row["status"] == "timeout" and row["wall_seconds"] < 30
     assert row["epochs"][0]["valid_ndcg_at_10"] == 0.2  # what it recorded before it was stopped
+    (again,) = _run(dataset, tmp_path, monkeypatch, "ok", timeout_s=1.5, reuse=True)["rows"]
+    assert again["status"] == "timeout" and again["reused"]  # the same request would time out again
+    (longer,) = _run(dataset, tmp_path, monkeypatch, "ok", timeout_s=60.0, reuse=True)["rows"]
+    assert longer["status"] == "ok"  # a longer timeout is another request: it runs
 
 
 def test_a_peer_that_does_not_install_is_a_row_per_setting(dataset, tmp_path, monkeypatch):

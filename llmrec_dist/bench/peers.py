@@ -223,12 +223,16 @@ REQUEST_FILE = "request.json"  # what a run was asked to do: a later --reuse tak
 
 
 def _reused_row(name: str, settings: str, run_dir: Path, request: dict, users: list[int]) -> dict | None:
-    """The row of a finished earlier run with exactly this request (same runner command, same data), or None."""
+    """The row of an earlier run with exactly this request (same runner command, same data, same timeout),
+    or None: a finished run, or one stopped at its timeout (the same request would time out again); a
+    crash is never reused."""
     try:
         asked = json.loads((run_dir / REQUEST_FILE).read_text(encoding="utf-8"))
-        measured = asked.pop("measured", None) or {}
+        measured, timed_out = asked.pop("measured", None) or {}, asked.pop("timeout_row", None)
         if asked != request:
             return None
+        if timed_out:
+            return {**timed_out, "reused": True}
         row = result_row(name, settings, json.loads((run_dir / "result.json").read_text(encoding="utf-8")), users)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -248,7 +252,7 @@ def run_one(name: str, settings: str, python: Path, exchange: Path, run_dir: Pat
            "--settings", settings, "--matched", json.dumps(options.matched), "--max-epochs",
            str(options.max_epochs), "--patience", str(options.patience), "--budget-min", str(options.budget_min),
            "--seed", str(options.seed), "--threads", str(options.threads), "--out", str(out)]
-    request = {"cmd": cmd, "content_hash": content_hash}
+    request = {"cmd": cmd, "content_hash": content_hash, "timeout_s": options.timeout_s}
     if reuse:
         row = _reused_row(name, settings, run_dir, request, users)
         if row is not None:
@@ -261,8 +265,10 @@ def run_one(name: str, settings: str, python: Path, exchange: Path, run_dir: Pat
         return failure_row(name, settings, "failed", f"could not start {python}: {err}", log)
     measured = {"wall_seconds": child["wall_seconds"], "peak_tree_rss_mb": child["peak_tree_rss_mb"]}
     if child["timed_out"]:
-        return failure_row(name, settings, "timeout", f"stopped after {options.timeout_s / 60:.0f} min", log,
-                           epochs=_read_epochs(run_dir), **measured)
+        row = failure_row(name, settings, "timeout", f"stopped after {options.timeout_s / 60:.0f} min", log,
+                          epochs=_read_epochs(run_dir), **measured)
+        _write_json(run_dir / REQUEST_FILE, {**request, "timeout_row": row})
+        return row
     if child["returncode"] != 0 or not out.is_file():
         return failure_row(name, settings, "failed", f"exit code {child['returncode']}: {last_error_line(log)}",
                            log, epochs=_read_epochs(run_dir), **measured)
