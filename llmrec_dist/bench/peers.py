@@ -481,7 +481,7 @@ def side_by_side(peers_name: str, peers_result: dict, results: dict[str, dict]) 
             f"{_fmt(r.get('own_test_ndcg_at_10'), '.4f')} | {_fmt(r.get('best_epoch'), '')} / "
             f"{_fmt(r.get('epochs_run'), '')}{stop} | {_fmt(r.get('seconds_to_best'), '.0f')}{est} | "
             f"{_fmt(r.get('mean_epoch_seconds'), '.1f')} | "
-            f"{'not reached' if reach is None else f'{reach:.0f}{ratio}'}{est if reach is not None else ''} | "
+            f"{'not reached' if reach is None else f'{reach:.0f}{est}{ratio}'} | "
             f"{_fmt(r.get('peak_rss_mb'), ',.0f')} |")
     ours, peer = c["our_best"], c["peer_best_test"]
     if ours and peer:
