@@ -173,3 +173,15 @@ def common_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="result JSON to write")
+
+
+def start_run(description: str, started: float):
+    """A runner's start: its arguments (:func:`common_arguments`), torch's threads set, the run's log
+    (times counted from ``started``, the runner's first line) and the exchange folder read."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    common_arguments(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args, RunLog(args.out, started), read_exchange(args.exchange)

@@ -22,7 +22,6 @@ import time
 
 STARTED = time.perf_counter()
 
-import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -31,8 +30,7 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from peer_protocol import (EarlyStopping, RunLog, common_arguments, ndcg_at_10, package_versions,  # noqa: E402
-                           read_exchange, target_ranks)
+from peer_protocol import EarlyStopping, ndcg_at_10, package_versions, start_run, target_ranks  # noqa: E402
 
 DATASET_NAME = "llmrec"
 EVAL_BATCH = 512
@@ -111,12 +109,7 @@ class OurScorer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common_arguments(parser)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    log = RunLog(args.out, STARTED)
-    ex = read_exchange(args.exchange)
+    args, log, ex = start_run(__doc__.split("\n")[0], STARTED)
 
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation

@@ -22,15 +22,14 @@ import time
 
 STARTED = time.perf_counter()
 
-import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import warnings  # noqa: E402
 
 import torch  # noqa: E402
 
-from peer_protocol import (EarlyStopping, RunLog, common_arguments, ndcg_at_10, package_versions,  # noqa: E402
-                           read_exchange, target_ranks)
+from peer_protocol import (EarlyStopping, RunLog, ndcg_at_10, package_versions, start_run,  # noqa: E402
+                           target_ranks)
 
 EVAL_BATCH = 512
 OWN_K = 10
@@ -128,12 +127,7 @@ def make_callback(log: RunLog, stopper: EarlyStopping, score_valid):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common_arguments(parser)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    log = RunLog(args.out, STARTED)
-    ex = read_exchange(args.exchange)
+    args, log, ex = start_run(__doc__.split("\n")[0], STARTED)
 
     import pandas as pd
     from pytorch_lightning import seed_everything
