@@ -260,6 +260,12 @@ class TrainConfig:
                                    "test split's input) for N epochs, the learning-rate schedule still sized for "
                                    "train.epochs, no validation; the last epoch's weights are tested and logged.",
                                 check=_non_negative)
+    refit: bool = setting(False, "After the validated run, train the same config again from the start on every "
+                                 "user's history through the validation item for the epochs validation chose (its "
+                                 "best epoch + 1, as train.refit_epochs) and make that the run's model: tested and "
+                                 "logged as a second MLflow run tagged llmrec.refit_of; the validated run stays as "
+                                 "the evidence that chose it. Pays on short, sparse histories, where the validation "
+                                 "interactions are a large share of the data (docs/language-model.md).")
     max_failures: int = setting(2, "Worker-group failures survived per run: the workers restart from the "
                                    "latest checkpoint (epoch granularity); -1 = unlimited.",
                                 check=lambda v: None if v >= -1 else "must be >= -1")
@@ -569,8 +575,10 @@ def _cross_checks(cfg: Config) -> list[str]:
         if cfg.model.backbone != "causal" and cfg.task.architecture == "bi_encoder":
             problems.append(f"model.backbone: the task.type={cfg.task.type} bi-encoder reads histories causally; "
                             f"set model.backbone=causal (got {cfg.model.backbone})")
-        if cfg.train.refit_epochs:
-            problems.append(f"train.refit_epochs: not available with task.type={cfg.task.type} yet; set it to 0")
+        for key in ("refit_epochs", "refit"):
+            if getattr(cfg.train, key):
+                problems.append(f"train.{key}: not available with task.type={cfg.task.type} yet; "
+                                f"set it to {'0' if key == 'refit_epochs' else 'false'}")
     if not cfg.model.text_encoder.strip():
         problems.append("model.text_encoder: must not be empty")
     per_step = cfg.scaling.num_workers * cfg.train.grad_accum
@@ -585,6 +593,13 @@ def _cross_checks(cfg: Config) -> list[str]:
                         f"got {cfg.train.refit_epochs}")
     if cfg.private():
         problems.extend(_privacy_checks(cfg))
+    if cfg.train.refit and cfg.train.refit_epochs:
+        problems.append(f"train.refit: chooses train.refit_epochs from the validated run; leave "
+                        f"train.refit_epochs at 0 (got {cfg.train.refit_epochs}) or set train.refit=false")
+    if cfg.train.refit and cfg.mlflow.registered_model:
+        problems.append("mlflow.registered_model: train.refit makes a refit the run's model, and a refit has no "
+                        "validation metric for the champion gate; set train.refit=false to register the "
+                        "validated run, or set mlflow.registered_model to \"\"")
     if cfg.train.refit_epochs and cfg.mlflow.registered_model:
         problems.append("mlflow.registered_model: a refit run (train.refit_epochs > 0) has no validation "
                         "metric for the champion gate; register the validation run, or set it to \"\"")

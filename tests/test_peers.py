@@ -324,6 +324,8 @@ def test_the_side_by_side_table_puts_our_runs_of_the_same_data_beside_the_peers(
             "epochs_run": 3, "best_valid_ndcg_at_10": 0.1, "mean_epoch_seconds": 12.0,
             "valid_curve": [0.07, 0.09, 0.1], "valid_curve_seconds": [20.0, 32.0, 44.0]}
     common.write_result(tmp_path, "quality", label="ml-small-id", config={}, figures=ours, dataset=dataset)
+    refit = {**ours, "test_ndcg_at_10": 0.2, "refit_epochs": 3}  # trained on validation: no peer does
+    common.write_result(tmp_path, "quality", label="ml-small-id-refit", config={}, figures=refit, dataset=dataset)
     other = {**dataset, "content_hash": "sha256:other"}  # another dataset: not in this table
     common.write_result(tmp_path, "quality", label="ml-1m-id", config={}, figures=ours, dataset=other)
 
@@ -342,6 +344,6 @@ def test_the_side_by_side_table_puts_our_runs_of_the_same_data_beside_the_peers(
     assert "| rectools-sasrec | defaults | 0.0600 |" in text and "0 / 1 (time budget) |" in text
     assert "| not reached | 1,500 |" in text
     assert "| recbole-bert4rec | defaults | timeout: stopped after 25 min |" in text
-    assert "ml-1m-id" not in text
+    assert "ml-1m-id" not in text and "ml-small-id-refit" not in text
     assert "against the best peer's test NDCG@10: +30.0%." in text
     assert not report.update_readme(readme, tmp_path)  # a second run changes nothing

@@ -79,6 +79,9 @@ def test_a_refit_is_neither_swept_nor_searched():
     for found in (problems({"space": {"train.lr": {"grid": [0.1, 0.2]}}}, train={"epochs": 3, "refit_epochs": 2}),
                   problems({"space": {"train.refit_epochs": {"grid": [0, 2]}}})):
         assert any(p.startswith("train.refit_epochs: a sweep selects on validation") for p in found), found
+    for found in (problems({"space": {"train.lr": {"grid": [0.1, 0.2]}}}, train={"epochs": 3, "refit": True}),
+                  problems({"space": {"train.refit": {"grid": [False, True]}}})):
+        assert any(p.startswith("train.refit: a sweep selects on validation") for p in found), found
 
 
 def test_asha_needs_a_rung_before_the_last_epoch():

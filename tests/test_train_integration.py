@@ -276,3 +276,40 @@ def test_quality_refit_trains_through_the_validation_item_for_the_chosen_epochs(
     saved = evaluate_saved_model(Path(outcome.checkpoint_path), str(synthetic_dataset), "test", EvalConfig())
     assert saved["test_ndcg_at_10"] == pytest.approx(outcome.metrics["test_ndcg_at_10"], rel=1e-9)
     assert ckpt.read_state(Path(outcome.checkpoint_path))["result"]["best_epoch"] == 1
+
+
+def test_train_refit_in_the_config_chains_the_refit_and_returns_it(ray_cluster, synthetic_dataset, tmp_path, capsys,
+                                                                    monkeypatch):
+    """`train.refit: true`: one `train` call runs the validated run, then the refit it chose (best epoch +
+    1 epochs through the validation item) as a second MLflow run tagged with the first; the refit is
+    returned, the CLI summary names the run that chose it, and `bench quality` reports both."""
+    from mlflow.tracking import MlflowClient
+
+    import llmrec_dist.train.launcher as launcher
+    from llmrec_dist.bench.quality import run_quality
+    from llmrec_dist.cli.train import print_outcome
+
+    uri = sqlite_uri(tmp_path / 'mlflow.db')
+    cfg = load_config(QUICKSTART, [f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}",
+                                   f"mlflow.tracking_uri={uri}", *TINY, "mlflow.registered_model=",
+                                   "train.epochs=3", "train.patience=1", "train.refit=true"])
+    outcomes, real_train = [], launcher.train
+    monkeypatch.setattr(launcher, "train", lambda c: outcomes.append(real_train(c)) or outcomes[-1])  # keeps it
+    figures = run_quality(cfg)
+    outcome, = outcomes
+    validated = outcome.validated
+    assert (figures["run_id"], figures["refit"]["run_id"]) == (validated.run_id, outcome.run_id)
+    assert figures["refit"]["test_ndcg_at_10"] == outcome.metrics["test_ndcg_at_10"]
+    assert figures["refit"]["refit_epochs"] == figures["best_epoch"] + 1
+    assert len(figures["valid_curve"]) == figures["epochs_run"] and "valid_curve" not in figures["refit"]
+    assert validated is not None and validated.run_id != outcome.run_id
+    assert "valid_ndcg_at_10" in validated.metrics and not any(k.startswith("valid_") for k in outcome.metrics)
+    assert outcome.metrics["refit_epochs"] == validated.metrics["best_epoch"] + 1 == outcome.metrics["epochs_run"]
+    client = MlflowClient(uri)
+    run = client.get_run(outcome.run_id).data
+    assert run.tags["llmrec.refit_of"] == validated.run_id
+    assert run.params["train.refit_epochs"] == str(outcome.metrics["refit_epochs"])
+    assert "llmrec.refit_of" not in client.get_run(validated.run_id).data.tags
+    assert len(client.get_metric_history(outcome.run_id, "train_loss")) == outcome.metrics["refit_epochs"]
+    print_outcome(outcome)
+    assert f"chosen by run {validated.run_id}: best epoch {int(validated.metrics['best_epoch']) + 1}" in capsys.readouterr().out

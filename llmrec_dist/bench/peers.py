@@ -431,12 +431,14 @@ def our_row(name: str, result: dict) -> dict:
 
 def _comparison(peers_result: dict, results: dict[str, dict]) -> dict:
     """The peer rows of a peers result, our `bench quality` rows on the same prepared data (same manifest
-    content hash), the best peer run (on validation) and the seconds it took to reach its best."""
+    content hash), the best peer run (on validation) and the seconds it took to reach its best. A refit on
+    its own (``train.refit_epochs``) is left out: it trained on the validation interactions, which no
+    peer does; a validated run that a refit followed counts by its own, validated, figures."""
     rows = peers_result["figures"]["rows"]
     content = (peers_result.get("dataset") or {}).get("content_hash")
     ours = [our_row(name, r) for name, r in sorted(results.items())
             if r.get("benchmark") == "quality" and content and (r.get("dataset") or {}).get("content_hash") == content
-            and r["figures"].get("test_ndcg_at_10") is not None]
+            and r["figures"].get("test_ndcg_at_10") is not None and not r["figures"].get("refit_epochs")]
     ok = [r for r in rows if r["status"] == "ok"]
     best_peer = max(ok, key=lambda r: r["best_valid_ndcg_at_10"]) if ok else None
     threshold = best_peer["best_valid_ndcg_at_10"] if best_peer else None

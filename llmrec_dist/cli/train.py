@@ -87,6 +87,8 @@ def print_outcome(outcome, as_json: bool = False) -> None:
     summary = {"run_id": outcome.run_id, "tracking_uri": outcome.tracking_uri, "model_uri": outcome.model_uri,
                "registration": outcome.registration, "seconds": round(outcome.seconds, 1),
                "metrics": outcome.metrics}
+    if outcome.validated is not None:
+        summary["validated"] = {"run_id": outcome.validated.run_id, "metrics": outcome.validated.metrics}
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -94,6 +96,12 @@ def print_outcome(outcome, as_json: bool = False) -> None:
     chosen = (f"refit through the validation item, {m['refit_epochs']} epochs" if m.get("refit_epochs")
               else f"best epoch {int(m.get('best_epoch', 0)) + 1} of {m.get('epochs_run')}")  # 1-based, as the epoch lines
     say(f"\nrun {outcome.run_id}: {chosen}, {outcome.seconds:.0f} s")
+    if outcome.validated is not None:  # train.refit: the run that chose the refit's epochs
+        v = outcome.validated.metrics
+        shown = outcome.config.selection_metric() if outcome.config else "valid_ndcg_at_10"
+        say(f"  chosen by run {outcome.validated.run_id}: best epoch {int(v.get('best_epoch', 0)) + 1} of "
+            f"{v.get('epochs_run')}, {shown}={v.get(shown, float('nan')):.4f}, test ndcg@10="
+            f"{v.get('test_ndcg_at_10', float('nan')):.4f} (without the refit)")
     for split in ("valid", "test", "test_cold"):
         cells = [f"{name}@{k}={m[f'{split}_{name}_at_{k}']:.4f}"
                  for name in ("hr", "ndcg", "mrr") for k in (10,) if f"{split}_{name}_at_{k}" in m]

@@ -41,6 +41,8 @@ class TrainOutcome:
     model_uri: str = ""
     registration: dict = field(default_factory=dict)
     seconds: float = 0.0
+    config: Config | None = None           # the config the run trained with
+    validated: TrainOutcome | None = None  # train.refit: the validated run that chose this refit's epochs
 
 
 def _data_config(cfg: Config):
@@ -248,8 +250,31 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
     on from its latest checkpoint with its saved config, in the same MLflow run. ``force``: start even
     when the memory estimate says a worker cannot fit (:func:`preflight_memory`). ``echo``: a function
     that shows the user a line (the run folder, where Ray logs, one line per epoch); without it those
-    lines are logged and no epoch lines are made.
+    lines are logged and no epoch lines are made. With ``train.refit``, the validated run is followed by
+    a refit (:func:`_refit_after`), which is returned.
     """
+    first = _train_once(cfg, resume, force, echo)
+    if not first.config.train.refit:
+        return first
+    return _refit_after(first, force, echo)
+
+
+def _refit_after(validated: TrainOutcome, force: bool, echo) -> TrainOutcome:
+    """``train.refit``: after the validated run, the refit it chooses (its best epoch + 1 epochs through
+    each user's validation item), a second MLflow run tagged with the first; the refit is returned. A
+    validated run resumed with ``--resume`` is followed by its refit too (its saved config says refit)."""
+    epochs = int(validated.metrics["best_epoch"]) + 1
+    (echo or log.info)(f"train.refit: training again through each user's validation item for {epochs} epochs "
+                       f"(the best epoch of run {validated.run_id})")
+    cfg = validated.config
+    refit_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, refit=False, refit_epochs=epochs))
+    outcome = _train_once(refit_cfg, None, force, echo, tags={"llmrec.refit_of": validated.run_id})
+    outcome.validated = validated
+    return outcome
+
+
+def _train_once(cfg: Config | None, resume: str | None, force: bool, echo,
+                tags: dict | None = None) -> TrainOutcome:
     started = time.perf_counter()
     say = echo or log.info
     if resume:
@@ -277,7 +302,7 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
         run_id = start_run(tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name,
                            tags={"llmrec.dataset_hash": manifest["content_hash"],
                                  "llmrec.source": str(manifest["source"].get("type", "")),
-                                 "llmrec.memory_estimate_mb": f"{estimate.total_mb:.0f}"})
+                                 "llmrec.memory_estimate_mb": f"{estimate.total_mb:.0f}", **(tags or {})})
         folder = storage.join(cfg.train.storage_path, run_name(run_id))
         storage.write_json(storage.join(folder, RUN_FILE),
                            {"run_id": run_id, "tracking_uri": tracking_uri, "config": cfg.to_dict()})
@@ -307,7 +332,7 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
             raise
         metrics = dict(result.return_value or result.metrics or {})
         outcome = TrainOutcome(run_id, tracking_uri, metrics,
-                               storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path))
+                               storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path), config=cfg)
         with result.checkpoint.as_directory() as checkpoint_dir:
             published = publish_model(Path(checkpoint_dir), cfg, manifest, tracking_uri, run_id,
                                       cfg.selection_metric(), metrics)
