@@ -575,10 +575,9 @@ def _cross_checks(cfg: Config) -> list[str]:
         if cfg.model.backbone != "causal" and cfg.task.architecture == "bi_encoder":
             problems.append(f"model.backbone: the task.type={cfg.task.type} bi-encoder reads histories causally; "
                             f"set model.backbone=causal (got {cfg.model.backbone})")
-        for key in ("refit_epochs", "refit"):
+        for key, off in (("refit_epochs", "0"), ("refit", "false")):
             if getattr(cfg.train, key):
-                problems.append(f"train.{key}: not available with task.type={cfg.task.type} yet; "
-                                f"set it to {'0' if key == 'refit_epochs' else 'false'}")
+                problems.append(f"train.{key}: not available with task.type={cfg.task.type} yet; set it to {off}")
     if not cfg.model.text_encoder.strip():
         problems.append("model.text_encoder: must not be empty")
     per_step = cfg.scaling.num_workers * cfg.train.grad_accum

@@ -6,7 +6,6 @@ epochs validation chose, then tested."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 from llmrec_dist.bench.common import freq_ndcg_at_10
@@ -64,22 +63,18 @@ def _test_figures(cfg: Config, m: dict) -> dict:
 
 def run_quality(cfg: Config, refit: bool = False, counts: dict | None = None) -> dict:
     """Figures of one run of ``cfg``; with ``refit`` (or ``train.refit`` in the config), figures["refit"]
-    holds those of the refit after it. ``counts``: the dataset manifest's counts, which name the
-    published target (if any) it is held to."""
-    from llmrec_dist.train.launcher import train
+    holds those of the refit after it (the validated run registers if the config says so; the refit never
+    does). ``counts``: the dataset manifest's counts, which name the published target (if any) it is held to."""
+    from llmrec_dist.train.launcher import refit_after, train
 
     started, started_at = time.perf_counter(), time.time()
     outcome = train(cfg)  # train.refit: the validated run, then its refit (returned, .validated set)
-    if outcome.validated is not None:
-        figures = _run_figures(outcome.validated, started_at, outcome.validated.seconds, counts)
-        figures["refit"] = _run_figures(outcome, started_at, outcome.seconds, counts)
-        return figures
-    figures = _run_figures(outcome, started_at, time.perf_counter() - started, counts)
-    if refit:
-        refit_train = dataclasses.replace(cfg.train, refit_epochs=int(outcome.metrics["best_epoch"]) + 1)
-        # the validated run registers (if the config says so); a refit has no validation to gate on
-        unregistered = dataclasses.replace(cfg.mlflow, registered_model="")
-        figures["refit"] = run_quality(dataclasses.replace(cfg, train=refit_train, mlflow=unregistered))
+    if refit and outcome.validated is None:
+        outcome = refit_after(outcome)
+    if outcome.validated is None:
+        return _run_figures(outcome, started_at, time.perf_counter() - started, counts)
+    figures = _run_figures(outcome.validated, started_at, outcome.validated.seconds, counts)
+    figures["refit"] = _run_figures(outcome, started_at, outcome.seconds, counts)
     return figures
 
 

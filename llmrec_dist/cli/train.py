@@ -97,8 +97,7 @@ def print_outcome(outcome, as_json: bool = False) -> None:
               else f"best epoch {int(m.get('best_epoch', 0)) + 1} of {m.get('epochs_run')}")  # 1-based, as the epoch lines
     say(f"\nrun {outcome.run_id}: {chosen}, {outcome.seconds:.0f} s")
     if outcome.validated is not None:  # train.refit: the run that chose the refit's epochs
-        v = outcome.validated.metrics
-        shown = outcome.config.selection_metric() if outcome.config else "valid_ndcg_at_10"
+        v, shown = outcome.validated.metrics, outcome.validated.config.selection_metric()
         say(f"  chosen by run {outcome.validated.run_id}: best epoch {int(v.get('best_epoch', 0)) + 1} of "
             f"{v.get('epochs_run')}, {shown}={v.get(shown, float('nan')):.4f}, test ndcg@10="
             f"{v.get('test_ndcg_at_10', float('nan')):.4f} (without the refit)")

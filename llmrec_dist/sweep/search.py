@@ -168,12 +168,10 @@ def parse_search(raw: Any, train_raw: dict, source: str = "") -> SearchConfig:
     if search.scheduler == "asha" and search.grace_period >= base.train.epochs:
         problems.append(f"search.grace_period: must be < train.epochs ({base.train.epochs}) for ASHA to stop a "
                         f"trial before its last epoch; got {search.grace_period} (or set search.scheduler=none)")
-    if base.train.refit_epochs or "train.refit_epochs" in (raw.get("space") or {}):
-        problems.append("train.refit_epochs: a sweep selects on validation, which a refit trains on; "
-                        "keep it 0 and unsearched (refit the chosen trial's config afterwards)")
-    if base.train.refit or "train.refit" in (raw.get("space") or {}):
-        problems.append("train.refit: a sweep selects on validation, which a refit trains on; keep it false "
-                        "and unsearched (set it in the chosen trial's config afterwards)")
+    for key, off in (("refit_epochs", "0"), ("refit", "false")):
+        if getattr(base.train, key) or f"train.{key}" in (raw.get("space") or {}):
+            problems.append(f"train.{key}: a sweep selects on validation, which a refit trains on; keep it "
+                            f"{off} and unsearched (refit the chosen trial's config afterwards)")
     if "task.type" in (raw.get("space") or {}):
         problems.append("search.space.task.type: trials of different tasks have no common metric to rank "
                         "them by; set task.type in the config")

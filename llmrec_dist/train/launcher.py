@@ -251,23 +251,25 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
     when the memory estimate says a worker cannot fit (:func:`preflight_memory`). ``echo``: a function
     that shows the user a line (the run folder, where Ray logs, one line per epoch); without it those
     lines are logged and no epoch lines are made. With ``train.refit``, the validated run is followed by
-    a refit (:func:`_refit_after`), which is returned.
+    a refit (:func:`refit_after`), which is returned.
     """
     first = _train_once(cfg, resume, force, echo)
     if not first.config.train.refit:
         return first
-    return _refit_after(first, force, echo)
+    return refit_after(first, force, echo)
 
 
-def _refit_after(validated: TrainOutcome, force: bool, echo) -> TrainOutcome:
-    """``train.refit``: after the validated run, the refit it chooses (its best epoch + 1 epochs through
-    each user's validation item), a second MLflow run tagged with the first; the refit is returned. A
-    validated run resumed with ``--resume`` is followed by its refit too (its saved config says refit)."""
+def refit_after(validated: TrainOutcome, force: bool = False, echo=None) -> TrainOutcome:
+    """The refit a validated run chooses (its best epoch + 1 epochs through each user's validation item),
+    a second MLflow run tagged with the first and never registered (no validation metric for the gate);
+    the refit is returned, ``.validated`` set. ``train.refit`` calls it after the validated run (also one
+    resumed with ``--resume``: its saved config says refit); ``bench quality --refit`` for any config."""
     epochs = int(validated.metrics["best_epoch"]) + 1
-    (echo or log.info)(f"train.refit: training again through each user's validation item for {epochs} epochs "
+    (echo or log.info)(f"refit: training again through each user's validation item for {epochs} epochs "
                        f"(the best epoch of run {validated.run_id})")
     cfg = validated.config
-    refit_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, refit=False, refit_epochs=epochs))
+    refit_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, refit=False, refit_epochs=epochs),
+                                    mlflow=dataclasses.replace(cfg.mlflow, registered_model=""))
     outcome = _train_once(refit_cfg, None, force, echo, tags={"llmrec.refit_of": validated.run_id})
     outcome.validated = validated
     return outcome
