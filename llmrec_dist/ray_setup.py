@@ -13,6 +13,10 @@ WORKER_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_V2_ENABLED": "1",
+    # Ray Train's controller polls its workers this often (default 2 s) and moves on (workers started, run
+    # finished, worker group shut down) only at a poll: measured here, a 2-epoch run on a tiny model took
+    # 25.4 s at the default and 18.3 s at 0.5 s. A poll is one small remote call per worker.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 
 
