@@ -52,7 +52,8 @@ def two_nodes(tmp_path_factory):
     temp_dir = f"/tmp/ray-2node-{port}"
     logs = tmp_path_factory.mktemp("two-nodes")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    # no 30 s drain on SIGTERM (as the session's Ray in conftest)
+    env.update(RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     common = ["--node-ip-address=127.0.0.1", "--num-gpus=0", "--object-store-memory=300000000",
               "--disable-usage-stats", "--block"]
     head_ports = port_flags("dashboard", "ray-client-server")
