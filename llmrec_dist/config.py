@@ -264,8 +264,10 @@ class TrainConfig:
                                  "user's history through the validation item for the epochs validation chose (its "
                                  "best epoch + 1, as train.refit_epochs) and make that the run's model: tested and "
                                  "logged as a second MLflow run tagged llmrec.refit_of; the validated run stays as "
-                                 "the evidence that chose it. Pays on short, sparse histories, where the validation "
-                                 "interactions are a large share of the data (docs/language-model.md).")
+                                 "the evidence that chose it. With mlflow.registered_model the refit is registered, "
+                                 "gated on the validated run's validation metric (the refit has none of its own). "
+                                 "Pays on short, sparse histories, where the validation interactions are a large "
+                                 "share of the data (docs/language-model.md).")
     max_failures: int = setting(2, "Worker-group failures survived per run: the workers restart from the "
                                    "latest checkpoint (epoch granularity); -1 = unlimited.",
                                 check=lambda v: None if v >= -1 else "must be >= -1")
@@ -595,13 +597,10 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.train.refit and cfg.train.refit_epochs:
         problems.append(f"train.refit: chooses train.refit_epochs from the validated run; leave "
                         f"train.refit_epochs at 0 (got {cfg.train.refit_epochs}) or set train.refit=false")
-    if cfg.train.refit and cfg.mlflow.registered_model:
-        problems.append("mlflow.registered_model: train.refit makes a refit the run's model, and a refit has no "
-                        "validation metric for the champion gate; set train.refit=false to register the "
-                        "validated run, or set mlflow.registered_model to \"\"")
     if cfg.train.refit_epochs and cfg.mlflow.registered_model:
         problems.append("mlflow.registered_model: a refit run (train.refit_epochs > 0) has no validation "
-                        "metric for the champion gate; register the validation run, or set it to \"\"")
+                        "metric for the champion gate; use train.refit=true (registers the refit, gated on the "
+                        "validated run's metric), or set it to \"\"")
     return problems
 
 

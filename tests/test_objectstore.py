@@ -183,7 +183,8 @@ subprocess.run(
             "data": {"path": f"{bucket}/ds"},
             "model": {"item_repr": "id+text", "text_encoder": str(encoder), "freeze": "frozen", "text_max_len": 8,
                       "hidden_size": 16, "num_heads": 2, "num_layers": 1, "max_len": 20},
-            "train": {"epochs": 3, "batch_size": 16, "patience": 0, "storage_path": f"{bucket}/runs"},
+            # 10 short epochs: the driver is killed after the first checkpoint, well before the last one
+            "train": {"epochs": 10, "batch_size": 16, "patience": 0, "storage_path": f"{bucket}/runs"},
             "scaling": {"num_workers": 2, "cpus_per_worker": 1},
             "mlflow": {"tracking_uri": tracking, "experiment": "s3", "registered_model": "s3-rec"}}))
         log_path = tmp_path / "driver.log"
@@ -258,7 +259,7 @@ def test_a_sweep_reads_its_shards_from_s3_and_keeps_its_state_there(s3, tmp_path
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "mlflow": {"tracking_uri": sqlite_uri(tmp_path / 'mlflow.db'), "experiment": "s3-sweep",
                    "registered_model": ""},
-        "search": {"space": {"train.lr": {"grid": [1e-3, 3e-3]}}, "num_samples": 1, "max_concurrent_trials": 1,
+        "search": {"space": {"train.lr": {"grid": [1e-3, 3e-3]}}, "num_samples": 1, "max_concurrent_trials": 2,
                    "scheduler": "none",
                    "storage_path": f"{bucket}/sweeps", "name": "lr"}}))
     done = cli(s3.env, tmp_path, "tune", "--config", str(config))

@@ -231,13 +231,12 @@ def test_quality_refit_trains_through_the_validation_item_for_the_chosen_epochs(
                                                                                 tmp_path):
     """`bench quality --refit`: after the validated run, the same config trains on the histories through
     each user's validation item (the test split's input) for best epoch + 1 epochs, validates nothing,
-    and tests the last epoch's weights, which are the ones it saves."""
+    and tests the last epoch's weights (the next test checks they are the ones it saves)."""
     from mlflow.tracking import MlflowClient
 
     from llmrec_dist.bench.quality import run_quality
     from llmrec_dist.data.dataset_format import items_seen_in_training, read_manifest, read_split
-    from llmrec_dist.offline_eval import evaluate_saved_model
-    from llmrec_dist.train.launcher import train, train_dataset
+    from llmrec_dist.train.launcher import train_dataset
     from llmrec_dist.train.training_rows import training_rows
 
     uri = sqlite_uri(tmp_path / 'mlflow.db')
@@ -271,27 +270,23 @@ def test_quality_refit_trains_through_the_validation_item_for_the_chosen_epochs(
     assert client.get_metric_history(refit["run_id"], "valid_ndcg_at_10") == []
     assert client.get_run(refit["run_id"]).data.params["train.refit_epochs"] == str(refit["refit_epochs"])
 
-    outcome = train(load_config(QUICKSTART, [*base, "train.refit_epochs=2"]))  # the saved model is the tested one
-    assert not any(k.startswith("valid_") for k in outcome.metrics)
-    saved = evaluate_saved_model(Path(outcome.checkpoint_path), str(synthetic_dataset), "test", EvalConfig())
-    assert saved["test_ndcg_at_10"] == pytest.approx(outcome.metrics["test_ndcg_at_10"], rel=1e-9)
-    assert ckpt.read_state(Path(outcome.checkpoint_path))["result"]["best_epoch"] == 1
-
 
 def test_train_refit_in_the_config_chains_the_refit_and_returns_it(ray_cluster, synthetic_dataset, tmp_path, capsys,
                                                                     monkeypatch):
     """`train.refit: true`: one `train` call runs the validated run, then the refit it chose (best epoch +
     1 epochs through the validation item) as a second MLflow run tagged with the first; the refit is
-    returned, the CLI summary names the run that chose it, and `bench quality` reports both."""
+    returned and registered (gated on the validated run's validation metric; the validated run registers
+    nothing), the CLI summary names the run that chose it, and `bench quality` reports both."""
     from mlflow.tracking import MlflowClient
 
     import llmrec_dist.train.launcher as launcher
     from llmrec_dist.bench.quality import run_quality
     from llmrec_dist.cli.train import print_outcome
+    from llmrec_dist.offline_eval import evaluate_saved_model
 
     uri = sqlite_uri(tmp_path / 'mlflow.db')
     cfg = load_config(QUICKSTART, [f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}",
-                                   f"mlflow.tracking_uri={uri}", *TINY, "mlflow.registered_model=",
+                                   f"mlflow.tracking_uri={uri}", *TINY, "mlflow.registered_model=refit-chain",
                                    "train.epochs=3", "train.patience=1", "train.refit=true"])
     outcomes, real_train = [], launcher.train
     monkeypatch.setattr(launcher, "train", lambda c: outcomes.append(real_train(c)) or outcomes[-1])  # keeps it
@@ -311,5 +306,13 @@ def test_train_refit_in_the_config_chains_the_refit_and_returns_it(ray_cluster, 
     assert run.params["train.refit_epochs"] == str(outcome.metrics["refit_epochs"])
     assert "llmrec.refit_of" not in client.get_run(validated.run_id).data.tags
     assert len(client.get_metric_history(outcome.run_id, "train_loss")) == outcome.metrics["refit_epochs"]
+    version, = client.search_model_versions("name='refit-chain'")  # the refit alone, holding the alias
+    assert version.run_id == outcome.run_id and outcome.registration["promoted"]
+    assert float(version.tags["metric_value"]) == validated.metrics["valid_ndcg_at_10"]
+    assert client.get_model_version_by_alias("refit-chain", "champion").version == version.version
+    # the saved model is the tested one: the refit's last epoch
+    saved = evaluate_saved_model(Path(outcome.checkpoint_path), str(synthetic_dataset), "test", EvalConfig())
+    assert saved["test_ndcg_at_10"] == pytest.approx(outcome.metrics["test_ndcg_at_10"], rel=1e-9)
+    assert ckpt.read_state(Path(outcome.checkpoint_path))["result"]["best_epoch"] == outcome.metrics["refit_epochs"] - 1
     print_outcome(outcome)
     assert f"chosen by run {validated.run_id}: best epoch {int(validated.metrics['best_epoch']) + 1}" in capsys.readouterr().out

@@ -63,8 +63,9 @@ def _test_figures(cfg: Config, m: dict) -> dict:
 
 def run_quality(cfg: Config, refit: bool = False, counts: dict | None = None) -> dict:
     """Figures of one run of ``cfg``; with ``refit`` (or ``train.refit`` in the config), figures["refit"]
-    holds those of the refit after it (the validated run registers if the config says so; the refit never
-    does). ``counts``: the dataset manifest's counts, which name the published target (if any) it is held to."""
+    holds those of the refit after it (with ``refit``, the validated run registers if the config says so and
+    the refit does not; with ``train.refit``, the refit does, gated on the validated run's metric).
+    ``counts``: the dataset manifest's counts, which name the published target (if any) it is held to."""
     from llmrec_dist.train.launcher import refit_after, train
 
     started, started_at = time.perf_counter(), time.time()

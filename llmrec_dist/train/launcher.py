@@ -251,32 +251,42 @@ def train(cfg: Config | None = None, resume: str | None = None, force: bool = Fa
     when the memory estimate says a worker cannot fit (:func:`preflight_memory`). ``echo``: a function
     that shows the user a line (the run folder, where Ray logs, one line per epoch); without it those
     lines are logged and no epoch lines are made. With ``train.refit``, the validated run is followed by
-    a refit (:func:`refit_after`), which is returned.
+    a refit (:func:`refit_after`), which is returned (and registered, if the config registers).
     """
     first = _train_once(cfg, resume, force, echo)
     if not first.config.train.refit:
         return first
-    return refit_after(first, force, echo)
+    return refit_after(first, force, echo, register=True)
 
 
-def refit_after(validated: TrainOutcome, force: bool = False, echo=None) -> TrainOutcome:
+def refit_after(validated: TrainOutcome, force: bool = False, echo=None, register: bool = False) -> TrainOutcome:
     """The refit a validated run chooses (its best epoch + 1 epochs through each user's validation item),
-    a second MLflow run tagged with the first and never registered (no validation metric for the gate);
-    the refit is returned, ``.validated`` set. ``train.refit`` calls it after the validated run (also one
-    resumed with ``--resume``: its saved config says refit); ``bench quality --refit`` for any config."""
+    a second MLflow run tagged with the first; the refit is returned, ``.validated`` set. ``train.refit``
+    calls it after the validated run (also one resumed with ``--resume``: its saved config says refit),
+    with ``register``: the refit, not the validated run, is registered under ``mlflow.registered_model``,
+    gated on the validated run's validation metric (a refit has none: it trains on the validation items).
+    ``bench quality --refit`` calls it for any config, without: there the validated run registers."""
     epochs = int(validated.metrics["best_epoch"]) + 1
     (echo or log.info)(f"refit: training again through each user's validation item for {epochs} epochs "
                        f"(the best epoch of run {validated.run_id})")
     cfg = validated.config
+    key = cfg.selection_metric()
+    # the refit's own config registers nothing (a run with train.refit_epochs has no metric to gate on) ...
     refit_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, refit=False, refit_epochs=epochs),
                                     mlflow=dataclasses.replace(cfg.mlflow, registered_model=""))
-    outcome = _train_once(refit_cfg, None, force, echo, tags={"llmrec.refit_of": validated.run_id})
+    # ... the chain registers it under the validated run's name and metric
+    gate = (cfg.mlflow.registered_model, key, validated.metrics[key]) if register and cfg.mlflow.registered_model \
+        else None
+    outcome = _train_once(refit_cfg, None, force, echo, tags={"llmrec.refit_of": validated.run_id}, gate=gate)
     outcome.validated = validated
     return outcome
 
 
 def _train_once(cfg: Config | None, resume: str | None, force: bool, echo,
-                tags: dict | None = None) -> TrainOutcome:
+                tags: dict | None = None, gate: tuple[str, str, float] | None = None) -> TrainOutcome:
+    """One MLflow run. ``gate``: (registered model, metric, value) a refit is registered under and gated on,
+    in place of its own metrics (it has no validation metric). The validated run of ``train.refit``
+    registers nothing: its refit does."""
     started = time.perf_counter()
     say = echo or log.info
     if resume:
@@ -335,9 +345,15 @@ def _train_once(cfg: Config | None, resume: str | None, force: bool, echo,
         metrics = dict(result.return_value or result.metrics or {})
         outcome = TrainOutcome(run_id, tracking_uri, metrics,
                                storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path), config=cfg)
+        key, gated, publish_cfg = cfg.selection_metric(), metrics, cfg
+        if gate:
+            name, key, value = gate
+            gated = {**metrics, key: value}
+            publish_cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, registered_model=name))
+        elif cfg.train.refit:  # the refit that follows is the call's model
+            publish_cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, registered_model=""))
         with result.checkpoint.as_directory() as checkpoint_dir:
-            published = publish_model(Path(checkpoint_dir), cfg, manifest, tracking_uri, run_id,
-                                      cfg.selection_metric(), metrics)
+            published = publish_model(Path(checkpoint_dir), publish_cfg, manifest, tracking_uri, run_id, key, gated)
         outcome.model_uri, outcome.registration = published.model_uri, published.registration
     except BaseException:
         end_run(tracking_uri, run_id, "FAILED")
