@@ -272,14 +272,18 @@ def refit_after(validated: TrainOutcome, force: bool = False, echo=None, registe
     cfg = validated.config
     key = cfg.selection_metric()
     # the refit's own config registers nothing (a run with train.refit_epochs has no metric to gate on) ...
-    refit_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, refit=False, refit_epochs=epochs),
-                                    mlflow=dataclasses.replace(cfg.mlflow, registered_model=""))
+    refit_cfg = _registering(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, refit=False,
+                                                                                refit_epochs=epochs)), "")
     # ... the chain registers it under the validated run's name and metric
-    gate = (cfg.mlflow.registered_model, key, validated.metrics[key]) if register and cfg.mlflow.registered_model \
-        else None
+    gate = (cfg.mlflow.registered_model, key, validated.metrics[key]) if register else None
     outcome = _train_once(refit_cfg, None, force, echo, tags={"llmrec.refit_of": validated.run_id}, gate=gate)
     outcome.validated = validated
     return outcome
+
+
+def _registering(cfg: Config, name: str) -> Config:
+    """``cfg`` with ``mlflow.registered_model`` set to ``name`` ("" = register nothing)."""
+    return dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, registered_model=name))
 
 
 def _train_once(cfg: Config | None, resume: str | None, force: bool, echo,
@@ -346,12 +350,11 @@ def _train_once(cfg: Config | None, resume: str | None, force: bool, echo,
         outcome = TrainOutcome(run_id, tracking_uri, metrics,
                                storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path), config=cfg)
         key, gated, publish_cfg = cfg.selection_metric(), metrics, cfg
-        if gate:
+        if gate:  # a refit, registered under the validated run's name and gated on its metric
             name, key, value = gate
-            gated = {**metrics, key: value}
-            publish_cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, registered_model=name))
-        elif cfg.train.refit:  # the refit that follows is the call's model
-            publish_cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, registered_model=""))
+            gated, publish_cfg = {**metrics, key: value}, _registering(cfg, name)
+        elif cfg.train.refit:  # the validated run: the refit that follows is the call's model
+            publish_cfg = _registering(cfg, "")
         with result.checkpoint.as_directory() as checkpoint_dir:
             published = publish_model(Path(checkpoint_dir), publish_cfg, manifest, tracking_uri, run_id, key, gated)
         outcome.model_uri, outcome.registration = published.model_uri, published.registration
