@@ -560,6 +560,13 @@ class TextItemEncoder(ItemEncoder):
     def all_items(self, focus: torch.Tensor | None = None) -> torch.Tensor:
         return self.represent(torch.arange(self.num_items + 1, device=self.token_ids.device), focus)
 
+    @torch.no_grad()
+    def text_table(self) -> torch.Tensor:
+        """The LM's pooled output of every item [N + 1, H_lm] as the model reads it now (the cache while it
+        is current, else a pass of the LM): the items' text embeddings, before whitening and projection."""
+        ids = torch.arange(self.num_items + 1, device=self.token_ids.device)
+        return (self.pooled if self.cache_fresh else self.lm_text(ids)).float().clone()
+
     # ----------------------------------------------------------------------------------- export
     def export_encoder(self, base_lm: nn.Module) -> nn.Module:
         """The trained LM as one plain Hugging Face encoder (top layers put back into a copy of

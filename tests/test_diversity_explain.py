@@ -16,8 +16,9 @@ from llmrec_dist.batching import left_pad
 from llmrec_dist.diversity import mmr_select, normalised_relevance, pool_size
 from llmrec_dist.metrics import catalogue_coverage, intra_list_diversity
 from llmrec_dist.registry.recommender import Recommender, UnknownItemWarning
-from registry_fixtures import NUM_ITEMS, item_id, make_package, make_reranker_package
+from registry_fixtures import NUM_ITEMS, item_id, item_text, make_package, make_reranker_package
 from mlflow_db import sqlite_uri
+from text_fixtures import make_tiny_encoder
 
 HISTORIES = [[item_id(i) for i in h] for h in ([1, 2, 3], [4], [5, 9, 12, 3, 7, 22, 8], list(range(1, 26)))]
 
@@ -34,6 +35,26 @@ def rec(package):
 
 def indices(rec, ids):
     return [rec.index[i] for i in ids]
+
+
+GENRES = ["space opera", "murder mystery", "romantic comedy", "cooking show", "war documentary"]
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """A tiny random BERT reading the package's item texts and the genre texts."""
+    texts = [item_text(i) for i in range(1, NUM_ITEMS + 1)] + GENRES
+    return str(make_tiny_encoder(tmp_path_factory.mktemp("divx-enc"), texts))
+
+
+@pytest.fixture(scope="module")
+def genre_rec(package, encoder):
+    """The package's model over a catalogue whose texts are five genres (item i: genre i mod 5), MMR on the
+    text embeddings: items of one genre have one text, so one vector."""
+    base = Recommender.from_folder(package)
+    rec = Recommender(base.model, base.item_ids, [GENRES[i % 5] for i in range(1, NUM_ITEMS + 1)],
+                      base.popularity)
+    return rec.use_diversity_space("text", encoder)
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -99,6 +120,54 @@ def test_diversity_raises_ild(rec):
     assert mixed[0]["item_ids"] == alone["item_ids"]
     np.testing.assert_allclose(mixed[0]["scores"], alone["scores"], rtol=0, atol=1e-5)
     assert mixed[1]["item_ids"] == rec.recommend(HISTORIES[1:2], 5, diversity=0.5)[0]["item_ids"]
+
+
+def test_text_space_spreads_a_list_over_the_genres(genre_rec, package):
+    vectors = genre_rec.diversity_vectors()
+    assert vectors.shape == (NUM_ITEMS + 1, 32)
+    torch.testing.assert_close(vectors[1], vectors[6])  # one genre, one text, one vector
+    assert float(torch.nn.functional.cosine_similarity(vectors[1], vectors[2], dim=0)) < 0.999
+    model_space = Recommender(genre_rec.model, genre_rec.item_ids, genre_rec.texts, genre_rec.popularity)
+    for history in HISTORIES:
+        plain = genre_rec.recommend([history], 5)[0]
+        assert model_space.recommend([history], 5)[0] == plain  # the space changes nothing at λ = 0
+        spread = genre_rec.recommend([history], 5, diversity=1.0)[0]
+        # λ = 1: after the best item, each pick is the least like those picked: a new genre while one is left
+        assert spread["item_ids"][0] == plain["item_ids"][0]
+        assert sorted(spread["texts"]) == sorted(GENRES)
+    text_ild, model_ild = {}, {}
+    for name, which in (("text", genre_rec), ("model", model_space)):
+        lists = [indices(which, r["item_ids"]) for r in which.recommend(HISTORIES, 5, diversity=0.5)]
+        text_ild[name] = intra_list_diversity(lists, vectors)
+        model_ild[name] = intra_list_diversity(lists, model_space.diversity_vectors())
+    assert text_ild["text"] > text_ild["model"] and model_ild["model"] > model_ild["text"]
+    # an empty history (the popularity fallback) is diversified in the same space
+    popular = genre_rec.recommend([[]], 5, diversity=1.0)[0]
+    assert sorted(popular["texts"]) == sorted(GENRES)
+
+
+def test_text_vectors_are_the_encoders_mean_pooled_output(genre_rec, encoder):
+    from transformers import AutoModel, AutoTokenizer
+
+    lm, tokenizer = AutoModel.from_pretrained(encoder).eval(), AutoTokenizer.from_pretrained(encoder)
+    batch = tokenizer([GENRES[1], GENRES[3]], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = lm(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = (hidden * mask).sum(1) / mask.sum(1)  # item 1 reads GENRES[1], item 3 GENRES[3]
+    torch.testing.assert_close(genre_rec.diversity_vectors()[[1, 3]], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_diversity_space_errors(package, encoder, tmp_path):
+    rec = Recommender.from_folder(package)
+    with pytest.raises(ValueError, match="diversity_space must be one of model, text, got 'txt'"):
+        rec.use_diversity_space("txt")
+    with pytest.raises(ValueError, match="text_encoder is the encoder of diversity_space text"):
+        rec.use_diversity_space("model", encoder)
+    with pytest.raises(FileNotFoundError, match="cannot load a Hugging Face encoder"):
+        rec.use_diversity_space("text", str(tmp_path / "no-such-encoder"))
+    assert rec.diversity_space == "model"  # a failed switch changes nothing
+    assert rec.use_diversity_space("text", encoder).use_diversity_space("model").diversity_vectors() is rec._table()
 
 
 def test_item_vectors_are_what_the_model_scores_against(rec):
@@ -228,7 +297,7 @@ def test_chain_honours_exclude_and_refuses_the_rest(package, tmp_path):
             chain.predict_frame(pd.DataFrame({"history": HISTORIES[:1], column: [value]}))
 
 
-def test_pyfunc_round_trip_with_new_and_old_frames(package, tmp_path):
+def test_pyfunc_round_trip_with_new_and_old_frames(package, encoder, tmp_path):
     import mlflow
 
     from llmrec_dist.registry.pyfunc import log_model_package, model_signature
@@ -253,6 +322,18 @@ def test_pyfunc_round_trip_with_new_and_old_frames(package, tmp_path):
     expected = rec.recommend(HISTORIES[:2], [3, 2], exclude=[[item_id(30)], []], diversity=[0.5, 0.0], explain=True)
     assert new["item_ids"].tolist() == [r["item_ids"] for r in expected]
     assert [list(map(list, b)) for b in new["because"]] == [r["because"] for r in expected]
+
+    # model_config picks where MMR measures similarity (MLflow passes on only keys the model was logged with)
+    with use_tracking_uri(uri):
+        text_model = mlflow.pyfunc.load_model(model_uri, model_config={"diversity_space": "text",
+                                                                       "text_encoder": encoder})
+        with pytest.raises(ValueError, match="diversity_space must be one of model, text, got 'genre'"):
+            mlflow.pyfunc.load_model(model_uri, model_config={"diversity_space": "genre"})
+    assert text_model.unwrap_python_model().recommender.diversity_space == "text"
+    assert model.unwrap_python_model().recommender.diversity_space == "model"
+    rec.use_diversity_space("text", encoder)
+    frame = text_model.predict(pd.DataFrame({"history": HISTORIES, "diversity": [0.7] * 4}))
+    assert frame["item_ids"].tolist() == [r["item_ids"] for r in rec.recommend(HISTORIES, diversity=0.7)]
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -299,6 +380,37 @@ def test_cli_bad_diversity_exits_2(package, capsys):
     assert len(err) == 1 and "diversity must be a number between 0 and 1" in err[0]
 
 
+def test_cli_diversity_space_text(package, encoder, capsys):
+    from llmrec_dist.cli import recommend
+
+    history = ",".join(HISTORIES[3])
+    rec = Recommender.from_folder(package).use_diversity_space("text", encoder)
+    expected = rec.recommend(HISTORIES[3:], 5, diversity=0.8)[0]["item_ids"]
+    assert recommend.run(_cli_args("--model", str(package), "--history", history, "-k", "5", "--diversity", "0.8",
+                                   "--diversity-space", "text", "--text-encoder", encoder, "--json")) == 0
+    assert [r["item_id"] for r in json.loads(capsys.readouterr().out)["recommendations"]] == expected
+    assert recommend.run(_cli_args("--model", str(package), "--history", history, "--diversity", "0.8",
+                                   "--text-encoder", encoder)) == 2
+    assert "--text-encoder is the encoder of --diversity-space text" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli_args("--model", str(package), "--history", history, "--diversity-space", "words")
+
+
+def test_served_model_source_applies_the_space(package, encoder, tmp_path):
+    from llmrec_dist.serving.settings import serve_config_from_dict
+    from llmrec_dist.serving.source import ModelSource, ModelSourceError
+
+    loaded = ModelSource(str(package), "", diversity_space="text", text_encoder=encoder).load()
+    assert loaded.servable.diversity_space == "text" and loaded.servable.diversity_encoder == encoder
+    assert ModelSource(str(package), "").load().servable.diversity_space == "model"
+    with pytest.raises(ModelSourceError, match="serve.diversity_space=text: .*cannot load"):
+        ModelSource(str(package), "", diversity_space="text", text_encoder=str(tmp_path / "nope")).load()
+    cfg = serve_config_from_dict({"serve": {"model": str(package), "diversity_space": "text"}})
+    assert (cfg.diversity_space, cfg.text_encoder) == ("text", "")
+    with pytest.raises(Exception, match="serve.diversity_space: expected one of 'model', 'text'"):
+        serve_config_from_dict({"serve": {"model": str(package), "diversity_space": "genre"}})
+
+
 def test_unknown_exclude_ids_do_not_warn(rec):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnknownItemWarning)
@@ -329,12 +441,21 @@ def test_bench_diversity_curve_and_choice(rec, tmp_path):
     diverse = [indices(rec, r["item_ids"]) for r in rec.recommend(HISTORIES, 10, diversity=0.5)]
     assert curve[1]["ild_at_10"] == pytest.approx(intra_list_diversity(diverse, table))
 
+    assert math.isnan(curve[0]["ild_text_at_10"])  # no text vectors given
+    text = torch.randn(NUM_ITEMS + 1, 8, generator=torch.Generator().manual_seed(3))
+    with_text = diversity_curve(rec, rows, [0.0, 0.5], text_vectors=text)
+    assert with_text[1]["ild_text_at_10"] == pytest.approx(intra_list_diversity(diverse, text))
+    assert [r["ild_at_10"] for r in with_text] == [r["ild_at_10"] for r in curve]
+
     made = [{"lambda": 0.0, "ndcg_at_10": 0.10, "ild_at_10": 0.5, "coverage_at_10": 0.1},
             {"lambda": 0.2, "ndcg_at_10": 0.099, "ild_at_10": 0.6, "coverage_at_10": 0.2},
             {"lambda": 0.5, "ndcg_at_10": 0.097, "ild_at_10": 0.7, "coverage_at_10": 0.3}]
     chosen = chosen_lambda(made)
     assert chosen["lambda"] == 0.2 and chosen["ild_gain"] == pytest.approx(0.1)
-    assert chosen["ild_gain_relative"] == pytest.approx(0.2)
+    assert chosen["ild_gain_relative"] == pytest.approx(0.2) and math.isnan(chosen["ild_text_gain"])
+    for row, ild in zip(made, (0.4, 0.5, 0.6)):
+        row["ild_text_at_10"] = ild
+    assert chosen_lambda(made)["ild_text_gain_relative"] == pytest.approx(0.25)
     png = plot(made, chosen, tmp_path / "curve.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -367,9 +488,15 @@ def test_bench_report_renders_both(rec, tmp_path):
 
     curve = diversity_curve(rec, _rows(rec), [0.0, 0.3])
     common.write_result(tmp_path, "diversity", config={}, figures={"rows": curve, "chosen": chosen_lambda(curve)})
+    text = diversity_curve(rec, _rows(rec), [0.0, 0.3], text_vectors=torch.randn(NUM_ITEMS + 1, 4))
+    common.write_result(tmp_path, "diversity", label="text", config={"space": "text"},
+                        figures={"rows": text, "chosen": chosen_lambda(text)})
     figures = faithfulness(rec, _rows(rec))
     figures["latency"] = explain_latency(rec, _rows(rec), requests=2)
     common.write_result(tmp_path, "explain", config={}, figures=figures)
     text = report.render(common.read_results(tmp_path))
-    assert "| diversity: MMR | λ " in text and "explanations: faithful vs random item" in text
+    assert "| diversity: MMR on model vectors | λ 0.3: ILD@10 0." in text
+    assert "| diversity: MMR on text vectors (text) | λ 0.3: ILD@10 model 0." in text
+    assert "%), text " in text and "nan" not in text
+    assert "explanations: faithful vs random item" in text
     assert "explanations: latency" in text

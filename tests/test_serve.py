@@ -21,7 +21,8 @@ import pytest
 from llmrec_dist.registry.recommender import Recommender
 from mlflow_server import mlflow_server_fixture
 from ports import free_port
-from registry_fixtures import NUM_ITEMS, item_id, make_package
+from registry_fixtures import NUM_ITEMS, item_id, item_text, make_package
+from text_fixtures import make_tiny_encoder
 
 pytestmark = pytest.mark.integration
 
@@ -70,19 +71,22 @@ def registered(mlflow_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, registered):
+def served(ray_cluster, registered, tmp_path_factory):
     """The Serve app on a free port; Serve shut down at the end so later tests start clean."""
     from ray import serve
 
     from llmrec_dist.cli.serve import start
     from llmrec_dist.serving.settings import ServeConfig
 
+    encoder = str(make_tiny_encoder(tmp_path_factory.mktemp("serve-encoder"),
+                                    [item_text(i) for i in range(1, NUM_ITEMS + 1)]))
     cfg = ServeConfig(model=f"models:/{NAME}@{ALIAS}", tracking_uri=registered["uri"], port=free_port(),
-                      poll_seconds=POLL_SECONDS, max_k=50, max_history=1000, app_name="serve-test")
+                      poll_seconds=POLL_SECONDS, max_k=50, max_history=1000, app_name="serve-test",
+                      diversity_space="text", text_encoder=encoder)  # MMR on the texts' embeddings
     try:
         started = time.monotonic()
         url = start(cfg)
-        yield {"url": url, "startup_s": time.monotonic() - started, **registered}
+        yield {"url": url, "startup_s": time.monotonic() - started, "encoder": encoder, **registered}
     finally:
         serve.shutdown()
 
@@ -130,6 +134,9 @@ def test_request_options_reach_the_model_when_it_takes_them(served):
     if options["diversity"]:
         status, answer, _ = _recommend(served["url"], {"history": history, "k": 5, "diversity": 0.5})
         assert status == 200 and len(answer["items"]) == 5
+        text_space = Recommender.from_folder(served["packages"]["a"]).use_diversity_space("text", served["encoder"])
+        assert [i["item_id"] for i in answer["items"]] == text_space.recommend([history], 5, diversity=0.5)[0]["item_ids"]
+        assert version["diversity_space"] == "text"
 
 
 def test_healthz_and_version(served):

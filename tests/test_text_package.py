@@ -74,8 +74,12 @@ def test_new_items_are_recommendable_from_text_alone(world):
     catalogue = pd.DataFrame({"item_id": [item_id(i) for i in range(2, NUM_ITEMS + 1)] + ["twin-of-5", "new-1"],
                               "text": [item_text(i) for i in range(2, NUM_ITEMS + 1)]
                               + [item_text(5), "brand new gadget for space castles"]})
+    own = rec.use_diversity_space("text").diversity_vectors()  # MMR on the model's own LM output
+    torch.testing.assert_close(own, rec.text_vectors(str(encoder)), rtol=1e-4, atol=1e-5)  # frozen: the encoder's
     fresh = rec.with_catalogue(catalogue)
     assert fresh.num_items == NUM_ITEMS + 2
+    assert fresh.diversity_space == "text"  # kept, over the new catalogue's texts
+    torch.testing.assert_close(fresh.diversity_vectors()[fresh.index["twin-of-5"]], own[5])
     history = [item_id(9), item_id(3)]
     full = fresh.recommend([history], k=fresh.num_items - 3)[0]
     scores = dict(zip(full["item_ids"], full["scores"]))

@@ -2,10 +2,12 @@
 buys in diversity, per λ, on a split of a prepared dataset.
 
 Same protocol as ``evaluate``: every item ranked (full ranking), the user's history left out of the
-ranking (the target always stays rankable), the test row's history fed to the model. Per λ: NDCG@10 and
-HR@10 of the target within the served top 10, intra-list diversity (mean pairwise cosine distance of the
-top 10's item vectors: the model's output vectors, the ones MMR measures similarity on) and catalogue
-coverage@10; then the largest λ whose NDCG@10 is within 2 % of λ = 0's, and its ILD gain.
+ranking (the target always stays rankable), the test row's history fed to the model. MMR measures
+similarity where the recommender's ``diversity_space`` says (the model's item vectors, or the items' text
+embeddings). Per λ: NDCG@10 and HR@10 of the target within the served top 10, intra-list diversity (mean
+pairwise cosine distance of the top 10) measured twice, on the model's output item vectors (``ild_at_10``)
+and on the text embeddings (``ild_text_at_10``, when given), and catalogue coverage@10; then the largest
+λ whose NDCG@10 is within 2 % of λ = 0's, and its ILD gains in both spaces.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from llmrec_dist.metrics import catalogue_coverage, intra_list_diversity, mask_s
 K = 10
 MAX_NDCG_LOSS = 0.02
 COLUMNS = [("lambda", "λ", "g"), ("ndcg_at_10", "NDCG@10", ".4f"), ("hr_at_10", "HR@10", ".4f"),
-           ("ild_at_10", "ILD@10", ".4f"), ("coverage_at_10", "coverage@10", ".4f"),
+           ("ild_at_10", "ILD@10 model", ".4f"), ("ild_text_at_10", "ILD@10 text", ".4f"),
+           ("coverage_at_10", "coverage@10", ".4f"),
            ("ndcg_change", "NDCG change", "+.1%")]
 
 
@@ -62,9 +65,11 @@ def eval_rows(rec, data: str, split: str, users: int = 0) -> EvalRows:
 
 
 @torch.no_grad()
-def diversity_curve(rec, rows: EvalRows, lambdas: list[float], k: int = K, batch_size: int = 256) -> list[dict]:
-    """One row of figures per λ (see the module docstring)."""
-    table = rec._table()
+def diversity_curve(rec, rows: EvalRows, lambdas: list[float], k: int = K, batch_size: int = 256,
+                    text_vectors: torch.Tensor | None = None) -> list[dict]:
+    """One row of figures per λ (see the module docstring); ``text_vectors`` [N + 1, H]: the items' text
+    embeddings the text ILD is measured on (None: NaN)."""
+    table, similar = rec._table(), rec.diversity_vectors()
     lists: dict[float, list[np.ndarray]] = {lam: [] for lam in lambdas}
     ndcg = {lam: 0.0 for lam in lambdas}
     hits = {lam: 0 for lam in lambdas}
@@ -84,7 +89,7 @@ def diversity_curve(rec, rows: EvalRows, lambdas: list[float], k: int = K, batch
             if lam == 0:
                 top = plain
             else:
-                picks = mmr_select(pool_scores, table[pool_idx], k, lam)
+                picks = mmr_select(pool_scores, similar[pool_idx], k, lam)
                 top = pool_idx.gather(1, picks.clamp(min=0)).masked_fill(picks < 0, 0)
             where = (top == targets[:, None]).nonzero()
             hits[lam] += len(where)
@@ -95,6 +100,8 @@ def diversity_curve(rec, rows: EvalRows, lambdas: list[float], k: int = K, batch
     for lam in lambdas:
         row = {"lambda": lam, "ndcg_at_10": ndcg[lam] / len(rows), "hr_at_10": hits[lam] / len(rows),
                "ild_at_10": intra_list_diversity(lists[lam], table),
+               "ild_text_at_10": float("nan") if text_vectors is None else intra_list_diversity(lists[lam],
+                                                                                               text_vectors),
                "coverage_at_10": catalogue_coverage(lists[lam], rec.num_items), "users": len(rows)}
         row["ndcg_change"] = ndcg[lam] / base - 1 if base else float("nan")
         out.append(row)
@@ -102,34 +109,40 @@ def diversity_curve(rec, rows: EvalRows, lambdas: list[float], k: int = K, batch
 
 
 def chosen_lambda(rows: list[dict], max_loss: float = MAX_NDCG_LOSS) -> dict:
-    """The largest λ whose NDCG@10 is at most ``max_loss`` (relative) below λ = 0's, and its ILD gain."""
+    """The largest λ whose NDCG@10 is at most ``max_loss`` (relative) below λ = 0's, and its ILD gains
+    (``ild_*`` on the model's vectors, ``ild_text_*`` on the text embeddings: NaN where not measured)."""
     base = next(r for r in rows if r["lambda"] == 0)
     ok = [r for r in rows if r["ndcg_at_10"] >= (1 - max_loss) * base["ndcg_at_10"]]
     best = max(ok, key=lambda r: r["lambda"])
-    gain = best["ild_at_10"] - base["ild_at_10"]
-    return {"lambda": best["lambda"], "max_ndcg_loss": max_loss, "ndcg_at_10": best["ndcg_at_10"],
-            "ndcg_change": best["ndcg_at_10"] / base["ndcg_at_10"] - 1 if base["ndcg_at_10"] else float("nan"),
-            "ild_at_10": best["ild_at_10"], "ild_gain": gain,
-            "ild_gain_relative": gain / base["ild_at_10"] if base["ild_at_10"] else float("nan"),
-            "coverage_at_10": best["coverage_at_10"]}
+    out = {"lambda": best["lambda"], "max_ndcg_loss": max_loss, "ndcg_at_10": best["ndcg_at_10"],
+           "ndcg_change": best["ndcg_at_10"] / base["ndcg_at_10"] - 1 if base["ndcg_at_10"] else float("nan"),
+           "coverage_at_10": best["coverage_at_10"]}
+    for space in ("", "_text"):
+        key = f"ild{space}_at_10"
+        gain = best.get(key, float("nan")) - base.get(key, float("nan"))
+        out.update({key: best.get(key, float("nan")), f"ild{space}_gain": gain,
+                    f"ild{space}_gain_relative": gain / base[key] if base.get(key) else float("nan")})
+    return out
 
 
-def plot(rows: list[dict], chosen: dict, path: Path, title: str = "") -> Path:
-    """NDCG@10 against ILD@10, one point per λ (annotated), the chosen λ circled; written to ``path``."""
+def plot(rows: list[dict], chosen: dict, path: Path, title: str = "", space: str = "model") -> Path:
+    """NDCG@10 against ILD@10 in ``space`` (``model`` or ``text``: where MMR measured similarity), one point
+    per λ (annotated), the chosen λ circled; written to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    x, y = [r["ild_at_10"] for r in rows], [r["ndcg_at_10"] for r in rows]
+    key = "ild_text_at_10" if space == "text" else "ild_at_10"
+    x, y = [r[key] for r in rows], [r["ndcg_at_10"] for r in rows]
     ax.plot(x, y, "o-", color="tab:blue")
     for r in rows:
-        ax.annotate(f"λ={r['lambda']:g}", (r["ild_at_10"], r["ndcg_at_10"]), textcoords="offset points",
+        ax.annotate(f"λ={r['lambda']:g}", (r[key], r["ndcg_at_10"]), textcoords="offset points",
                     xytext=(5, 5), fontsize=8)
-    ax.scatter([chosen["ild_at_10"]], [chosen["ndcg_at_10"]], s=160, facecolors="none", edgecolors="tab:red",
+    ax.scatter([chosen[key]], [chosen["ndcg_at_10"]], s=160, facecolors="none", edgecolors="tab:red",
                label=f"largest λ within {chosen['max_ndcg_loss']:.0%} NDCG loss")
-    ax.set_xlabel("intra-list diversity @10 (mean pairwise cosine distance)")
+    ax.set_xlabel(f"intra-list diversity @10 (mean pairwise cosine distance of the {space} vectors)")
     ax.set_ylabel("NDCG@10")
     ax.set_title(title or "MMR: accuracy against diversity", fontsize=10)
     ax.legend(fontsize=8)
@@ -143,10 +156,11 @@ def log_to_mlflow(tracking_uri: str, experiment: str, settings: dict, rows: list
     chosen λ and its gain, and ``files`` (the PNG, the JSON) as artifacts. Returns the run id."""
     def fill(c, run_id: str) -> None:
         for r in rows:
-            for key in ("ndcg_at_10", "hr_at_10", "ild_at_10", "coverage_at_10"):
+            for key in ("ndcg_at_10", "hr_at_10", "ild_at_10", "ild_text_at_10", "coverage_at_10"):
                 if r[key] == r[key]:  # not NaN
                     c.log_metric(run_id, key, r[key], step=int(round(r["lambda"] * 100)))
-        for key in ("lambda", "ild_gain", "ild_gain_relative", "ndcg_change"):
+        for key in ("lambda", "ild_gain", "ild_gain_relative", "ild_text_gain", "ild_text_gain_relative",
+                    "ndcg_change"):
             if not math.isnan(chosen[key]):
                 c.log_metric(run_id, f"chosen_{key}", chosen[key])
 

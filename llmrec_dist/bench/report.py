@@ -201,8 +201,12 @@ def _rerank_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
 def _diversity_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
     f = data["figures"]
     c, base = f["chosen"], next(r for r in f["rows"] if r["lambda"] == 0)
-    return [("diversity: MMR", f"λ {c['lambda']:g}: ILD@10 {base['ild_at_10']:.4f} → {c['ild_at_10']:.4f} "
-             f"({c['ild_gain_relative']:+.1%}) · NDCG@10 {c['ndcg_change']:+.1%}",
+    space = data.get("config", {}).get("space", "model")
+    gains = f"ILD@10 {base['ild_at_10']:.4f} → {c['ild_at_10']:.4f} ({c['ild_gain_relative']:+.1%})"
+    if c.get("ild_text_at_10", float("nan")) == c.get("ild_text_at_10"):  # measured (not NaN, not missing)
+        gains = (f"ILD@10 model {base['ild_at_10']:.4f} → {c['ild_at_10']:.4f} ({c['ild_gain_relative']:+.1%}), "
+                 f"text {base['ild_text_at_10']:.4f} → {c['ild_text_at_10']:.4f} ({c['ild_text_gain_relative']:+.1%})")
+    return [(f"diversity: MMR on {space} vectors", f"λ {c['lambda']:g}: {gains} · NDCG@10 {c['ndcg_change']:+.1%}",
              f"largest λ within {c['max_ndcg_loss']:.0%} NDCG@10 loss; coverage@10 {base['coverage_at_10']:.3f} → "
              f"{c['coverage_at_10']:.3f}; {int(base['users'])} users")]
 

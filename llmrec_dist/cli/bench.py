@@ -204,9 +204,10 @@ def add_parser(sub) -> None:
     for name, help_text, description in (
             ("diversity", "NDCG@10, HR@10, intra-list diversity and coverage of MMR re-ranking per λ",
              "Serve the model's top 10 for each user of --split with recommend(diversity=λ) for every --lambdas "
-             "(full ranking, history left out, as evaluate), and report NDCG@10, HR@10, intra-list diversity "
-             "(mean pairwise cosine distance of the model's item vectors) and catalogue coverage@10 per λ, the "
-             "largest λ within 2 % of λ=0's NDCG@10 and its ILD gain; plot NDCG@10 against ILD "
+             "(full ranking, history left out, as evaluate), MMR measuring similarity in --space, and report "
+             "NDCG@10, HR@10, intra-list diversity (mean pairwise cosine distance, of the model's item vectors and "
+             "of the items' text embeddings) and catalogue coverage@10 per λ, the largest λ within 2 % of λ=0's "
+             "NDCG@10 and its ILD gains; plot NDCG@10 against the ILD of --space "
              "(<out>/diversity[-<label>].png), logged with the JSON to an MLflow run when --tracking-uri is given."),
             ("explain", "faithfulness of leave-one-out explanations, and their latency per request",
              "For each user of --split: does removing the top explaining history item of the top recommendation "
@@ -228,6 +229,12 @@ def add_parser(sub) -> None:
                            help="MMR λ values (default 0,0.1,0.2,0.3,0.5,0.7; 0 is always added)")
             b.add_argument("--experiment", default="llmrec-bench-diversity",
                            help="MLflow experiment of the run (default llmrec-bench-diversity)")
+            b.add_argument("--space", choices=("model", "text"), default="model",
+                           help="where MMR measures how alike two items are: the model's item vectors (default) "
+                                "or the items' text embeddings")
+            b.add_argument("--text-encoder", default="", metavar="NAME_OR_PATH",
+                           help="encoder of the text embeddings (default: the model's own LM, else "
+                                "all-MiniLM-L6-v2, the text extra)")
         else:
             b.add_argument("--requests", type=_positive, default=100, help="requests timed per mode (default 100)")
             b.add_argument("--seed", type=_non_negative, default=0, help="seed of the random baseline (default 0)")
@@ -662,16 +669,29 @@ def _diversity_or_explain(args) -> int:
 
     from llmrec_dist.bench.diversity import COLUMNS, chosen_lambda, diversity_curve, log_to_mlflow, plot
 
-    curve = diversity_curve(rec, rows, args.lambdas)
+    try:
+        if args.space == "text":
+            text = rec.use_diversity_space("text", args.text_encoder).diversity_vectors()
+        else:
+            text = rec.text_vectors(args.text_encoder)
+    except (OSError, ValueError) as err:
+        if args.space == "text":
+            print(f"llmrec-dist bench diversity: error: --space text: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
+        print(f"note: no text embeddings, so no text ILD ({' '.join(str(err).split())})")
+        text = None
+    curve = diversity_curve(rec, rows, args.lambdas, text_vectors=text)
     chosen = chosen_lambda(curve)
     print(common.table(curve, COLUMNS))
     print(f"largest λ within {chosen['max_ndcg_loss']:.0%} of λ=0's NDCG@10: {chosen['lambda']:g} (NDCG@10 "
-          f"{chosen['ndcg_change']:+.1%}, ILD@10 {chosen['ild_at_10']:.4f}, {chosen['ild_gain']:+.4f} = "
-          f"{chosen['ild_gain_relative']:+.1%}; {len(rows)} users)")
+          f"{chosen['ndcg_change']:+.1%}; ILD@10 of the model's vectors {chosen['ild_at_10']:.4f}, "
+          f"{chosen['ild_gain_relative']:+.1%}; of the text embeddings {chosen['ild_text_at_10']:.4f}, "
+          f"{chosen['ild_text_gain_relative']:+.1%}; MMR on the {args.space} vectors; {len(rows)} users)")
     name = common.result_name("diversity", args.label)
     png = plot(curve, chosen, Path(args.out) / f"{name}.png",
-               f"MMR on {Path(args.data).name} ({args.split}, {len(rows)} users)")
-    settings["lambdas"] = args.lambdas
+               f"MMR on the {args.space} vectors, {Path(args.data).name} ({args.split}, {len(rows)} users)",
+               space=args.space)
+    settings.update(lambdas=args.lambdas, space=args.space, text_encoder=args.text_encoder)
     figures = {"rows": curve, "chosen": chosen, "plot": png.name}
     if args.tracking_uri:
         settings["experiment"] = args.experiment

@@ -42,6 +42,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--diversity", type=float, default=0.0, metavar="LAMBDA",
                    help="0..1: re-rank the top max(5k, 50) items by maximal marginal relevance, trading relevance "
                         "for items less alike (default 0: the plain ranking; not with --rerank)")
+    p.add_argument("--diversity-space", choices=("model", "text"), default="model",
+                   help="with --diversity: how alike two items are, by the model's item vectors (default) or by "
+                        "the text embeddings of their titles and descriptions")
+    p.add_argument("--text-encoder", default="", metavar="NAME_OR_PATH",
+                   help="with --diversity-space text: the encoder of the texts (default: the model's own LM, "
+                        "else all-MiniLM-L6-v2)")
     p.add_argument("--explain", action="store_true",
                    help="show, for each item, the history items that most caused it (leave-one-out over the last "
                         "20 history items; not with --rerank)")
@@ -94,7 +100,8 @@ def _check_utf8(file: Path, path: str) -> None:
 
 
 def load(model: str, tracking_uri: str, catalogue: str = "", trust_remote_code: bool = False,
-         rerank: str = "", top_n: int = 100, blend: float = 0.0):
+         rerank: str = "", top_n: int = 100, blend: float = 0.0, diversity_space: str = "model",
+         text_encoder: str = ""):
     """``(predict_frame, text_of)`` for a model URI or a local folder.
 
     A model-package folder is loaded directly; anything else goes through ``mlflow.pyfunc.load_model``
@@ -102,6 +109,8 @@ def load(model: str, tracking_uri: str, catalogue: str = "", trust_remote_code: 
     is moved onto that catalogue first (:meth:`Recommender.with_catalogue`). ``trust_remote_code``
     allows a model whose text encoder runs its own Python code (refused otherwise). ``rerank``: a rating
     or click model (URI or folder) chained after ``model``, re-ordering its ``top_n`` with ``blend``.
+    ``diversity_space`` / ``text_encoder``: where a next-item model's MMR measures similarity
+    (:meth:`Recommender.use_diversity_space`).
     """
     from llmrec_dist.registry.recommender import Recommender
     from llmrec_dist.registry.reranker import Chain, Reranker
@@ -119,13 +128,16 @@ def load(model: str, tracking_uri: str, catalogue: str = "", trust_remote_code: 
             raise ValueError("--catalogue does not apply to a chain (the re-ranker knows the trained items only)")
         chain = Chain(servable, reranker, top_n, blend)
         return chain.predict_frame, chain.text_of
+    flag = "--catalogue" if catalogue else "--diversity-space" if diversity_space != "model" else ""
     if servable is None:
-        if catalogue:
-            raise ValueError(f"{model} is not an llmrec_dist model; --catalogue needs one")
+        if flag:
+            raise ValueError(f"{model} is not an llmrec_dist model; {flag} needs one")
         return predict, lambda _id: ""
+    if flag and not isinstance(servable, Recommender):
+        raise ValueError(f"{flag} applies to a next-item model; {model} is {_kind(servable)}")
+    if diversity_space != "model":
+        servable.use_diversity_space(diversity_space, text_encoder)
     if catalogue:
-        if not isinstance(servable, Recommender):
-            raise ValueError(f"--catalogue applies to a next-item model; {model} is {_kind(servable)}")
         servable = servable.with_catalogue(read_catalogue(catalogue))
         return servable.predict_frame, servable.text_of
     return predict, servable.text_of
@@ -176,8 +188,11 @@ def run(args) -> int:
     try:
         if args.k <= 0:
             raise ValueError(f"-k must be a positive integer, got {args.k}")
+        if args.text_encoder and args.diversity_space != "text":
+            raise ValueError("--text-encoder is the encoder of --diversity-space text")
+        space = (args.diversity_space, args.text_encoder) if args.diversity else ("model", "")
         predict, text_of = load(args.model, resolve_tracking_uri(args.tracking_uri), args.catalogue,
-                                args.trust_remote_code, args.rerank, args.top_n, args.blend)
+                                args.trust_remote_code, args.rerank, args.top_n, args.blend, *space)
         request = {"history": [history], "k": [args.k]}
         if args.exclude:  # only the options asked for, so a model that predates them still answers
             request["exclude"] = [parse_history(args.exclude)]

@@ -75,6 +75,11 @@ def pip_requirements() -> list[str]:
     ]
 
 
+# What mlflow.pyfunc.load_model(uri, model_config={...}) may set: MLflow passes on only the keys the model was
+# logged with, so every model is logged with these defaults.
+MODEL_CONFIG = {"trust_remote_code": False, "diversity_space": "model", "text_encoder": ""}
+
+
 class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
     """``predict(DataFrame[history, k?]) -> DataFrame[item_ids, scores]`` over a model package (a chain's
     also takes ``feedback``; a re-ranker's ``history``, ``candidates``, ``feedback``: registry/reranker.py).
@@ -93,13 +98,22 @@ class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
         self.recommender = None
 
     def load_context(self, context) -> None:
-        """Load the package artifact. A package whose text encoder needs its own Python code is refused
-        unless the caller opts in: ``mlflow.pyfunc.load_model(uri, model_config={"trust_remote_code": True})``."""
+        """Load the package artifact. ``model_config`` of ``mlflow.pyfunc.load_model(uri, model_config=...)``:
+        ``trust_remote_code`` (a package whose text encoder needs its own Python code is refused unless
+        it is ``True``); ``diversity_space`` (``model`` or ``text``) and ``text_encoder``: where the
+        ``diversity`` column's MMR measures similarity (:meth:`Recommender.use_diversity_space`)."""
+        from llmrec_dist.registry.recommender import Recommender
         from llmrec_dist.registry.reranker import load_serving
 
         options = getattr(context, "model_config", None) or {}
         self.recommender = load_serving(context.artifacts["package"],
                                         trust_remote_code=options.get("trust_remote_code") is True)
+        if options.get("diversity_space", "model") != "model" or options.get("text_encoder"):
+            if not isinstance(self.recommender, Recommender):
+                raise ValueError("model_config: diversity_space and text_encoder apply to a next-item model; "
+                                 "this one takes no diversity")
+            self.recommender.use_diversity_space(options.get("diversity_space", "model"),
+                                                 options.get("text_encoder", ""))
 
     # pd.DataFrame is a hint MLflow infers no schema from (the explicit signature stays in charge);
     # as_frame still accepts the list-of-dicts / dict conveniences when called directly.
@@ -192,6 +206,7 @@ def log_model_package(package_dir: str | Path, tracking_uri: str, run_id: str, n
             artifacts={"package": str(package_dir)},
             signature=model_signature(package_kind(package_dir)),  # explicit: else MLflow runs predict to infer one
             pip_requirements=pip_requirements(),
+            model_config=dict(MODEL_CONFIG),
             flavor_name="pyfunc.ModelFromCode",  # what mlflow.pyfunc.log_model records
         )
     return info.model_uri

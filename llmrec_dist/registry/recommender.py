@@ -19,7 +19,8 @@ Hostile input, decided:
 - ``k`` must be an integer in 1..catalogue size (``check_k``); -1, 0, ``'ten'``, 2.5 and a k larger
   than the catalogue are errors, not clipped.
 - ``exclude`` (one list of ids per history, never recommended; unknown ids ignored), ``diversity`` (λ in
-  [0, 1], one or one per history: MMR re-ranking, :mod:`llmrec_dist.diversity`) and ``explain`` (a bool,
+  [0, 1], one or one per history: MMR re-ranking, :mod:`llmrec_dist.diversity`, on the model's item
+  vectors or the items' text embeddings, :meth:`Recommender.use_diversity_space`) and ``explain`` (a bool,
   or one per history: leave-one-out explanations, :mod:`llmrec_dist.explain`) are checked the same way:
   anything else is a ValueError naming the argument (and the history).
 - A package is data, not code: weights load only from safetensors; JSON and Parquet files that are
@@ -64,6 +65,8 @@ from llmrec_dist.saved_model import (
 _MAX_NAMED_UNKNOWN = 5
 _MAX_REPORTED_PROBLEMS = 10
 _SCORE_BUDGET = 1 << 26  # float32 scores held at once (256 MB)
+DIVERSITY_SPACES = ("model", "text")
+TEXT_TOKENS = 64  # tokens of an item's text read for its text embedding (diversity_space text)
 
 
 class UnknownItemWarning(UserWarning):
@@ -100,6 +103,8 @@ class Recommender:
         self.retired = np.zeros(len(self.item_ids), dtype=bool)  # never recommended (see with_catalogue)
         self.model_cfg, self.folder, self.num_trained_items = None, None, len(self.item_ids)
         self._item_table: torch.Tensor | None = None
+        self.diversity_space, self.diversity_encoder = "model", ""
+        self._text_vectors: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
@@ -156,7 +161,7 @@ class Recommender:
         listed = set(ids)
         rec.retired = np.array([i not in listed for i in all_ids])
         rec._popular_order = np.array([j for j in rec._popular_order if not rec.retired[j - 1]], dtype=np.int64)
-        return rec
+        return rec.use_diversity_space(self.diversity_space, self.diversity_encoder)
 
     @property
     def num_items(self) -> int:
@@ -165,7 +170,7 @@ class Recommender:
     def item_vectors(self) -> np.ndarray:
         """The vectors the model scores against, [num_items, H] float32, row ``i`` for ``item_ids[i]``: the
         ID embeddings of an ``id`` model, the fused item representation of a text tower. Diversity (MMR
-        and the ILD metric) measures cosine similarity on them."""
+        and the ILD metric) measures cosine similarity on them by default (:meth:`use_diversity_space`)."""
         return self._table()[1:].numpy().copy()
 
     def _table(self) -> torch.Tensor:
@@ -174,6 +179,53 @@ class Recommender:
             with torch.inference_mode():
                 self._item_table = self.model.items.all_items().detach().float().clone()
         return self._item_table
+
+    def use_diversity_space(self, space: str, text_encoder: str = "") -> Recommender:
+        """Where MMR (``diversity`` > 0) measures how alike two items are (returns ``self``):
+
+        - ``model`` (the default): the vectors the model scores against (:meth:`item_vectors`), i.e. items
+          are alike when the model treats them alike;
+        - ``text``: the language-model embeddings of the items' texts (:meth:`text_vectors`), i.e. items
+          are alike when their titles and descriptions are: a list of one genre or one product line is
+          spread out even when the model's own vectors (learned from co-occurrence) do not tell them apart.
+
+        ``text_encoder``: the encoder of ``text`` (a Hugging Face name or local folder); empty = the
+        model's own LM for a text tower, else all-MiniLM-L6-v2 (the ``text`` extra). The embeddings are
+        computed here, once, so a bad encoder fails now and no request pays for it.
+        """
+        if space not in DIVERSITY_SPACES:
+            raise ValueError(f"diversity_space must be one of {', '.join(DIVERSITY_SPACES)}, got {short_repr(space)}")
+        if not isinstance(text_encoder, str):
+            raise ValueError(f"text_encoder must be a string (a Hugging Face name or a local folder), "
+                             f"got {short_repr(text_encoder)}")
+        if text_encoder and space != "text":
+            raise ValueError("text_encoder is the encoder of diversity_space text; it has no use with "
+                             f"diversity_space {space}")
+        vectors = self.text_vectors(text_encoder) if space == "text" else None
+        self.diversity_space, self.diversity_encoder, self._text_vectors = space, text_encoder, vectors
+        return self
+
+    @torch.inference_mode()
+    def text_vectors(self, text_encoder: str = "") -> torch.Tensor:
+        """The text embedding of every item [N + 1, H] (row 0, padding, unused): the pooled output of the
+        model's own LM when it has a text tower and ``text_encoder`` is empty, else of ``text_encoder``
+        (default all-MiniLM-L6-v2), mean-pooled over the item's text (as sentence-transformers does)."""
+        from llmrec_dist.text_tower import (
+            DEFAULT_TEXT_ENCODER,
+            compute_pooled,
+            load_text_encoder,
+            tokenize_items,
+        )
+
+        if not text_encoder and hasattr(self.model.items, "text_table"):
+            return self.model.items.text_table()
+        lm, tokenizer = load_text_encoder(text_encoder or DEFAULT_TEXT_ENCODER)
+        ids, mask = tokenize_items(tokenizer, self.texts, TEXT_TOKENS)
+        return compute_pooled(lm, ids, mask, "mean")
+
+    def diversity_vectors(self) -> torch.Tensor:
+        """The item vectors [N + 1, H] MMR measures similarity on (see :meth:`use_diversity_space`)."""
+        return self._text_vectors if self._text_vectors is not None else self._table()
 
     def text_of(self, item_id: str) -> str:
         """The text of an item id of the catalogue ('' for an unknown id)."""
@@ -305,7 +357,7 @@ class Recommender:
         if lam > 0 and len(order):
             pool = order[:pool_size(k)]
             relevance = torch.from_numpy(self.popularity[pool - 1].astype(np.float64))[None]
-            picks = mmr_select(relevance, self._table()[torch.from_numpy(pool)][None], k, lam)[0]
+            picks = mmr_select(relevance, self.diversity_vectors()[torch.from_numpy(pool)][None], k, lam)[0]
             top = pool[picks[picks >= 0].numpy()]
         else:
             top = order[:k]
@@ -359,7 +411,8 @@ class Recommender:
             return {}
         size = min(pool_size(max(ks)), scores.shape[1])
         pool_scores, pool_idx = scores[users].topk(size, dim=1)
-        picks = mmr_select(pool_scores, self._table()[pool_idx], max(ks), torch.tensor(lams, dtype=torch.float64))
+        picks = mmr_select(pool_scores, self.diversity_vectors()[pool_idx], max(ks),
+                           torch.tensor(lams, dtype=torch.float64))
         out = {}
         for row, (u, k) in enumerate(zip(users, ks)):
             chosen = picks[row, :k]

@@ -126,7 +126,8 @@ class RecommenderServer:
         from llmrec_dist.serving.source import ModelSource
 
         self._cfg = serve_config_from_dict({"serve": config})
-        self._source = ModelSource(self._cfg.model, self._cfg.tracking_uri, self._cfg.trust_remote_code)
+        self._source = ModelSource(self._cfg.model, self._cfg.tracking_uri, self._cfg.trust_remote_code,
+                                   self._cfg.diversity_space, self._cfg.text_encoder)
         self._answer.set_max_batch_size(self._cfg.max_batch_size)
         self._answer.set_batch_wait_timeout_s(self._cfg.batch_wait_timeout_s)
         self._poll = {"last_error": None, "last_error_at": None, "last_checked_at": None}
@@ -220,6 +221,7 @@ class RecommenderServer:
                              "alias": self._source.alias or None, "follows_alias": self._source.follows_alias,
                              "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(loaded.loaded_at)),
                              "options": loaded.options, "max_k": self._cfg.max_k,
+                             "diversity_space": getattr(loaded.servable, "diversity_space", None),
                              "num_items": loaded.servable.num_items})
 
 

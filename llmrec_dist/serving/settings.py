@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llmrec_dist.config import (
     ConfigError,
@@ -72,6 +72,11 @@ class ServeConfig:
     max_k: int = setting(100, "Largest k a request may ask for.", check=_positive)
     default_diversity: float = setting(0.0, "Diversity of a request that does not set it, in [0, 1].",
                                        check=_unit)
+    diversity_space: Literal["model", "text"] = setting(
+        "model", "Where a request's diversity (MMR) measures how alike two items are: model (the model's item "
+                 "vectors) or text (the items' text embeddings).")
+    text_encoder: str = setting("", "Encoder of serve.diversity_space=text (a Hugging Face name or local "
+                                    "folder); empty = the model's own LM, else all-MiniLM-L6-v2.")
     trust_remote_code: bool = setting(False, "Allow a model whose text encoder runs its own Python code.")
     access_log: bool = setting(False, "Log one line per request in the proxy and the replicas (off: at 50 "
                                       "requests/s on 2 cores the lines cost more CPU than the model).")

@@ -51,10 +51,12 @@ def supported_options(recommend) -> dict[str, bool]:
 class ModelSource:
     """A ``--model`` value with the registry it is looked up in."""
 
-    def __init__(self, uri: str, tracking_uri: str, trust_remote_code: bool = False):
+    def __init__(self, uri: str, tracking_uri: str, trust_remote_code: bool = False,
+                 diversity_space: str = "model", text_encoder: str = ""):
         self.uri = uri.strip()
         self.tracking_uri = tracking_uri
         self.trust_remote_code = trust_remote_code
+        self.diversity_space, self.text_encoder = diversity_space, text_encoder  # applied to each load
         self.name, self.alias, self.version = self.uri, "", ""
         if match := _ALIAS_URI.fullmatch(self.uri):
             self.kind, self.name, self.alias = "alias", match["name"], match["alias"]
@@ -138,6 +140,12 @@ class ModelSource:
         if not isinstance(servable, Recommender):
             raise ModelSourceError(f"{uri}: not an llmrec_dist next-item model; serve loads models that "
                                    "llmrec-dist train registered, or their package folders")
+        if self.diversity_space != "model" or self.text_encoder:
+            try:
+                servable.use_diversity_space(self.diversity_space, self.text_encoder)
+            except (OSError, ValueError) as err:
+                raise ModelSourceError(f"{uri}: serve.diversity_space={self.diversity_space}: "
+                                       f"{' '.join(str(err).split())}") from None
         return Loaded(servable, self.name, version, supported_options(servable.recommend))
 
     def describe(self) -> dict:
