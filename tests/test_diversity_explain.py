@@ -330,6 +330,12 @@ def test_pyfunc_round_trip_with_new_and_old_frames(package, encoder, tmp_path):
         with pytest.raises(ValueError, match="diversity_space must be one of model, text, got 'genre'"):
             mlflow.pyfunc.load_model(model_uri, model_config={"diversity_space": "genre"})
     assert text_model.unwrap_python_model().recommender.diversity_space == "text"
+    # the opt-in of load_servable(trust_remote_code=True) reaches load_context too (MLflow dropped it once)
+    from llmrec_dist.registry.loading import load_servable
+
+    _, predict = load_servable(model_uri, uri, trust_remote_code=True)
+    assert predict.__self__.model_config["trust_remote_code"] is True
+    assert model.model_config == {"trust_remote_code": False, "diversity_space": "model", "text_encoder": ""}
     assert model.unwrap_python_model().recommender.diversity_space == "model"
     rec.use_diversity_space("text", encoder)
     frame = text_model.predict(pd.DataFrame({"history": HISTORIES, "diversity": [0.7] * 4}))
