@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,12 +115,13 @@ def test_distributed_evaluation_equals_single_process(trained, synthetic_dataset
 
 
 def test_cli_train_on_an_existing_cluster_via_ray_address(ray_cluster, synthetic_dataset, tmp_path):
-    """`llmrec-dist train` in a fresh process joins the running cluster through RAY_ADDRESS. It trains
+    """`llmrec-dist -v train` in a fresh process joins the running cluster through RAY_ADDRESS. It trains
     with train.exclude_seen over prefixed windows, batched by Ray Data's collate (data.length_buckets=1):
-    each batch is (inputs, targets, earlier items)."""
+    each batch is (inputs, targets, earlier items). With -v the libraries' log lines reach the console
+    (stderr), and stdout holds the JSON summary alone. (One run for all three: a CLI run costs ~30 s.)"""
     address = ray_cluster.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_ADDRESS": address, "MLFLOW_TRACKING_URI": sqlite_uri(tmp_path / 'm.db')}
-    cmd = [sys.executable, "-m", "llmrec_dist.cli", "train", "--config", str(QUICKSTART), "--json",
+    cmd = [sys.executable, "-m", "llmrec_dist.cli", "-v", "train", "--config", str(QUICKSTART), "--json",
            f"data.path={synthetic_dataset}", f"train.storage_path={tmp_path / 'runs'}", *TINY,
            "train.epochs=1", "mlflow.registered_model=", "train.exclude_seen=true", "data.windows=true",
            "data.length_buckets=1"]
@@ -128,9 +130,11 @@ def test_cli_train_on_an_existing_cluster_via_ray_address(ray_cluster, synthetic
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["metrics"]["epochs_run"] == 1 and summary["metrics"]["test_ndcg_at_10"] > 0
     assert summary["model_uri"] and not summary["registration"]
-    # the console names the cluster it joined; Ray's own connect line is in the command's full log
+    # the console names the cluster it joined; Ray's own connect line is on it too (-v) and in the full log
     assert f"Ray: cluster at {address}" in proc.stderr
-    log_file = Path(proc.stderr.rsplit("full log: ", 1)[1].strip())
+    assert f"Connecting to existing Ray cluster at address: {address}" in proc.stderr
+    assert "INFO llmrec_dist.train.launcher: memory estimate" in proc.stderr and len(proc.stderr.splitlines()) > 20
+    log_file = Path(re.findall(r"full log: (\S+\.log)$", proc.stderr, re.M)[-1])  # Ray's forwarded lines may follow
     log_file = log_file if log_file.is_absolute() else tmp_path / log_file
     assert f"Connecting to existing Ray cluster at address: {address}" in log_file.read_text()
 
