@@ -13,6 +13,7 @@ from llmrec_dist.bench.common import DEFAULT_OUT
 from llmrec_dist.bench.memory import DEFAULT_SIZES
 from llmrec_dist.bench.peers import DEFAULT_WORK as DEFAULT_PEER_WORK
 from llmrec_dist.bench.peers import PEERS
+from llmrec_dist.cli.recommend import add_space_arguments
 from llmrec_dist.bench.serve_load import SCENARIOS as SERVE_SCENARIOS
 
 KINDS = ("quality", "speed", "ingest", "memory", "lm-memory", "startup", "towers", "rating-baselines", "rerank",
@@ -229,12 +230,7 @@ def add_parser(sub) -> None:
                            help="MMR λ values (default 0,0.1,0.2,0.3,0.5,0.7; 0 is always added)")
             b.add_argument("--experiment", default="llmrec-bench-diversity",
                            help="MLflow experiment of the run (default llmrec-bench-diversity)")
-            b.add_argument("--space", choices=("model", "text"), default="model",
-                           help="where MMR measures how alike two items are: the model's item vectors (default) "
-                                "or the items' text embeddings")
-            b.add_argument("--text-encoder", default="", metavar="NAME_OR_PATH",
-                           help="encoder of the text embeddings (default: the model's own LM, else "
-                                "all-MiniLM-L6-v2, the text extra)")
+            add_space_arguments(b, "--space", "MMR: ")
         else:
             b.add_argument("--requests", type=_positive, default=100, help="requests timed per mode (default 100)")
             b.add_argument("--seed", type=_non_negative, default=0, help="seed of the random baseline (default 0)")

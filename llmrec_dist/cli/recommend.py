@@ -42,12 +42,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--diversity", type=float, default=0.0, metavar="LAMBDA",
                    help="0..1: re-rank the top max(5k, 50) items by maximal marginal relevance, trading relevance "
                         "for items less alike (default 0: the plain ranking; not with --rerank)")
-    p.add_argument("--diversity-space", choices=("model", "text"), default="model",
-                   help="with --diversity: how alike two items are, by the model's item vectors (default) or by "
-                        "the text embeddings of their titles and descriptions")
-    p.add_argument("--text-encoder", default="", metavar="NAME_OR_PATH",
-                   help="with --diversity-space text: the encoder of the texts (default: the model's own LM, "
-                        "else all-MiniLM-L6-v2)")
+    add_space_arguments(p, "--diversity-space", "with --diversity: ")
     p.add_argument("--explain", action="store_true",
                    help="show, for each item, the history items that most caused it (leave-one-out over the last "
                         "20 history items; not with --rerank)")
@@ -56,6 +51,16 @@ def add_parser(subparsers) -> None:
                    help="allow a model whose text encoder runs its own Python code (model.trust_remote_code); "
                         "refused by default")
     p.set_defaults(func=run)
+
+
+def add_space_arguments(p, flag: str, when: str = "") -> None:
+    """``flag`` (model | text: where MMR measures how alike two items are) and ``--text-encoder``."""
+    p.add_argument(flag, choices=("model", "text"), default="model",
+                   help=f"{when}how alike two items are, by the model's item vectors (default) or by the text "
+                        "embeddings of their titles and descriptions")
+    p.add_argument("--text-encoder", default="", metavar="NAME_OR_PATH",
+                   help=f"with {flag} text: the encoder of the texts (default: the model's own LM, else "
+                        "all-MiniLM-L6-v2, the text extra)")
 
 
 def parse_history(text: str) -> list[str]:
