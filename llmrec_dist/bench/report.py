@@ -9,6 +9,7 @@ string by hand for what that config cannot say (a key whose meaning changed afte
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from llmrec_dist.bench.common import describe_machine, freq_ndcg_keys, read_results
@@ -203,7 +204,7 @@ def _diversity_rows(name: str, data: dict) -> list[tuple[str, str, str]]:
     c, base = f["chosen"], next(r for r in f["rows"] if r["lambda"] == 0)
     space = data.get("config", {}).get("space", "model")
     gains = f"ILD@10 {base['ild_at_10']:.4f} → {c['ild_at_10']:.4f} ({c['ild_gain_relative']:+.1%})"
-    if c.get("ild_text_at_10", float("nan")) == c.get("ild_text_at_10"):  # measured (not NaN, not missing)
+    if not math.isnan(c.get("ild_text_at_10", math.nan)):  # measured (results before it lack the key)
         gains = (f"ILD@10 model {base['ild_at_10']:.4f} → {c['ild_at_10']:.4f} ({c['ild_gain_relative']:+.1%}), "
                  f"text {base['ild_text_at_10']:.4f} → {c['ild_text_at_10']:.4f} ({c['ild_text_gain_relative']:+.1%})")
     return [(f"diversity: MMR on {space} vectors", f"λ {c['lambda']:g}: {gains} · NDCG@10 {c['ndcg_change']:+.1%}",

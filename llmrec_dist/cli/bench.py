@@ -13,8 +13,8 @@ from llmrec_dist.bench.common import DEFAULT_OUT
 from llmrec_dist.bench.memory import DEFAULT_SIZES
 from llmrec_dist.bench.peers import DEFAULT_WORK as DEFAULT_PEER_WORK
 from llmrec_dist.bench.peers import PEERS
-from llmrec_dist.cli.recommend import add_space_arguments
 from llmrec_dist.bench.serve_load import SCENARIOS as SERVE_SCENARIOS
+from llmrec_dist.cli.recommend import add_space_arguments
 
 KINDS = ("quality", "speed", "ingest", "memory", "lm-memory", "startup", "towers", "rating-baselines", "rerank",
          "diversity", "explain", "serve", "privacy", "growth", "peers", "report")

@@ -221,7 +221,7 @@ class RecommenderServer:
                              "alias": self._source.alias or None, "follows_alias": self._source.follows_alias,
                              "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(loaded.loaded_at)),
                              "options": loaded.options, "max_k": self._cfg.max_k,
-                             "diversity_space": getattr(loaded.servable, "diversity_space", None),
+                             "diversity_space": loaded.servable.diversity_space,
                              "num_items": loaded.servable.num_items})
 
 

@@ -140,12 +140,11 @@ class ModelSource:
         if not isinstance(servable, Recommender):
             raise ModelSourceError(f"{uri}: not an llmrec_dist next-item model; serve loads models that "
                                    "llmrec-dist train registered, or their package folders")
-        if self.diversity_space != "model" or self.text_encoder:
-            try:
-                servable.use_diversity_space(self.diversity_space, self.text_encoder)
-            except (OSError, ValueError) as err:
-                raise ModelSourceError(f"{uri}: serve.diversity_space={self.diversity_space}: "
-                                       f"{' '.join(str(err).split())}") from None
+        try:
+            servable.use_diversity_space(self.diversity_space, self.text_encoder)
+        except (OSError, ValueError) as err:
+            raise ModelSourceError(f"{uri}: serve.diversity_space={self.diversity_space}: "
+                                   f"{' '.join(str(err).split())}") from None
         return Loaded(servable, self.name, version, supported_options(servable.recommend))
 
     def describe(self) -> dict:
