@@ -18,14 +18,17 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from llmrec_dist.batching import shuffled_batches
 from llmrec_dist.config import ConfigError, load_config
 from llmrec_dist.data.dataset_format import num_items, read_manifest, read_split
 from llmrec_dist.evaluation import EvalRows, evaluate, load_eval_rows
+from llmrec_dist.saved_model import MODEL_META_FILE, WEIGHTS_FILE, init_from_saved
 from llmrec_dist.sharding import refresh_text_cache
 from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.worker.optim import build_optimizer, build_scheduler
@@ -41,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3, help="epochs to train (default 3)")
     p.add_argument("--eval-users", type=int, default=2000, help="validation users scored (default 2000)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--save", default="", help="write the trained model to this folder (model.json + "
+                                                "model.safetensors, a checkpoint that train.init_from reads)")
+    p.add_argument("--init-from", default="", help="start from a saved model folder, as train.init_from does "
+                                                   "(e.g. a --save of a frozen run, continued with model.freeze=top_k)")
     p.add_argument("--cold-report", action="store_true",
                    help="after training, where the items that occur in no training history stand: their "
                         "mean score percentile for the validation users (0 = top, 1 = bottom) against the "
@@ -98,6 +105,14 @@ def cold_report(model, cfg, manifest, valid: EvalRows) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
+def save_checkpoint(model, cfg, manifest, folder: Path) -> None:
+    """The trained model as a checkpoint folder (what ``train.init_from`` and ``evaluate`` read)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    meta = {"model": cfg.to_dict()["model"], "num_items": num_items(manifest), "dataset_hash": manifest["content_hash"]}
+    (folder / MODEL_META_FILE).write_text(json.dumps(meta, indent=2))
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     try:
@@ -121,6 +136,8 @@ def main(argv=None) -> list[dict]:
     valid = EvalRows(valid.histories[:n], valid.targets[:n], valid.cold[:n], None if valid.freq is None else valid.freq[:n])
     catalogue = num_items(manifest)
     model = build_recommender(cfg, manifest, load_text_features(cfg))
+    if args.init_from:
+        init_from_saved(model, Path(args.init_from), manifest["content_hash"], key="--init-from")
     optimizer = build_optimizer(model, cfg.train)
     # the configured run's warm-up (one worker), then the peak lr: a probe has no end to decay towards
     scheduler = build_scheduler(optimizer, dataclasses.replace(cfg.train, schedule="constant"),
@@ -141,6 +158,8 @@ def main(argv=None) -> list[dict]:
                   and k.endswith("ndcg_at_10")}}
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if args.save:
+        save_checkpoint(model, cfg, manifest, Path(args.save))
     if args.cold_report:
         print(json.dumps({"cold_report": cold_report(model, cfg, manifest, valid)}), flush=True)
     return rows

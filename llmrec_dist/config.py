@@ -268,6 +268,13 @@ class TrainConfig:
                                  "gated on the validated run's validation metric (the refit has none of its own). "
                                  "Pays on short, sparse histories, where the validation interactions are a large "
                                  "share of the data (docs/language-model.md).")
+    init_from: str = setting("", "Start from the weights of a saved next-item model instead of a fresh init: a "
+                                 "checkpoint or package folder, or an MLflow model URI (runs:/…, models:/NAME@ALIAS; "
+                                 "read with mlflow.tracking_uri). Same model.* settings and dataset; only "
+                                 "model.freeze may differ, so that a model trained with its LM frozen goes on "
+                                 "with the LM trainable (top_k, full, lora: the LM weights start pretrained). "
+                                 "Staged fine-tuning, docs/language-model.md. Empty = a fresh init. A resumed run "
+                                 "restores its own checkpoint instead.")
     max_failures: int = setting(2, "Worker-group failures survived per run: the workers restart from the "
                                    "latest checkpoint (epoch granularity); -1 = unlimited.",
                                 check=lambda v: None if v >= -1 else "must be >= -1")
@@ -577,7 +584,7 @@ def _cross_checks(cfg: Config) -> list[str]:
         if cfg.model.backbone != "causal" and cfg.task.architecture == "bi_encoder":
             problems.append(f"model.backbone: the task.type={cfg.task.type} bi-encoder reads histories causally; "
                             f"set model.backbone=causal (got {cfg.model.backbone})")
-        for key, off in (("refit_epochs", "0"), ("refit", "false")):
+        for key, off in (("refit_epochs", "0"), ("refit", "false"), ("init_from", '""')):
             if getattr(cfg.train, key):
                 problems.append(f"train.{key}: not available with task.type={cfg.task.type} yet; set it to {off}")
     if not cfg.model.text_encoder.strip():
@@ -623,6 +630,9 @@ def _privacy_checks(cfg: Config) -> list[str]:
     if cfg.model.item_repr == "id+text" and cfg.model.id_min_count > 1:
         problems.append("model.id_min_count: which items get an ID vector would depend on every user's history; "
                         "with privacy every item gets one (set model.id_min_count=1)")
+    if cfg.train.init_from:
+        problems.append("train.init_from: a private model starts from a fresh init (weights trained without "
+                        "privacy would carry other users' data past the guarantee); set it to \"\"")
     if cfg.train.grad_accum != 1:
         problems.append(f"train.grad_accum: with privacy each step is one Poisson-sampled batch (train.batch_size "
                         f"is its expected size); set train.grad_accum=1, got {cfg.train.grad_accum}")

@@ -38,6 +38,7 @@ from llmrec_dist.data.dataset_format import ITEMS_FILE, MANIFEST_FILE, read_item
 from llmrec_dist.model import SequenceRecommender, build_model
 
 WEIGHTS_FILE = "model.safetensors"
+BEST_FILE = "best_model.safetensors"  # a training checkpoint's best epoch so far (its model.safetensors: the latest)
 MODEL_META_FILE = "model.json"
 TEXT_ENCODER_DIR = "text_encoder"  # a package's trained LM (plain HF encoder + tokenizer)
 TEXT_CACHE_DIR = "text_cache"      # a package's cached item-text embeddings
@@ -162,6 +163,36 @@ def load_weights_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor]
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{where} does not fit the model it describes: {err}") from None
+
+
+LM_TOWER_PREFIXES = ("items.lm.", "items.top_layers.")  # a next-item model's trainable LM weights
+
+
+def init_from_saved(model: torch.nn.Module, folder: Path, dataset_hash: str, key: str = "train.init_from") -> None:
+    """Start ``model`` from the weights saved in ``folder`` (a package, or a training checkpoint: its best
+    epoch), for a run that
+    continues a saved model, e.g. with its LM made trainable (the driver has already told the user why a
+    model of another task or dataset cannot: ``launcher.check_init_from``; this re-check is the last guard). Every weight of the saved model must fit
+    (same item indices, same shapes); the only weights it may lack are those of a trainable LM tower
+    (``model.freeze`` top_k/full/lora after a frozen model), which keep their pretrained values. A
+    saved model with weights this model lacks (a trained LM, a whitening, a task head) is refused rather
+    than silently dropped. Errors name ``key``."""
+    meta = check_saved_model(folder, trust_remote_code=False)
+    if meta.get("task") is not None or meta.get("dataset_hash") != dataset_hash:
+        raise ValueError(f"{key}: {folder} is not a next-item model of dataset {dataset_hash}")
+    weights = read_safetensors(folder / (BEST_FILE if (folder / BEST_FILE).is_file() else WEIGHTS_FILE))
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights and not k.startswith(LM_TOWER_PREFIXES)]
+    extra = [k for k in weights if k not in own]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in weights and weights[k].shape != v.shape]
+    if missing or extra or shapes:
+        parts = [f"{label}: {', '.join(names[:6])}{' …' if len(names) > 6 else ''}"
+                 for label, names in (("weights the saved model lacks", missing),
+                                      ("weights this config lacks", extra), ("shapes differ", shapes)) if names]
+        raise ValueError(f"{key}: {folder} does not fit this config's model ({'; '.join(parts)}); set the model.* "
+                         f"settings as in its {MODEL_META_FILE}, changing only model.freeze (and its LM settings)")
+    model.load_state_dict(weights, strict=False)
 
 
 def restore_model(folder: Path, cfg: ModelConfig, num_items: int, texts: list[str] | None,

@@ -89,6 +89,22 @@ def test_train_refit_chooses_its_own_epochs_and_serves_no_other_task():
     assert (cfg.training_split(), cfg.epochs_to_run()) == ("train", 4)
 
 
+def test_init_from_is_for_next_item_runs_without_privacy_and_keeps_uris():
+    from llmrec_dist.train.launcher import with_absolute_paths
+
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"data": {"path": "x"}, "train": {"init_from": "runs:/abc/model"}, "task": {"type": "click"}})
+    assert 'train.init_from: not available with task.type=click yet; set it to ""' in str(err.value)
+    with pytest.raises(ConfigError, match=r"train.init_from: a private model starts from a fresh init"):
+        config_from_dict({"data": {"path": "x", "windows": False}, "privacy": {"epsilon": 8.0},
+                          "train": {"init_from": "m", "negatives_from": "catalogue"}})
+    for uri in ("models:/rec@champion", "runs:/abc/model", "s3://bucket/model"):
+        cfg = config_from_dict({"data": {"path": "x"}, "train": {"init_from": uri}})
+        assert with_absolute_paths(cfg).train.init_from == uri
+    local = with_absolute_paths(config_from_dict({"data": {"path": "x"}, "train": {"init_from": "runs/m"}}))
+    assert local.train.init_from == str(Path("runs/m").resolve())
+
+
 def test_types_are_strict():
     with pytest.raises(ConfigError, match=r"train.epochs: expected an integer; got 2.5"):
         config_from_dict({"data": {"path": "x"}, "train": {"epochs": 2.5}})

@@ -26,7 +26,9 @@ RUNS = {
     "frozen": ["model.item_repr=id+text", "model.freeze=frozen", "model.fusion=gate"],
     "top_k": ["model.item_repr=text", "model.freeze=top_k", "model.freeze_k=1"],
     "full": ["model.item_repr=id+text", "model.freeze=full", "model.backbone=bidirectional"],
-    "lora": ["model.item_repr=id+text", "model.freeze=lora", "model.fusion=concat", "model.lora_r=4"],
+    # staged fine-tuning: the LoRA run goes on from the frozen run's registered model (train.init_from)
+    "lora": ["model.item_repr=id+text", "model.freeze=lora", "model.fusion=gate", "model.lora_r=4",
+             "train.init_from={frozen}"],
 }
 
 
@@ -51,7 +53,8 @@ def runs(ray_cluster, cold_world):
         cfg = load_config(QUICKSTART, [f"data.path={data}", f"train.storage_path={root / 'runs'}",
                                        f"mlflow.tracking_uri={sqlite_uri(root / 'mlflow.db')}",
                                        f"mlflow.registered_model=text-{name.replace('_', '')}",
-                                       f"model.text_encoder={encoder}", *TINY, *extra])
+                                       f"model.text_encoder={encoder}", *TINY,
+                                       *(x.format(frozen=out.get("frozen") and out["frozen"].model_uri) for x in extra)])
         out[name] = train(cfg)
     return out
 
@@ -100,6 +103,46 @@ def test_frozen_weights_never_move_and_trainable_ones_do(runs, cold_world):
         (adapters if "lora_" in name else frozen_base)[name.replace(".base_layer", "")] = value
     assert frozen_base and all(v.equal(base[k]) for k, v in frozen_base.items()), "LoRA base weights moved"
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapters.items()), "LoRA adapters did not train"
+
+
+def test_a_continued_run_starts_where_its_saved_model_ended(runs):
+    """train.init_from: the LoRA run starts from the frozen run's registered (best-epoch) model, so its
+    validation before training (init_valid_*) is the frozen run's best; the LM starts pretrained."""
+    from mlflow.tracking import MlflowClient
+
+    frozen, lora = runs["frozen"], runs["lora"]
+    client = MlflowClient(frozen.tracking_uri)
+    best = max(m.value for m in client.get_metric_history(frozen.run_id, "valid_ndcg_at_10"))
+    start = client.get_run(lora.run_id).data
+    assert start.params["train.init_from"] == frozen.model_uri
+    assert start.metrics["init_valid_ndcg_at_10"] == pytest.approx(best, abs=1e-6)
+    assert "init_valid_ndcg_at_10" not in client.get_run(frozen.run_id).data.metrics
+
+
+def test_a_start_model_that_cannot_fit_is_refused_before_any_run(runs, cold_world, tmp_path):
+    import json
+    import shutil
+
+    from llmrec_dist.offline_eval import resolve_model_folder
+    from llmrec_dist.train.launcher import TrainError, train
+
+    root, data, encoder = cold_world
+    other = shutil.copytree(resolve_model_folder(runs["frozen"].model_uri, runs["frozen"].tracking_uri),
+                            tmp_path / "other-data")
+    meta = json.loads((other / "model.json").read_text())
+    (other / "model.json").write_text(json.dumps({**meta, "dataset_hash": "sha256:another"}))
+    db = tmp_path / "mlflow.db"
+    for start, message in ((tmp_path / "nowhere", r"train\.init_from: .*nowhere: not a folder"),
+                           (other, r"train\.init_from: .*other-data was trained on dataset sha256:another")):
+        cfg = load_config(QUICKSTART, [f"data.path={data}", f"mlflow.tracking_uri={sqlite_uri(db)}",
+                                       f"model.text_encoder={encoder}", "model.item_repr=id+text",
+                                       f"train.init_from={start}", *TINY])
+        with pytest.raises(TrainError, match=message):
+            train(cfg)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sqlite_uri(db))
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()]), "no run may be opened"
 
 
 def test_registered_lora_model_serves_like_the_evaluated_one(runs, cold_world):

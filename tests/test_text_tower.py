@@ -320,3 +320,70 @@ def test_whitened_tower_is_fitted_on_the_pretrained_items_and_saved(encoder):
     with torch.no_grad():  # the same weights, without whitening, give other item vectors
         plain.load_state_dict({k: v for k, v in state.items() if not k.startswith("items.whiten")})
         assert not torch.allclose(plain.items.all_items(), model.items.all_items())
+
+
+def save_as_checkpoint(model, cfg, folder, dataset_hash="sha256:x"):
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    meta = {"model": dataclasses.asdict(cfg), "num_items": N, "dataset_hash": dataset_hash}
+    (folder / "model.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize("freeze", ["top_k", "full", "lora"])
+def test_a_frozen_model_continues_with_its_lm_trainable(encoder, tmp_path, freeze):
+    """train.init_from (staged fine-tuning): every weight of the frozen model is taken over, the LM's own
+    weights start pretrained, so the continued model scores exactly as the frozen one did."""
+    from llmrec_dist.saved_model import init_from_saved
+
+    frozen, _ = build(encoder, fusion="gate", text_whiten=True)
+    with torch.no_grad():  # as if trained: every weight away from its init
+        for p in frozen.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    saved = save_as_checkpoint(frozen, cfg_for(encoder, fusion="gate", text_whiten=True), tmp_path / "frozen")
+    torch.manual_seed(1)
+    go_on, _ = build(encoder, fusion="gate", text_whiten=True, freeze=freeze, freeze_k=1)
+    pretrained_lm = lm_state(go_on)
+    init_from_saved(go_on, saved, "sha256:x")
+    state = go_on.state_dict()
+    for key, value in frozen.state_dict().items():
+        assert state[key].equal(value), key
+    assert all(state[k].equal(v) for k, v in pretrained_lm.items()), "the LM must start pretrained"
+    frozen.eval(), go_on.eval()
+    seq, _ = next_item_batch(SEQS, 12)
+    assert torch.allclose(go_on.score_next(seq), frozen.score_next(seq), atol=1e-5)
+
+
+def test_init_from_refuses_what_would_be_dropped_or_does_not_fit(encoder, tmp_path):
+    from llmrec_dist.saved_model import init_from_saved
+
+    trained_lm, _ = build(encoder, freeze="top_k", freeze_k=1)
+    saved = save_as_checkpoint(trained_lm, cfg_for(encoder, freeze="top_k", freeze_k=1), tmp_path / "top_k")
+    frozen, _ = build(encoder)
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    with pytest.raises(ValueError, match=r"train\.init_from: .*weights this config lacks: items\.top_layers"):
+        init_from_saved(frozen, saved, "sha256:x")  # the trained LM layer would be silently lost
+    wider, _ = build(encoder, hidden_size=32)
+    with pytest.raises(ValueError, match=r"shapes differ: .*\(31, 16\) vs \(31, 32\)"):
+        init_from_saved(wider, saved, "sha256:x")
+    with pytest.raises(ValueError, match="not a next-item model of dataset sha256:other"):
+        init_from_saved(frozen, saved, "sha256:other")
+    assert all(frozen.state_dict()[k].equal(v) for k, v in before.items()), "a refused init changed the model"
+
+
+def test_init_from_a_training_checkpoint_takes_its_best_epoch(encoder, tmp_path):
+    from safetensors.torch import save_file
+
+    from llmrec_dist.saved_model import BEST_FILE, init_from_saved
+
+    model, _ = build(encoder)
+    folder = save_as_checkpoint(model, cfg_for(encoder), tmp_path / "ckpt")
+    best = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in best.items()}, str(folder / BEST_FILE))
+    other, _ = build(encoder)
+    init_from_saved(other, folder, "sha256:x")
+    assert other.items.id_embedding.weight.equal(best["items.id_embedding.weight"])

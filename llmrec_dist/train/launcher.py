@@ -151,10 +151,35 @@ def train_dataset(cfg: Config, manifest: dict | None = None):
 
 
 def with_absolute_paths(cfg: Config) -> Config:
-    """``data.path`` and ``train.storage_path`` made absolute: Ray workers run in other directories."""
+    """``data.path``, ``train.storage_path`` and a ``train.init_from`` folder made absolute: Ray workers
+    run in other directories."""
+    start = cfg.train.init_from
+    if start and not start.startswith(("models:/", "runs:/")):
+        start = absolute(start)
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)),
-        train=dataclasses.replace(cfg.train, storage_path=absolute(cfg.train.storage_path)))
+        train=dataclasses.replace(cfg.train, storage_path=absolute(cfg.train.storage_path), init_from=start))
+
+
+def check_init_from(cfg: Config, manifest: dict) -> None:
+    """A ``train.init_from`` model that cannot start this run (missing, another task, another dataset):
+    one line naming the key, before any run is opened. The workers check its weights when they load it."""
+    if not cfg.train.init_from:
+        return
+    from llmrec_dist.offline_eval import resolve_model_folder
+    from llmrec_dist.saved_model import check_saved_model
+
+    try:
+        folder = resolve_model_folder(cfg.train.init_from, cfg.mlflow.tracking_uri)
+        meta = check_saved_model(folder, trust_remote_code=False)
+    except Exception as err:  # a missing folder, an unknown URI, an unreadable model.json: all the same here
+        raise TrainError(f"train.init_from: {' '.join(str(err).split())}") from None
+    if meta.get("task") is not None:
+        raise TrainError(f"train.init_from: {folder} is a {meta['task'].get('type', '?')} model; only a next-item "
+                         "model can start a run")
+    if meta.get("dataset_hash") != manifest["content_hash"]:
+        raise TrainError(f"train.init_from: {folder} was trained on dataset {meta.get('dataset_hash')}, "
+                         f"{cfg.data.path} is {manifest['content_hash']}: its item indices would not match")
 
 
 class TrainError(ValueError):
@@ -303,6 +328,7 @@ def _train_once(cfg: Config | None, resume: str | None, force: bool, echo,
         cfg = with_absolute_paths(cfg)
     manifest = checked_manifest(cfg.data.path, cfg.data.verify_hash)  # before any run is opened
     check_task_data(cfg, manifest)
+    check_init_from(cfg, manifest)
     if (privacy := privacy_plan(cfg, manifest)) is not None:
         say(f"privacy: (epsilon {privacy.planned_epsilon:.3g}, delta {privacy.delta:.2g}) over "
             f"{privacy.epochs} epochs of {privacy.steps_per_epoch} steps, noise multiplier "

@@ -19,9 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llmrec_dist.saved_model import MODEL_META_FILE, WEIGHTS_FILE
-
-BEST_FILE = "best_model.safetensors"
+from llmrec_dist.saved_model import BEST_FILE, MODEL_META_FILE, WEIGHTS_FILE
 STATE_FILE = "state.pt"
 
 

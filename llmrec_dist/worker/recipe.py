@@ -43,7 +43,8 @@ from llmrec_dist.pointwise import (LabelRule, evaluate_pairs, record_rule, task_
                                    task_record, training_batch, wrap_model)
 from llmrec_dist.privacy import PrivacyPlan, PrivateStep, held_out, poisson_batches, secret_seed, shard_of
 from llmrec_dist.profiling import StepProfiler, region
-from llmrec_dist.saved_model import WEIGHTS_FILE
+from llmrec_dist.offline_eval import resolve_model_folder
+from llmrec_dist.saved_model import WEIGHTS_FILE, init_from_saved
 from llmrec_dist.sharding import refresh_text_cache
 from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.tracking import RunLogger
@@ -463,7 +464,11 @@ def setup(loop_config: dict) -> WorkerRun:
     privacy = PrivacyPlan(**loop_config["privacy"]) if loop_config.get("privacy") else None
     # DP-SGD computes each user's gradient on that user alone and all-reduces the noisy sum itself
     # (Opacus's DistributedDPOptimizer): no DDP wrapper; every rank starts from the same seeded weights.
-    model = ray.train.torch.prepare_model(build_recommender(cfg, manifest, text),
+    model = build_recommender(cfg, manifest, text)
+    if cfg.train.init_from:  # the same weights on every rank (DDP's own broadcast would also give rank 0's)
+        init_from_saved(model, resolve_model_folder(cfg.train.init_from, loop_config["tracking_uri"]),
+                        manifest["content_hash"])
+    model = ray.train.torch.prepare_model(model,
                                           parallel_strategy=None if privacy else "ddp",
                                           parallel_strategy_kwargs=None if privacy else ddp_kwargs(cfg))
     nodes = _worker_nodes()
@@ -574,6 +579,8 @@ def resume_or_start(run: WorkerRun) -> Progress:
                     "dataset.content_hash": run.manifest["content_hash"]})
         log.yaml(run.cfg.to_dict(), "config.yaml")
         log.yaml(dict(run.manifest), "dataset_manifest.yaml")
+        if run.cfg.train.init_from and not run.refit:  # where a continued model starts, the mark to beat
+            log.metrics({f"init_{k}": v for k, v in run.evaluate(run.valid_rows, prefix="valid_").items()}, step=0)
     # "computed" here means the driver's cache was not found.
     cache = ("hit" if run.text.cache_hit else "computed") if run.text is not None else "-"
     log.tags({"llmrec.worker_nodes": ",".join(run.nodes), "llmrec.num_nodes": len(set(run.nodes)),
