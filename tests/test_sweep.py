@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from llmrec_dist.config import ConfigError
@@ -129,3 +131,20 @@ def test_a_trial_larger_than_the_cluster_is_refused():
         plan_resources(_sweep(workers=1, cpus=3), {"CPU": 8.0, "GPU": 0.0, "node_CPU": 2.0, "local": False})
     with pytest.raises(SweepError, match="the cluster has 0 GPUs"):
         plan_resources(_sweep(use_gpu=True), {"CPU": 8.0, "GPU": 0.0, "node_CPU": 8.0, "local": False})
+
+
+def test_a_sweep_checks_its_start_model_before_ray_starts(tmp_path):
+    """train.init_from in a sweep: every trial starts from it; a missing one is refused before Ray starts."""
+    from llmrec_dist.data.prepare import prepare_dataset
+    from llmrec_dist.sweep.driver import _absolute_paths, run_sweep
+
+    data = tmp_path / "data"
+    prepare_dataset("synthetic", data, synthetic={"n_users": 60, "n_items": 80}, seed=1)
+    s = sweep({"space": {"train.lr": {"grid": [0.1, 0.2]}}, "storage_path": str(tmp_path / "sweeps")},
+              data={"path": str(data)}, train={"epochs": 2, "init_from": "stage1/model"})
+    assert _absolute_paths(s.to_dict())["train"]["init_from"] == str(Path("stage1/model").resolve())
+    with pytest.raises(SweepError, match=r"train\.init_from: .*stage1/model: not a folder"):
+        run_sweep(s)
+    assert problems({"space": {"train.init_from": {"grid": ["a", "b"]}}}) == [
+        "search.space.train.init_from: cannot be searched (resources, tracking, data and the start model are "
+        "fixed for a sweep; set it in the config instead)"]

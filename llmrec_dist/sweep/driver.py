@@ -296,6 +296,11 @@ def _absolute_paths(raw: dict) -> dict:
     data = raw.setdefault("data", {})
     if data.get("path"):
         data["path"] = absolute(str(data["path"]))
+    train = raw.get("train") or {}
+    if train.get("init_from"):  # every trial starts from the same saved model
+        from llmrec_dist.train.launcher import absolute_model
+
+        train["init_from"] = absolute_model(str(train["init_from"]))
     return raw
 
 
@@ -327,6 +332,12 @@ def run_sweep(sweep: SweepConfig | None = None, resume: str | None = None, echo=
         parent_run_id = ""
     cfg = sweep.base
     manifest = checked_manifest(cfg.data.path, cfg.data.verify_hash)
+    from llmrec_dist.train.launcher import TrainError, check_init_from
+
+    try:
+        check_init_from(cfg, manifest)
+    except TrainError as err:
+        raise SweepError(str(err)) from None
 
     plan = plan_resources(sweep, cluster_capacity())
     for note in plan.notes:

@@ -43,8 +43,9 @@ from llmrec_dist.config import (
 )
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
-# Fixed for a whole sweep: resources are sized once, and every trial must log to the sweep's experiment.
-NOT_SEARCHABLE = ("scaling.", "mlflow.", "data.path", "train.storage_path")
+# Fixed for a whole sweep: resources are sized once, every trial must log to the sweep's experiment, and
+# the start model (train.init_from) is checked once, before Ray starts.
+NOT_SEARCHABLE = ("scaling.", "mlflow.", "data.path", "train.storage_path", "train.init_from")
 
 
 def _sweep_folder_name(v: str) -> str | None:
@@ -194,8 +195,8 @@ def parse_search(raw: Any, train_raw: dict, source: str = "") -> SearchConfig:
             problems.append(unknown_key(key, valid_keys, "search.space."))
             continue
         if key.startswith(NOT_SEARCHABLE):
-            problems.append(f"search.space.{key}: cannot be searched (resources, tracking and data are fixed "
-                            f"for a sweep; set it in the config instead)")
+            problems.append(f"search.space.{key}: cannot be searched (resources, tracking, data and the start "
+                            f"model are fixed for a sweep; set it in the config instead)")
             continue
         checked = _check_spec(key, spec, problems)
         if checked is None:

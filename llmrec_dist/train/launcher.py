@@ -153,12 +153,15 @@ def train_dataset(cfg: Config, manifest: dict | None = None):
 def with_absolute_paths(cfg: Config) -> Config:
     """``data.path``, ``train.storage_path`` and a ``train.init_from`` folder made absolute: Ray workers
     run in other directories."""
-    start = cfg.train.init_from
-    if start and not start.startswith(("models:/", "runs:/")):
-        start = absolute(start)
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)),
-        train=dataclasses.replace(cfg.train, storage_path=absolute(cfg.train.storage_path), init_from=start))
+        train=dataclasses.replace(cfg.train, storage_path=absolute(cfg.train.storage_path),
+                                  init_from=absolute_model(cfg.train.init_from)))
+
+
+def absolute_model(model: str) -> str:
+    """A saved model's folder made absolute; MLflow and object-store URIs (and "") unchanged."""
+    return model if not model or model.startswith(("models:/", "runs:/")) else absolute(model)
 
 
 def check_init_from(cfg: Config, manifest: dict) -> None:
