@@ -170,13 +170,12 @@ LM_TOWER_PREFIXES = ("items.lm.", "items.top_layers.")  # a next-item model's tr
 
 def init_from_saved(model: torch.nn.Module, folder: Path, dataset_hash: str, key: str = "train.init_from") -> None:
     """Start ``model`` from the weights saved in ``folder`` (a package, or a training checkpoint: its best
-    epoch), for a run that
-    continues a saved model, e.g. with its LM made trainable (the driver has already told the user why a
-    model of another task or dataset cannot: ``launcher.check_init_from``; this re-check is the last guard). Every weight of the saved model must fit
-    (same item indices, same shapes); the only weights it may lack are those of a trainable LM tower
-    (``model.freeze`` top_k/full/lora after a frozen model), which keep their pretrained values. A
-    saved model with weights this model lacks (a trained LM, a whitening, a task head) is refused rather
-    than silently dropped. Errors name ``key``."""
+    epoch), for a run that continues a saved model, e.g. with its LM made trainable. Every weight of the
+    saved model must fit (same item indices, same shapes); the only weights it may lack are those of a
+    trainable LM tower (``model.freeze`` top_k/full/lora after a frozen model), which keep their
+    pretrained values. A saved model with weights this model lacks (a trained LM, a whitening, a task
+    head) is refused rather than silently dropped. Errors name ``key``. (The driver has already refused a
+    model of another task or dataset, ``launcher.check_init_from``; the check here is the last guard.)"""
     meta = check_saved_model(folder, trust_remote_code=False)
     if meta.get("task") is not None or meta.get("dataset_hash") != dataset_hash:
         raise ValueError(f"{key}: {folder} is not a next-item model of dataset {dataset_hash}")

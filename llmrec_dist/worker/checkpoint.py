@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmrec_dist.saved_model import BEST_FILE, MODEL_META_FILE, WEIGHTS_FILE
+
 STATE_FILE = "state.pt"
 
 
