@@ -13,26 +13,7 @@ from llmrec_dist.config import EvalConfig, absolute
 from llmrec_dist.data.dataset_format import num_items as manifest_num_items
 from llmrec_dist.data.dataset_format import checked_manifest, read_manifest
 from llmrec_dist.evaluation import evaluate, load_eval_rows
-from llmrec_dist.saved_model import MODEL_META_FILE, WEIGHTS_FILE, check_saved_model, load_model
-
-
-def resolve_model_folder(model: str, tracking_uri: str = "") -> Path:
-    """A local folder holding ``model.safetensors`` + ``model.json``, downloading an MLflow model if needed."""
-    path = Path(model)
-    if path.is_dir():
-        found = next((p.parent for p in sorted(path.rglob(MODEL_META_FILE))), None)
-        if found is None or not (found / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"{model}: no {MODEL_META_FILE} + {WEIGHTS_FILE} found in this folder")
-        return found
-    if "://" not in model and not model.startswith("models:/"):
-        raise FileNotFoundError(f"{model}: not a folder and not an MLflow model URI (models:/NAME@ALIAS, runs:/…)")
-    import mlflow
-
-    from llmrec_dist.tracking import resolve_tracking_uri, use_tracking_uri
-
-    with use_tracking_uri(resolve_tracking_uri(tracking_uri)):
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
-    return resolve_model_folder(str(local))
+from llmrec_dist.saved_model import check_saved_model, load_model
 
 
 def _check_dataset(meta: dict, manifest: dict, data_path: str) -> None:

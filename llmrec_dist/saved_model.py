@@ -165,6 +165,25 @@ def load_weights_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor]
         raise ValueError(f"{where} does not fit the model it describes: {err}") from None
 
 
+def resolve_model_folder(model: str, tracking_uri: str = "") -> Path:
+    """A local folder holding ``model.safetensors`` + ``model.json``, downloading an MLflow model if needed."""
+    path = Path(model)
+    if path.is_dir():
+        found = next((p.parent for p in sorted(path.rglob(MODEL_META_FILE))), None)
+        if found is None or not (found / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{model}: no {MODEL_META_FILE} + {WEIGHTS_FILE} found in this folder")
+        return found
+    if "://" not in model and not model.startswith("models:/"):
+        raise FileNotFoundError(f"{model}: not a folder and not an MLflow model URI (models:/NAME@ALIAS, runs:/…)")
+    import mlflow
+
+    from llmrec_dist.tracking import resolve_tracking_uri, use_tracking_uri
+
+    with use_tracking_uri(resolve_tracking_uri(tracking_uri)):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+    return resolve_model_folder(str(local))
+
+
 LM_TOWER_PREFIXES = ("items.lm.", "items.top_layers.")  # a next-item model's trainable LM weights
 
 

@@ -62,7 +62,7 @@ def test_a_private_run_logs_its_privacy_and_tags_its_version(private_run):
 
 
 def test_the_private_package_carries_no_popularity_and_serves(private_run):
-    from llmrec_dist.offline_eval import resolve_model_folder
+    from llmrec_dist.saved_model import resolve_model_folder
     from llmrec_dist.registry.recommender import Recommender
 
     outcome, cfg, uri, _ = private_run

@@ -65,7 +65,8 @@ def test_rating_trains_with_two_workers_and_beats_the_mean(ray_cluster, rated_da
 
     # The checkpoint evaluates again offline (one process) to the same figures as on the 2 workers.
     from llmrec_dist.config import EvalConfig
-    from llmrec_dist.offline_eval import evaluate_saved_model, resolve_model_folder
+    from llmrec_dist.offline_eval import evaluate_saved_model
+    from llmrec_dist.saved_model import resolve_model_folder
 
     again = evaluate_saved_model(Path(outcome.checkpoint_path), str(rated_dataset), "test", EvalConfig())
     assert again["test_rmse"] == pytest.approx(m["test_rmse"], abs=1e-6)
@@ -216,7 +217,8 @@ def test_every_freezing_strategy_trains_the_cross_encoder_on_two_workers(ray_clu
     pairs with the run's RMSE."""
     from llmrec_dist.config import EvalConfig
     from llmrec_dist.data.dataset_format import read_manifest
-    from llmrec_dist.offline_eval import evaluate_saved_model, resolve_model_folder
+    from llmrec_dist.offline_eval import evaluate_saved_model
+    from llmrec_dist.saved_model import resolve_model_folder
     from llmrec_dist.pointwise import task_pairs
     from llmrec_dist.registry.reranker import Reranker
     from llmrec_dist.saved_model import read_model_meta

@@ -123,7 +123,7 @@ def test_a_start_model_that_cannot_fit_is_refused_before_any_run(runs, cold_worl
     import json
     import shutil
 
-    from llmrec_dist.offline_eval import resolve_model_folder
+    from llmrec_dist.saved_model import resolve_model_folder
     from llmrec_dist.train.launcher import TrainError, train
 
     root, data, encoder = cold_world
@@ -149,7 +149,8 @@ def test_registered_lora_model_serves_like_the_evaluated_one(runs, cold_world):
     import mlflow
     import pandas as pd
 
-    from llmrec_dist.offline_eval import evaluate_here, resolve_model_folder
+    from llmrec_dist.offline_eval import evaluate_here
+    from llmrec_dist.saved_model import resolve_model_folder
     from llmrec_dist.config import EvalConfig
 
     _, data, _ = cold_world

@@ -35,7 +35,7 @@ COLUMNS = [("lambda", "λ", "g"), ("ndcg_at_10", "NDCG@10", ".4f"), ("hr_at_10",
 def load_served(model: str, tracking_uri: str = ""):
     """The :class:`Recommender` of a model package folder or an MLflow model URI (a checkpoint folder is
     refused: the benchmark measures what serving returns)."""
-    from llmrec_dist.offline_eval import resolve_model_folder
+    from llmrec_dist.saved_model import resolve_model_folder
     from llmrec_dist.registry.recommender import Recommender
     from llmrec_dist.saved_model import RECOMMENDER_FILE
 

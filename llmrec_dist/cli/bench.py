@@ -505,7 +505,7 @@ def _rerank(args) -> int:
     from llmrec_dist.bench import common
     from llmrec_dist.bench.rerank import COLUMNS, run_rerank
     from llmrec_dist.config import EvalConfig
-    from llmrec_dist.offline_eval import resolve_model_folder
+    from llmrec_dist.saved_model import resolve_model_folder
 
     try:
         retriever = resolve_model_folder(args.retriever, args.tracking_uri)

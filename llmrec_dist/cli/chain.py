@@ -50,7 +50,8 @@ def publish_chain(args) -> str:
     import shutil
 
     from llmrec_dist.config import EvalConfig
-    from llmrec_dist.offline_eval import Rerank, evaluate_saved_model, resolve_model_folder, split_chain_figures
+    from llmrec_dist.offline_eval import Rerank, evaluate_saved_model, split_chain_figures
+    from llmrec_dist.saved_model import resolve_model_folder
     from llmrec_dist.registry.promotion import register_and_promote
     from llmrec_dist.registry.pyfunc import log_model_package
     from llmrec_dist.registry.reranker import build_chain_package

@@ -61,7 +61,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import sys
 
-    from llmrec_dist.offline_eval import Rerank, evaluate_saved_model, resolve_model_folder
+    from llmrec_dist.offline_eval import Rerank, evaluate_saved_model
+    from llmrec_dist.saved_model import resolve_model_folder
 
     try:
         ks = [int(k) for k in args.ks.split(",") if k.strip()]
@@ -125,7 +126,7 @@ def _run_report(args, cfg) -> int:
     from mlflow.exceptions import MlflowException
 
     from llmrec_dist.fairness_report import fairness_report
-    from llmrec_dist.offline_eval import resolve_model_folder
+    from llmrec_dist.saved_model import resolve_model_folder
     from llmrec_dist.tracking import resolve_tracking_uri
 
     report_dir = args.report_dir or f"fairness-report-{args.split}"

@@ -169,8 +169,7 @@ def check_init_from(cfg: Config, manifest: dict) -> None:
     one line naming the key, before any run is opened. The workers check its weights when they load it."""
     if not cfg.train.init_from:
         return
-    from llmrec_dist.offline_eval import resolve_model_folder
-    from llmrec_dist.saved_model import check_saved_model
+    from llmrec_dist.saved_model import check_saved_model, resolve_model_folder
 
     try:
         folder = resolve_model_folder(cfg.train.init_from, cfg.mlflow.tracking_uri)

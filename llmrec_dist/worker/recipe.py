@@ -39,12 +39,11 @@ from llmrec_dist.data.dataset_format import item_counts, read_item_texts, read_s
 from llmrec_dist.evaluation import evaluate, load_eval_rows
 from llmrec_dist.model import build_model, count_parameters, softmax_negatives
 from llmrec_dist.metrics import higher_is_better
-from llmrec_dist.offline_eval import resolve_model_folder
 from llmrec_dist.pointwise import (LabelRule, evaluate_pairs, record_rule, task_pairs,
                                    task_record, training_batch, wrap_model)
 from llmrec_dist.privacy import PrivacyPlan, PrivateStep, held_out, poisson_batches, secret_seed, shard_of
 from llmrec_dist.profiling import StepProfiler, region
-from llmrec_dist.saved_model import WEIGHTS_FILE, init_from_saved
+from llmrec_dist.saved_model import WEIGHTS_FILE, init_from_saved, resolve_model_folder
 from llmrec_dist.sharding import refresh_text_cache
 from llmrec_dist.text_tower import load_text_features
 from llmrec_dist.tracking import RunLogger
