@@ -165,6 +165,11 @@ def load_weights_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor]
         raise ValueError(f"{where} does not fit the model it describes: {err}") from None
 
 
+def is_model_uri(model: str) -> bool:
+    """An MLflow model URI (``models:/NAME@ALIAS``, ``runs:/ID/PATH``) or another URI, not a local path."""
+    return "://" in model or model.startswith(("models:/", "runs:/"))
+
+
 def resolve_model_folder(model: str, tracking_uri: str = "") -> Path:
     """A local folder holding ``model.safetensors`` + ``model.json``, downloading an MLflow model if needed."""
     path = Path(model)
@@ -173,7 +178,7 @@ def resolve_model_folder(model: str, tracking_uri: str = "") -> Path:
         if found is None or not (found / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{model}: no {MODEL_META_FILE} + {WEIGHTS_FILE} found in this folder")
         return found
-    if "://" not in model and not model.startswith("models:/"):
+    if not is_model_uri(model):
         raise FileNotFoundError(f"{model}: not a folder and not an MLflow model URI (models:/NAME@ALIAS, runs:/…)")
     import mlflow
 

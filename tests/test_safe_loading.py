@@ -434,3 +434,16 @@ def test_pyfunc_loads_from_code_without_unpickling(package, tmp_path, monkeypatc
         model = mlflow.pyfunc.load_model(model_uri)
     out = model.predict(pd.DataFrame({"history": [[item_id(1), item_id(2)]], "k": [3]}))
     assert len(out["item_ids"].iloc[0]) == 3
+
+
+def test_a_runs_uri_is_read_from_mlflow_not_refused_as_a_path(tmp_path):
+    """resolve_model_folder takes runs:/ID/PATH as an MLflow URI (it refused it as "not a folder" before):
+    an unknown run is MLflow's error, not ours."""
+    import mlflow
+
+    from llmrec_dist.saved_model import is_model_uri, resolve_model_folder
+
+    assert is_model_uri("runs:/abc/model") and is_model_uri("models:/rec@champion") and is_model_uri("s3://b/m")
+    assert not is_model_uri("runs/abc/model")
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        resolve_model_folder("runs:/0123456789abcdef/model", f"sqlite:///{tmp_path / 'mlflow.db'}")

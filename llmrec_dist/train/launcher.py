@@ -161,7 +161,9 @@ def with_absolute_paths(cfg: Config) -> Config:
 
 def absolute_model(model: str) -> str:
     """A saved model's folder made absolute; MLflow and object-store URIs (and "") unchanged."""
-    return model if not model or model.startswith(("models:/", "runs:/")) else absolute(model)
+    from llmrec_dist.saved_model import is_model_uri
+
+    return model if not model or is_model_uri(model) else absolute(model)
 
 
 def check_init_from(cfg: Config, manifest: dict) -> None:
